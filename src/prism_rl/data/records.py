@@ -1,0 +1,113 @@
+"""The one in-memory record every data layout is read into.
+
+Readers (``prism_rl.data.layouts``) turn verl parquet, ShareGPT JSON and JSONL files into
+``Record`` objects; the processing code (``prism_rl.data.processing``) turns records into model
+batches. A record remembers the file and index it came from, so that every error about it can
+name both.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+IMAGE_PLACEHOLDER = "<image>"
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file and the record index (and field)."""
+
+
+@dataclass
+class ImageRef:
+    """An image given either as encoded bytes or as a path (relative to ``base_dir``)."""
+
+    data: bytes | None = None
+    path: str | None = None
+    base_dir: str | None = None
+
+    def load(self) -> Image.Image:
+        """Decode to an RGB PIL image; raises ``OSError``/``ValueError`` on a bad image."""
+        if self.data is not None:
+            img = Image.open(io.BytesIO(self.data))
+        elif self.path is not None:
+            p = Path(self.path)
+            if not p.is_absolute() and self.base_dir is not None:
+                p = Path(self.base_dir) / p
+            img = Image.open(p)
+        else:
+            raise ValueError("image has neither bytes nor a path")
+        img.load()
+        return img.convert("RGB")
+
+
+@dataclass
+class Record:
+    """One problem (and optionally its target response).
+
+    ``messages`` are the prompt's chat messages (system and user turns, no final assistant
+    turn); an ``<image>`` placeholder in a message's content marks where an image goes,
+    in order. ``response`` is the assistant target for SFT (``None`` for prompt-only data).
+    ``extra`` holds layout-specific fields such as ``teacher_caption``, ``teacher_cot``,
+    ``teacher_response`` and ``public_response``.
+    """
+
+    id: str
+    messages: list[dict[str, str]]
+    images: list[ImageRef] = field(default_factory=list)
+    response: str | None = None
+    ground_truth: str | None = None
+    task: str = "default"
+    extra: dict[str, Any] = field(default_factory=dict)
+    source: str = "<memory>"
+    index: int = -1
+
+    def where(self, field_name: str | None = None) -> str:
+        """``file, record N[, field F]`` for error messages."""
+        loc = f"{self.source}, record {self.index}"
+        return f"{loc}, field '{field_name}'" if field_name else loc
+
+    def load_images(self) -> list[Image.Image]:
+        """Decode every image; a missing or corrupt one raises ``DataError`` naming it."""
+        out = []
+        for i, ref in enumerate(self.images):
+            try:
+                out.append(ref.load())
+            except (OSError, ValueError) as e:
+                name = ref.path if ref.path is not None else f"bytes #{i}"
+                raise DataError(f"{self.where('images')}: cannot load image {name}: {e}") from e
+        return out
+
+    @property
+    def question(self) -> str:
+        """The last user message's text without image placeholders."""
+        users = [m["content"] for m in self.messages if m["role"] == "user"]
+        return users[-1].replace(IMAGE_PLACEHOLDER, "").strip() if users else ""
+
+
+@dataclass
+class BadRecords:
+    """Skipped-record bookkeeping for ``data.skip_bad=true``: nothing is dropped silently.
+
+    ``add`` records where and why; ``summary()`` is what a run logs at the end of loading.
+    """
+
+    reasons: list[str] = field(default_factory=list)
+
+    def add(self, where: str, why: str) -> None:
+        self.reasons.append(f"{where}: {why}")
+
+    @property
+    def count(self) -> int:
+        return len(self.reasons)
+
+    def summary(self, limit: int = 5) -> str:
+        if not self.reasons:
+            return "0 bad records skipped"
+        shown = "; ".join(self.reasons[:limit])
+        more = f" (+{self.count - limit} more)" if self.count > limit else ""
+        return f"{self.count} bad records skipped: {shown}{more}"

@@ -1,0 +1,132 @@
+"""The PRISM response format: ``<caption>`` / ``<think>`` / ``<answer>``.
+
+Every demonstration and every rollout is::
+
+    <caption>
+    - bullet points: image style, key objects, text in the image
+    </caption>
+    <think>
+    step-by-step reasoning
+    </think>
+    <answer>
+    final answer only
+    </answer>
+
+This module holds the system prompt that asks for it, the reference whole-response regex,
+a parser, a strict validator (all three parts non-empty, as curation requires), answer
+extraction, and the token-level split of a response into its caption segment and its
+reasoning segment (what the discriminator scores separately).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+SYSTEM_PROMPT = (
+    "You are a helpful scientific assistant. Answer the user's question from the image. "
+    "Your output must follow exactly this XML format:\n"
+    "<caption>\n"
+    "- bullet points: image style, key objects, text in the image\n"
+    "</caption>\n"
+    "<think>\n"
+    "step-by-step reasoning\n"
+    "</think>\n"
+    "<answer>\n"
+    "final answer only\n"
+    "</answer>"
+)
+
+# The reference implementation's check: the whole decoded text, end to end, DOTALL.
+FORMAT_RE = re.compile(
+    r"^\s*<caption>(.*?)</caption>\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*$",
+    re.DOTALL,
+)
+CAPTION_END = "</caption>"
+_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class ParsedResponse:
+    """The three parts of a format-valid response, stripped of surrounding white space."""
+
+    caption: str
+    think: str
+    answer: str
+
+    @property
+    def complete(self) -> bool:
+        """True when every part is non-empty (the curation filter's requirement)."""
+        return bool(self.caption and self.think and self.answer)
+
+
+def parse_response(text: str) -> ParsedResponse | None:
+    """Parse ``text`` with the reference regex; ``None`` when it does not match end to end."""
+    m = FORMAT_RE.match(text)
+    if m is None:
+        return None
+    return ParsedResponse(*(part.strip() for part in m.groups()))
+
+
+def is_format_valid(text: str, strict: bool = False) -> bool:
+    """Reference validity (whole-text regex); ``strict`` also requires non-empty parts."""
+    parsed = parse_response(text)
+    if parsed is None:
+        return False
+    return parsed.complete if strict else True
+
+
+def extract_answer(text: str) -> str | None:
+    """Content of the last closed ``<answer>...</answer>`` block, stripped; ``None`` if none.
+
+    Lenient on purpose: evaluation reads the answer even from a response whose other parts
+    are malformed; the format score is computed separately by :func:`is_format_valid`.
+    """
+    found = _ANSWER_RE.findall(text)
+    return found[-1].strip() if found else None
+
+
+def make_response(caption: str, think: str, answer: str) -> str:
+    """Render the three parts in the canonical layout (one tag per line)."""
+    return (
+        f"<caption>\n{caption.strip()}\n</caption>\n"
+        f"<think>\n{think.strip()}\n</think>\n"
+        f"<answer>\n{answer.strip()}\n</answer>"
+    )
+
+
+def split_text(text: str) -> tuple[str, str] | None:
+    """Split a format-valid response into (caption segment, reasoning segment) as text.
+
+    The caption segment ends right after ``</caption>``; the reasoning segment is the rest
+    (think and answer). ``None`` for a format-invalid response.
+    """
+    if FORMAT_RE.match(text) is None:
+        return None
+    cut = text.index(CAPTION_END) + len(CAPTION_END)
+    return text[:cut], text[cut:]
+
+
+def caption_token_end(token_ids: Sequence[int], decode: Callable[[Sequence[int]], str]) -> int | None:
+    """Number of leading tokens that form the caption segment of a generated response.
+
+    Returns the smallest ``k`` such that ``decode(token_ids[:k])`` contains ``</caption>``:
+    tokens ``[0, k)`` are the caption segment, ``[k, len)`` the reasoning segment (think,
+    answer and end-of-sequence). The token that completes ``</caption>`` belongs to the
+    caption. ``None`` if the decoded response does not match the format regex.
+
+    Containing ``</caption>`` is monotone in ``k``, so a binary search needs only
+    ``O(log n)`` decodes; this works for any tokenizer, whatever its merges.
+    """
+    full = decode(token_ids)
+    if FORMAT_RE.match(full) is None:
+        return None
+    lo, hi = 1, len(token_ids)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if CAPTION_END in decode(token_ids[:mid]):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
