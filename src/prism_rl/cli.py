@@ -1,0 +1,144 @@
+"""``prism <command>``: thin wrappers that parse a config and call one stage.
+
+Training and evaluation commands take ``--config FILE.yaml`` plus dotted overrides
+(``train.lr=2e-4 data.skip_bad=true``); bad keys or values exit with a message naming them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .config import ConfigError, EvalConfig, SFTConfig, load_config
+from .data.records import DataError
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config file (see configs/)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=2e-4")
+
+
+def cmd_data_synth(a) -> None:
+    from .data.synth import synthesize
+    kwargs = {"image_size": a.image_size, "public_error_rate": a.public_error_rate}
+    if a.families:
+        kwargs["families"] = a.families.split(",")
+    stats = synthesize(a.out, a.n, a.seed, **kwargs)
+    print(json.dumps(stats, indent=2))
+
+
+def cmd_data_show(a) -> None:
+    from .data.synth import show
+    out = a.out or str(Path(a.file).with_suffix("")) + "_sheet.png"
+    show(a.file, out, k=a.k)
+    print(f"contact sheet: {out}")
+
+
+def cmd_model_tiny(a) -> None:
+    from .models.tiny import TinySpec, build_tiny, corpus_from_data
+    spec = TinySpec(**json.loads(a.spec)) if a.spec else TinySpec()
+    out = build_tiny(a.out, corpus_from_data(a.data), spec)
+    print(f"tiny model saved to {out}")
+
+
+def cmd_sft(a) -> None:
+    from .trainers.sft import train_sft
+    cfg = load_config(SFTConfig, a.config, a.overrides)
+    print(f"final model: {train_sft(cfg, resume=a.resume, halt_at_step=a.halt_at_step)}")
+
+
+def cmd_eval(a) -> None:
+    from .eval.evaluate import evaluate, format_table
+    overrides = list(a.overrides)
+    if a.model:
+        overrides.append(f"model.path={a.model}")
+    if a.data:
+        overrides.append(f"data.eval={a.data}")
+    cfg = load_config(EvalConfig, a.config, overrides)
+    summary = evaluate(cfg)
+    print(format_table([summary]))
+    print(f"summary: {Path(cfg.output_dir) / 'summary.json'}")
+
+
+def cmd_reward(a) -> None:
+    from .rewards import load_reward_fn, score_jsonl
+    fn = load_reward_fn(a.reward_fn) if a.reward_fn else None
+    stats = score_jsonl(a.input, a.output, reward_fn=fn)
+    print(json.dumps(stats), file=sys.stderr)
+
+
+def cmd_quickstart(a) -> None:
+    from .quickstart import run_quickstart
+    run_quickstart(a.out, seed=a.seed, overrides=a.overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prism", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("synth", help="write the procedural visual-reasoning dataset")
+    p.add_argument("--out", required=True)
+    p.add_argument("--n", type=int, default=2000, help="number of problems")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=int, default=96)
+    p.add_argument("--public-error-rate", type=float, default=0.15)
+    p.add_argument("--families", default="", help="comma-separated subset of task families")
+    p.set_defaults(fn=cmd_data_synth)
+    p = data.add_parser("show", help="print records and save a PNG contact sheet")
+    p.add_argument("file")
+    p.add_argument("--out", default="")
+    p.add_argument("-k", type=int, default=8)
+    p.set_defaults(fn=cmd_data_show)
+
+    model = sub.add_parser("model", help="models").add_subparsers(dest="model_command", required=True)
+    p = model.add_parser("tiny", help="build the embedded tiny Qwen3-VL")
+    p.add_argument("--out", required=True)
+    p.add_argument("--data", default="", help="data folder or file whose texts train the tokenizer")
+    p.add_argument("--spec", default="", help='JSON overrides of TinySpec, e.g. \'{"hidden_size": 192}\'')
+    p.set_defaults(fn=cmd_model_tiny)
+
+    p = sub.add_parser("sft", help="stage 1: supervised fine-tuning")
+    _add_config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    p.add_argument("--halt-at-step", type=int, default=None, help="stop (with a checkpoint) at this step")
+    p.set_defaults(fn=cmd_sft)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint on a held-out file")
+    _add_config_args(p)
+    p.add_argument("--model", default="")
+    p.add_argument("--data", default="")
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("reward", help="score responses in a JSONL file with the verifiable reward")
+    p.add_argument("--input", required=True)
+    p.add_argument("--output", default=None)
+    p.add_argument("--reward-fn", default=None, help="custom reward as path/to/file.py:function")
+    p.set_defaults(fn=cmd_reward)
+
+    p = sub.add_parser("quickstart", help="the whole recipe on the embedded default (CPU)")
+    p.add_argument("--out", default="runs/quickstart")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("overrides", nargs="*", help="dotted overrides of the quick start's settings")
+    p.set_defaults(fn=cmd_quickstart)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args.fn(args)
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        print(f"prism {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""Typed stage configs: YAML files under ``configs/`` plus dotted command-line overrides.
+
+Every stage config is a pydantic model with ``extra="forbid"``, so an unknown key (in the
+YAML or on the command line) is rejected with a message naming it, and a bad value is
+rejected with a message naming the key and what was expected. ``save_config`` writes the
+resolved config next to a run's outputs.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message names the key."""
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    path: str = Field("runs/quickstart/tiny", description="Local Hugging Face checkpoint folder.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bfloat16 on GPU, float32 on CPU.")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    freeze_vision: bool = Field(False, description="Freeze the vision tower (and its merger).")
+    gradient_checkpointing: bool = False
+
+
+class DataConfig(Section):
+    train: str = Field("", description="Training file (.parquet, .json, .jsonl).")
+    eval: str = Field("", description="Held-out file for periodic evaluation (optional).")
+    max_length: int = Field(1024, gt=0, description="Prompt + response token limit.")
+    max_prompt_length: int = Field(768, gt=0)
+    max_pixels: int | None = Field(None, gt=0, description="Resize images to at most this many pixels.")
+    min_pixels: int | None = Field(None, gt=0)
+    skip_bad: bool = Field(False, description="Skip (and count) bad records instead of failing.")
+    limit: int | None = Field(None, gt=0, description="Use only the first N records.")
+
+
+class OptimConfig(Section):
+    lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    schedule: Literal["cosine", "constant", "linear"] = "cosine"
+    warmup_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_steps: int | None = Field(None, ge=0, description="Overrides warmup_ratio when set.")
+    grad_clip: float = Field(1.0, gt=0)
+
+
+class SFTTrainConfig(Section):
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
+    batch_size: int = Field(8, gt=0, description="Sequences per micro-batch.")
+    grad_accum: int = Field(1, gt=0)
+    seed: int = 0
+    log_every: int = Field(10, gt=0)
+    save_every: int | None = Field(None, gt=0, description="Checkpoint every N optimizer steps.")
+    group_by_length: bool = Field(True, description="Batch similar lengths together (less padding).")
+
+
+class SFTConfig(Section):
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    train: SFTTrainConfig = SFTTrainConfig()
+    output_dir: str = "runs/sft"
+
+
+class GenerationConfig(Section):
+    max_new_tokens: int = Field(256, gt=0)
+    temperature: float = Field(1.0, ge=0, description="0 means greedy.")
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: int = Field(1, gt=0, description="Samples per prompt.")
+    batch_size: int = Field(32, gt=0, description="Prompts per generate call.")
+    seed: int = 0
+
+
+class EvalConfig(Section):
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    generation: GenerationConfig = GenerationConfig(temperature=0.0)
+    output_dir: str = "runs/eval"
+    name: str = Field("", description="Row label in the summary table.")
+
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """Turn ``["train.lr=2e-4", "data.skip_bad=true"]`` into a nested dict (YAML-typed values)."""
+    nested: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key.sub=value")
+        key, raw = item.split("=", 1)
+        value = _parse_value(raw)
+        node = nested
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}': '{p}' is not a section")
+        node[parts[-1]] = value
+    return nested
+
+
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)$")
+
+
+def _parse_value(raw: str) -> Any:
+    """YAML typing, plus ``2e-4``-style floats (YAML 1.1 reads those as strings)."""
+    if raw == "":
+        return ""
+    value = yaml.safe_load(raw)
+    if isinstance(value, str) and _NUMBER.match(raw.strip()):
+        return float(raw)
+    return value
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _describe(err: ValidationError, cls: type[BaseModel], origin: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"unknown config key '{key}'{_valid_keys_hint(cls, e['loc'])}")
+        else:
+            lines.append(f"bad value for '{key}': {e['msg']} (got {e.get('input')!r})")
+    return f"{origin}: " + "; ".join(lines)
+
+
+def _valid_keys_hint(cls: type[BaseModel], loc: tuple) -> str:
+    node: Any = cls
+    for p in loc[:-1]:
+        field = getattr(node, "model_fields", {}).get(p)
+        if field is None:
+            return ""
+        node = field.annotation
+    fields = getattr(node, "model_fields", None)
+    return f" (valid keys here: {', '.join(fields)})" if fields else ""
+
+
+def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None) -> C:
+    """Load ``cls`` from a YAML file (optional) and apply dotted overrides on top."""
+    data: dict[str, Any] = {}
+    origin = "defaults"
+    if path:
+        origin = str(path)
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+        data = loaded or {}
+    if overrides:
+        data = _merge(data, parse_overrides(overrides))
+        origin += " + command-line overrides"
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_describe(e, cls, origin)) from None
+
+
+def save_config(cfg: BaseModel, out_dir: str | Path, name: str = "config.yaml") -> Path:
+    """Write the resolved config beside the run's outputs."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / name
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    return path

@@ -1,0 +1,172 @@
+"""Records -> token ids and pixel tensors -> padded model batches.
+
+``encode_prompt`` renders a record's messages with the model's own chat template and runs
+the real processor (which expands each image placeholder into its visual tokens).
+``encode_sft`` appends the assistant response and builds labels that are ``-100`` everywhere
+except the response tokens and the closing ``<|im_end|>`` (loss on assistant tokens only).
+``collate`` pads a list of encoded examples on either side; ``mm_token_type_ids`` are padded
+with zeros (Qwen3-VL's M-RoPE code needs them beside ``image_grid_thw``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .records import IMAGE_PLACEHOLDER, BadRecords, DataError, Record
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Encoded:
+    """One tokenised example. ``labels`` is ``None`` for prompt-only examples."""
+
+    input_ids: torch.Tensor
+    mm_token_type_ids: torch.Tensor
+    prompt_len: int
+    pixel_values: torch.Tensor | None = None
+    image_grid_thw: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+    record: Record | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return int(self.input_ids.numel())
+
+
+def chat_messages(record: Record) -> list[dict]:
+    """Messages in the chat-template item form; ``<image>`` placeholders become image items.
+
+    If no message has a placeholder but the record has images, they go before the first user
+    message's text (LLaMA-Factory's convention).
+    """
+    n_placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in record.messages)
+    if n_placeholders not in (0, len(record.images)):
+        raise DataError(f"{record.where('images')}: {n_placeholders} <image> placeholders "
+                        f"but {len(record.images)} images")
+    out, prepend = [], n_placeholders == 0 and bool(record.images)
+    for m in record.messages:
+        items: list[dict] = []
+        if prepend and m["role"] == "user":
+            items += [{"type": "image"} for _ in record.images]
+            prepend = False
+        for k, chunk in enumerate(m["content"].split(IMAGE_PLACEHOLDER)):
+            if k > 0:
+                items.append({"type": "image"})
+            if chunk:
+                items.append({"type": "text", "text": chunk})
+        out.append({"role": m["role"], "content": items})
+    return out
+
+
+def _run_processor(processor, text: str, images: list) -> dict:
+    kwargs = {"images": images} if images else {}
+    return processor(text=[text], return_tensors="pt", **kwargs)
+
+
+def encode_prompt(processor, record: Record) -> Encoded:
+    """Prompt ids (ending with the assistant header) and pixel tensors for ``record``."""
+    text = processor.apply_chat_template(chat_messages(record), add_generation_prompt=True, tokenize=False)
+    images = record.load_images()
+    out = _run_processor(processor, text, images)
+    ids = out["input_ids"][0]
+    mm = out.get("mm_token_type_ids")
+    return Encoded(
+        input_ids=ids,
+        mm_token_type_ids=mm[0] if mm is not None else torch.zeros_like(ids),
+        prompt_len=int(ids.numel()),
+        pixel_values=out.get("pixel_values"),
+        image_grid_thw=out.get("image_grid_thw"),
+        record=record,
+    )
+
+
+def response_ids(processor, response: str, eos_id: int) -> torch.Tensor:
+    """Token ids of an assistant response, closed by ``eos_id`` (``<|im_end|>``)."""
+    ids = processor.tokenizer(response, add_special_tokens=False)["input_ids"]
+    return torch.tensor(list(ids) + [eos_id], dtype=torch.long)
+
+
+def encode_sft(processor, record: Record, eos_id: int, max_length: int) -> Encoded:
+    """Prompt + response with labels on the response tokens (and the closing EOS) only."""
+    if record.response is None:
+        raise DataError(f"{record.where('response')}: SFT needs an assistant response")
+    enc = encode_prompt(processor, record)
+    resp = response_ids(processor, record.response, eos_id)
+    total = enc.prompt_len + int(resp.numel())
+    if total > max_length:
+        raise DataError(f"{record.where()}: prompt+response is {total} tokens, over "
+                        f"data.max_length={max_length}")
+    enc.input_ids = torch.cat([enc.input_ids, resp])
+    enc.mm_token_type_ids = torch.cat([enc.mm_token_type_ids, torch.zeros_like(resp)])
+    enc.labels = torch.cat([torch.full((enc.prompt_len,), IGNORE_INDEX, dtype=torch.long), resp])
+    return enc
+
+
+def encode_all(processor, records: list[Record], *, eos_id: int, max_length: int,
+               with_response: bool, skip_bad: bool = False,
+               bad: BadRecords | None = None) -> list[Encoded]:
+    """Encode every record; a bad one raises ``DataError`` naming it, or is skipped and counted."""
+    out = []
+    for rec in records:
+        try:
+            if with_response:
+                out.append(encode_sft(processor, rec, eos_id, max_length))
+            else:
+                enc = encode_prompt(processor, rec)
+                if enc.prompt_len > max_length:
+                    raise DataError(f"{rec.where()}: prompt is {enc.prompt_len} tokens, over the "
+                                    f"limit {max_length}")
+                out.append(enc)
+        except DataError as e:
+            if not skip_bad:
+                raise
+            (bad if bad is not None else BadRecords()).add(rec.where(), str(e).split(": ", 2)[-1])
+    return out
+
+
+def _pad(seqs: list[torch.Tensor], value: int, side: str) -> torch.Tensor:
+    width = max(int(s.numel()) for s in seqs)
+    out = torch.full((len(seqs), width), value, dtype=seqs[0].dtype)
+    for i, s in enumerate(seqs):
+        n = int(s.numel())
+        if side == "left":
+            out[i, width - n:] = s
+        else:
+            out[i, :n] = s
+    return out
+
+
+def collate(examples: list[Encoded], pad_id: int, side: str = "right") -> dict[str, torch.Tensor]:
+    """Pad a list of examples into one batch (``side`` is ``"left"`` or ``"right"``)."""
+    if side not in ("left", "right"):
+        raise ValueError(f"padding side must be 'left' or 'right', not {side!r}")
+    batch = {
+        "input_ids": _pad([e.input_ids for e in examples], pad_id, side),
+        "attention_mask": _pad([torch.ones_like(e.input_ids) for e in examples], 0, side),
+        "mm_token_type_ids": _pad([e.mm_token_type_ids for e in examples], 0, side),
+    }
+    if all(e.labels is not None for e in examples):
+        batch["labels"] = _pad([e.labels for e in examples], IGNORE_INDEX, side)
+    pix = [e.pixel_values for e in examples if e.pixel_values is not None]
+    if pix:
+        batch["pixel_values"] = torch.cat(pix)
+        batch["image_grid_thw"] = torch.cat([e.image_grid_thw for e in examples if e.image_grid_thw is not None])
+    return batch
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int, generator: torch.Generator) -> list[list[int]]:
+    """Shuffle, then sort within windows of 50 batches by length, then shuffle the batches.
+
+    Keeps the order random from epoch to epoch while cutting padding (batches hold
+    similar lengths), as TRL's and LLaMA-Factory's ``group_by_length`` do.
+    """
+    perm = torch.randperm(len(lengths), generator=generator).tolist()
+    window = batch_size * 50
+    batches = []
+    for start in range(0, len(perm), window):
+        chunk = sorted(perm[start:start + window], key=lambda i: lengths[i], reverse=True)
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    order = torch.randperm(len(batches), generator=generator).tolist()
+    return [batches[i] for i in order]

@@ -1,0 +1,87 @@
+"""Load a policy model and its processor from a local Hugging Face folder.
+
+One code path for the embedded tiny model and a real Qwen3-VL-4B/8B checkpoint: only the
+folder changes. Fixes what a fresh or foreign checkpoint may lack (EOS and pad ids in the
+generation config) and applies the training-time switches (frozen vision tower, gradient
+checkpointing).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from ..config import ModelConfig
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(name: str, device: torch.device, training: bool = False) -> torch.dtype:
+    """Weight dtype. ``auto``: float32 on CPU (CPU bf16 matmuls are slow and lossy); on GPU,
+    bfloat16 for inference and float32 for training (the trainers then run the forward under
+    bf16 autocast, keeping fp32 master weights and optimizer states)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" and not training else torch.float32
+    return getattr(torch, name)
+
+
+def load_processor(path: str | Path, max_pixels: int | None = None, min_pixels: int | None = None):
+    """The checkpoint's processor, with left padding for generation and optional pixel limits."""
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"model.path '{path}' is not a folder (a local Hugging Face checkpoint)")
+    processor = AutoProcessor.from_pretrained(path)
+    size = dict(processor.image_processor.size)
+    if max_pixels is not None:
+        size["longest_edge"] = max_pixels
+    if min_pixels is not None:
+        size["shortest_edge"] = min_pixels
+    processor.image_processor.size = size
+    return processor
+
+
+def special_ids(processor) -> tuple[int, int]:
+    """(eos id, pad id): ``<|im_end|>`` ends an assistant turn in Qwen's chat format."""
+    tok = processor.tokenizer
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    if eos is None or eos == tok.unk_token_id:
+        eos = tok.eos_token_id
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+    return eos, pad
+
+
+def load_policy(cfg: ModelConfig, device: torch.device | None = None, trainable: bool = True):
+    """Load ``(model, processor)`` as ``cfg`` says, on ``device``."""
+    device = device or pick_device()
+    processor = load_processor(cfg.path)
+    model = AutoModelForImageTextToText.from_pretrained(
+        cfg.path, dtype=resolve_dtype(cfg.dtype, device, training=trainable), attn_implementation=cfg.attn_implementation,
+    ).to(device)
+    eos, pad = special_ids(processor)
+    model.generation_config.eos_token_id = eos
+    model.generation_config.pad_token_id = pad
+    if cfg.freeze_vision:
+        for p in vision_parameters(model):
+            p.requires_grad_(False)
+    if trainable and cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    model.train(trainable)
+    return model, processor
+
+
+def vision_parameters(model: torch.nn.Module):
+    """Parameters of the vision tower (encoder and merger) of a Qwen-VL style model."""
+    visual = getattr(getattr(model, "model", model), "visual", None)
+    if visual is None:
+        raise ValueError("model has no vision tower at model.visual; cannot freeze it")
+    return list(visual.parameters())
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable

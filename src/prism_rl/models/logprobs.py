@@ -1,0 +1,100 @@
+"""Per-token log-probabilities, entropy and the SFT loss, computed in chunks.
+
+The full-vocabulary logits (151,936 wide for Qwen) are the largest activation in training.
+These functions run the backbone once, select only the hidden states whose next token is a
+target, and apply the output head to ``chunk_size`` of them at a time. In training, each
+chunk is checkpointed, so its logits are recomputed in the backward pass instead of being
+kept: peak memory is one chunk's logits, not the batch's.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
+
+
+def backbone_hidden(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Last hidden states (B, L, H) of a ``*ForConditionalGeneration`` model's backbone."""
+    inputs = {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch}
+    return model.model(**inputs, use_cache=False).last_hidden_state
+
+
+def _chunk_logprob_entropy(head, h: torch.Tensor, y: torch.Tensor, temperature: float, with_entropy: bool):
+    logits = head(h).float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    logz = torch.logsumexp(logits, dim=-1)
+    logp = logits.gather(-1, y.unsqueeze(-1)).squeeze(-1) - logz
+    if not with_entropy:
+        return logp, torch.zeros_like(logp)
+    probs = torch.softmax(logits, dim=-1)
+    ent = logz - (probs * logits).sum(-1)
+    return logp, ent
+
+
+def head_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0,
+                  chunk_size: int = 2048, with_entropy: bool = False):
+    """log p(target) (and entropy) for rows of ``hidden`` (N, H) and ``targets`` (N,), chunked.
+
+    log p(y | h) = (W h / tau)_y - logsumexp(W h / tau);  H(h) = logsumexp(z) - sum softmax(z) z.
+    """
+    head = model.get_output_embeddings()
+    logps, ents = [], []
+    for s in range(0, hidden.shape[0], chunk_size):
+        h, y = hidden[s:s + chunk_size], targets[s:s + chunk_size]
+        if torch.is_grad_enabled() and h.requires_grad:
+            lp, en = checkpoint(_chunk_logprob_entropy, head, h, y, temperature, with_entropy,
+                                use_reentrant=False)
+        else:
+            lp, en = _chunk_logprob_entropy(head, h, y, temperature, with_entropy)
+        logps.append(lp)
+        ents.append(en)
+    if not logps:
+        z = hidden.new_zeros(0, dtype=torch.float32)
+        return z, z
+    return torch.cat(logps), torch.cat(ents)
+
+
+def response_logprobs(model, batch: dict[str, torch.Tensor], response_start: int, *,
+                      temperature: float = 1.0, chunk_size: int = 2048, with_entropy: bool = False):
+    """Per-token log-probs (B, R) of the tokens at positions ``[response_start, L)``.
+
+    The row layout is ``[prompt (left-padded) | response (right-padded)]`` with the response
+    starting at column ``response_start`` in every row. Positions where the attention mask is 0
+    get log-prob 0 (and entropy 0). Token t is scored from the hidden state at t - 1.
+    """
+    hidden = backbone_hidden(model, batch)
+    ids = batch["input_ids"]
+    h = hidden[:, response_start - 1:-1]
+    y = ids[:, response_start:]
+    valid = batch["attention_mask"][:, response_start:].bool()
+    logp = torch.zeros(y.shape, dtype=torch.float32, device=y.device)
+    ent = torch.zeros_like(logp)
+    lp, en = head_logprobs(model, h[valid], y[valid], temperature=temperature,
+                           chunk_size=chunk_size, with_entropy=with_entropy)
+    logp = logp.masked_scatter(valid, lp)
+    ent = ent.masked_scatter(valid, en)
+    return (logp, ent) if with_entropy else logp
+
+
+def sft_loss(model, batch: dict[str, torch.Tensor], chunk_size: int = 2048) -> tuple[torch.Tensor, int]:
+    """Mean next-token cross-entropy over the label positions (assistant tokens only).
+
+    loss = -(1/N) sum_{t: labels_t != -100} log p(labels_t | x_<t). Returns (loss, N).
+    """
+    hidden = backbone_hidden(model, batch)
+    labels = batch["labels"][:, 1:]
+    keep = labels != -100
+    lp, _ = head_logprobs(model, hidden[:, :-1][keep], labels[keep], chunk_size=chunk_size)
+    n = int(keep.sum())
+    return (-lp.sum() / max(n, 1)), n
+
+
+def reference_token_logprobs(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Unchunked log p of every next token (B, L-1) from ``model(**batch).logits`` (for tests)."""
+    inputs = {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch}
+    logits = model(**inputs, use_cache=False).logits.float()
+    return F.log_softmax(logits[:, :-1], -1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)

@@ -1,0 +1,33 @@
+"""Shared fixtures: a tiny Qwen3-VL checkpoint built once per test session, and small images."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from PIL import Image, ImageDraw
+
+from prism_rl.format import SYSTEM_PROMPT, make_response
+from prism_rl.models.tiny import TinySpec, build_tiny
+
+
+def _corpus() -> list[str]:
+    resp = make_response("- white background\n- a red circle at top-left\n- two blue squares",
+                         "There is 1 red circle. 1 + 2 = 3.", "3")
+    chat = ("<|im_start|>system\n" + SYSTEM_PROMPT + "<|im_end|>\n<|im_start|>user\n"
+            "How many red circles are there?<|im_end|>\n<|im_start|>assistant\n" + resp + "<|im_end|>\n")
+    return [chat] * 30 + ["What is the sum of the digits? The largest bar is B."] * 10
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    return build_tiny(tmp_path_factory.mktemp("tiny"), _corpus(), TinySpec(vocab_size=512))
+
+
+def png_bytes(color: str = "red", size: int = 96, shape: str = "circle") -> bytes:
+    img = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(img)
+    (draw.ellipse if shape == "circle" else draw.rectangle)((4, 4, 28, 28), fill=color)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
