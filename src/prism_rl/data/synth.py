@@ -487,29 +487,37 @@ def public_response(problem: Problem, rng: random.Random, error_rate: float) -> 
 
 
 def _perception_slip(problem: Problem, rng: random.Random) -> tuple[Item, ...] | None:
-    """A scene with one object misread that changes the (still well-formed) answer."""
+    """A scene with one object misread that changes the (still well-formed) answer.
+
+    Small misreads (one colour, shape or digit, a bar off by one unit, a missed object) are
+    tried first; a bar off by two only when no small misread changes the answer, as for
+    "which bar is tallest?" with clearly separated bars.
+    """
     items, truth = problem.items, problem.ground_truth
-    candidates: list[tuple[Item, ...]] = []
+    small: list[tuple[Item, ...]] = []
+    large: list[tuple[Item, ...]] = []
     for k, it in enumerate(items):
         others = items[:k] + items[k + 1:]
         if it.shape in SHAPES:
             changed = [replace(it, colour=c) for c in COLOURS if c != it.colour]
             changed += [replace(it, shape=s) for s in SHAPES if s != it.shape]
-            candidates += [tuple(sorted(others + (c,))) for c in changed]
-            candidates.append(others)  # a missed object
+            small += [tuple(sorted(others + (c,))) for c in changed]
+            small.append(others)  # a missed object
         elif it.shape == "bar":
-            candidates += [items[:k] + (replace(it, value=h),) + items[k + 1:]
-                           for h in (it.value - 1, it.value + 1) if 1 <= h <= MAX_BAR]
+            for delta, tier in ((1, small), (2, large)):
+                tier += [items[:k] + (replace(it, value=h),) + items[k + 1:]
+                         for h in (it.value - delta, it.value + delta) if 1 <= h <= MAX_BAR]
         else:
-            candidates += [items[:k] + (replace(it, value=d),) + items[k + 1:]
-                           for d in CONFUSABLE[it.value]]
+            small += [items[:k] + (replace(it, value=d),) + items[k + 1:]
+                      for d in CONFUSABLE[it.value]]
             if len(items) > 2:
-                candidates.append(others)
-    rng.shuffle(candidates)
-    for scene in candidates:
-        answer = problem.query.answer(problem.query.solve(scene).value)
-        if answer is not None and answer != truth:
-            return scene
+                small.append(others)
+    for tier in (small, large):
+        rng.shuffle(tier)
+        for scene in tier:
+            answer = problem.query.answer(problem.query.solve(scene).value)
+            if answer is not None and answer != truth:
+                return scene
     return None
 
 
