@@ -37,6 +37,13 @@ def cmd_data_show(a) -> None:
     print(f"contact sheet: {out}")
 
 
+def cmd_data_filter(a) -> None:
+    from .data.difficulty import filter_difficulty
+    stats = filter_difficulty(a.model, a.data, a.out, n=a.n, low=a.low, high=a.high,
+                              max_new_tokens=a.max_new_tokens, limit=a.limit, seed=a.seed)
+    print(json.dumps(stats, indent=2))
+
+
 def cmd_model_tiny(a) -> None:
     from .models.tiny import TinySpec, build_tiny, corpus_from_data
     spec = TinySpec(**json.loads(a.spec)) if a.spec else TinySpec()
@@ -61,6 +68,13 @@ def cmd_eval(a) -> None:
     summary = evaluate(cfg)
     print(format_table([summary]))
     print(f"summary: {Path(cfg.output_dir) / 'summary.json'}")
+
+
+def cmd_rl(a) -> None:
+    from .config import ALGO_PRESETS, RLConfig
+    from .trainers.rl import train_rl
+    cfg = load_config(RLConfig, a.config, a.overrides, defaults=ALGO_PRESETS[a.algo])
+    print(f"final policy: {train_rl(cfg, resume=a.resume, halt_at_step=a.halt_at_step)}")
 
 
 def cmd_reward(a) -> None:
@@ -95,6 +109,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, default=8)
     p.set_defaults(fn=cmd_data_show)
 
+    p = data.add_parser("filter-difficulty", help="keep problems with pass rate in [low, high]")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True, help="output parquet (histogram PNG and stats beside it)")
+    p.add_argument("--n", type=int, default=16)
+    p.add_argument("--low", type=float, default=0.2)
+    p.add_argument("--high", type=float, default=0.8)
+    p.add_argument("--max-new-tokens", type=int, default=1024)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_data_filter)
+
     model = sub.add_parser("model", help="models").add_subparsers(dest="model_command", required=True)
     p = model.add_parser("tiny", help="build the embedded tiny Qwen3-VL")
     p.add_argument("--out", required=True)
@@ -107,6 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     p.add_argument("--halt-at-step", type=int, default=None, help="stop (with a checkpoint) at this step")
     p.set_defaults(fn=cmd_sft)
+
+    p = sub.add_parser("rl", help="stage 3: RL with verifiable rewards (GRPO, DAPO, GSPO)")
+    p.add_argument("--algo", choices=["grpo", "dapo", "gspo"], default="grpo",
+                   help="preset of spec section 7, applied before --config and overrides")
+    _add_config_args(p)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--halt-at-step", type=int, default=None)
+    p.set_defaults(fn=cmd_rl)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on a held-out file")
     _add_config_args(p)

@@ -92,6 +92,77 @@ class EvalConfig(Section):
     name: str = Field("", description="Row label in the summary table.")
 
 
+class RolloutConfig(Section):
+    n: int = Field(16, gt=0, description="Responses sampled per prompt.")
+    prompts_per_step: int = Field(32, gt=0, description="Prompts (groups) in one training step.")
+    max_new_tokens: int = Field(8192, gt=0, description="Response token limit (L_max).")
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    gen_batch_prompts: int | None = Field(None, gt=0, description="Prompts per generation round "
+                                          "(DAPO's gen batch); default prompts_per_step.")
+
+
+class AlgoConfig(Section):
+    name: Literal["grpo", "dapo", "gspo"] = "grpo"
+    clip_low: float = Field(0.2, ge=0)
+    clip_high: float = Field(0.2, ge=0)
+    clip_c: float | None = Field(None, gt=1, description="Dual-clip constant for negative advantages.")
+    ratio_level: Literal["token", "sequence"] = "token"
+    agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = "token-mean"
+    norm_by_std: bool = Field(True, description="False gives Dr. GRPO advantages (no std division).")
+    adv_eps: float = Field(1e-6, gt=0)
+    kl_coef: float = Field(0.0, ge=0, description="KL to the frozen initial policy (low-var estimator).")
+    entropy_coef: float = Field(0.0, ge=0)
+    ppo_epochs: int = Field(1, gt=0)
+    mini_batches: int = Field(1, gt=0, description="Optimizer steps per rollout batch (per PPO epoch).")
+    micro_batch_size: int = Field(16, gt=0, description="Sequences per forward/backward.")
+    dynamic_sampling: bool = Field(False, description="DAPO: drop groups with zero accuracy variance.")
+    max_num_gen_batches: int = Field(10, ge=1)
+    overlong_buffer: int = Field(0, ge=0, description="DAPO overlong shaping buffer (0 = off).")
+    overlong_factor: float = Field(1.0, ge=0)
+
+
+class RewardConfig(Section):
+    function: str = Field("", description="Custom reward as path/to/file.py:function; default the built-in.")
+    acc_weight: float = 0.8
+    format_weight: float = 0.2
+
+
+class RLTrainConfig(Section):
+    steps: int = Field(1500, gt=0)
+    seed: int = 0
+    log_every: int = Field(1, gt=0)
+    save_every: int | None = Field(None, gt=0)
+    eval_every: int | None = Field(None, gt=0, description="Greedy eval on data.eval every N steps.")
+    eval_limit: int | None = Field(None, gt=0)
+    logprob_chunk: int = Field(2048, gt=0, description="Tokens per chunk of the output head.")
+
+
+ALGO_PRESETS: dict[str, dict] = {
+    # spec section 7 table
+    "grpo": {"algo": {"name": "grpo", "clip_low": 0.2, "clip_high": 0.2, "agg": "token-mean"},
+             "optim": {"lr": 1e-6, "schedule": "constant", "warmup_ratio": 0.0, "weight_decay": 0.0}},
+    "dapo": {"algo": {"name": "dapo", "clip_low": 0.2, "clip_high": 0.28, "clip_c": 10.0, "agg": "token-mean",
+                      "dynamic_sampling": True, "overlong_buffer": 4096, "overlong_factor": 1.0},
+             "rollout": {"gen_batch_prompts": 96},
+             "optim": {"lr": 1e-6, "schedule": "constant", "warmup_steps": 10, "weight_decay": 0.1}},
+    "gspo": {"algo": {"name": "gspo", "clip_low": 3e-4, "clip_high": 4e-4, "ratio_level": "sequence",
+                      "agg": "seq-mean-token-mean"},
+             "optim": {"lr": 1e-6, "schedule": "constant", "warmup_ratio": 0.05, "weight_decay": 0.1}},
+}
+
+
+class RLConfig(Section):
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig(max_prompt_length=2048)
+    optim: OptimConfig = OptimConfig(lr=1e-6, schedule="constant", warmup_ratio=0.0)
+    rollout: RolloutConfig = RolloutConfig()
+    algo: AlgoConfig = AlgoConfig()
+    reward: RewardConfig = RewardConfig()
+    train: RLTrainConfig = RLTrainConfig()
+    output_dir: str = "runs/rl"
+
+
 C = TypeVar("C", bound=BaseModel)
 
 
@@ -158,8 +229,10 @@ def _valid_keys_hint(cls: type[BaseModel], loc: tuple) -> str:
     return f" (valid keys here: {', '.join(fields)})" if fields else ""
 
 
-def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None) -> C:
-    """Load ``cls`` from a YAML file (optional) and apply dotted overrides on top."""
+def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None,
+                defaults: dict[str, Any] | None = None) -> C:
+    """Load ``cls``: ``defaults`` (e.g. an algorithm preset), then the YAML file, then the
+    dotted overrides, each on top of the previous."""
     data: dict[str, Any] = {}
     origin = "defaults"
     if path:
@@ -173,6 +246,8 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
         data = loaded or {}
+    if defaults:
+        data = _merge(defaults, data)
     if overrides:
         data = _merge(data, parse_overrides(overrides))
         origin += " + command-line overrides"

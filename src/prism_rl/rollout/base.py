@@ -93,3 +93,53 @@ class RolloutEngine(Protocol):
     def generate(self, prompts: list[Encoded], params: SamplingParams, group_offset: int = 0) -> Rollouts:
         """Sample ``params.n`` responses for each prompt; group ids start at ``group_offset``."""
         ...
+
+
+def _repad(t: torch.Tensor, width: int, value: int, side: str) -> torch.Tensor:
+    extra = width - t.shape[1]
+    if extra == 0:
+        return t
+    pad = torch.full((t.shape[0], extra), value, dtype=t.dtype)
+    return torch.cat([pad, t], 1) if side == "left" else torch.cat([t, pad], 1)
+
+
+def concat_rollouts(parts: list[Rollouts], pad_id: int) -> Rollouts:
+    """Join rollout batches of different widths (prompts re-padded left, responses right)."""
+    if len(parts) == 1:
+        return parts[0]
+    P = max(p.prompt_ids.shape[1] for p in parts)
+    R = max(p.response_ids.shape[1] for p in parts)
+    cat = lambda name, w, v, side: torch.cat([_repad(getattr(p, name), w, v, side) for p in parts])
+    pix = [p.pixel_values for p in parts if p.pixel_values is not None]
+    extras: dict = {}
+    for key in ("patches_per_row", "images_per_row"):
+        extras[key] = [x for p in parts for x in p.extras.get(key, [0] * len(p))]
+    lps = [p.logprobs for p in parts]
+    return Rollouts(
+        prompt_ids=cat("prompt_ids", P, pad_id, "left"), prompt_mask=cat("prompt_mask", P, 0, "left"),
+        prompt_mm_types=cat("prompt_mm_types", P, 0, "left"),
+        response_ids=cat("response_ids", R, pad_id, "right"), response_mask=cat("response_mask", R, 0, "right"),
+        group_ids=torch.cat([p.group_ids for p in parts]),
+        texts=[t for p in parts for t in p.texts], finish_reasons=[f for p in parts for f in p.finish_reasons],
+        records=[r for p in parts for r in p.records],
+        pixel_values=torch.cat(pix) if pix else None,
+        image_grid_thw=torch.cat([p.image_grid_thw for p in parts if p.image_grid_thw is not None]) if pix else None,
+        logprobs=None if any(x is None for x in lps) else torch.cat(
+            [_repad(x, R, 0, "right") for x in lps]),
+        extras=extras,
+    )
+
+
+def micro_batch(ro: Rollouts, rows: list[int]) -> tuple[dict[str, torch.Tensor], int, torch.Tensor]:
+    """Model batch for ``rows``, trimmed to the columns those rows use.
+
+    Returns (batch, response_start, response_mask) with the response starting at column
+    ``response_start`` of every row and ``response_mask`` of shape (len(rows), R_used).
+    """
+    sub = ro.select(rows)
+    used_p = int(sub.prompt_mask.any(0).nonzero().min()) if sub.prompt_mask.any() else 0
+    used_r = max(1, int(sub.response_mask.sum(1).max()))
+    sub.prompt_ids, sub.prompt_mask, sub.prompt_mm_types = (
+        sub.prompt_ids[:, used_p:], sub.prompt_mask[:, used_p:], sub.prompt_mm_types[:, used_p:])
+    sub.response_ids, sub.response_mask = sub.response_ids[:, :used_r], sub.response_mask[:, :used_r]
+    return sub.model_batch(), sub.prompt_ids.shape[1], sub.response_mask

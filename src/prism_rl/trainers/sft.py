@@ -131,7 +131,7 @@ def train_sft(cfg: SFTConfig, resume: bool = False, halt_at_step: int | None = N
                 with autocast_for(device):
                     loss, n = sft_loss(model, batch)
                 (loss * n / n_target).backward()
-                loss_sum += float(loss) * n
+                loss_sum += float(loss.detach()) * n
                 tok_window += int(batch["attention_mask"].sum())
             gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
             opt.step()
