@@ -87,3 +87,10 @@ def test_caption_token_end_invalid_and_real_tokenizer(tiny_model_dir):
     k = caption_token_end(ids, tok.decode)
     assert tok.convert_ids_to_tokens(ids[k - 1]) == "</caption>"  # format tags are single tokens
     assert caption_token_end(ids[:-3], tok.decode) is None        # truncated -> invalid
+
+
+def test_tag_soup_is_linear_time():
+    """A degenerate rollout repeating all six tags must not stall the regex (it took ~10 s)."""
+    soup = "<caption></caption><think></think><answer></answer>" * 400 + "x"
+    assert not is_format_valid(soup) and parse_response(soup) is None and split_text(soup) is None
+    assert is_format_valid(soup[:-1])      # the same soup without the trailing junk is valid

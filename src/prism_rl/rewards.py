@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, NamedTuple, Sequence, TextIO
 
-from prism_rl.format import extract_answer, is_format_valid, parse_response
+from prism_rl.format import extract_answer, format_matches, is_format_valid, parse_response
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
@@ -113,37 +113,13 @@ class RewardInputError(ValueError):
 # Fast, exact format check
 # ---------------------------------------------------------------------------------------------
 
-_LEAD_RE = re.compile(r"\s*<caption>")
-_CAPTION_END_RE = re.compile(r"</caption>\s*<think>")
-_THINK_END_RE = re.compile(r"</think>\s*<answer>")
-_TAIL_RE = re.compile(r"</answer>\s*\Z")
-
-
-def _format_prefilter(text: str) -> bool:
-    """Linear-time test equivalent to ``prism_rl.format.FORMAT_RE`` matching ``text``.
-
-    The reference regex backtracks cubically on tag soup (e.g. a repeated block of all six
-    tags), so it is run only on texts that pass this test. Rule: after leading white space
-    and ``<caption>``, take the *earliest* ``</caption>\\s*<think>``, then the earliest
-    ``</think>\\s*<answer>`` after it, then require a ``</answer>`` followed only by white
-    space at the end. Choosing the earliest candidate at each step is optimal because a later
-    start can only remove options, so this accepts exactly the strings the regex accepts.
-    """
-    m = _LEAD_RE.match(text)
-    if m is None:
-        return False
-    c = _CAPTION_END_RE.search(text, m.end())
-    if c is None:
-        return False
-    d = _THINK_END_RE.search(text, c.end())
-    if d is None:
-        return False
-    return _TAIL_RE.search(text, d.end()) is not None
+# Linear-time equivalent of the reference format regex (see prism_rl.format.format_matches).
+_format_prefilter = format_matches
 
 
 def _format_ok(text: str) -> bool:
     """Format validity: the reference ``is_format_valid``, behind the linear prefilter."""
-    return _format_prefilter(text) and is_format_valid(text)
+    return is_format_valid(text)  # is_format_valid runs the linear check first
 
 
 # ---------------------------------------------------------------------------------------------
