@@ -77,6 +77,39 @@ def cmd_rl(a) -> None:
     print(f"final policy: {train_rl(cfg, resume=a.resume, halt_at_step=a.halt_at_step)}")
 
 
+def cmd_disc_init(a) -> None:
+    from .models.discriminator import init_discriminator
+    out = init_discriminator(a.from_dir, a.out, experts=a.experts, top_k=a.top_k, dense=a.dense,
+                             text_only=a.text_only, noise_std=a.noise_std, routing=a.routing, seed=a.seed)
+    print(f"discriminator saved to {out}")
+
+
+def cmd_disc_pairs(a) -> None:
+    from .trainers.warmup import sample_pairs
+    print(json.dumps(sample_pairs(a.policy, a.data, a.out, n=a.n, max_new_tokens=a.max_new_tokens,
+                                  limit=a.limit, seed=a.seed), indent=2))
+
+
+def cmd_disc_warmup(a) -> None:
+    from .config import WarmupConfig
+    from .trainers.warmup import train_warmup
+    cfg = load_config(WarmupConfig, a.config, a.overrides)
+    print(f"warmed-up discriminator: {train_warmup(cfg)}")
+
+
+def cmd_align(a) -> None:
+    from .config import AlignConfig
+    from .trainers.align import train_align
+    cfg = load_config(AlignConfig, a.config, a.overrides)
+    print(f"aligned policy: {train_align(cfg, resume=a.resume, halt_at_step=a.halt_at_step)}")
+
+
+def cmd_plot(a) -> None:
+    from .plots import plot_run
+    for path in plot_run(a.run_dir):
+        print(path)
+
+
 def cmd_reward(a) -> None:
     from .rewards import load_reward_fn, score_jsonl
     fn = load_reward_fn(a.reward_fn) if a.reward_fn else None
@@ -141,6 +174,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--halt-at-step", type=int, default=None)
     p.set_defaults(fn=cmd_rl)
+
+    disc = sub.add_parser("disc", help="the MoE discriminator").add_subparsers(dest="disc_command", required=True)
+    p = disc.add_parser("init", help="upcycle a dense checkpoint into an MoE discriminator")
+    p.add_argument("--from", dest="from_dir", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--experts", type=int, default=4)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--dense", action="store_true", help="ablation: no upcycling")
+    p.add_argument("--text-only", action="store_true", help="ablation: never sees the image")
+    p.add_argument("--noise-std", type=float, default=0.01)
+    p.add_argument("--routing", choices=["learned", "segment"], default="learned")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_disc_init)
+    p = disc.add_parser("pairs", help="sample the SFT policy and pair its segments with the teacher's")
+    p.add_argument("--policy", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--n", type=int, default=1)
+    p.add_argument("--max-new-tokens", type=int, default=1024)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_disc_pairs)
+    p = disc.add_parser("warmup", help="Bradley-Terry warm-up on teacher/student pairs")
+    _add_config_args(p)
+    p.set_defaults(fn=cmd_disc_warmup)
+
+    p = sub.add_parser("align", help="stage 2: adversarial alignment against the discriminator")
+    _add_config_args(p)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--halt-at-step", type=int, default=None)
+    p.set_defaults(fn=cmd_align)
+
+    p = sub.add_parser("plot", help="draw a run's training curves as PNGs")
+    p.add_argument("run_dir")
+    p.set_defaults(fn=cmd_plot)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on a held-out file")
     _add_config_args(p)

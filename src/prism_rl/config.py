@@ -163,6 +163,51 @@ class RLConfig(Section):
     output_dir: str = "runs/rl"
 
 
+class DiscConfig(Section):
+    path: str = Field("runs/quickstart/disc", description="Discriminator folder (prism disc init).")
+    batch_size: int = Field(16, gt=0, description="Sequences per discriminator forward.")
+    gradient_checkpointing: bool = False
+
+
+class WarmupTrainConfig(Section):
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    batch_size: int = Field(16, gt=0, description="Pairs per optimizer step (reference: 128).")
+    aux_coef: float = Field(0.01, ge=0, description="Router load-balancing loss coefficient.")
+    heldout_frac: float = Field(0.1, ge=0, lt=1, description="Pairs held out for accuracy/margin.")
+    seed: int = 0
+    log_every: int = Field(10, gt=0)
+    eval_every: int | None = Field(None, gt=0)
+
+
+class WarmupConfig(Section):
+    disc: DiscConfig = DiscConfig()
+    data: DataConfig = DataConfig(max_length=8192)
+    optim: OptimConfig = OptimConfig(lr=1e-5, weight_decay=0.01, schedule="cosine", warmup_ratio=0.1)
+    train: WarmupTrainConfig = WarmupTrainConfig()
+    output_dir: str = "runs/disc_warmup"
+
+
+class AlignParams(Section):
+    alpha: float = Field(0.5, ge=0, le=1, description="Weight of the caption (perception) score.")
+    format_penalty: float = Field(1.5, ge=0)
+    reg_coef: float = Field(0.001, ge=0, description="Weight of the mean squared discriminator score.")
+    disc_update: bool = Field(True, description="Train the discriminator each step (the game).")
+
+
+class AlignConfig(Section):
+    model: ModelConfig = ModelConfig()
+    disc: DiscConfig = DiscConfig()
+    data: DataConfig = DataConfig(max_prompt_length=2048)
+    optim: OptimConfig = OptimConfig(lr=1e-6, weight_decay=0.01, schedule="constant", warmup_ratio=0.0)
+    disc_optim: OptimConfig = OptimConfig(lr=1e-6, weight_decay=0.01, schedule="constant", warmup_ratio=0.0)
+    rollout: RolloutConfig = RolloutConfig(n=16, prompts_per_step=4, max_new_tokens=6144)
+    algo: AlgoConfig = AlgoConfig()
+    align: AlignParams = AlignParams()
+    train: RLTrainConfig = RLTrainConfig(steps=500)
+    output_dir: str = "runs/align"
+
+
 C = TypeVar("C", bound=BaseModel)
 
 

@@ -52,7 +52,7 @@ _TAIL_RE = re.compile(r"</answer>\s*\Z")
 
 
 def format_matches(text: str) -> bool:
-    """Linear-time test equivalent to ``FORMAT_RE.match(text) is not None``.
+    r"""Linear-time test equivalent to ``FORMAT_RE.match(text) is not None``.
 
     The reference regex backtracks cubically on tag soup (a degenerate rollout repeating all
     six tags: 20k characters took ~10 s), so every caller runs it only on texts that pass

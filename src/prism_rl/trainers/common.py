@@ -140,7 +140,9 @@ def save_checkpoint(out_dir: str | Path, step: int, models: dict[str, Any], proc
     shutil.rmtree(tmp, ignore_errors=True)
     for name, model in models.items():
         target = tmp / name if name else tmp
-        model.save_pretrained(target)
+        # HF models have save_pretrained; the discriminator saves backbone + value head itself
+        save = getattr(model, "save_pretrained", None) or model.save
+        save(target)
         if processor is not None:
             processor.save_pretrained(target)
     torch.save({**state, "step": step, "rng": rng_state()}, tmp / "trainer_state.pt")
