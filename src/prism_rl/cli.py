@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -57,7 +58,19 @@ def cmd_sft(a) -> None:
     print(f"final model: {train_sft(cfg, resume=a.resume, halt_at_step=a.halt_at_step)}")
 
 
+def cmd_serve(a) -> None:
+    from .serve import run_server
+    run_server(a.model, host=a.host, port=a.port, api_key=a.api_key or os.environ.get("PRISM_API_KEY"),
+               max_batch=a.max_batch, threads=a.threads)
+
+
 def cmd_eval(a) -> None:
+    if a.benchmark:
+        from .eval.benchmarks import run_eval
+        kwargs = {k: v for k, v in (("limit", a.limit), ("max_new_tokens", a.max_new_tokens)) if v is not None}
+        run_eval(a.benchmark, a.data, a.model, out_dir=a.out or None, judge_url=a.judge_url or None,
+                 judge_model=a.judge_model or None, **kwargs)
+        return
     from .eval.evaluate import evaluate, format_table
     overrides = list(a.overrides)
     if a.model:
@@ -214,7 +227,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--model", default="")
     p.add_argument("--data", default="")
+    p.add_argument("--benchmark", default="", help="MathVista, MathVerse, MathVision, WeMath, MMMU, "
+                   "MMMU-Pro or HallusionBench (their release layouts; settings of spec section 8)")
+    p.add_argument("--out", default="", help="with --benchmark: output folder")
+    p.add_argument("--judge-url", default="", help="with --benchmark: OpenAI-compatible judge endpoint")
+    p.add_argument("--judge-model", default="")
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=None)
     p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible chat-completions server for a checkpoint")
+    p.add_argument("--model", required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="required on every request (or env PRISM_API_KEY)")
+    p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("reward", help="score responses in a JSONL file with the verifiable reward")
     p.add_argument("--input", required=True)

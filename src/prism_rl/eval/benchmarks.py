@@ -1,0 +1,1077 @@
+"""The paper's evaluation benchmarks (PRISM_SPEC.md section 8): loaders, settings, evaluation.
+
+Loaders read each benchmark in the layout its public release ships in and build
+:class:`~prism_rl.data.records.Record` objects: the PRISM system prompt, one user message with
+an ``<image>`` placeholder per image (in the position the benchmark puts it), the question
+with its options as ``(A) ...`` lines, and a ground truth that
+:func:`prism_rl.rewards.is_correct` can check (a letter for multiple choice, ``Yes``/``No`` for
+HallusionBench, the answer string otherwise).
+
+=================  ==========================================================================
+benchmark          layout read (``path`` = a file, or a folder searched for the default split)
+=================  ==========================================================================
+MathVista          HF ``AI4Math/MathVista`` parquet (``pid, question, image, decoded_image,
+                   choices, unit, precision, answer, question_type, answer_type, metadata,
+                   query``); the GitHub JSON (a dict keyed by pid, ``image`` a path). Multiple
+                   choice answers are option *text*: the letter is found from ``choices``.
+MathVerse          HF ``AI4Math/MathVerse`` ``testmini.parquet`` (``sample_index,
+                   problem_index, problem_version, question, image, answer, question_type,
+                   metadata, query_wo, query_cot``); choices are inside ``question``;
+                   a "Vision Only" row's empty question is replaced by its ``query_cot``.
+MathVision         HF ``MathLLMs/MathVision`` parquet (``id, question, options, image,
+                   decoded_image, answer, solution, level, subject``) or the GitHub
+                   ``data/testmini.jsonl`` (``image`` relative to the repository root).
+                   ``<image1>``... in the question name sub-figures of the one image.
+WeMath             ``We-Math`` ``testmini.json`` / parquet (``ID, split, knowledge concept,
+                   question, option, answer, image_path, key, question number``); ``option``
+                   is one string ``"A. ...; B. ..."``.
+MMMU               HF ``MMMU/MMMU`` per-subject ``validation-*.parquet`` (``id, question,
+                   options`` (a Python-list string), ``answer, image_1..image_7, question_type``);
+                   ``<image k>`` in question/options marks where image k goes.
+MMMU-Pro           HF ``MMMU/MMMU_Pro`` ``standard (10 options)`` (as MMMU, 10 options) and
+                   ``vision`` (``id, image, options, answer, subject``: the question and its
+                   options are in the screenshot). Accuracy = mean of the two settings.
+HallusionBench     HF ``lmms-lab/HallusionBench`` ``image`` split parquet or the GitHub
+                   ``HallusionBench.json`` (``category, subcategory, visual_input, set_id,
+                   figure_id, question_id, question, gt_answer_details, gt_answer`` 0/1,
+                   ``filename``). Questions without an image (``visual_input`` 0) are left out.
+=================  ==========================================================================
+
+Image values may be parquet image structs (``{"bytes", "path"}``), raw bytes, ``data:`` URLs
+or paths (relative to the file's folder or one of its two parents). A bad record raises
+:class:`DataError` naming the file, the record index and the field, or with ``skip_bad`` is
+skipped and noted in a :class:`BadRecords`.
+
+``evaluate_benchmark`` generates in batches (``HFEngine``), appends each finished record to
+``out_dir/<benchmark>/samples.jsonl`` (a rerun skips finished ids), scores the ``<answer>``
+content with the verifiable reward's rules, asks the optional LLM judge only about answers the
+rules call wrong, and adds the summary to the runs table (``prism_rl.eval.report``).
+"""
+
+from __future__ import annotations
+
+import ast
+import base64
+import binascii
+import json
+import logging
+import os
+import re
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..data.records import IMAGE_PLACEHOLDER, BadRecords, DataError, ImageRef, Record
+from ..format import SYSTEM_PROMPT, extract_answer
+
+__all__ = [
+    "BENCHMARKS",
+    "BenchmarkSpec",
+    "benchmark_files",
+    "evaluate_benchmark",
+    "format_options",
+    "get_benchmark",
+    "judge_rows",
+    "load_benchmark",
+    "read_samples",
+    "rule_correct",
+    "run_eval",
+    "score_response",
+    "split_letter_options",
+    "summarize_benchmark",
+]
+
+log = logging.getLogger(__name__)
+
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+MC_INSTRUCTION = "Answer with the option's letter from the given choices."
+YES_NO_INSTRUCTION = "Answer with Yes or No."
+VISION_INSTRUCTION = ("The question and its options are shown in the image. "
+                      "Answer with the option's letter from the given choices.")
+NO_QUESTION_TEXT = "According to the question shown in the image, answer the question."
+MAX_OPTION_CHARS = 300  # longer option texts are not used as an accepted answer form
+
+
+class _Bad(Exception):
+    """One record's problem (field and reason), turned into a DataError or a skip."""
+
+    def __init__(self, field: str, why: str):
+        super().__init__(f"field '{field}': {why}")
+        self.field = field
+        self.why = why
+
+
+@dataclass(frozen=True)
+class _Ctx:
+    """Where the rows come from: the file (for messages) and its folder (for image paths)."""
+
+    spec: "BenchmarkSpec"
+    path: Path
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent
+
+
+RowFn = Callable[[dict, int, _Ctx], "Record | None"]
+
+
+@dataclass(frozen=True)
+class BenchmarkSpec:
+    """One benchmark: its sampling settings (spec section 8), default split and row reader.
+
+    ``file_globs`` find the default split's files when ``path`` is a folder (the benchmark's
+    downloaded repository). ``label`` is the column name of the runs table (spec section 9).
+    """
+
+    name: str
+    label: str
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    split: str
+    file_globs: tuple[str, ...]
+    row_fn: RowFn
+    why_tokens: str = ""
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def _get(row: dict, *fields: str) -> Any:
+    """First present, non-empty value among ``fields`` (``None`` when there is none)."""
+    for f in fields:
+        v = row.get(f)
+        if v is not None and not (isinstance(v, str) and not v.strip()):
+            return v
+    return None
+
+
+def _text(row: dict, field: str) -> str:
+    """A required text field, stripped."""
+    v = row.get(field)
+    if v is None or (isinstance(v, str) and not v.strip()):
+        raise _Bad(field, "missing or empty")
+    if isinstance(v, (dict, list)):
+        raise _Bad(field, f"expected text, got {type(v).__name__}")
+    return str(v).strip()
+
+
+def _opt_text(row: dict, field: str) -> str:
+    v = row.get(field)
+    return "" if v is None else str(v).strip()
+
+
+def _decode_data_url(s: str, field: str) -> bytes:
+    try:
+        return base64.b64decode(s.split(",", 1)[1], validate=True)
+    except (IndexError, binascii.Error, ValueError) as e:
+        raise _Bad(field, f"bad data URL: {e}") from None
+
+
+def _path_ref(p: str, field: str, base_dir: Path) -> ImageRef:
+    """An image path: absolute, or relative to ``base_dir`` or one of its two parents."""
+    cand = Path(p)
+    if cand.is_absolute():
+        if cand.is_file():
+            return ImageRef(path=str(cand))
+        raise _Bad(field, f"image file not found: {p}")
+    for root in (base_dir, base_dir.parent, base_dir.parent.parent):
+        if (root / cand).is_file():
+            return ImageRef(path=p, base_dir=str(root))
+    raise _Bad(field, f"image file not found: {p} (looked in {base_dir} and its parents)")
+
+
+def _image_ref(value: Any, field: str, base_dir: Path) -> ImageRef | None:
+    """An image from a parquet image struct, raw bytes, a data URL or a path; ``None`` if empty."""
+    if value is None:
+        return None
+    if isinstance(value, (bytes, bytearray)):
+        return ImageRef(data=bytes(value)) if value else None
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return ImageRef(data=bytes(value["bytes"]))
+        if value.get("path"):
+            return _path_ref(str(value["path"]), field, base_dir)
+        return None
+    if isinstance(value, str):
+        s = value.strip()
+        if not s:
+            return None
+        if s.startswith("data:image"):
+            return ImageRef(data=_decode_data_url(s, field))
+        return _path_ref(s, field, base_dir)
+    raise _Bad(field, f"unsupported image value of type {type(value).__name__}")
+
+
+def _required_image(row: dict, ctx: _Ctx, *fields: str) -> ImageRef:
+    """The first non-empty image among ``fields``; a record without one is bad."""
+    for f in fields:
+        ref = _image_ref(row.get(f), f, ctx.base_dir)
+        if ref is not None:
+            return ref
+    raise _Bad(fields[0], "missing image")
+
+
+def _as_list(value: Any, field: str) -> list[str]:
+    """Options given as a list, a Python-list string (MMMU) or JSON list text."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        s = value.strip()
+        if not s:
+            return []
+        try:
+            value = ast.literal_eval(s)
+        except (ValueError, SyntaxError):
+            raise _Bad(field, f"not a list: {s[:80]!r}") from None
+    if not isinstance(value, (list, tuple)):
+        raise _Bad(field, f"expected a list, got {type(value).__name__}")
+    return [str(v).strip() for v in value]
+
+
+def _letter(answer: str, n_options: int, field: str = "answer") -> str:
+    """A multiple-choice answer letter, checked against the number of options."""
+    a = answer.strip().strip("()").strip().rstrip(".").upper()
+    n = max(n_options, 1)
+    if len(a) != 1 or a not in LETTERS[:n]:
+        raise _Bad(field, f"answer {answer!r} is not one of the letters A-{LETTERS[n - 1]}")
+    return a
+
+
+def format_options(options: list[str]) -> str:
+    """``(A) first`` lines; an option that is just its own letter is shown as ``(A)``."""
+    lines = []
+    for letter, opt in zip(LETTERS, options):
+        lines.append(f"({letter})" if opt.strip() in ("", letter) else f"({letter}) {opt}")
+    return "\n".join(lines)
+
+
+def _mc_accepted(letter: str, options: list[str]) -> list[str]:
+    """Accepted forms for the rules: ``(B) text`` (letter, or the option text) or just ``B``."""
+    idx = LETTERS.index(letter)
+    text = options[idx].strip() if idx < len(options) else ""
+    if text and text != letter and IMAGE_PLACEHOLDER not in text and len(text) <= MAX_OPTION_CHARS:
+        return [f"({letter}) {text}"]
+    return [letter]
+
+
+def _mc_display(letter: str, options: list[str]) -> str:
+    idx = LETTERS.index(letter)
+    text = options[idx].strip() if idx < len(options) else ""
+    return f"({letter}) {text}" if text and text != letter else letter
+
+
+def _join(*parts: str) -> str:
+    return "\n".join(p for p in parts if p)
+
+
+def _record(ctx: _Ctx, index: int, rid: Any, user: str, images: list[ImageRef], gt: str, *,
+            sub: str = "", accepted: list[str] | None = None, gt_display: str | None = None,
+            options: list[str] | None = None, meta: dict | None = None,
+            judge_question: str | None = None) -> Record:
+    """Build a benchmark record (system prompt + one user turn) and check its placeholders."""
+    n = user.count(IMAGE_PLACEHOLDER)
+    if n != len(images):
+        raise _Bad("question", f"{n} <image> placeholders but {len(images)} images")
+    extra: dict[str, Any] = {"benchmark": ctx.spec.name, "accepted": accepted or [gt],
+                             "gt_display": gt_display or gt, "options": options or [],
+                             "meta": meta or {}}
+    if judge_question:
+        extra["judge_question"] = judge_question
+    return Record(
+        id=str(rid), messages=[{"role": "system", "content": SYSTEM_PROMPT},
+                               {"role": "user", "content": user}],
+        images=images, ground_truth=gt,
+        task=f"{ctx.spec.name}/{sub}" if sub else ctx.spec.name,
+        extra=extra, source=str(ctx.path), index=index,
+    )
+
+
+def _mc_parts(question: str, options: list[str], answer: str, field: str = "answer"):
+    """(user text without image, ground truth letter, accepted, display) for a MC question."""
+    letter = _letter(answer, len(options), field)
+    text = _join(question, "Options:", format_options(options), MC_INSTRUCTION)
+    return text, letter, _mc_accepted(letter, options), _mc_display(letter, options)
+
+
+# --------------------------------------------------------------------------- MathVista
+
+
+def _mathvista_hint(row: dict) -> str:
+    """Answer-type hint for free-form questions (as MathVista's own query has one)."""
+    kind = _opt_text(row, "answer_type").lower()
+    prec = row.get("precision")
+    if kind == "integer":
+        return "Answer with an integer."
+    if kind == "float":
+        if isinstance(prec, (int, float)) and prec == prec and prec >= 0:
+            p = int(prec)
+            return f"Answer with a number with {p} decimal place{'s' if p != 1 else ''}."
+        return "Answer with a number."
+    if kind == "list":
+        return "Answer with a Python list."
+    return ""
+
+
+def _mathvista_row(row: dict, index: int, ctx: _Ctx) -> Record:
+    pid = _get(row, "pid", "_key") or index
+    question = _text(row, "question")
+    image = _required_image(row, ctx, "decoded_image", "image")
+    answer = _text(row, "answer")
+    meta = row.get("metadata") if isinstance(row.get("metadata"), dict) else {}
+    sub = str(meta.get("task") or "")
+    if _opt_text(row, "question_type") == "multi_choice":
+        choices = _as_list(row.get("choices"), "choices")
+        if not choices:
+            raise _Bad("choices", "a multi_choice question without choices")
+        stripped = [c.strip() for c in choices]
+        if answer not in stripped:
+            raise _Bad("answer", f"answer {answer!r} is not one of the choices")
+        letter = LETTERS[stripped.index(answer)]
+        body, gt, accepted, shown = _mc_parts(question, choices, letter)
+    else:
+        body, gt, accepted, shown = _join(question, _mathvista_hint(row)), answer, None, None
+        choices = []
+    return _record(ctx, index, pid, f"{IMAGE_PLACEHOLDER}\n{body}", [image], gt, sub=sub,
+                   accepted=accepted, gt_display=shown, options=choices)
+
+
+# --------------------------------------------------------------------------- MathVerse
+
+_INLINE_CHOICE_RE = re.compile(r"^\s*\(?([A-H])\)?\s*[:.：]\s*(.+?)\s*$")
+
+
+def _inline_choices(question: str) -> list[str]:
+    """Options written inside a question after a ``Choices:`` line (``A:2`` / ``B. 3``)."""
+    _, sep, tail = question.partition("Choices")
+    if not sep:
+        return []
+    opts = []
+    for line in tail.splitlines()[1:]:
+        m = _INLINE_CHOICE_RE.match(line)
+        if not m or m.group(1) != LETTERS[len(opts)]:
+            break
+        opts.append(m.group(2))
+    return opts
+
+
+def _mathverse_row(row: dict, index: int, ctx: _Ctx) -> Record:
+    rid = _get(row, "sample_index", "_key") or index
+    # "Vision Only" rows have an empty question: the release's query says to read it from the image
+    question = (_opt_text(row, "question") or _opt_text(row, "query_cot") or _opt_text(row, "query_wo")
+                or NO_QUESTION_TEXT)
+    answer = _text(row, "answer")
+    image = _image_ref(row.get("image"), "image", ctx.base_dir)
+    version = _opt_text(row, "problem_version")
+    images = [image] if image is not None else []
+    prefix = f"{IMAGE_PLACEHOLDER}\n" if image is not None else ""
+    if _opt_text(row, "question_type") == "multi-choice" and re.fullmatch(r"\(?[A-H]\)?\.?", answer):
+        opts = _inline_choices(question)
+        letter = _letter(answer, max(len(opts), 8))
+        user = prefix + _join(question, MC_INSTRUCTION)
+        return _record(ctx, index, rid, user, images, letter, sub=version,
+                       accepted=_mc_accepted(letter, opts), gt_display=_mc_display(letter, opts),
+                       options=opts)
+    return _record(ctx, index, rid, prefix + question, images, answer, sub=version)
+
+
+# --------------------------------------------------------------------------- MathVision
+
+
+def _mathvision_row(row: dict, index: int, ctx: _Ctx) -> Record:
+    rid = _get(row, "id", "_key") or index
+    question = _text(row, "question")
+    image = _required_image(row, ctx, "decoded_image", "image")
+    answer = _text(row, "answer")
+    options = _as_list(row.get("options"), "options")
+    sub = _opt_text(row, "subject")
+    if options:
+        body, gt, accepted, shown = _mc_parts(question, options, answer)
+        return _record(ctx, index, rid, f"{IMAGE_PLACEHOLDER}\n{body}", [image], gt, sub=sub,
+                       accepted=accepted, gt_display=shown, options=options)
+    return _record(ctx, index, rid, f"{IMAGE_PLACEHOLDER}\n{question}", [image], answer, sub=sub)
+
+
+# --------------------------------------------------------------------------- WeMath
+
+_WEMATH_SPLIT_RE = re.compile(r"(?:^|;)\s*([A-Z])\.\s*")
+
+
+def split_letter_options(text: str) -> list[str] | None:
+    """WeMath's ``"A. 300, 400;B. 400, 300; E. No correct answer"`` as a list, or ``None``."""
+    parts = _WEMATH_SPLIT_RE.split(text.strip())
+    if len(parts) < 3 or parts[0].strip():
+        return None
+    letters, values = parts[1::2], [v.strip().rstrip(";").strip() for v in parts[2::2]]
+    if letters != list(LETTERS[:len(letters)]) or not all(values):
+        return None
+    return values
+
+
+def _wemath_row(row: dict, index: int, ctx: _Ctx) -> Record:
+    pid = _text(row, "ID")
+    key = _opt_text(row, "key")
+    question = _text(row, "question")
+    raw_opts = _text(row, "option")
+    image = _required_image(row, ctx, "image_path", "image")
+    options = split_letter_options(raw_opts)
+    if options is None:  # keep the release's own option text
+        letter = _letter(_text(row, "answer"), 8)
+        body = _join(question, "Options:", raw_opts, MC_INSTRUCTION)
+        accepted, shown, options = [letter], letter, []
+    else:
+        body, letter, accepted, shown = _mc_parts(question, options, _text(row, "answer"))
+    rid = f"{pid}/{key}" if key else pid
+    return _record(ctx, index, rid, f"{IMAGE_PLACEHOLDER}\n{body}", [image], letter, sub=key,
+                   accepted=accepted, gt_display=shown, options=options,
+                   meta={"ID": pid, "key": key})
+
+
+# --------------------------------------------------------------------------- MMMU / MMMU-Pro
+
+_MMMU_IMAGE_RE = re.compile(r"<image (\d+)>")
+_MMMU_SUBJECT_RE = re.compile(r"^[A-Za-z]+_(.+)_\d+$")
+
+
+def _interleave(texts: list[str], row: dict, ctx: _Ctx) -> tuple[list[str], list[ImageRef]]:
+    """Replace ``<image k>`` by ``<image>`` (first mention) and collect image k in that order.
+
+    A later mention of the same image becomes the text ``[image k]``; images present in the
+    row but never mentioned go first, before the question.
+    """
+    seen: dict[int, ImageRef] = {}
+    order: list[ImageRef] = []
+
+    def repl(m: re.Match) -> str:
+        k = int(m.group(1))
+        if k in seen:
+            return f"[image {k}]"
+        ref = _image_ref(row.get(f"image_{k}"), f"image_{k}", ctx.base_dir)
+        if ref is None:
+            raise _Bad(f"image_{k}", "mentioned in the text but missing")
+        seen[k] = ref
+        order.append(ref)
+        return IMAGE_PLACEHOLDER
+
+    out = [_MMMU_IMAGE_RE.sub(repl, t) for t in texts]
+    unmentioned = []
+    for k in range(1, 8):
+        if k not in seen:
+            ref = _image_ref(row.get(f"image_{k}"), f"image_{k}", ctx.base_dir)
+            if ref is not None:
+                unmentioned.append(ref)
+    if unmentioned:
+        out[0] = IMAGE_PLACEHOLDER * len(unmentioned) + "\n" + out[0]
+    return out, unmentioned + order
+
+
+def _answer_alternatives(answer: str) -> list[str]:
+    """MMMU open answers may be a Python-list string of acceptable answers."""
+    s = answer.strip()
+    if s.startswith("[") and s.endswith("]"):
+        try:
+            value = ast.literal_eval(s)
+        except (ValueError, SyntaxError):
+            return [s]
+        if isinstance(value, (list, tuple)) and value:
+            return [str(v).strip() for v in value]
+    return [s]
+
+
+def _mmmu_row(row: dict, index: int, ctx: _Ctx, rid: str | None = None, sub: str = "") -> Record:
+    rid = rid or str(_get(row, "id") or index)
+    question = _text(row, "question")
+    options = _as_list(row.get("options"), "options")
+    qtype = _opt_text(row, "question_type") or ("multiple-choice" if options else "open")
+    texts, images = _interleave([question, *options], row, ctx)
+    question, options = texts[0], texts[1:]
+    if not sub:
+        m = _MMMU_SUBJECT_RE.match(rid)
+        sub = m.group(1) if m else _opt_text(row, "subject")
+    answer = _text(row, "answer")
+    if qtype == "multiple-choice":
+        alts = _answer_alternatives(answer)
+        letters = [_letter(a, len(options)) for a in alts]
+        body = _join(question, "Options:", format_options(options), MC_INSTRUCTION)
+        accepted = [x for L in letters for x in _mc_accepted(L, options)]
+        return _record(ctx, index, rid, body, images, letters[0], sub=sub, accepted=accepted,
+                       gt_display=" or ".join(_mc_display(L, options) for L in letters),
+                       options=options)
+    alts = _answer_alternatives(answer)
+    return _record(ctx, index, rid, question, images, alts[0], sub=sub, accepted=alts,
+                   gt_display=" or ".join(alts))
+
+
+def _mmmu_pro_row(row: dict, index: int, ctx: _Ctx) -> Record:
+    """A standard row (question + image_k) or a vision row (one screenshot, no question)."""
+    base_id = str(_get(row, "id") or index)
+    if row.get("question") is not None or row.get("image_1") is not None:
+        return _mmmu_row(row, index, ctx, rid=f"standard/{base_id}", sub="standard")
+    image = _required_image(row, ctx, "image")
+    options = _as_list(row.get("options"), "options")
+    if not options:
+        raise _Bad("options", "missing or empty")
+    alts = _answer_alternatives(_text(row, "answer"))
+    letters = [_letter(a, len(options)) for a in alts]
+    judge_q = _join("(The question is shown in an image.)", "Options:", format_options(options))
+    return _record(ctx, index, f"vision/{base_id}", f"{IMAGE_PLACEHOLDER}\n{VISION_INSTRUCTION}",
+                   [image], letters[0], sub="vision",
+                   accepted=[x for L in letters for x in _mc_accepted(L, options)],
+                   gt_display=" or ".join(_mc_display(L, options) for L in letters),
+                   options=options, judge_question=judge_q)
+
+
+# --------------------------------------------------------------------------- HallusionBench
+
+_YES_NO = {"1": "Yes", "0": "No", "yes": "Yes", "no": "No"}
+
+
+def _hallusion_row(row: dict, index: int, ctx: _Ctx) -> Record | None:
+    if _opt_text(row, "visual_input") == "0":
+        return None  # a question without an image: not part of the image benchmark
+    image = _image_ref(row.get("image"), "image", ctx.base_dir)
+    if image is None:
+        if not _opt_text(row, "filename"):
+            return None
+        image = _required_image(row, ctx, "filename")
+    question = _text(row, "question")
+    raw = _text(row, "gt_answer")
+    if raw.lower() not in _YES_NO:
+        raise _Bad("gt_answer", f"expected 0 or 1, got {raw!r}")
+    keys = ("category", "subcategory", "set_id", "figure_id", "question_id")
+    meta = {k: _opt_text(row, k) for k in keys}
+    rid = "_".join(meta[k] for k in keys) if all(meta.values()) else str(index)
+    user = f"{IMAGE_PLACEHOLDER}\n" + _join(question, YES_NO_INSTRUCTION)
+    return _record(ctx, index, rid, user, [image], _YES_NO[raw.lower()],
+                   sub=meta["category"] or "", meta=meta)
+
+
+# --------------------------------------------------------------------------- the settings table
+
+BENCHMARKS: dict[str, BenchmarkSpec] = {
+    s.name: s for s in (
+        BenchmarkSpec("mathvista", "MVista", 16384, 1.0, 0.7, "testmini",
+                      ("**/testmini-*.parquet", "**/testmini.parquet", "**/testmini.json"),
+                      _mathvista_row, "short answers; 16K leaves room for long reasoning"),
+        BenchmarkSpec("mathverse", "MVerse", 32768, 1.0, 0.7, "testmini",
+                      ("**/testmini.parquet", "**/testmini-*.parquet", "**/testmini.json"),
+                      _mathverse_row, "Instruct averages ~3.2K tokens (spec 9): ~10x"),
+        BenchmarkSpec("mathvision", "MVision", 49152, 1.0, 0.7, "testmini",
+                      ("**/testmini-*.parquet", "**/testmini.parquet", "**/testmini.jsonl"),
+                      _mathvision_row, "Instruct averages ~9.5K tokens (spec 9): the maximum"),
+        BenchmarkSpec("wemath", "WeMath", 16384, 1.0, 0.7, "testmini",
+                      ("**/testmini.json", "**/testmini-*.parquet", "**/testmini.parquet"),
+                      _wemath_row, "elementary multi-step problems; 16K"),
+        BenchmarkSpec("mmmu", "MMMU", 16384, 1.0, 0.7, "validation",
+                      ("**/validation-*.parquet",), _mmmu_row,
+                      "knowledge-heavy, shorter reasoning; 16K"),
+        BenchmarkSpec("mmmu_pro", "MMMU-Pro", 32768, 1.0, 0.7, "standard (10 options) + vision",
+                      ("**/standard (10 options)/test-*.parquet", "**/vision/test-*.parquet"),
+                      _mmmu_pro_row, "Instruct averages ~2.8K tokens (spec 9) with a long tail"),
+        BenchmarkSpec("hallusionbench", "Hallu", 8192, 0.0, 1.0, "image",
+                      ("**/image-*.parquet", "**/HallusionBench.json"), _hallusion_row,
+                      "yes/no questions, greedy (spec 8); 8K, the minimum"),
+    )
+}
+_ALIASES = {"mathv": "mathvision", "mathvision": "mathvision", "mmmupro": "mmmu_pro",
+            "hallusion": "hallusionbench", "hallusionbench": "hallusionbench"}
+
+
+def get_benchmark(name: str) -> BenchmarkSpec:
+    """The spec of ``name`` (case, ``-``, ``_`` and spaces ignored: ``MMMU-Pro`` works)."""
+    key = re.sub(r"[\s_\-]", "", name.lower())
+    canon = {re.sub(r"_", "", k): k for k in BENCHMARKS}
+    found = canon.get(key) or _ALIASES.get(key)
+    if found is None:
+        raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
+    return BENCHMARKS[found]
+
+
+# --------------------------------------------------------------------------- reading files
+
+_DATA_SUFFIXES = (".parquet", ".json", ".jsonl")
+
+
+def _globs(spec: BenchmarkSpec, split: str | None) -> tuple[str, ...]:
+    """The spec's file patterns, for another split when one is asked for (MathVision ``test``)."""
+    if split is None or split == spec.split:
+        return spec.file_globs
+    if not any(spec.split in g for g in spec.file_globs):
+        raise ValueError(f"{spec.name}: no other split than {spec.split!r} can be chosen by name; "
+                         f"pass the data file itself")
+    return tuple(g.replace(spec.split, split) for g in spec.file_globs)
+
+
+def benchmark_files(name: str, path: str | Path, split: str | None = None) -> list[Path]:
+    """The data files to read: ``path`` itself, or the split's files under a folder
+    (the benchmark's default split unless ``split`` names another, e.g. MathVision ``test``)."""
+    spec = get_benchmark(name)
+    p = Path(path)
+    if p.is_file():
+        return [p]
+    if not p.is_dir():
+        raise DataError(f"{p}: no such file or folder (data for {spec.name})")
+    globs = _globs(spec, split)
+    found: list[Path] = []
+    for pattern in globs:
+        for f in sorted(p.glob(pattern)):
+            if f.is_file() and f not in found:
+                found.append(f)
+    if not found:
+        raise DataError(f"{p}: no {spec.name} {split or spec.split} files found (looked for "
+                        f"{', '.join(globs)}); pass the data file itself")
+    return found
+
+
+def _json_rows(data: Any, path: Path) -> list[Any]:
+    """Rows of a JSON file: a list, or a dict keyed by id (MathVista's GitHub JSON)."""
+    if isinstance(data, list):
+        return data
+    if isinstance(data, dict) and data and all(isinstance(v, dict) for v in data.values()):
+        return [dict(v, _key=k) for k, v in data.items()]
+    raise DataError(f"{path}: expected a JSON list of records or a dict of records")
+
+
+def _iter_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    """``(index, row)`` pairs; a row that cannot be parsed comes as a ``_Bad``."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        try:
+            batches = pq.ParquetFile(path).iter_batches(batch_size=64)
+            i = 0
+            for batch in batches:
+                for row in batch.to_pylist():
+                    yield i, row
+                    i += 1
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"{path}: cannot read parquet file: {e}") from e
+    elif suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise DataError(f"{path}: cannot read JSON: {e}") from e
+        yield from enumerate(_json_rows(data, path))
+    elif suffix == ".jsonl":
+        i = 0
+        with path.open(encoding="utf-8") as fh:
+            for line in fh:
+                if not line.strip():
+                    continue
+                try:
+                    yield i, json.loads(line)
+                except json.JSONDecodeError as e:
+                    yield i, _Bad("<line>", f"invalid JSON: {e.msg}")
+                i += 1
+    else:
+        raise DataError(f"{path}: unknown data file type (expected {', '.join(_DATA_SUFFIXES)})")
+
+
+def load_benchmark(name: str, path: str | Path, *, limit: int | None = None,
+                   skip_bad: bool = False, bad: BadRecords | None = None,
+                   split: str | None = None) -> list[Record]:
+    """Read benchmark ``name`` from ``path`` (a file, or the downloaded release's folder, where
+    the default split, or ``split``, is looked for).
+
+    Returns at most ``limit`` records. A bad record raises :class:`DataError` naming the
+    file, the record index and the field, or (``skip_bad``) is skipped and noted in ``bad``.
+    Record ids are unique within a benchmark (a repeated id is a bad record).
+    """
+    spec = get_benchmark(name)
+    if skip_bad and bad is None:
+        bad = BadRecords()
+    out: list[Record] = []
+    seen: set[str] = set()
+    for f in benchmark_files(spec.name, path, split):
+        ctx = _Ctx(spec, f)
+        for i, row in _iter_rows(f):
+            try:
+                if isinstance(row, _Bad):
+                    raise row
+                if not isinstance(row, dict):
+                    raise _Bad("<record>", f"expected an object, got {type(row).__name__}")
+                rec = spec.row_fn(row, i, ctx)
+                if rec is not None and rec.id in seen:
+                    raise _Bad("id", f"duplicate id {rec.id!r}")
+            except _Bad as e:
+                if not skip_bad:
+                    raise DataError(f"{f}, record {i}, field '{e.field}': {e.why}") from None
+                bad.add(f"{f}, record {i}", f"field '{e.field}': {e.why}")
+                continue
+            if rec is None:
+                continue
+            seen.add(rec.id)
+            out.append(rec)
+            if limit is not None and len(out) >= limit:
+                return out
+    return out
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def rule_correct(answer: str | None, record: Record) -> bool:
+    """The verifiable reward's rules on ``answer`` against every accepted form of the truth."""
+    from ..rewards import is_correct
+
+    if answer is None or not answer.strip():
+        return False
+    accepted = record.extra.get("accepted") or [record.ground_truth or ""]
+    return any(is_correct(answer, gt) for gt in accepted)
+
+
+def score_response(record: Record, response: str, tokens: int = 0, finish: str = "stop") -> dict:
+    """One sample row, scored by rules only (the judge comes later, see :func:`judge_rows`).
+
+    ``answer`` is the last ``<answer>`` block even when the rest of the response is malformed;
+    ``format`` is the strict whole-response check of the reward.
+    """
+    from ..rewards import compute_score
+
+    gt = record.ground_truth or ""
+    res = compute_score(response, gt)
+    answer = extract_answer(response)
+    if res.format and (record.extra.get("accepted") or [gt]) == [gt]:
+        ok = bool(res.acc)  # the reward already checked this answer against this truth
+    else:
+        ok = rule_correct(answer, record)
+    fmt = res.format
+    return {
+        "id": record.id, "task": record.task, "question": record.question,
+        "ground_truth": record.ground_truth, "response": response, "answer": answer,
+        "rule_acc": float(ok), "acc": float(ok), "format": float(fmt), "tokens": int(tokens),
+        "finish": finish, "judge": "not_needed" if ok else "off", "judge_error": None,
+        "meta": record.extra.get("meta") or {},
+    }
+
+
+def judge_rows(rows: list[dict], records: dict[str, Record], judge) -> None:
+    """Ask ``judge`` about every rule-wrong row that has an answer; update rows in place.
+
+    ``judge`` is the row's outcome: ``correct``/``incorrect`` (a verdict), ``error`` or
+    ``unparsed`` (not judged, reason in ``judge_error``), ``no_answer`` (nothing to judge),
+    ``not_needed`` (the rules said correct).
+    """
+    todo = []
+    for row in rows:
+        if row["rule_acc"]:
+            continue
+        if not row["answer"]:
+            row["judge"] = "no_answer"
+            continue
+        todo.append(row)
+    if not todo:
+        return
+    items = []
+    for row in todo:
+        rec = records[row["id"]]
+        shown = rec.messages[-1]["content"].replace(IMAGE_PLACEHOLDER, "[image]").strip()
+        items.append((rec.extra.get("judge_question") or shown,
+                      rec.extra.get("gt_display") or rec.ground_truth or "", row["answer"]))
+    for row, res in zip(todo, judge.judge_many(items)):
+        row["judge"] = res.status
+        row["judge_error"] = res.error
+        if res.verdict:
+            row["acc"] = 1.0
+
+
+# --------------------------------------------------------------------------- summaries
+
+
+def _wemath_scores(rows: list[dict]) -> dict | None:
+    """WeMath's four-dimensional metric (insufficient knowledge, inadequate generalisation,
+    complete mastery, rote memorisation) and its strict/loose scores, from rows with
+    ``meta = {ID, key}``. ``None`` when no multi-step problem is complete enough."""
+    by_problem: dict[str, dict[str, bool]] = defaultdict(dict)
+    for r in rows:
+        m = r.get("meta") or {}
+        if m.get("ID") and m.get("key"):
+            by_problem[m["ID"]][m["key"]] = bool(r["acc"])
+    counts = defaultdict(int)
+    total = 0
+    for steps in by_problem.values():
+        multi_key = next((k for k in steps if k.endswith("steps_multi")), None)
+        if multi_key is None:
+            continue
+        n = int(multi_key.split("steps")[0])
+        parts = [steps.get(f"{n}steps_{i}") for i in range(1, n + 1)]
+        multi = steps[multi_key]
+        total += 1
+        all_ok, any_ok = all(p is True for p in parts), any(p is True for p in parts)
+        all_bad, any_bad = all(p is False for p in parts), any(p is False for p in parts)
+        counts["IG"] += all_ok and not multi
+        counts["IK"] += any_bad and not multi
+        counts["CM_loose"] += any_ok and multi
+        counts["CM_strict"] += all_ok and multi
+        counts["RM_loose"] += all_bad and multi
+        counts["RM_strict"] += any_bad and multi
+    if total == 0:
+        return None
+    score = lambda rm: (total - 0.5 * counts["IG"] - counts[rm] - counts["IK"]) / total
+    return {"problems": total, **dict(counts), "score_loose": score("RM_loose"),
+            "score_strict": score("RM_strict")}
+
+
+def _hallusion_scores(rows: list[dict]) -> dict | None:
+    """HallusionBench's question-pair (qAcc) and figure (fAcc) accuracies next to aAcc."""
+    pairs, figs = defaultdict(list), defaultdict(list)
+    for r in rows:
+        m = r.get("meta") or {}
+        if not m.get("category"):
+            continue
+        pairs[(m["category"], m["subcategory"], m["set_id"], m["question_id"])].append(r["acc"])
+        figs[(m["category"], m["subcategory"], m["set_id"], m["figure_id"])].append(r["acc"])
+    if not pairs:
+        return None
+    frac = lambda groups: sum(all(v) for v in groups.values()) / len(groups)
+    return {"aAcc": sum(r["acc"] for r in rows) / len(rows), "qAcc": frac(pairs), "fAcc": frac(figs)}
+
+
+def summarize_benchmark(name: str, rows: list[dict]) -> dict:
+    """Accuracy, format rate, mean response tokens and judge counts (plus per-task stats).
+
+    MMMU-Pro's accuracy is the mean over its settings (standard, vision), as its paper
+    reports it; every other benchmark's is the mean over records.
+    """
+    from .evaluate import summarize
+
+    spec = get_benchmark(name)
+    base = summarize(rows)
+    n = max(len(rows), 1)
+    accuracy = base["overall"]["accuracy"]
+    if spec.name == "mmmu_pro" and len(base["per_task"]) > 1:
+        accuracy = sum(t["accuracy"] for t in base["per_task"].values()) / len(base["per_task"])
+    status = defaultdict(int)
+    for r in rows:
+        status[r.get("judge", "off")] += 1
+    out = {
+        "benchmark": spec.name, "label": spec.label, "n_records": len(rows),
+        "accuracy": accuracy, "rule_accuracy": sum(r["rule_acc"] for r in rows) / n,
+        "format_rate": base["overall"]["format_rate"],
+        "mean_response_tokens": base["overall"]["mean_response_tokens"],
+        "truncated_rate": base["overall"]["truncated_rate"],
+        "judged": status["correct"] + status["incorrect"],
+        "judge_flipped": status["correct"],
+        "judge_failed": status["error"] + status["unparsed"],
+        "judge_status": dict(status),
+        "per_task": base["per_task"],
+    }
+    extra = {"wemath": _wemath_scores, "hallusionbench": _hallusion_scores}.get(spec.name)
+    if extra is not None and (scores := extra(rows)) is not None:
+        out[spec.name] = scores
+    return out
+
+
+# --------------------------------------------------------------------------- samples file
+
+
+def read_samples(path: str | Path) -> dict[str, dict]:
+    """Rows of a ``samples.jsonl`` by id (last wins); a torn last line is ignored."""
+    p = Path(path)
+    rows: dict[str, dict] = {}
+    if not p.exists():
+        return rows
+    with p.open(encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # an interrupted write
+            if isinstance(row, dict) and "id" in row:
+                rows[str(row["id"])] = row
+    return rows
+
+
+def _repair_tail(path: Path) -> None:
+    """Cut a partial last line (an interrupted write) so appends start on a fresh line."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    data = path.read_bytes()
+    if not data.endswith(b"\n"):
+        path.write_bytes(data[: data.rfind(b"\n") + 1])
+
+
+def _check_meta(out: Path, meta: dict, resume: bool) -> None:
+    """Refuse to mix samples of another model or other sampling settings into one file."""
+    meta_path, samples = out / "meta.json", out / "samples.jsonl"
+    if resume and meta_path.exists() and samples.exists():
+        old = json.loads(meta_path.read_text())
+        keys = ("model", "max_new_tokens", "temperature", "top_p")
+        diff = {k: (old.get(k), meta[k]) for k in keys if old.get(k) != meta[k]}
+        if diff:
+            raise ValueError(f"{samples} holds samples made with other settings {diff}; "
+                             f"use another out_dir or resume=False")
+    if not resume and samples.exists():
+        samples.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    meta_path.write_text(json.dumps(meta, indent=2))
+
+
+_NOT_JUDGED = ("off", "error", "unparsed")
+
+
+def _rejudge(samples: Path, ids: set[str], records: dict[str, Record], judge, chunk: int = 64) -> int:
+    """Judge earlier rows (``ids``) that the rules call wrong and that never got a verdict
+    (no judge then, or it failed), and rewrite the samples file; returns how many were asked."""
+    rows = list(read_samples(samples).values())
+    todo = [r for r in rows if r["id"] in ids and r["id"] in records and not r["rule_acc"]
+            and r.get("judge") in _NOT_JUDGED]
+    if not todo:
+        return 0
+    for start in range(0, len(todo), chunk):
+        judge_rows(todo[start:start + chunk], records, judge)
+    tmp = samples.with_name(samples.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    os.replace(tmp, samples)
+    return len(todo)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def _load_model(model_dir: str | Path, max_pixels: int | None):
+    from ..config import ModelConfig
+    from ..models.loading import load_policy, load_processor, pick_device
+
+    model, processor = load_policy(ModelConfig(path=str(model_dir)), pick_device(), trainable=False)
+    if max_pixels is not None:
+        processor = load_processor(model_dir, max_pixels=max_pixels)
+    return model, processor
+
+
+def _generate(records: list[Record], model, processor, params, *, batch_size: int,
+              max_prompt_length: int, skip_bad: bool, bad: BadRecords, judge, samples: Path,
+              progress) -> int:
+    """Generate, score, judge and append rows batch by batch; returns rows written."""
+    from ..data.processing import encode_all
+    from ..models.loading import special_ids
+    from ..rollout.hf import HFEngine
+
+    engine = HFEngine(model, processor)
+    eos, _ = special_ids(processor)
+    by_id = {r.id: r for r in records}
+    written = 0
+    for start in range(0, len(records), batch_size):
+        chunk = records[start:start + batch_size]
+        encs = encode_all(processor, chunk, eos_id=eos, max_length=max_prompt_length,
+                          with_response=False, skip_bad=skip_bad, bad=bad)
+        if encs:
+            ro = engine.generate(encs, params)
+            lengths = ro.response_lengths.tolist()
+            rows = [score_response(e.record, ro.texts[i], lengths[i], ro.finish_reasons[i])
+                    for i, e in enumerate(encs)]
+            if judge is not None:
+                judge_rows(rows, by_id, judge)
+            with samples.open("a", encoding="utf-8") as fh:
+                fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+            written += len(rows)
+        progress.update(len(chunk))
+    return written
+
+
+def evaluate_benchmark(name: str, path: str | Path, model_dir: str | Path, out_dir: str | Path, *,
+                       judge=None, batch_size: int = 8, limit: int | None = None,
+                       resume: bool = True, max_new_tokens: int | None = None,
+                       temperature: float | None = None, top_p: float | None = None,
+                       seed: int = 0, run_name: str | None = None,
+                       results_dir: str | Path | None = None, skip_bad: bool = False,
+                       max_prompt_length: int = 32768, max_pixels: int | None = None,
+                       split: str | None = None, model=None, processor=None,
+                       report: bool = True) -> dict:
+    """Evaluate ``model_dir`` on benchmark ``name`` read from ``path``; returns the summary.
+
+    Samples go to ``out_dir/<benchmark>/samples.jsonl``, one line per finished record,
+    written after each batch; with ``resume`` a rerun skips the ids already there (the model
+    is not even loaded when nothing is left) and, given a judge, asks it about earlier
+    rule-wrong answers that have no verdict yet. ``summary.json`` sits beside them. Sampling
+    defaults come from ``BENCHMARKS[name]``; ``max_new_tokens``/``temperature``/``top_p``
+    override them. ``judge`` (a :class:`prism_rl.eval.judge.Judge`) is asked only about
+    answers the rules call wrong. With ``report`` the summary is added to the runs table in
+    ``results_dir`` (default: the parent of ``out_dir``) under ``run_name`` (default: the
+    name of ``out_dir``).
+    """
+    import torch
+    from tqdm import tqdm
+
+    from ..rollout.base import SamplingParams
+
+    spec = get_benchmark(name)
+    out = Path(out_dir) / spec.name
+    bad = BadRecords()
+    records = load_benchmark(spec.name, path, limit=limit, skip_bad=skip_bad, bad=bad, split=split)
+    params = SamplingParams(n=1, max_new_tokens=max_new_tokens or spec.max_new_tokens,
+                            temperature=spec.temperature if temperature is None else temperature,
+                            top_p=spec.top_p if top_p is None else top_p)
+    meta = {"benchmark": spec.name, "data": str(path), "model": str(model_dir),
+            "max_new_tokens": params.max_new_tokens, "temperature": params.temperature,
+            "top_p": params.top_p, "seed": seed}
+    _check_meta(out, meta, resume)
+    samples = out / "samples.jsonl"
+    _repair_tail(samples)
+    done = read_samples(samples)
+    todo = [r for r in records if r.id not in done]
+    t0, written = time.time(), 0
+    if todo:
+        if model is None:
+            model, processor = _load_model(model_dir, max_pixels)
+        torch.manual_seed(seed)
+        bar = tqdm(total=len(records), initial=len(records) - len(todo), desc=spec.name,
+                   dynamic_ncols=True)
+        try:
+            written = _generate(todo, model, processor, params, batch_size=batch_size,
+                                max_prompt_length=max_prompt_length, skip_bad=skip_bad, bad=bad,
+                                judge=judge, samples=samples, progress=bar)
+        finally:
+            bar.close()
+    rejudged = _rejudge(samples, set(done), {r.id: r for r in records}, judge) if judge else 0
+    if bad.count:
+        log.warning("%s: %s", spec.name, bad.summary())
+    rows_by_id = read_samples(samples)
+    rows = [rows_by_id[r.id] for r in records if r.id in rows_by_id]
+    summary = summarize_benchmark(spec.name, rows)
+    summary.update(run=run_name or Path(out_dir).name, model=str(model_dir), data=str(path),
+                   settings={k: meta[k] for k in ("max_new_tokens", "temperature", "top_p", "seed")},
+                   judge_model=getattr(judge, "model", None), generated_now=written, rejudged=rejudged,
+                   resumed=len(records) - len(todo), bad_records=bad.count,
+                   bad_summary=bad.summary(), wall_s=time.time() - t0)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if report:
+        from .report import update_results
+
+        summary["report_files"] = {k: str(v) for k, v in update_results(
+            results_dir or Path(out_dir).parent, summary["run"], spec.name, summary).items()}
+    return summary
+
+
+def run_eval(benchmark: str, data: str | Path, model: str | Path, *,
+             out_dir: str | Path | None = None, judge_url: str | None = None,
+             judge_model: str | None = None, judge_api_key_env: str = "PRISM_JUDGE_API_KEY",
+             judge_timeout: float = 60.0, print_fn: Callable[[str], None] = print,
+             **kwargs: Any) -> dict:
+    """What ``prism eval --benchmark NAME --data PATH --model DIR [--judge-url U --judge-model M]``
+    runs: builds the judge when a URL is given, evaluates, prints a one-line summary and the
+    runs table. ``out_dir`` defaults to ``runs/eval/<model folder name>``; other keyword
+    arguments go to :func:`evaluate_benchmark`."""
+    from .judge import Judge
+    from .report import load_results, results_markdown
+
+    judge = None
+    if judge_url:
+        if not judge_model:
+            raise ValueError("--judge-url needs --judge-model")
+        judge = Judge(judge_url, judge_model, api_key_env=judge_api_key_env, timeout=judge_timeout)
+    out = Path(out_dir) if out_dir else Path("runs/eval") / Path(model).name
+    s = evaluate_benchmark(benchmark, data, model, out, judge=judge, **kwargs)
+    print_fn(f"{s['label']}: accuracy {100 * s['accuracy']:.1f}% (rules {100 * s['rule_accuracy']:.1f}%), "
+             f"format {100 * s['format_rate']:.1f}%, {s['mean_response_tokens']:.0f} response tokens, "
+             f"{s['n_records']} records ({s['generated_now']} generated now), judged {s['judged']} "
+             f"(flipped {s['judge_flipped']}, failed {s['judge_failed']})")
+    if "report_files" in s:
+        print_fn(results_markdown(load_results(Path(s["report_files"]["json"]).parent)))
+    return s

@@ -1,0 +1,550 @@
+"""Benchmark loaders, rule scoring, the LLM judge fallback, the runs table, and an end-to-end
+evaluation with the tiny model (interrupted, then resumed)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from conftest import png_bytes
+from prism_rl.data.records import IMAGE_PLACEHOLDER, BadRecords, DataError
+from prism_rl.eval import benchmarks as B
+from prism_rl.eval.benchmarks import (BENCHMARKS, MC_INSTRUCTION, VISION_INSTRUCTION, YES_NO_INSTRUCTION,
+                                      evaluate_benchmark, get_benchmark, judge_rows, load_benchmark,
+                                      score_response, split_letter_options, summarize_benchmark)
+from prism_rl.eval.judge import Judge, parse_verdict
+from prism_rl.eval.report import load_results, results_csv_rows, results_markdown, update_results
+from prism_rl.format import SYSTEM_PROMPT, make_response
+
+FIX = Path(__file__).parent / "fixtures" / "benchmarks"
+
+
+def img(color: str = "red") -> dict:
+    """A Hugging Face parquet image struct."""
+    return {"bytes": png_bytes(color), "path": f"{color}.png"}
+
+
+def write_parquet(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def user(rec) -> str:
+    return rec.messages[1]["content"]
+
+
+def check_common(rec) -> None:
+    assert rec.messages[0] == {"role": "system", "content": SYSTEM_PROMPT}
+    assert user(rec).count(IMAGE_PLACEHOLDER) == len(rec.images)
+    for im in rec.load_images():
+        assert im.size[0] > 0
+
+
+def resp(answer: str) -> str:
+    return make_response("- a figure", "reasoning", answer)
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def test_settings_table_follows_the_spec():
+    assert list(BENCHMARKS) == ["mathvista", "mathverse", "mathvision", "wemath", "mmmu",
+                                "mmmu_pro", "hallusionbench"]
+    for name, spec in BENCHMARKS.items():
+        assert 8192 <= spec.max_new_tokens <= 49152, name
+        if name == "hallusionbench":
+            assert spec.temperature == 0.0  # greedy
+        else:
+            assert (spec.temperature, spec.top_p) == (1.0, 0.7)
+    assert BENCHMARKS["mathvision"].max_new_tokens == 49152
+    assert get_benchmark("MMMU-Pro").name == "mmmu_pro"
+    assert get_benchmark("HallusionBench").name == "hallusionbench"
+    assert get_benchmark("Math-Vision").name == "mathvision"
+    with pytest.raises(ValueError, match="unknown benchmark"):
+        get_benchmark("gsm8k")
+
+
+# --------------------------------------------------------------------------- loaders
+
+
+def test_mathvista_parquet_folder_and_github_json(tmp_path):
+    rows = [
+        {"pid": "1", "question": "Find m\\angle B.", "image": "images/1.jpg", "decoded_image": img(),
+         "choices": ["145°", "135°", "110°", "90°"], "unit": None, "precision": None, "answer": "135°",
+         "question_type": "multi_choice", "answer_type": "text", "metadata": {"task": "geometry problem solving"},
+         "query": "..."},
+        {"pid": "2", "question": "What is the slope at x = 1?", "image": "images/2.jpg", "decoded_image": img("blue"),
+         "choices": None, "unit": None, "precision": 2.0, "answer": "1.45", "question_type": "free_form",
+         "answer_type": "float", "metadata": {"task": "figure question answering"}, "query": "..."},
+        {"pid": "3", "question": "How many bars?", "image": "images/3.jpg", "decoded_image": img("green"),
+         "choices": None, "unit": None, "precision": None, "answer": "7", "question_type": "free_form",
+         "answer_type": "integer", "metadata": {"task": "figure question answering"}, "query": "..."},
+    ]
+    write_parquet(tmp_path / "MathVista" / "data" / "testmini-00000-of-00001.parquet", rows)
+    write_parquet(tmp_path / "MathVista" / "data" / "test-00000-of-00002.parquet", rows[:1])  # not read
+    recs = load_benchmark("mathvista", tmp_path / "MathVista")
+    assert [r.id for r in recs] == ["1", "2", "3"]
+    mc, fl, it = recs
+    assert user(mc) == ("<image>\nFind m\\angle B.\nOptions:\n(A) 145°\n(B) 135°\n(C) 110°\n(D) 90°\n"
+                        + MC_INSTRUCTION)
+    assert mc.ground_truth == "B" and mc.extra["accepted"] == ["(B) 135°"]
+    assert mc.task == "mathvista/geometry problem solving"
+    assert user(fl) == "<image>\nWhat is the slope at x = 1?\nAnswer with a number with 2 decimal places."
+    assert fl.ground_truth == "1.45"
+    assert user(it).endswith("How many bars?\nAnswer with an integer.") and it.ground_truth == "7"
+    for r in recs:
+        check_common(r)
+    # the GitHub release: a JSON dict keyed by pid, image paths relative to the file
+    (tmp_path / "gh" / "images").mkdir(parents=True)
+    (tmp_path / "gh" / "images" / "1.png").write_bytes(png_bytes())
+    (tmp_path / "gh" / "testmini.json").write_text(json.dumps(
+        {"1": {"question": "Find x.", "image": "images/1.png", "choices": ["3", "4"], "answer": "4",
+               "question_type": "multi_choice", "answer_type": "integer", "precision": None}}))
+    (gh,) = load_benchmark("mathvista", tmp_path / "gh" / "testmini.json")
+    assert gh.id == "1" and gh.ground_truth == "B" and gh.images[0].path == "images/1.png"
+    check_common(gh)
+
+
+def test_mathverse_parquet_versions(tmp_path):
+    q_mc = ("As shown in the figure, circle O has a radius 1.0, if angle BAC = 60.0, then the length "
+            "of BC is ()\nChoices:\nA:2\nB:2\u221a{3}\nC:\u221a{3}\nD:2\u221a{2}")
+    base = {"problem_index": "1", "metadata": {"split": "testmini", "source": "GeoQA", "subject": "Plane Geometry",
+                                                "subfield": "Length"}}
+    rows = [
+        dict(base, sample_index="1", problem_version="Text Dominant", question=q_mc, image=img(), answer="C",
+             question_type="multi-choice", query_wo="...", query_cot="..."),
+        dict(base, sample_index="5", problem_version="Vision Only", question="", image=img("blue"), answer="5",
+             question_type="free-form", query_wo="... directly answer ...",
+             query_cot="According to the question shown in the image, please first conduct reasoning."),
+        dict(base, sample_index="6", problem_version="Text Only", question="What is 2 + 3?", image=None,
+             answer="5", question_type="free-form", query_wo="...", query_cot="..."),
+    ]
+    write_parquet(tmp_path / "testmini.parquet", rows)
+    write_parquet(tmp_path / "testmini_text_only.parquet", rows[2:])  # another config: not read
+    mc, vo, to = load_benchmark("mathverse", tmp_path)
+    assert user(mc) == f"<image>\n{q_mc}\n{MC_INSTRUCTION}"
+    assert mc.ground_truth == "C" and mc.extra["accepted"] == ["(C) \u221a{3}"]
+    assert mc.task == "mathverse/Text Dominant"
+    assert user(vo) == "<image>\nAccording to the question shown in the image, please first conduct reasoning."
+    assert vo.ground_truth == "5" and vo.task == "mathverse/Vision Only"
+    assert user(to) == "What is 2 + 3?" and to.images == []
+    for r in (mc, vo, to):
+        check_common(r)
+
+
+def test_mathvision_github_jsonl_fixture():
+    recs = load_benchmark("mathvision", FIX / "mathvision")  # finds data/testmini.jsonl
+    assert [r.id for r in recs] == ["4", "6", "39"]
+    free, letters, texts = recs
+    assert user(free) == "<image>\nHow many different digits can you find in this picture?\n<image1>"
+    assert free.ground_truth == "6" and free.task == "mathvision/counting"
+    assert user(letters).endswith("<image1>\nOptions:\n(A)\n(B)\n(C)\n(D)\n(E)\n" + MC_INSTRUCTION)
+    assert letters.ground_truth == "D" and letters.extra["accepted"] == ["D"]
+    assert "(A) red\n(B) blue\n(C) green\n(D) Yellow\n(E) This cannot be worked out for certain." in user(texts)
+    assert texts.ground_truth == "A" and texts.extra["accepted"] == ["(A) red"]
+    # "images/4.png" is relative to the repository root, the parent of data/
+    assert Path(free.images[0].base_dir) == FIX / "mathvision"
+    for r in recs:
+        check_common(r)
+
+
+def test_wemath_json_fixture_and_option_parsing():
+    recs = load_benchmark("wemath", FIX / "wemath")
+    assert [r.id for r in recs] == ["2steps_1/2steps_1", "2steps_1/2steps_2", "2steps_1/2steps_multi"]
+    first = recs[0]
+    assert user(first) == ("<image>\nAs shown in the diagram, the radius of the circle is ( ) cm.\nOptions:\n"
+                           "(A) 1 cm\n(B) 1.5 cm\n(C) 3.14 cm\n(D) 6.28 cm\n(E) No correct answer\n" + MC_INSTRUCTION)
+    assert [r.ground_truth for r in recs] == ["A", "B", "C"]
+    assert recs[2].extra["meta"] == {"ID": "2steps_1", "key": "2steps_multi"}
+    for r in recs:
+        check_common(r)
+    assert split_letter_options("A. 3, 5, 4; B. 3, 50, 40; C. 300, 50, 40; D. 30, 50, 40.; E. No correct answer") == [
+        "3, 5, 4", "3, 50, 40", "300, 50, 40", "30, 50, 40.", "No correct answer"]
+    assert split_letter_options("A. F;    B. D;    C. B") == ["F", "D", "B"]
+    assert split_letter_options("free text without letters") is None
+    assert split_letter_options("A. x; C. y") is None  # letters must run A, B, C, ...
+
+
+def test_mmmu_interleaved_images(tmp_path):
+    rows = [
+        {"id": "validation_Art_Theory_1", "question": "Which painting <image 1> shares the style of <image 2>?",
+         "options": "['<image 3>', 'Monet', 'Degas']", "explanation": "", "image_1": img("red"),
+         "image_2": img("blue"), "image_3": img("green"), "image_4": None, "image_5": None, "image_6": None,
+         "image_7": None, "img_type": "['Paintings']", "answer": "A", "topic_difficulty": "Easy",
+         "question_type": "multiple-choice", "subfield": "Art"},
+        {"id": "validation_Math_2", "question": "Solve for x in <image 1>; compare with <image 1>.",
+         "options": "[]", "explanation": "", "image_1": img("red"), "image_2": img("blue"), "image_3": None,
+         "image_4": None, "image_5": None, "image_6": None, "image_7": None, "img_type": "[]",
+         "answer": "['24/7', '3.429']", "topic_difficulty": "Hard", "question_type": "open", "subfield": "Algebra"},
+    ]
+    write_parquet(tmp_path / "MMMU" / "Art_Theory" / "validation-00000-of-00001.parquet", rows[:1])
+    write_parquet(tmp_path / "MMMU" / "Math" / "validation-00000-of-00001.parquet", rows[1:])
+    write_parquet(tmp_path / "MMMU" / "Math" / "dev-00000-of-00001.parquet", rows[1:])  # not read
+    mc, op = load_benchmark("mmmu", tmp_path / "MMMU")
+    assert user(mc) == ("Which painting <image> shares the style of <image>?\nOptions:\n(A) <image>\n(B) Monet\n"
+                        "(C) Degas\n" + MC_INSTRUCTION)
+    assert [len(i.data) for i in mc.images] == [len(png_bytes(c)) for c in ("red", "blue", "green")]
+    assert mc.ground_truth == "A" and mc.extra["accepted"] == ["A"]  # option A is an image
+    assert mc.task == "mmmu/Art_Theory"
+    # image 1 mentioned twice: placed once; image 2 never mentioned: placed first
+    assert user(op) == "<image>\nSolve for x in <image>; compare with [image 1]."
+    assert op.images[0].data == png_bytes("blue") and op.images[1].data == png_bytes("red")
+    assert op.ground_truth == "24/7" and op.extra["accepted"] == ["24/7", "3.429"]
+    for r in (mc, op):
+        check_common(r)
+
+
+def test_mmmu_pro_standard_and_vision(tmp_path):
+    opts = [f"option {i}" for i in range(10)]
+    std = {"id": "test_History_1", "question": "Who made <image 1>?", "options": str(opts), "explanation": "",
+           "image_1": img(), "image_2": None, "image_3": None, "image_4": None, "image_5": None, "image_6": None,
+           "image_7": None, "img_type": "", "answer": "J", "topic_difficulty": "Medium", "subject": "History"}
+    vis = {"id": "test_History_1", "image": img("blue"), "options": str(opts), "answer": "C", "subject": "History"}
+    root = tmp_path / "MMMU_Pro"
+    write_parquet(root / "standard (10 options)" / "test-00000-of-00001.parquet", [std])
+    write_parquet(root / "standard (4 options)" / "test-00000-of-00001.parquet", [dict(std, answer="A")])
+    write_parquet(root / "vision" / "test-00000-of-00001.parquet", [vis])
+    s, v = load_benchmark("mmmu_pro", root)
+    assert (s.id, s.task, s.ground_truth) == ("standard/test_History_1", "mmmu_pro/standard", "J")
+    assert user(s).startswith("Who made <image>?\nOptions:\n(A) option 0\n")
+    assert "(J) option 9\n" + MC_INSTRUCTION in user(s)
+    assert (v.id, v.task, v.ground_truth) == ("vision/test_History_1", "mmmu_pro/vision", "C")
+    assert user(v) == f"<image>\n{VISION_INSTRUCTION}"
+    assert v.extra["accepted"] == ["(C) option 2"] and "(J) option 9" in v.extra["judge_question"]
+    for r in (s, v):
+        check_common(r)
+
+
+def test_hallusionbench_json_fixture_and_parquet(tmp_path):
+    recs = load_benchmark("hallusionbench", FIX / "hallusionbench")
+    assert [r.id for r in recs] == ["VD_illusion_0_0_0", "VD_illusion_0_0_1", "VD_illusion_0_1_0"]  # no VS text-only
+    assert [r.ground_truth for r in recs] == ["Yes", "No", "No"]
+    assert user(recs[0]) == ("<image>\nIs the right orange circle the same size as the left orange circle?\n"
+                             + YES_NO_INSTRUCTION)
+    assert recs[0].task == "hallusionbench/VD"
+    for r in recs:
+        check_common(r)
+    row = {"category": "VS", "subcategory": "chart", "visual_input": "1", "set_id": "3", "figure_id": "1",
+           "sample_note": "", "question_id": "0", "question": "Is the bar blue?", "gt_answer_details": "",
+           "gt_answer": "1", "filename": "./hallusion_bench/VS/chart/3_1.png", "image": img("blue")}
+    write_parquet(tmp_path / "data" / "image-00000-of-00001.parquet", [row])
+    write_parquet(tmp_path / "data" / "non_image-00000-of-00001.parquet", [dict(row, visual_input="0", image=None)])
+    (p,) = load_benchmark("hallusionbench", tmp_path)
+    assert (p.id, p.ground_truth) == ("VS_chart_3_1_0", "Yes") and p.images[0].data == png_bytes("blue")
+
+
+# --------------------------------------------------------------------------- bad records
+
+
+def test_bad_records_name_file_index_field_or_are_skipped(tmp_path):
+    good = {"pid": "1", "question": "Q?", "decoded_image": img(), "choices": ["a", "b"], "answer": "b",
+            "question_type": "multi_choice", "answer_type": "text"}
+    f = write_parquet(tmp_path / "mv.parquet", [good, dict(good, pid="2", answer="c"),
+                                                 dict(good, pid="3", decoded_image=None, image=None)])
+    with pytest.raises(DataError, match=r"mv\.parquet, record 1, field 'answer': answer 'c' is not one of the"):
+        load_benchmark("mathvista", f)
+    bad = BadRecords()
+    recs = load_benchmark("mathvista", f, skip_bad=True, bad=bad)
+    assert [r.id for r in recs] == ["1"] and bad.count == 2
+    assert "record 2" in bad.reasons[1] and "field 'decoded_image': missing image" in bad.reasons[1]
+    # a missing image file
+    rows = json.loads((FIX / "wemath" / "testmini.json").read_text())
+    rows[1]["image_path"] = "2steps/image/nope.png"
+    (tmp_path / "2steps").symlink_to(FIX / "wemath" / "2steps")
+    (tmp_path / "wm.json").write_text(json.dumps(rows))
+    with pytest.raises(DataError, match=r"wm\.json, record 1, field 'image_path': image file not found"):
+        load_benchmark("wemath", tmp_path / "wm.json")
+    # MMMU: a mentioned image that is absent; HallusionBench: a bad label; a broken JSONL line
+    mm = {"id": "validation_Art_1", "question": "See <image 2>", "options": "['x', 'y']", "answer": "A",
+          "image_1": img(), "image_2": None, "question_type": "multiple-choice"}
+    with pytest.raises(DataError, match=r"record 0, field 'image_2': mentioned in the text but missing"):
+        load_benchmark("mmmu", write_parquet(tmp_path / "mm.parquet", [mm]))
+    hb = json.loads((FIX / "hallusionbench" / "HallusionBench.json").read_text())
+    hb[0]["gt_answer"] = "2"
+    (tmp_path / "hallusion_bench").symlink_to(FIX / "hallusionbench" / "hallusion_bench")
+    (tmp_path / "HallusionBench.json").write_text(json.dumps(hb))
+    with pytest.raises(DataError, match=r"record 0, field 'gt_answer': expected 0 or 1"):
+        load_benchmark("hallusionbench", tmp_path / "HallusionBench.json")
+    lines = (FIX / "mathvision" / "data" / "testmini.jsonl").read_text().splitlines()
+    (tmp_path / "data").mkdir()
+    (tmp_path / "images").symlink_to(FIX / "mathvision" / "images")
+    (tmp_path / "data" / "t.jsonl").write_text(lines[0] + "\n{not json\n" + lines[2] + "\n")
+    bad = BadRecords()
+    recs = load_benchmark("mathvision", tmp_path / "data" / "t.jsonl", skip_bad=True, bad=bad)
+    assert [r.id for r in recs] == ["4", "39"] and "invalid JSON" in bad.reasons[0]
+    assert [r.id for r in load_benchmark("mathvision", FIX / "mathvision", limit=2)] == ["4", "6"]
+    with pytest.raises(DataError, match="no mathvision test files found"):
+        load_benchmark("mathvision", FIX / "mathvision", split="test")  # the fixture has testmini only
+    (tmp_path / "data" / "test.jsonl").write_text(lines[1] + "\n")
+    assert [r.id for r in load_benchmark("mathvision", tmp_path, split="test")] == ["6"]
+
+
+# --------------------------------------------------------------------------- rule scoring
+
+
+@pytest.mark.parametrize("name,path,idx,answer,expected", [
+    ("mathvision", FIX / "mathvision", 0, "6", 1.0),
+    ("mathvision", FIX / "mathvision", 0, "5", 0.0),
+    ("mathvision", FIX / "mathvision", 1, "(D)", 1.0),
+    ("mathvision", FIX / "mathvision", 1, "The answer is D.", 1.0),
+    ("mathvision", FIX / "mathvision", 1, "E", 0.0),
+    ("mathvision", FIX / "mathvision", 2, "A", 1.0),
+    ("mathvision", FIX / "mathvision", 2, "Red", 1.0),    # the correct option's text
+    ("mathvision", FIX / "mathvision", 2, "blue", 0.0),   # another option's text
+    ("wemath", FIX / "wemath", 2, "C. 6.28", 1.0),
+    ("wemath", FIX / "wemath", 2, "6.28", 1.0),
+    ("wemath", FIX / "wemath", 2, "3.14", 0.0),
+    ("wemath", FIX / "wemath", 1, "2\\pi", 1.0),
+    ("hallusionbench", FIX / "hallusionbench", 0, "Yes.", 1.0),
+    ("hallusionbench", FIX / "hallusionbench", 0, "yes", 1.0),
+    ("hallusionbench", FIX / "hallusionbench", 1, "Yes", 0.0),
+    ("hallusionbench", FIX / "hallusionbench", 1, "No", 1.0),
+])
+def test_rule_scoring(name, path, idx, answer, expected):
+    rec = load_benchmark(name, path)[idx]
+    row = score_response(rec, resp(answer), tokens=12)
+    assert (row["acc"], row["rule_acc"], row["format"]) == (expected, expected, 1.0)
+    assert row["answer"] == answer and row["judge"] == ("not_needed" if expected else "off")
+
+
+def test_rule_scoring_malformed_and_missing_answers():
+    rec = load_benchmark("mathvision", FIX / "mathvision")[0]
+    row = score_response(rec, "I think so. <answer>6</answer> trailing text")
+    assert (row["acc"], row["format"], row["answer"]) == (1.0, 0.0, "6")  # answer read, format invalid
+    row = score_response(rec, "The answer is 6 but no tags", finish="length")
+    assert (row["acc"], row["format"], row["answer"], row["finish"]) == (0.0, 0.0, None, "length")
+
+
+# --------------------------------------------------------------------------- judge
+
+SECRET = "sk-test-do-not-leak-123"
+
+
+@pytest.fixture(scope="module")
+def judge_server():
+    """A tiny OpenAI-compatible judge: "Correct." only when the answer is "six"."""
+    app = FastAPI()
+    seen: list[dict] = []
+
+    def reply(text: str) -> dict:
+        return {"id": "x", "object": "chat.completion", "created": 0, "model": "judge",
+                "choices": [{"index": 0, "finish_reason": "stop",
+                             "message": {"role": "assistant", "content": text}}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        body = await request.json()
+        prompt = body["messages"][-1]["content"]
+        seen.append({"auth": request.headers.get("authorization"), "prompt": prompt, "model": body["model"]})
+        return reply("Correct." if "Student's final answer: six\n" in prompt else "Incorrect")
+
+    @app.post("/fail/v1/chat/completions")
+    async def fail(request: Request):
+        return JSONResponse({"error": {"message": "boom"}}, status_code=500)
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    assert server.started
+    yield f"http://127.0.0.1:{port}", seen
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_parse_verdict():
+    assert parse_verdict("Correct.") is True
+    assert parse_verdict("**Incorrect**") is False
+    assert parse_verdict("The answer is correct") is True
+    assert parse_verdict("not correct") is False
+    assert parse_verdict("<think>it might be correct</think>\nincorrect") is False
+    assert parse_verdict("<think>still thinking about whether it is correct") is None
+    assert parse_verdict("1") is True and parse_verdict("0") is False
+    assert parse_verdict("") is None and parse_verdict("maybe?") is None
+
+
+def test_judge_flips_only_rule_wrong_answers(judge_server, monkeypatch):
+    url, seen = judge_server
+    seen.clear()
+    monkeypatch.setenv("PRISM_JUDGE_API_KEY", SECRET)
+    judge = Judge(f"{url}/v1", "judge-32b", timeout=10)
+    assert SECRET not in repr(judge)
+    rec = load_benchmark("mathvision", FIX / "mathvision")[0]  # ground truth "6"
+    records = {rec.id: rec}
+    rows = [score_response(rec, resp(a)) for a in ("six", "6", "7")] + [score_response(rec, "no tags")]
+    judge_rows(rows, records, judge)
+    assert [r["acc"] for r in rows] == [1.0, 1.0, 0.0, 0.0]
+    assert [r["rule_acc"] for r in rows] == [0.0, 1.0, 0.0, 0.0]
+    assert [r["judge"] for r in rows] == ["correct", "not_needed", "incorrect", "no_answer"]
+    assert len(seen) == 2 and judge.calls == 2  # never asked about the rule-correct "6"
+    assert all(s["auth"] == f"Bearer {SECRET}" and s["model"] == "judge-32b" for s in seen)
+    assert "Reference answer: 6\n" in seen[0]["prompt"] and "How many different digits" in seen[0]["prompt"]
+    s = summarize_benchmark("mathvision", rows)
+    assert (s["accuracy"], s["rule_accuracy"], s["judged"], s["judge_flipped"], s["judge_failed"]) == (
+        0.5, 0.25, 2, 1, 0)
+    assert SECRET not in json.dumps(rows) + json.dumps(s)
+
+
+def test_failing_judge_is_reported_not_fatal(judge_server, monkeypatch):
+    url, _ = judge_server
+    monkeypatch.setenv("PRISM_JUDGE_API_KEY", SECRET)
+    rec = load_benchmark("mathvision", FIX / "mathvision")[0]
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    for base in (f"{url}/fail/v1", f"http://127.0.0.1:{dead}/v1"):
+        judge = Judge(base, "judge-32b", timeout=5, max_retries=0)
+        rows = [score_response(rec, resp("six")), score_response(rec, resp("6"))]
+        judge_rows(rows, {rec.id: rec}, judge)
+        assert [r["acc"] for r in rows] == [0.0, 1.0]
+        assert rows[0]["judge"] == "error" and rows[0]["judge_error"]
+        assert SECRET not in rows[0]["judge_error"]
+        s = summarize_benchmark("mathvision", rows)
+        assert (s["judged"], s["judge_failed"], s["accuracy"]) == (0, 1, 0.5)
+        assert judge.failures == 1
+
+
+def test_resume_with_a_judge_judges_earlier_unjudged_rows(judge_server, tmp_path, monkeypatch):
+    """Samples made without a judge (or while it was down) are judged on a later run, not regenerated."""
+    url, seen = judge_server
+    seen.clear()
+    recs = load_benchmark("mathvision", FIX / "mathvision")
+    rows = [score_response(recs[0], resp("six")), score_response(recs[1], resp("D")),
+            score_response(recs[2], resp("blue"))]
+    rows[2]["judge"] = "error"  # the judge failed on the first run
+    out = tmp_path / "run" / "mathvision"
+    out.mkdir(parents=True)
+    (out / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setattr(B, "_load_model", lambda *a: pytest.fail("nothing to generate"))
+    s = evaluate_benchmark("mathvision", FIX / "mathvision", "some/model", tmp_path / "run",
+                           judge=Judge(f"{url}/v1", "judge-32b", timeout=10))
+    assert (s["generated_now"], s["rejudged"], s["judged"], s["judge_flipped"]) == (0, 2, 2, 1)
+    assert s["accuracy"] == pytest.approx(2 / 3) and len(seen) == 2
+    after = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert [r["judge"] for r in after] == ["correct", "not_needed", "incorrect"]
+    again = evaluate_benchmark("mathvision", FIX / "mathvision", "some/model", tmp_path / "run",
+                               judge=Judge(f"{url}/v1", "judge-32b", timeout=10))
+    assert again["rejudged"] == 0 and len(seen) == 2  # verdicts are kept
+
+
+# --------------------------------------------------------------------------- summaries and report
+
+
+def test_benchmark_specific_scores():
+    wm = load_benchmark("wemath", FIX / "wemath")
+    rows = [score_response(r, resp(a)) for r, a in zip(wm, ["A", "B", "D"])]  # steps right, multi wrong
+    s = summarize_benchmark("wemath", rows)
+    assert s["wemath"]["problems"] == 1 and s["wemath"]["IG"] == 1
+    assert s["wemath"]["score_loose"] == s["wemath"]["score_strict"] == 0.5
+    hb = load_benchmark("hallusionbench", FIX / "hallusionbench")
+    rows = [score_response(r, resp(a)) for r, a in zip(hb, ["Yes", "Yes", "No"])]
+    s = summarize_benchmark("hallusionbench", rows)["hallusionbench"]
+    assert s["aAcc"] == pytest.approx(2 / 3)
+    assert s["qAcc"] == 0.5  # question 0 right on both figures; question 1 wrong
+    assert s["fAcc"] == 0.5  # figure 0 has a wrong answer; figure 1 all right
+
+
+def test_mmmu_pro_accuracy_is_the_mean_of_its_settings():
+    rows = [{"id": f"s{i}", "task": "mmmu_pro/standard", "acc": float(i < 1), "rule_acc": 0.0, "format": 1.0,
+             "tokens": 3, "finish": "stop"} for i in range(4)]
+    rows += [{"id": "v0", "task": "mmmu_pro/vision", "acc": 1.0, "rule_acc": 0.0, "format": 1.0, "tokens": 3,
+              "finish": "stop"}]
+    assert summarize_benchmark("mmmu_pro", rows)["accuracy"] == pytest.approx((0.25 + 1.0) / 2)
+
+
+def test_report_tables(tmp_path):
+    s = lambda acc, tok: {"accuracy": acc, "rule_accuracy": acc, "format_rate": 1.0, "mean_response_tokens": tok,
+                          "n_records": 10, "judged": 1, "judge_flipped": 1, "judge_failed": 0}
+    for b, acc in [("mathvista", 0.749), ("mathverse", 0.59), ("mathvision", 0.365), ("wemath", 0.707),
+                   ("mmmu", 0.636), ("mmmu_pro", 0.451), ("hallusionbench", 0.682)]:
+        files = update_results(tmp_path, "Instruct", b, s(acc, 1000))
+    update_results(tmp_path, "PRISM+GRPO", "mathvision", s(0.454, 2889))
+    update_results(tmp_path, "PRISM+GRPO", "mathvision", s(0.5, 2000))  # replaces, does not add
+    md = files["md"].read_text()
+    assert "| run | MVista | MVerse | MVision | WeMath | MMMU | MMMU-Pro | Hallu | Avg |" in md
+    assert "| Instruct | 74.9 | 59.0 | 36.5 | 70.7 | 63.6 | 45.1 | 68.2 | 59.7 |" in md  # spec section 9
+    assert "| PRISM+GRPO | - | - | 50.0 | - | - | - | - | 50.0* |" in md
+    rows = list(results_csv_rows(load_results(tmp_path)))
+    assert rows[0] == ["run", "MVista", "MVerse", "MVision", "WeMath", "MMMU", "MMMU-Pro", "Hallu", "Avg"]
+    assert rows[1][0] == "Instruct" and rows[1][-1] == "59.71"
+    assert rows[2] == ["PRISM+GRPO", "", "", "50.00", "", "", "", "", "50.00"]
+    assert (tmp_path / "results.csv").read_text().splitlines()[2] == "PRISM+GRPO,,,50.00,,,,,50.00"
+    assert files["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| PRISM+GRPO | - | - | 2000 |" in results_markdown(load_results(tmp_path))
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def test_evaluate_benchmark_interrupted_then_resumed(tiny_model_dir, tmp_path, monkeypatch):
+    from prism_rl.rollout.hf import HFEngine
+
+    generated: list[str] = []
+    real = HFEngine.generate
+    state = {"calls": 0, "fail_on": 2}
+
+    def counting(self, prompts, params, group_offset=0):
+        state["calls"] += 1
+        if state["calls"] == state["fail_on"]:
+            raise RuntimeError("interrupted")
+        assert params.max_new_tokens == 16 and params.temperature == 1.0 and params.top_p == 0.7
+        generated.extend(p.record.id for p in prompts)
+        return real(self, prompts, params, group_offset)
+
+    monkeypatch.setattr(HFEngine, "generate", counting)
+    run = tmp_path / "runs" / "tiny-run"
+    kw = dict(max_new_tokens=16, batch_size=1)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        evaluate_benchmark("mathvision", FIX / "mathvision", tiny_model_dir, run, **kw)
+    samples = run / "mathvision" / "samples.jsonl"
+    assert [json.loads(x)["id"] for x in samples.read_text().splitlines()] == ["4"]
+    with samples.open("a") as fh:
+        fh.write('{"id": "6", "resp')  # a torn write from the interruption
+    state["fail_on"] = -1
+    summary = evaluate_benchmark("mathvision", FIX / "mathvision", tiny_model_dir, run, **kw)
+    assert generated == ["4", "6", "39"]  # "4" was not generated again
+    lines = [json.loads(x) for x in samples.read_text().splitlines()]
+    assert [r["id"] for r in lines] == ["4", "6", "39"]
+    assert all({"response", "answer", "acc", "format", "tokens", "judge"} <= set(r) for r in lines)
+    assert all(1 <= r["tokens"] <= 16 for r in lines)
+    assert (summary["n_records"], summary["generated_now"], summary["resumed"]) == (3, 2, 1)
+    assert summary["settings"]["max_new_tokens"] == 16 and summary["run"] == "tiny-run"
+    assert summary["accuracy"] == pytest.approx(sum(r["acc"] for r in lines) / 3)
+    assert json.loads((run / "mathvision" / "summary.json").read_text())["n_records"] == 3
+    # a finished benchmark re-summarises without loading the model; a second run name adds a row
+    monkeypatch.setattr(B, "_load_model", lambda *a: pytest.fail("model loaded for nothing"))
+    again = evaluate_benchmark("mathvision", FIX / "mathvision", tiny_model_dir, run, run_name="other", **kw)
+    assert again["generated_now"] == 0 and again["accuracy"] == summary["accuracy"]
+    results = tmp_path / "runs"
+    for f in ("results.md", "results.csv", "results.png"):
+        assert (results / f).stat().st_size > 0
+    csv_rows = (results / "results.csv").read_text().splitlines()
+    acc = f"{100 * summary['accuracy']:.2f}"
+    assert csv_rows[1:] == [f"tiny-run,,,{acc},,,,,{acc}", f"other,,,{acc},,,,,{acc}"]
+    assert "| tiny-run | - | - |" in (results / "results.md").read_text()
+    printed: list[str] = []  # the CLI entry point: nothing left to generate, prints summary and table
+    cli = B.run_eval("mathvision", FIX / "mathvision", tiny_model_dir, out_dir=run, print_fn=printed.append, **kw)
+    assert cli["n_records"] == 3 and printed[0].startswith("MVision: accuracy ")
+    assert "| tiny-run | - | - |" in printed[1]
+    with pytest.raises(ValueError, match="--judge-model"):
+        B.run_eval("mathvision", FIX / "mathvision", tiny_model_dir, out_dir=run, judge_url="http://x/v1")
+    with pytest.raises(ValueError, match="other settings"):
+        evaluate_benchmark("mathvision", FIX / "mathvision", tiny_model_dir, run, max_new_tokens=8, batch_size=1)
+    assert len(generated) == 3
