@@ -45,6 +45,21 @@ def cmd_data_filter(a) -> None:
     print(json.dumps(stats, indent=2))
 
 
+def cmd_data_curate(a) -> None:
+    from .data.curate import main as curate_main
+    rc = curate_main(a.args)
+    if rc:
+        raise SystemExit(rc)
+
+
+def cmd_data_build_pairs(a) -> None:
+    from .data.pairs import build_pairs
+    from .data.records import BadRecords
+    bad = BadRecords()
+    n = build_pairs(a.curated, a.samples, a.out, bad=bad)
+    print(json.dumps({"pairs": n, "skipped": bad.count, "skipped_reasons": bad.reasons[:10]}, indent=2))
+
+
 def cmd_model_tiny(a) -> None:
     from .models.tiny import TinySpec, build_tiny, corpus_from_data
     spec = TinySpec(**json.loads(a.spec)) if a.spec else TinySpec()
@@ -132,12 +147,15 @@ def cmd_reward(a) -> None:
 
 def cmd_quickstart(a) -> None:
     from .quickstart import run_quickstart
-    run_quickstart(a.out, seed=a.seed, overrides=a.overrides)
+    run_quickstart(a.out, seed=a.seed, overrides=a.overrides, fresh=a.fresh)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prism", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: env PRISM_THREADS, else torch's choice). "
+                             "Tiny models run fastest with 1 thread per process.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
@@ -166,6 +184,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_data_filter)
+
+    p = data.add_parser("curate", help="teacher demonstrations through an OpenAI-compatible endpoint "
+                        "(all arguments go to the curation pipeline; see `prism data curate -- --help`)")
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.set_defaults(fn=cmd_data_curate)
+    p = data.add_parser("build-pairs", help="curated demonstrations + policy samples -> warm-up pairs JSONL")
+    p.add_argument("--curated", required=True, help="parquet with teacher_caption/teacher_cot")
+    p.add_argument("--samples", required=True, help="JSONL with id and response (e.g. prism eval samples)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(fn=cmd_data_build_pairs)
 
     model = sub.add_parser("model", help="models").add_subparsers(dest="model_command", required=True)
     p = model.add_parser("tiny", help="build the embedded tiny Qwen3-VL")
@@ -254,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quickstart", help="the whole recipe on the embedded default (CPU)")
     p.add_argument("--out", default="runs/quickstart")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fresh", action="store_true", help="delete the output folder first")
     p.add_argument("overrides", nargs="*", help="dotted overrides of the quick start's settings")
     p.set_defaults(fn=cmd_quickstart)
     return parser
@@ -261,6 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    threads = args.threads or int(os.environ.get("PRISM_THREADS", "0") or 0)
+    if threads > 0:
+        import torch
+        torch.set_num_threads(threads)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
