@@ -35,9 +35,16 @@ def _metrics(path):
     return [json.loads(line) for line in open(path) if '"loss"' in line]
 
 
-def test_sft_learns_reloads_and_resumes_exactly(workdir):
+@pytest.fixture(scope="module")
+def straight_sft(workdir):
+    """An uninterrupted 12-step SFT run (the reference for the resume test; the start of RL)."""
     straight = workdir / "sft_straight"
     assert main(_sft_args(workdir, straight, "train.max_steps=12")) == 0
+    return straight
+
+
+def test_sft_learns_reloads_and_resumes_exactly(workdir, straight_sft):
+    straight = straight_sft
     losses = [m["loss"] for m in _metrics(straight / "metrics.jsonl")]
     assert len(losses) == 12
     assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
@@ -66,8 +73,8 @@ def test_cli_rejects_bad_override_naming_key(workdir, capsys):
     assert "unknown config key 'optim.lrr'" in capsys.readouterr().err
 
 
-def test_rl_runs_and_resumes(workdir):
-    sft = workdir / "sft_straight" / "final"
+def test_rl_runs_and_resumes(workdir, straight_sft):
+    sft = straight_sft / "final"
     out = workdir / "grpo"
     args = ["rl", "--algo", "grpo", "--config", "configs/quickstart/rl.yaml", f"model.path={sft}",
             f"data.train={workdir / 'data' / 'align.parquet'}", f"output_dir={out}", "train.steps=3",
@@ -81,3 +88,47 @@ def test_rl_runs_and_resumes(workdir):
         assert 0.0 <= r["reward"] <= 1.0 and r["groups_kept"] == 2 and r["updates"] == 1
         assert r["time_rollout_s"] > 0 and r["time_update_s"] > 0
     assert AutoModelForImageTextToText.from_pretrained(out / "final") is not None
+
+
+def test_prism_stage_end_to_end_and_resume(workdir, straight_sft):
+    """disc init -> pairs -> warm-up -> align (interrupted at step 1, resumed) -> plot."""
+    sft = straight_sft / "final"
+    disc = workdir / "disc"
+    data = workdir / "data" / "align.parquet"
+    assert main(["disc", "init", "--from", str(sft), "--out", str(disc / "init")]) == 0
+    assert main(["disc", "pairs", "--policy", str(sft), "--data", str(data), "--out", str(disc / "pairs.jsonl"),
+                 "--max-new-tokens", "48", "--limit", "12"]) == 0
+    stats = json.loads((disc / "pairs.stats.json").read_text())
+    assert stats["samples"] == 12 and stats["pairs"] + stats["invalid_student_skipped"] == 12
+    # A policy trained for 12 steps rarely closes the format within 48 tokens, so the warm-up
+    # gets deterministic students instead: teacher demonstrations with a wrong final answer,
+    # paired through `prism data build-pairs` (which joins samples to demonstrations by id).
+    from prism_rl.data.layouts import read_records
+    recs = read_records(data)[:12]
+    samples = disc / "samples.jsonl"
+    samples.write_text("".join(json.dumps({"id": r.id, "response": r.extra["teacher_response"].replace(
+        f"<answer>\n{r.ground_truth}\n</answer>", "<answer>\n999\n</answer>")}) + "\n" for r in recs))
+    assert main(["data", "build-pairs", "--curated", str(data), "--samples", str(samples),
+                 "--out", str(disc / "built.jsonl")]) == 0
+    assert main(["disc", "warmup", "--config", "configs/quickstart/warmup.yaml", f"disc.path={disc / 'init'}",
+                 f"data.train={disc / 'built.jsonl'}", f"output_dir={disc / 'warm'}", "train.max_steps=2",
+                 "train.batch_size=4", "train.heldout_frac=0.25"]) == 0
+    summary = json.loads((disc / "warm" / "summary.json").read_text())
+    assert summary["steps"] == 2 and 0.0 <= summary["after"]["heldout_cap_acc"] <= 1.0
+    out = workdir / "align"
+    args = ["align", "--config", "configs/quickstart/align.yaml", f"model.path={sft}",
+            f"disc.path={disc / 'warm' / 'final'}", f"data.train={data}", f"output_dir={out}",
+            "train.steps=2", "rollout.n=4", "rollout.prompts_per_step=2", "rollout.max_new_tokens=48"]
+    assert main(args + ["--halt-at-step", "1"]) == 0
+    ckpt = out / "checkpoint-1"
+    assert (ckpt / "policy" / "model.safetensors").exists() and (ckpt / "disc" / "value_head.safetensors").exists()
+    assert main(args + ["--resume"]) == 0
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl") if '"time_step_s"' in line]
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert 0.0 <= r["format"] <= 1.0 and len(r["expert_load"]) == 4
+        # routing load is measured on the valid rollouts: a distribution when there are any
+        assert abs(sum(r["expert_load"]) - (1.0 if r["format"] > 0 else 0.0)) < 1e-4
+    assert AutoModelForImageTextToText.from_pretrained(out / "final" / "policy") is not None
+    assert main(["plot", str(out)]) == 0
+    assert (out / "training_curves.png").stat().st_size > 0 and (out / "expert_load.png").exists()

@@ -87,3 +87,21 @@ def test_sft_loss_equals_mean_ce_on_assistant_tokens(tiny_model_dir):
     assert torch.allclose(loss, -ref[keep].mean(), atol=1e-5)
     loss.backward()  # checkpointed chunks must backprop
     assert model.get_output_embeddings().weight.grad is not None
+
+
+def test_rollouts_never_contain_vision_tokens(tiny_model_dir):
+    """An untrained policy samples any token; vision placeholders must be suppressed."""
+    from prism_rl.rollout.base import SamplingParams
+    from prism_rl.rollout.hf import HFEngine, vision_token_ids
+    from prism_rl.data.processing import encode_prompt
+    model, proc, _, _ = _setup(tiny_model_dir)
+    engine = HFEngine(model, proc)
+    ids = vision_token_ids(proc.tokenizer)
+    assert len(ids) == 5
+    # make the vision tokens the most likely ones: without suppression they would be sampled
+    with torch.no_grad():
+        model.get_output_embeddings().weight[ids] *= 50
+    torch.manual_seed(0)
+    ro = engine.generate([encode_prompt(proc, r) for r in _records()], SamplingParams(n=4, max_new_tokens=16))
+    assert not torch.isin(ro.response_ids[ro.response_mask.bool()], torch.tensor(ids)).any()
+    assert ro.response_mask.sum() > 0

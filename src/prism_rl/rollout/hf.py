@@ -22,6 +22,7 @@ class HFEngine:
         self.processor = processor
         self.device = device or next(model.parameters()).device
         self.eos_id, self.pad_id = special_ids(processor)
+        self.suppress_ids = vision_token_ids(processor.tokenizer)
 
     def _repeat(self, prompts: list[Encoded], n: int) -> list[Encoded]:
         return [p for p in prompts for _ in range(n)]
@@ -39,7 +40,7 @@ class HFEngine:
                 **inputs, max_new_tokens=params.max_new_tokens, do_sample=not greedy,
                 temperature=None if greedy else params.temperature,
                 top_p=None if greedy else params.top_p, top_k=None,
-                eos_token_id=self.eos_id, pad_token_id=self.pad_id,
+                eos_token_id=self.eos_id, pad_token_id=self.pad_id, suppress_tokens=self.suppress_ids or None,
                 return_dict_in_generate=True, output_logits=params.return_logprobs,
             )
         finally:
@@ -67,6 +68,17 @@ class HFEngine:
             pixel_values=batch.get("pixel_values"), image_grid_thw=batch.get("image_grid_thw"),
             logprobs=logprobs, extras=extras,
         )
+
+
+VISION_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>")
+
+
+def vision_token_ids(tokenizer) -> list[int]:
+    """Ids of the vision placeholder tokens, which a response must never contain: a sampled
+    ``<|image_pad|>`` would make the teacher-forced forward count more image tokens than the
+    image has features (transformers raises). Generation suppresses them."""
+    vocab = tokenizer.get_vocab()
+    return [vocab[t] for t in VISION_TOKENS if t in vocab]
 
 
 def _response_mask(resp: torch.Tensor, eos_id: int) -> torch.Tensor:

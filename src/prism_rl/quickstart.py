@@ -1,0 +1,213 @@
+"""``prism quickstart``: the whole PRISM recipe on the embedded default, on a 2-core CPU.
+
+    synth data -> tiny Qwen3-VL -> SFT -> eval
+                                    |-> difficulty filter (SFT policy) -> RL problem set
+                                    |-> SFT + GRPO (3 seeds) -> eval                  (baseline)
+                                    '-> disc init -> pairs -> warm-up -> align -> eval
+                                                              '-> PRISM + GRPO (3 seeds) -> eval
+
+Every stage is the real ``prism`` command, run as a subprocess and printed, so the quick start
+doubles as a worked example of the CLI. Tiny models run fastest with one torch thread per
+process (intra-op threading costs more than it gains at this size), so independent branches
+run side by side, one per core. A stage whose output exists is skipped: rerunning after an
+interruption continues where it stopped (``--fresh`` starts over). The final table follows
+spec section 9 at toy scale and is written to ``<out>/results.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import Section, load_config
+
+
+class QuickstartSettings(Section):
+    """Knobs of the quick start (``prism quickstart key=value``)."""
+
+    problems: int = 3000
+    rl_seeds: list[int] = [0, 1, 2]
+    workers: int = 2
+    sft_epochs: float = 2.0
+    filter_limit: int = 256
+    filter_n: int = 8
+    filter_low: float = 0.125
+    filter_high: float = 0.875
+    grpo_steps: int = 30
+    align_steps: int = 30
+    pairs_limit: int = 448
+    eval_limit: int | None = None
+
+
+@dataclass
+class Lane:
+    """A sequence of stages that must run in order; lanes run in parallel."""
+
+    name: str
+    stages: list[tuple[str, list[str], Path]] = field(default_factory=list)   # (label, argv, done-marker)
+
+    def add(self, label: str, argv: list[str], done: Path) -> "Lane":
+        self.stages.append((label, argv, done))
+        return self
+
+
+def _prism(*args: str) -> list[str]:
+    return [sys.executable, "-m", "prism_rl.cli", "--threads", "1", *args]
+
+
+def _run_lane(lane: Lane, logs: Path) -> float:
+    total = 0.0
+    for label, argv, done in lane.stages:
+        if done.exists():
+            print(f"  [skip] {label} (done: {done})", flush=True)
+            continue
+        log = logs / f"{label}.log"
+        printable = " ".join(shlex.quote(a) for a in ["prism", *argv[4:]])
+        print(f"  [run ] {label}: {printable}", flush=True)
+        t = time.time()
+        with log.open("w") as f:
+            rc = subprocess.call(argv, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        dt = time.time() - t
+        total += dt
+        if rc != 0:
+            tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
+            raise RuntimeError(f"stage '{label}' failed (exit {rc}); log {log}:\n{tail}")
+        print(f"  [done] {label} in {dt:.0f}s", flush=True)
+    return total
+
+
+def run_lanes(lanes: list[Lane], logs: Path, workers: int) -> None:
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for fut in [pool.submit(_run_lane, lane, logs) for lane in lanes]:
+            fut.result()
+
+
+def _eval(label: str, model: Path, data: Path, out: Path, name: str, limit: int | None) -> tuple:
+    args = ["eval", "--config", "configs/quickstart/eval.yaml", "--model", str(model), "--data", str(data),
+            f"output_dir={out}", f"name={name}"]
+    if limit:
+        args.append(f"data.limit={limit}")
+    return label, _prism(*args), out / "summary.json"
+
+
+def plan(out: Path, s: QuickstartSettings, seed: int) -> list[list[Lane]]:
+    """The stages, as phases of parallel lanes."""
+    d, tiny = out / "data", out / "tiny"
+    sft = out / "sft" / "final"
+    rl_data = out / "data" / "rl.parquet"
+    test = d / "test.parquet"
+    disc = out / "disc"
+    align_policy = out / "align" / "final" / "policy"
+    prep = Lane("prepare").add("synth", _prism("data", "synth", "--out", str(d), "--n", str(s.problems), "--seed",
+                                               str(seed)), d / "stats.json")
+    prep.add("tiny-model", _prism("model", "tiny", "--out", str(tiny), "--data", str(d)), tiny / "config.json")
+    prep.add("sft", _prism("sft", "--config", "configs/quickstart/sft.yaml", f"model.path={tiny}",
+                           f"data.train={d / 'sft.json'}", f"output_dir={out / 'sft'}",
+                           f"train.epochs={s.sft_epochs}", f"train.seed={seed}"), sft / "config.json")
+    eval_sft = Lane("eval-sft").add(*_eval("eval-sft", sft, test, out / "eval" / "sft", "SFT", s.eval_limit))
+    eval_sft.add("filter", _prism("data", "filter-difficulty", "--model", str(sft), "--data", str(d / "align.parquet"),
+                                  "--out", str(rl_data), "--n", str(s.filter_n), "--low", str(s.filter_low),
+                                  "--high", str(s.filter_high), "--max-new-tokens", "200",
+                                  "--limit", str(s.filter_limit), "--seed", str(seed)), rl_data)
+    warm = Lane("discriminator")
+    warm.add("disc-init", _prism("disc", "init", "--from", str(sft), "--out", str(disc / "init"), "--seed", str(seed)),
+             disc / "init" / "prism_discriminator.json")
+    warm.add("disc-pairs", _prism("disc", "pairs", "--policy", str(sft), "--data", str(d / "align.parquet"),
+                                  "--out", str(disc / "pairs.jsonl"), "--max-new-tokens", "200",
+                                  "--limit", str(s.pairs_limit), "--seed", str(seed)), disc / "pairs.jsonl")
+    warm.add("disc-warmup", _prism("disc", "warmup", "--config", "configs/quickstart/warmup.yaml",
+                                   f"disc.path={disc / 'init'}", f"data.train={disc / 'pairs.jsonl'}",
+                                   f"output_dir={disc / 'warmup'}", f"train.seed={seed}"),
+             disc / "warmup" / "final" / "prism_discriminator.json")
+    warm.add("align", _prism("align", "--config", "configs/quickstart/align.yaml", f"model.path={sft}",
+                             f"disc.path={disc / 'warmup' / 'final'}", f"data.train={d / 'align.parquet'}",
+                             f"output_dir={out / 'align'}", f"train.steps={s.align_steps}", f"train.seed={seed}"),
+             align_policy / "config.json")
+    warm.add(*_eval("eval-aligned", align_policy, test, out / "eval" / "aligned", "PRISM (aligned)", s.eval_limit))
+    rl_lanes = []
+    for rs in s.rl_seeds:
+        for name, start, label in (("sft_grpo", sft, "SFT+GRPO"), ("prism_grpo", align_policy, "PRISM+GRPO")):
+            run = out / f"{name}_s{rs}"
+            lane = Lane(f"{name}-{rs}").add(
+                f"{name}-s{rs}", _prism("rl", "--algo", "grpo", "--config", "configs/quickstart/rl.yaml",
+                                        f"model.path={start}", f"data.train={rl_data}", f"output_dir={run}",
+                                        f"train.steps={s.grpo_steps}", f"train.seed={rs}"),
+                run / "final" / "config.json")
+            lane.add(*_eval(f"eval-{name}-s{rs}", run / "final", test, out / "eval" / f"{name}_s{rs}",
+                            f"{label} seed {rs}", s.eval_limit))
+            rl_lanes.append(lane)
+    return [[prep], [eval_sft, warm], rl_lanes]
+
+
+def _load(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
+    m = statistics.mean(values)
+    return f"{100 * m:.1f} ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 else f"{100 * m:.1f}"
+
+
+def results_table(out: Path, seeds: list[int]) -> str:
+    """Spec section 9 at toy scale: held-out accuracy per task family, average, format, tokens."""
+    rows = [("SFT", [_load(out / "eval" / "sft" / "summary.json")]),
+            ("SFT+GRPO", [_load(out / "eval" / f"sft_grpo_s{s}" / "summary.json") for s in seeds]),
+            ("PRISM (aligned)", [_load(out / "eval" / "aligned" / "summary.json")]),
+            ("PRISM+GRPO", [_load(out / "eval" / f"prism_grpo_s{s}" / "summary.json") for s in seeds])]
+    tasks = sorted({t for _, ss in rows for s in ss if s for t in s["per_task"]})
+    head = ["pipeline", *tasks, "avg", "format", "resp tokens", "runs"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, summaries in rows:
+        ss = [s for s in summaries if s]
+        if not ss:
+            continue
+        cells = [name] + [_mean_std([s["per_task"][t]["accuracy"] for s in ss if t in s["per_task"]]) for t in tasks]
+        cells += [_mean_std([s["overall"]["accuracy"] for s in ss]), _mean_std([s["overall"]["format_rate"] for s in ss]),
+                  f"{statistics.mean(s['overall']['mean_response_tokens'] for s in ss):.0f}", str(len(ss))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run_quickstart(out: str | Path = "runs/quickstart", seed: int = 0, overrides: list[str] | None = None,
+                   fresh: bool = False) -> str:
+    """Run (or continue) the quick start; returns the results table (also in results.md)."""
+    s = load_config(QuickstartSettings, None, overrides or [])
+    out = Path(out)
+    if fresh and out.exists():
+        import shutil
+        shutil.rmtree(out)
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    for i, phase in enumerate(plan(out, s, seed), 1):
+        print(f"phase {i}: " + ", ".join(lane.name for lane in phase), flush=True)
+        run_lanes(phase, logs, s.workers)
+    for run in ["sft", "align", "disc/warmup", *(f"{n}_s{r}" for r in s.rl_seeds for n in ("sft_grpo", "prism_grpo"))]:
+        if (out / run / "metrics.jsonl").exists():
+            from .plots import plot_run
+            plot_run(out / run)
+    wall = time.time() - t0
+    table = results_table(out, s.rl_seeds)
+    filt = _load(out / "data" / "rl.stats.json") or {}
+    warm = _load(out / "disc" / "warmup" / "summary.json") or {}
+    text = (f"# prism quickstart results\n\n{table}\n\n"
+            f"Held-out test problems, greedy decoding. ± is the standard deviation over RL seeds {s.rl_seeds}.\n"
+            f"RL problem set: {filt.get('kept', '?')} of {filt.get('input', '?')} alignment-pool problems kept by the "
+            f"difficulty filter (pass rate in [{s.filter_low}, {s.filter_high}] over {s.filter_n} samples).\n"
+            f"Discriminator warm-up, held-out pair accuracy (caption / reasoning): "
+            f"{warm.get('after', {}).get('heldout_cap_acc', float('nan')):.2f} / "
+            f"{warm.get('after', {}).get('heldout_reason_acc', float('nan')):.2f}\n"
+            f"Wall time of this invocation: {wall / 60:.1f} min\n")
+    (out / "results.md").write_text(text)
+    print("\n" + text)
+    return text
