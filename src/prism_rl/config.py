@@ -100,6 +100,8 @@ class RolloutConfig(Section):
     top_p: float = Field(1.0, gt=0, le=1)
     gen_batch_prompts: int | None = Field(None, gt=0, description="Prompts per generation round "
                                           "(DAPO's gen batch); default prompts_per_step.")
+    cache_implementation: Literal["dynamic", "static"] = Field(
+        "dynamic", description="KV cache of transformers' generate; static compiles the decode step (GPU).")
 
 
 class AlgoConfig(Section):

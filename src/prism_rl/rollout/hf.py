@@ -17,7 +17,11 @@ from .base import Rollouts, SamplingParams
 class HFEngine:
     """``RolloutEngine`` on ``model.generate``; the model is used as it is (no copy)."""
 
-    def __init__(self, model, processor, device: torch.device | None = None):
+    def __init__(self, model, processor, device: torch.device | None = None,
+                 cache_implementation: str | None = None):
+        """``cache_implementation="static"`` preallocates the KV cache and compiles the decode
+        step (faster decoding on GPU after a one-off compile; see docs/PERFORMANCE.md)."""
+        self.cache_implementation = None if cache_implementation == "dynamic" else cache_implementation
         self.model = model
         self.processor = processor
         self.device = device or next(model.parameters()).device
@@ -42,6 +46,7 @@ class HFEngine:
                 top_p=None if greedy else params.top_p, top_k=None,
                 eos_token_id=self.eos_id, pad_token_id=self.pad_id, suppress_tokens=self.suppress_ids or None,
                 return_dict_in_generate=True, output_logits=params.return_logprobs,
+                **({"cache_implementation": self.cache_implementation} if self.cache_implementation else {}),
             )
         finally:
             self.model.train(was_training)

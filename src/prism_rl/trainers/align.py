@@ -129,7 +129,7 @@ def train_align(cfg: AlignConfig, resume: bool = False, halt_at_step: int | None
         set_rng_state(st["rng"])
         step, stream_state = st["step"], st["stream"]
     stream = PromptStream(prompts, cfg.train.seed, **stream_state)
-    engine = HFEngine(model, processor, device)
+    engine = HFEngine(model, processor, device, cache_implementation=cfg.rollout.cache_implementation)
     r = cfg.rollout
     params = SamplingParams(n=r.n, max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p)
     logger = MetricsLogger(out)

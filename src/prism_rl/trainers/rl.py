@@ -254,7 +254,7 @@ def train_rl(cfg: RLConfig, resume: bool = False, halt_at_step: int | None = Non
         set_rng_state(st["rng"])
         step, stream_state = st["step"], st["stream"]
     stream = PromptStream(prompts, cfg.train.seed, **stream_state)
-    engine = HFEngine(model, processor, device)
+    engine = HFEngine(model, processor, device, cache_implementation=cfg.rollout.cache_implementation)
     reward_fn = make_reward_fn(cfg)
     logger = MetricsLogger(out)
     logger.log(step, {"event": "start", "algo": cfg.algo.name, "prompts": len(prompts), "bad_records": bad.count,
