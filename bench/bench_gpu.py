@@ -226,6 +226,9 @@ def main():
         print(name, json.dumps(res[name])[:400], flush=True)
 
     section("logprobs", lambda: bench_logprobs(model, batch, P, device))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    section("logprobs_ckpt", lambda: bench_logprobs(model, batch, P, device))
+    model.gradient_checkpointing_disable()
     section("sft_no_ckpt", lambda: bench_sft(model, batch, False))
     section("sft_ckpt", lambda: bench_sft(model, batch, True))
     model.to(torch.bfloat16)
@@ -247,6 +250,9 @@ def main():
     print(f"| log-probs fwd+bwd: chunked / full peak memory | {lp['chunked_peak_gib'] / lp['full_peak_gib']:.2f} "
           f"({lp['chunked_peak_gib']:.1f} vs {lp['full_peak_gib']:.1f} GiB) |")
     print(f"| chunked vs full max |diff| (nats, bf16) | {lp['max_abs_diff_nats']:.3g} |")
+    lc = res["logprobs_ckpt"]
+    print(f"| with grad checkpointing: chunked / full time, peak memory | {lc['chunked_s'] / lc['full_s']:.2f}, "
+          f"{lc['chunked_peak_gib'] / lc['full_peak_gib']:.2f} ({lc['chunked_peak_gib']:.1f} vs {lc['full_peak_gib']:.1f} GiB) |")
     for k in ("sft_no_ckpt", "sft_ckpt"):
         print(f"| SFT {k}: tokens/s, MFU, peak GiB | {res[k]['tokens_per_s']:.0f}, {res[k]['mfu_vs_989_tflops']:.1%}, "
               f"{res[k]['peak_gib']:.1f} |")
