@@ -1,0 +1,45 @@
+"""The quick start's plan and results table (the full run is `make quickstart`)."""
+
+import json
+import statistics
+
+from prism_rl.cli import build_parser
+from prism_rl.config import load_config
+from prism_rl.quickstart import QuickstartSettings, plan, results_table
+
+
+def test_every_planned_command_parses_and_stages_are_ordered(tmp_path):
+    s = load_config(QuickstartSettings, None, ["rl_seeds=[0,1,2]"])
+    phases = plan(tmp_path, s, seed=0)
+    labels = [label for phase in phases for lane in phase for label, _, _ in lane.stages]
+    assert labels[:3] == ["synth", "tiny-model", "sft"]
+    assert labels.index("disc-warmup") < labels.index("align") < labels.index("eval-aligned")
+    assert sum(label.startswith("sft_grpo-s") for label in labels) == 3
+    assert sum(label.startswith("prism_grpo-s") for label in labels) == 3
+    parser = build_parser()
+    for phase in phases:
+        for lane in phase:
+            for label, argv, done in lane.stages:
+                assert argv[1:3] == ["-m", "prism_rl.cli"]
+                args = parser.parse_args(argv[3:])          # flags and subcommands exist
+                assert args.fn is not None, label
+                assert str(done).startswith(str(tmp_path))
+
+
+def _summary(acc, per_task):
+    return {"overall": {"accuracy": acc, "format_rate": 1.0, "mean_response_tokens": 80.0},
+            "per_task": {t: {"accuracy": a} for t, a in per_task.items()}}
+
+
+def test_results_table_mean_and_std(tmp_path):
+    ev = tmp_path / "eval"
+    for name, acc in [("sft", 0.30), ("sft_grpo_s0", 0.40), ("sft_grpo_s1", 0.44), ("aligned", 0.33),
+                      ("prism_grpo_s0", 0.50), ("prism_grpo_s1", 0.46)]:
+        (ev / name).mkdir(parents=True)
+        (ev / name / "summary.json").write_text(json.dumps(_summary(acc, {"count": acc, "chart": acc / 2})))
+    table = results_table(tmp_path, [0, 1])
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()[2:]}
+    assert set(rows) == {"SFT", "SFT+GRPO", "PRISM (aligned)", "PRISM+GRPO"}
+    sd = 100 * statistics.stdev([0.40, 0.44])
+    assert f"42.0 ± {sd:.1f}" in rows["SFT+GRPO"] and rows["SFT+GRPO"].endswith("| 2 |")
+    assert "30.0" in rows["SFT"] and "48.0 ±" in rows["PRISM+GRPO"]
