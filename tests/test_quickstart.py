@@ -10,20 +10,34 @@ from prism_rl.quickstart import QuickstartSettings, plan, results_table
 
 def test_every_planned_command_parses_and_stages_are_ordered(tmp_path):
     s = load_config(QuickstartSettings, None, ["rl_seeds=[0,1,2]"])
-    phases = plan(tmp_path, s, seed=0)
-    labels = [label for phase in phases for lane in phase for label, _, _ in lane.stages]
+    lanes = plan(tmp_path, s, seed=0)
+    labels = [label for lane in lanes for label, _, _ in lane.stages]
     assert labels[:3] == ["synth", "tiny-model", "sft"]
     assert labels.index("disc-warmup") < labels.index("align") < labels.index("eval-aligned")
     assert sum(label.startswith("sft_grpo-s") for label in labels) == 3
     assert sum(label.startswith("prism_grpo-s") for label in labels) == 3
+    by_name = {lane.name: lane for lane in lanes}
+    assert by_name["prism_grpo-0"].after == ("eval-sft", "discriminator")   # needs the filter and align
+    assert by_name["sft_grpo-0"].after == ("eval-sft",)                     # needs only the filter
     parser = build_parser()
-    for phase in phases:
-        for lane in phase:
-            for label, argv, done in lane.stages:
-                assert argv[1:3] == ["-m", "prism_rl.cli"]
-                args = parser.parse_args(argv[3:])          # flags and subcommands exist
-                assert args.fn is not None, label
-                assert str(done).startswith(str(tmp_path))
+    for lane in lanes:
+        for label, argv, done in lane.stages:
+            assert argv[1:3] == ["-m", "prism_rl.cli"]
+            args = parser.parse_args(argv[3:])          # flags and subcommands exist
+            assert args.fn is not None, label
+            assert str(done).startswith(str(tmp_path))
+
+
+def test_lane_scheduler_respects_dependencies(tmp_path):
+    import sys
+    from prism_rl.quickstart import Lane, run_lanes
+    log = tmp_path / "order.txt"
+    touch = lambda name: [sys.executable, "-c", f"open({str(log)!r}, 'a').write({name!r} + '\\n')"]
+    lanes = [Lane("c", after=("a", "b")).add("c", touch("c"), tmp_path / "c.done"),
+             Lane("a").add("a", touch("a"), tmp_path / "a.done"),
+             Lane("b", after=("a",)).add("b", touch("b"), tmp_path / "b.done")]
+    run_lanes(lanes, tmp_path, workers=2)
+    assert log.read_text().split() == ["a", "b", "c"]
 
 
 def _summary(acc, per_task):

@@ -23,7 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,10 +33,10 @@ from .config import Section, load_config
 class QuickstartSettings(Section):
     """Knobs of the quick start (``prism quickstart key=value``)."""
 
-    problems: int = 3000
+    problems: int = 6000
     rl_seeds: list[int] = [0, 1, 2]
     workers: int = 2
-    sft_epochs: float = 2.0
+    sft_epochs: float = 4.0
     filter_limit: int = 256
     filter_n: int = 8
     filter_low: float = 0.125
@@ -49,9 +49,11 @@ class QuickstartSettings(Section):
 
 @dataclass
 class Lane:
-    """A sequence of stages that must run in order; lanes run in parallel."""
+    """A sequence of stages that must run in order; a lane starts once the lanes it comes
+    ``after`` have finished, and lanes run side by side (one per worker)."""
 
     name: str
+    after: tuple[str, ...] = ()
     stages: list[tuple[str, list[str], Path]] = field(default_factory=list)   # (label, argv, done-marker)
 
     def add(self, label: str, argv: list[str], done: Path) -> "Lane":
@@ -59,8 +61,8 @@ class Lane:
         return self
 
 
-def _prism(*args: str) -> list[str]:
-    return [sys.executable, "-m", "prism_rl.cli", "--threads", "1", *args]
+def _prism(*args: str, threads: int = 1) -> list[str]:
+    return [sys.executable, "-m", "prism_rl.cli", "--threads", str(threads), *args]
 
 
 def _run_lane(lane: Lane, logs: Path) -> float:
@@ -70,7 +72,7 @@ def _run_lane(lane: Lane, logs: Path) -> float:
             print(f"  [skip] {label} (done: {done})", flush=True)
             continue
         log = logs / f"{label}.log"
-        printable = " ".join(shlex.quote(a) for a in ["prism", *argv[4:]])
+        printable = " ".join(shlex.quote(a) for a in ["prism", *argv[3:]])
         print(f"  [run ] {label}: {printable}", flush=True)
         t = time.time()
         with log.open("w") as f:
@@ -85,9 +87,25 @@ def _run_lane(lane: Lane, logs: Path) -> float:
 
 
 def run_lanes(lanes: list[Lane], logs: Path, workers: int) -> None:
+    """Run lanes as their dependencies allow, at most ``workers`` at a time, in list order."""
+    names = {lane.name for lane in lanes}
+    for lane in lanes:
+        if set(lane.after) - names:
+            raise ValueError(f"lane {lane.name} waits for unknown lanes {set(lane.after) - names}")
+    done: set[str] = set()
+    running: dict = {}
+    pending = list(lanes)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for fut in [pool.submit(_run_lane, lane, logs) for lane in lanes]:
-            fut.result()
+        while pending or running:
+            for lane in [ln for ln in pending if set(ln.after) <= done][: workers - len(running)]:
+                pending.remove(lane)
+                running[pool.submit(_run_lane, lane, logs)] = lane.name
+            if not running:
+                raise ValueError(f"lanes {[ln.name for ln in pending]} can never start")
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                fut.result()   # a failed stage stops the quick start with its log tail
+                done.add(running.pop(fut))
 
 
 def _eval(label: str, model: Path, data: Path, out: Path, name: str, limit: int | None) -> tuple:
@@ -98,8 +116,8 @@ def _eval(label: str, model: Path, data: Path, out: Path, name: str, limit: int 
     return label, _prism(*args), out / "summary.json"
 
 
-def plan(out: Path, s: QuickstartSettings, seed: int) -> list[list[Lane]]:
-    """The stages, as phases of parallel lanes."""
+def plan(out: Path, s: QuickstartSettings, seed: int) -> list[Lane]:
+    """The stages, as lanes with dependencies (longest chains first, so they start first)."""
     d, tiny = out / "data", out / "tiny"
     sft = out / "sft" / "final"
     rl_data = out / "data" / "rl.parquet"
@@ -111,13 +129,13 @@ def plan(out: Path, s: QuickstartSettings, seed: int) -> list[list[Lane]]:
     prep.add("tiny-model", _prism("model", "tiny", "--out", str(tiny), "--data", str(d)), tiny / "config.json")
     prep.add("sft", _prism("sft", "--config", "configs/quickstart/sft.yaml", f"model.path={tiny}",
                            f"data.train={d / 'sft.json'}", f"output_dir={out / 'sft'}",
-                           f"train.epochs={s.sft_epochs}", f"train.seed={seed}"), sft / "config.json")
-    eval_sft = Lane("eval-sft").add(*_eval("eval-sft", sft, test, out / "eval" / "sft", "SFT", s.eval_limit))
+                           f"train.epochs={s.sft_epochs}", f"train.seed={seed}", threads=2), sft / "config.json")
+    eval_sft = Lane("eval-sft", after=("prepare",)).add(*_eval("eval-sft", sft, test, out / "eval" / "sft", "SFT", s.eval_limit))
     eval_sft.add("filter", _prism("data", "filter-difficulty", "--model", str(sft), "--data", str(d / "align.parquet"),
                                   "--out", str(rl_data), "--n", str(s.filter_n), "--low", str(s.filter_low),
                                   "--high", str(s.filter_high), "--max-new-tokens", "200",
                                   "--limit", str(s.filter_limit), "--seed", str(seed)), rl_data)
-    warm = Lane("discriminator")
+    warm = Lane("discriminator", after=("prepare",))
     warm.add("disc-init", _prism("disc", "init", "--from", str(sft), "--out", str(disc / "init"), "--seed", str(seed)),
              disc / "init" / "prism_discriminator.json")
     warm.add("disc-pairs", _prism("disc", "pairs", "--policy", str(sft), "--data", str(d / "align.parquet"),
@@ -136,7 +154,8 @@ def plan(out: Path, s: QuickstartSettings, seed: int) -> list[list[Lane]]:
     for rs in s.rl_seeds:
         for name, start, label in (("sft_grpo", sft, "SFT+GRPO"), ("prism_grpo", align_policy, "PRISM+GRPO")):
             run = out / f"{name}_s{rs}"
-            lane = Lane(f"{name}-{rs}").add(
+            after = ("eval-sft",) if name == "sft_grpo" else ("eval-sft", "discriminator")
+            lane = Lane(f"{name}-{rs}", after=after).add(
                 f"{name}-s{rs}", _prism("rl", "--algo", "grpo", "--config", "configs/quickstart/rl.yaml",
                                         f"model.path={start}", f"data.train={rl_data}", f"output_dir={run}",
                                         f"train.steps={s.grpo_steps}", f"train.seed={rs}"),
@@ -144,7 +163,7 @@ def plan(out: Path, s: QuickstartSettings, seed: int) -> list[list[Lane]]:
             lane.add(*_eval(f"eval-{name}-s{rs}", run / "final", test, out / "eval" / f"{name}_s{rs}",
                             f"{label} seed {rs}", s.eval_limit))
             rl_lanes.append(lane)
-    return [[prep], [eval_sft, warm], rl_lanes]
+    return [prep, warm, eval_sft, *rl_lanes]
 
 
 def _load(path: Path) -> dict | None:
@@ -189,9 +208,7 @@ def run_quickstart(out: str | Path = "runs/quickstart", seed: int = 0, overrides
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    for i, phase in enumerate(plan(out, s, seed), 1):
-        print(f"phase {i}: " + ", ".join(lane.name for lane in phase), flush=True)
-        run_lanes(phase, logs, s.workers)
+    run_lanes(plan(out, s, seed), logs, s.workers)
     for run in ["sft", "align", "disc/warmup", *(f"{n}_s{r}" for r in s.rl_seeds for n in ("sft_grpo", "prism_grpo"))]:
         if (out / run / "metrics.jsonl").exists():
             from .plots import plot_run
