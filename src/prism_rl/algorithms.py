@@ -23,7 +23,6 @@ constants by the caller (pass detached tensors).  Metrics are detached python fl
 
 from __future__ import annotations
 
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F

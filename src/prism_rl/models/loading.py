@@ -34,13 +34,18 @@ def load_processor(path: str | Path, max_pixels: int | None = None, min_pixels: 
     if not Path(path).is_dir():
         raise FileNotFoundError(f"model.path '{path}' is not a folder (a local Hugging Face checkpoint)")
     processor = AutoProcessor.from_pretrained(path)
+    set_pixel_limits(processor, max_pixels, min_pixels)
+    return processor
+
+
+def set_pixel_limits(processor, max_pixels: int | None, min_pixels: int | None) -> None:
+    """Resize images to at most ``max_pixels`` / at least ``min_pixels`` (``None`` keeps)."""
     size = dict(processor.image_processor.size)
     if max_pixels is not None:
         size["longest_edge"] = max_pixels
     if min_pixels is not None:
         size["shortest_edge"] = min_pixels
     processor.image_processor.size = size
-    return processor
 
 
 def special_ids(processor) -> tuple[int, int]:

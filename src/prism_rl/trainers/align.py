@@ -26,19 +26,18 @@ import torch
 from tqdm import tqdm
 
 from .. import algorithms as A
-from ..config import AlignConfig, save_config
+from ..config import AlignConfig
 from ..data.records import BadRecords
 from ..models.discriminator import Discriminator, score_segments, score_texts
-from ..models.loading import load_policy, pick_device, special_ids
+from ..models.loading import load_policy, set_pixel_limits, special_ids
 from ..rewards import compute_score
 from ..rollout.base import Rollouts, SamplingParams
 from ..rollout.hf import HFEngine
 from .common import (
-    MetricsLogger, build_optimizer, build_scheduler, latest_checkpoint, load_trainer_state,
-    save_checkpoint, seed_everything, set_rng_state,
+    MetricsLogger, build_optimizer, build_scheduler, checkpoint_on_interrupt, load_trainer_state,
+    save_checkpoint, save_final, set_rng_state, start_run,
 )
 from .rl import PromptStream, load_prompts, ppo_update, sequence_logprobs
-from .sft import set_pixel_limits
 
 log = logging.getLogger(__name__)
 
@@ -101,11 +100,7 @@ def check_teacher_fields(prompts) -> None:
 
 def train_align(cfg: AlignConfig, resume: bool = False, halt_at_step: int | None = None) -> Path:
     """Run the adversarial alignment game; returns the folder of the final policy."""
-    out = Path(cfg.output_dir)
-    save_config(cfg, out)
-    seed_everything(cfg.train.seed)
-    device = pick_device()
-    ckpt = latest_checkpoint(out) if resume else None
+    out, device, ckpt = start_run(cfg, resume)
     policy_path = cfg.model.path if ckpt is None else str(ckpt / "policy")
     disc_path = cfg.disc.path if ckpt is None else str(ckpt / "disc")
     model, processor = load_policy(cfg.model.model_copy(update={"path": policy_path}), device, trainable=True)
@@ -145,7 +140,7 @@ def train_align(cfg: AlignConfig, resume: bool = False, halt_at_step: int | None
     def save(at: int) -> Path:
         return save_checkpoint(out, at, {"policy": model, "disc": disc}, processor, state())
 
-    try:
+    with checkpoint_on_interrupt(lambda: save(step), (bar, logger)):
         while step < halt:
             t0 = time.time()
             batch_prompts = stream.take(r.prompts_per_step)
@@ -190,18 +185,10 @@ def train_align(cfg: AlignConfig, resume: bool = False, halt_at_step: int | None
             bar.update(1)
             if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.steps:
                 save(step)
-    except KeyboardInterrupt:
-        save(step)
-        log.warning("interrupted: checkpoint saved at step %d; continue with --resume", step)
-        raise
-    finally:
-        bar.close()
-        logger.close()
     if step < cfg.train.steps:
         return save(step) / "policy"
     final = out / "final"
-    model.save_pretrained(final / "policy")
-    processor.save_pretrained(final / "policy")
+    save_final(final / "policy", model, processor)
     disc.save(final / "disc", processor)
     (out / "summary.json").write_text(json.dumps({"steps": step}, indent=2))
     return final / "policy"

@@ -9,19 +9,23 @@ that ``--resume`` continues exactly where the run stopped.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import re
 import shutil
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..config import OptimConfig
+from ..config import OptimConfig, save_config
+from ..models.loading import pick_device
+
+log = logging.getLogger(__name__)
 
 
 def seed_everything(seed: int) -> None:
@@ -171,3 +175,39 @@ def load_trainer_state(ckpt: Path) -> dict[str, Any]:
 def grad_norm(params) -> float:
     norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
     return float(torch.stack(norms).norm()) if norms else 0.0
+
+
+def start_run(cfg, resume: bool):
+    """Write the resolved config, seed, pick the device, find the checkpoint to resume from.
+
+    Returns ``(output folder, device, checkpoint or None)``.
+    """
+    out = Path(cfg.output_dir)
+    save_config(cfg, out)
+    seed_everything(cfg.train.seed)
+    ckpt = latest_checkpoint(out) if resume else None
+    if resume and ckpt is None:
+        log.warning("--resume: no checkpoint in %s, starting from scratch", out)
+    return out, pick_device(), ckpt
+
+
+@contextmanager
+def checkpoint_on_interrupt(save, closers=()):
+    """Ctrl-C inside the block saves a checkpoint (``save()``) before re-raising; the
+    progress bar and logger in ``closers`` are closed whatever happens."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        path = save()
+        log.warning("interrupted: checkpoint saved to %s; continue with --resume", path)
+        raise
+    finally:
+        for c in closers:
+            c.close()
+
+
+def save_final(folder: Path, model, processor) -> Path:
+    """The final model as a plain Hugging Face folder (model + processor)."""
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder

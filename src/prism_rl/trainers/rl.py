@@ -19,21 +19,20 @@ import torch
 from tqdm import tqdm
 
 from .. import algorithms as A
-from ..config import AlgoConfig, RLConfig, save_config
+from ..config import AlgoConfig, RLConfig
 from ..data.layouts import read_records
 from ..data.processing import Encoded, encode_all
 from ..data.records import BadRecords
 from ..eval.evaluate import sample_rows, summarize
-from ..models.loading import load_policy, pick_device, special_ids
+from ..models.loading import load_policy, set_pixel_limits, special_ids
 from ..models.logprobs import response_logprobs
 from ..rewards import RewardResult, compute_score, load_reward_fn
 from ..rollout.base import Rollouts, SamplingParams, concat_rollouts, micro_batch
 from ..rollout.hf import HFEngine
 from .common import (
-    MetricsLogger, autocast_for, build_optimizer, build_scheduler, latest_checkpoint,
-    load_trainer_state, save_checkpoint, seed_everything, set_rng_state,
+    MetricsLogger, autocast_for, build_optimizer, build_scheduler, checkpoint_on_interrupt,
+    load_trainer_state, save_checkpoint, save_final, set_rng_state, start_run,
 )
-from .sft import set_pixel_limits
 
 log = logging.getLogger(__name__)
 
@@ -224,11 +223,7 @@ def load_prompts(path: str, processor, eos: int, cfg, limit: int | None, bad: Ba
 
 def train_rl(cfg: RLConfig, resume: bool = False, halt_at_step: int | None = None) -> Path:
     """Run RLVR with ``cfg.algo``; returns the folder of the final policy."""
-    out = Path(cfg.output_dir)
-    save_config(cfg, out)
-    seed_everything(cfg.train.seed)
-    device = pick_device()
-    ckpt = latest_checkpoint(out) if resume else None
+    out, device, ckpt = start_run(cfg, resume)
     model_cfg = cfg.model if ckpt is None else cfg.model.model_copy(update={"path": str(ckpt)})
     model, processor = load_policy(model_cfg, device, trainable=True)
     set_pixel_limits(processor, cfg.data.max_pixels, cfg.data.min_pixels)
@@ -265,7 +260,10 @@ def train_rl(cfg: RLConfig, resume: bool = False, halt_at_step: int | None = Non
     def state() -> dict:
         return {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "stream": stream.state()}
 
-    try:
+    def save() -> Path:
+        return save_checkpoint(out, step, {"": model}, processor, state())
+
+    with checkpoint_on_interrupt(save, (bar, logger)):
         while step < halt:
             t0 = time.time()
             ro, sc, stats = collect(engine, stream, cfg, reward_fn)
@@ -306,19 +304,9 @@ def train_rl(cfg: RLConfig, resume: bool = False, halt_at_step: int | None = Non
             bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['acc']:.2f}")
             bar.update(1)
             if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.steps:
-                save_checkpoint(out, step, {"": model}, processor, state())
-    except KeyboardInterrupt:
-        save_checkpoint(out, step, {"": model}, processor, state())
-        log.warning("interrupted: checkpoint saved at step %d; continue with --resume", step)
-        raise
-    finally:
-        bar.close()
-        logger.close()
+                save()
     if step < cfg.train.steps:
-        save_checkpoint(out, step, {"": model}, processor, state())
-        return out / f"checkpoint-{step}"
-    final = out / "final"
-    model.save_pretrained(final)
-    processor.save_pretrained(final)
+        return save()
+    final = save_final(out / "final", model, processor)
     (out / "summary.json").write_text(json.dumps({"steps": step, "algo": cfg.algo.name}, indent=2))
     return final

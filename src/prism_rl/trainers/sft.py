@@ -18,27 +18,18 @@ from typing import Iterator
 import torch
 from tqdm import tqdm
 
-from ..config import SFTConfig, save_config
+from ..config import SFTConfig
 from ..data.layouts import read_records
 from ..data.processing import Encoded, collate, encode_all, length_grouped_batches
 from ..data.records import BadRecords
-from ..models.loading import count_parameters, load_policy, pick_device, special_ids
+from ..models.loading import count_parameters, load_policy, set_pixel_limits, special_ids
 from ..models.logprobs import sft_loss
 from .common import (
-    MetricsLogger, autocast_for, build_optimizer, build_scheduler, grad_norm, latest_checkpoint,
-    load_trainer_state, save_checkpoint, seed_everything, set_rng_state,
+    MetricsLogger, autocast_for, build_optimizer, build_scheduler, checkpoint_on_interrupt,
+    load_trainer_state, save_checkpoint, save_final, set_rng_state, start_run,
 )
 
 log = logging.getLogger(__name__)
-
-
-def set_pixel_limits(processor, max_pixels: int | None, min_pixels: int | None) -> None:
-    size = dict(processor.image_processor.size)
-    if max_pixels is not None:
-        size["longest_edge"] = max_pixels
-    if min_pixels is not None:
-        size["shortest_edge"] = min_pixels
-    processor.image_processor.size = size
 
 
 def load_examples(cfg: SFTConfig, processor, eos: int, bad: BadRecords) -> list[Encoded]:
@@ -77,13 +68,7 @@ def total_steps(cfg: SFTConfig, n_examples: int) -> int:
 def train_sft(cfg: SFTConfig, resume: bool = False, halt_at_step: int | None = None) -> Path:
     """Run SFT; returns the folder of the final model. ``halt_at_step`` stops early (after
     saving a checkpoint) as an interruption would, for time-boxed jobs and tests."""
-    out = Path(cfg.output_dir)
-    save_config(cfg, out)
-    seed_everything(cfg.train.seed)
-    device = pick_device()
-    ckpt = latest_checkpoint(out) if resume else None
-    if resume and ckpt is None:
-        log.warning("--resume: no checkpoint in %s, starting from scratch", out)
+    out, device, ckpt = start_run(cfg, resume)
     model_cfg = cfg.model if ckpt is None else cfg.model.model_copy(update={"path": str(ckpt)})
     model, processor = load_policy(model_cfg, device, trainable=True)
     set_pixel_limits(processor, cfg.data.max_pixels, cfg.data.min_pixels)
@@ -120,7 +105,10 @@ def train_sft(cfg: SFTConfig, resume: bool = False, halt_at_step: int | None = N
         return {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch,
                 "pos": pos, "tokens_seen": tokens_seen}
 
-    try:
+    def save() -> Path:
+        return save_checkpoint(out, step, {"": model}, processor, state())
+
+    with checkpoint_on_interrupt(save, (bar, logger)):
         while step < min(steps, halt):
             group = [next(stream) for _ in range(cfg.train.grad_accum)]
             epoch, pos = group[-1][0], group[-1][1] + 1   # position after this step
@@ -149,20 +137,10 @@ def train_sft(cfg: SFTConfig, resume: bool = False, halt_at_step: int | None = N
                 tok_window, t_window = 0, now
             bar.update(1)
             if cfg.train.save_every and step % cfg.train.save_every == 0 and step < steps:
-                save_checkpoint(out, step, {"": model}, processor, state())
-    except KeyboardInterrupt:
-        save_checkpoint(out, step, {"": model}, processor, state())
-        log.warning("interrupted: checkpoint saved at step %d; continue with --resume", step)
-        raise
-    finally:
-        bar.close()
-        logger.close()
+                save()
     if step < steps:  # halted early: leave a checkpoint to resume from
-        save_checkpoint(out, step, {"": model}, processor, state())
-        return out / f"checkpoint-{step}"
-    final = out / "final"
-    model.save_pretrained(final)
-    processor.save_pretrained(final)
+        return save()
+    final = save_final(out / "final", model, processor)
     (out / "summary.json").write_text(json.dumps({
         "steps": step, "examples": len(examples), "bad_records": bad.count, "wall_s": time.time() - t0,
         "bad_record_reasons": bad.reasons[:50]}, indent=2))

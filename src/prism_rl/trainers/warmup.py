@@ -28,11 +28,10 @@ from ..data.processing import encode_all
 from ..data.records import BadRecords
 from ..format import split_text
 from ..models.discriminator import Discriminator, score_texts
-from ..models.loading import load_policy, load_processor, pick_device, special_ids
+from ..models.loading import load_policy, load_processor, pick_device, set_pixel_limits, special_ids
 from ..rollout.base import SamplingParams
 from ..rollout.hf import HFEngine
 from .common import MetricsLogger, build_optimizer, build_scheduler, seed_everything
-from .sft import set_pixel_limits
 
 
 def sample_pairs(policy_dir: str, data: str, out: str, *, n: int = 1, max_new_tokens: int = 1024,
