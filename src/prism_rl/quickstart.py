@@ -27,6 +27,8 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydantic import Field
+
 from .config import Section, load_config
 
 
@@ -37,14 +39,14 @@ class QuickstartSettings(Section):
     rl_seeds: list[int] = [0, 1, 2]
     workers: int = 2
     sft_epochs: float = 4.0
-    filter_limit: int = 256
+    filter_limit: int = 192
     filter_n: int = 8
     filter_low: float = 0.125
     filter_high: float = 0.875
     grpo_steps: int = 30
     align_steps: int = 30
     pairs_limit: int = 448
-    eval_limit: int | None = None
+    eval_limit: int | None = Field(448, description="Held-out problems per evaluation (test set: 900).")
 
 
 @dataclass
