@@ -85,3 +85,25 @@ def test_bad_records_named_or_skipped(proc, rec, needle):
     bad = BadRecords()
     out = encode_all(proc, good + [rec], eos_id=eos, max_length=1024, with_response=True, skip_bad=True, bad=bad)
     assert len(out) == 2 and bad.count == 1 and f"record {rec.index}" in bad.reasons[0]
+
+
+def test_freeze_vision_freezes_exactly_the_vision_tower(tiny_model_dir):
+    import torch
+    from prism_rl.config import ModelConfig
+    from prism_rl.models.loading import count_parameters, load_policy, vision_parameters
+    model, _ = load_policy(ModelConfig(path=str(tiny_model_dir), freeze_vision=True), torch.device("cpu"))
+    frozen = {id(p) for p in vision_parameters(model)}
+    assert frozen and all(not p.requires_grad for p in vision_parameters(model))
+    assert all(p.requires_grad for p in model.parameters() if id(p) not in frozen)
+    total, trainable = count_parameters(model)
+    assert total - trainable == sum(p.numel() for p in vision_parameters(model))
+
+
+def test_data_show_cli_writes_contact_sheet(tmp_path, capsys):
+    from prism_rl.cli import main
+    assert main(["data", "synth", "--out", str(tmp_path / "d"), "--n", "24", "--seed", "1"]) == 0
+    out = tmp_path / "sheet.png"
+    assert main(["data", "show", str(tmp_path / "d" / "test.parquet"), "--out", str(out), "-k", "3"]) == 0
+    from PIL import Image
+    assert Image.open(out).size[0] > 96
+    assert "contact sheet" in capsys.readouterr().out
