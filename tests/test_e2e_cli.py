@@ -132,3 +132,26 @@ def test_prism_stage_end_to_end_and_resume(workdir, straight_sft):
     assert AutoModelForImageTextToText.from_pretrained(out / "final" / "policy") is not None
     assert main(["plot", str(out)]) == 0
     assert (out / "training_curves.png").stat().st_size > 0 and (out / "expert_load.png").exists()
+
+
+def test_groups_with_variance_keeps_mixed_groups_only():
+    from prism_rl.trainers.rl import groups_with_variance
+    gids = torch.tensor([5, 5, 5, 2, 2, 9, 9, 9, 7])
+    acc = torch.tensor([1., 0., 1., 0., 0., 1., 1., 1., 1.])
+    assert groups_with_variance(gids, acc) == [5]          # 2 all wrong, 9 all right, 7 a single sample
+
+
+def test_dapo_dynamic_sampling_bookkeeping(workdir, straight_sft):
+    out = workdir / "dapo"
+    assert main(["rl", "--algo", "dapo", "--config", "configs/quickstart/rl.yaml",
+                 f"model.path={straight_sft / 'final'}", f"data.train={workdir / 'data' / 'align.parquet'}",
+                 f"output_dir={out}", "train.steps=2", "rollout.n=4", "rollout.prompts_per_step=2",
+                 "rollout.gen_batch_prompts=3", "algo.max_num_gen_batches=2", "rollout.max_new_tokens=24",
+                 "algo.overlong_buffer=8"]) == 0
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl") if '"gen_rounds"' in line]
+    assert len(rows) == 2
+    for r in rows:
+        assert 1 <= r["gen_rounds"] <= 2 and r["prompts_sampled"] == 3 * r["gen_rounds"]
+        assert 0 <= r["groups_kept"] <= 2
+        # a kept batch has only mixed-outcome groups, so its accuracy is strictly inside (0, 1)
+        assert r.get("skipped") == 1 or 0.0 < r["acc"] < 1.0

@@ -93,8 +93,12 @@ def groups_with_variance(group_ids: torch.Tensor, values: torch.Tensor) -> list[
     return keep
 
 
-def collect(engine: HFEngine, stream: PromptStream, cfg: RLConfig, reward_fn) -> tuple[Rollouts, dict, dict]:
-    """Sample and score one training batch (with DAPO's dynamic sampling when enabled)."""
+def collect(engine: HFEngine, stream: PromptStream, cfg: RLConfig, reward_fn) -> tuple[Rollouts | None, dict, dict]:
+    """Sample and score one training batch (with DAPO's dynamic sampling when enabled).
+
+    Returns ``None`` rollouts when dynamic sampling kept no group in ``max_num_gen_batches``
+    rounds (every group all right or all wrong): the step is then skipped and logged.
+    """
     r, algo = cfg.rollout, cfg.algo
     params = SamplingParams(n=r.n, max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p)
     per_round = r.gen_batch_prompts or r.prompts_per_step
@@ -119,10 +123,12 @@ def collect(engine: HFEngine, stream: PromptStream, cfg: RLConfig, reward_fn) ->
     ro = concat_rollouts(parts, engine.pad_id)
     sc = {k: torch.cat([s[k] for s in scores]) for k in scores[0]}
     all_stats = {f"all_{k}": float(v.mean()) for k, v in sc.items() if k in ("reward", "acc", "format")}
-    kept_groups = kept_groups[: r.prompts_per_step]
-    rows = [i for i, g in enumerate(ro.group_ids.tolist()) if g in set(kept_groups)]
-    stats = {"gen_rounds": rounds, "prompts_sampled": seen, "groups_kept": len(kept_groups),
+    kept = set(kept_groups[: r.prompts_per_step])
+    rows = [i for i, g in enumerate(ro.group_ids.tolist()) if g in kept]
+    stats = {"gen_rounds": rounds, "prompts_sampled": seen, "groups_kept": len(kept),
              "time_rollout_s": t_gen, "time_score_s": t_score, **all_stats}
+    if not rows:
+        return None, {}, stats
     if len(rows) < len(ro):
         ro = ro.select(rows)
         sc = {k: v[rows] for k, v in sc.items()}
@@ -267,7 +273,7 @@ def train_rl(cfg: RLConfig, resume: bool = False, halt_at_step: int | None = Non
         while step < halt:
             t0 = time.time()
             ro, sc, stats = collect(engine, stream, cfg, reward_fn)
-            if len(ro) == 0:
+            if ro is None:
                 step += 1
                 logger.log(step, {**stats, "skipped": 1})
                 bar.update(1)
