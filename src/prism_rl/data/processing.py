@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .layouts import read_records
 from .records import IMAGE_PLACEHOLDER, BadRecords, DataError, Record
 
 IGNORE_INDEX = -100
@@ -124,6 +125,15 @@ def encode_all(processor, records: list[Record], *, eos_id: int, max_length: int
                 raise
             (bad if bad is not None else BadRecords()).add(rec.where(), str(e).split(": ", 2)[-1])
     return out
+
+
+def load_prompts(path: str, processor, *, eos_id: int, max_length: int, limit: int | None = None,
+                 skip_bad: bool = False, bad: BadRecords | None = None) -> list[Encoded]:
+    """Read a data file and encode the first ``limit`` records as prompts (no response)."""
+    records = read_records(path, skip_bad=skip_bad, bad=bad)
+    records = records[:limit] if limit else records
+    return encode_all(processor, records, eos_id=eos_id, max_length=max_length, with_response=False,
+                      skip_bad=skip_bad, bad=bad)
 
 
 def _pad(seqs: list[torch.Tensor], value: int, side: str) -> torch.Tensor:

@@ -17,8 +17,7 @@ import torch
 from tqdm import tqdm
 
 from ..config import EvalConfig, save_config
-from ..data.layouts import read_records
-from ..data.processing import encode_all
+from ..data.processing import load_prompts
 from ..data.records import BadRecords
 from ..models.loading import load_policy, pick_device, special_ids
 from ..rewards import compute_score
@@ -37,6 +36,21 @@ def sample_rows(engine: HFEngine, prompts, params: SamplingParams, batch_size: i
             yield int(ro.group_ids[row]), row % params.n, ro.texts[row], int(lengths[row]), ro.finish_reasons[row]
         bar.update(len(chunk))
     bar.close()
+
+
+def score_samples(engine: HFEngine, prompts, params: SamplingParams, batch_size: int, desc: str = "eval") -> list[dict]:
+    """Generate for every prompt and score each sample with the verifiable reward: one row per
+    sample (id, task, question, ground truth, response, answer, acc, format, score, tokens,
+    finish reason)."""
+    rows = []
+    for pi, si, text, n_tok, finish in sample_rows(engine, prompts, params, batch_size, desc):
+        rec = prompts[pi].record
+        res = compute_score(text, rec.ground_truth or "")
+        rows.append({"id": rec.id, "task": rec.task, "sample": si, "question": rec.question,
+                     "ground_truth": rec.ground_truth, "response": text, "answer": res.answer,
+                     "acc": res.acc, "format": res.format, "score": res.score, "tokens": n_tok,
+                     "finish": finish})
+    return rows
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -70,22 +84,12 @@ def evaluate(cfg: EvalConfig, model=None, processor=None) -> dict:
     torch.manual_seed(cfg.generation.seed)
     eos, _ = special_ids(processor)
     bad = BadRecords()
-    records = read_records(cfg.data.eval, skip_bad=cfg.data.skip_bad, bad=bad)
-    if cfg.data.limit:
-        records = records[: cfg.data.limit]
-    prompts = encode_all(processor, records, eos_id=eos, max_length=cfg.data.max_prompt_length,
-                         with_response=False, skip_bad=cfg.data.skip_bad, bad=bad)
+    prompts = load_prompts(cfg.data.eval, processor, eos_id=eos, max_length=cfg.data.max_prompt_length,
+                           limit=cfg.data.limit, skip_bad=cfg.data.skip_bad, bad=bad)
     g = cfg.generation
     params = SamplingParams(n=g.n, max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p)
     t0 = time.time()
-    rows = []
-    for pi, si, text, n_tok, finish in sample_rows(HFEngine(model, processor, device), prompts, params, g.batch_size):
-        rec = prompts[pi].record
-        res = compute_score(text, rec.ground_truth or "")
-        rows.append({"id": rec.id, "task": rec.task, "sample": si, "question": rec.question,
-                     "ground_truth": rec.ground_truth, "response": text, "answer": res.answer,
-                     "acc": res.acc, "format": res.format, "score": res.score, "tokens": n_tok,
-                     "finish": finish})
+    rows = score_samples(HFEngine(model, processor, device), prompts, params, g.batch_size)
     wall = time.time() - t0
     with (out / "samples.jsonl").open("w") as f:
         for r in rows:

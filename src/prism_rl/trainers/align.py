@@ -29,15 +29,15 @@ from .. import algorithms as A
 from ..config import AlignConfig
 from ..data.records import BadRecords
 from ..models.discriminator import Discriminator, score_segments, score_texts
-from ..models.loading import load_policy, set_pixel_limits, special_ids
+from ..models.loading import special_ids
 from ..rewards import compute_score
 from ..rollout.base import Rollouts, SamplingParams
 from ..rollout.hf import HFEngine
 from .common import (
-    MetricsLogger, build_optimizer, build_scheduler, checkpoint_on_interrupt, load_trainer_state,
+    MetricsLogger, build_optimizer, build_scheduler, checkpoint_on_interrupt, load_stage_policy, load_trainer_state,
     save_checkpoint, save_final, set_rng_state, start_run,
 )
-from .rl import PromptStream, load_prompts, ppo_update, sequence_logprobs
+from .rl import PromptStream, ppo_update, sequence_logprobs, stage_prompts
 
 log = logging.getLogger(__name__)
 
@@ -101,15 +101,13 @@ def check_teacher_fields(prompts) -> None:
 def train_align(cfg: AlignConfig, resume: bool = False, halt_at_step: int | None = None) -> Path:
     """Run the adversarial alignment game; returns the folder of the final policy."""
     out, device, ckpt = start_run(cfg, resume)
-    policy_path = cfg.model.path if ckpt is None else str(ckpt / "policy")
     disc_path = cfg.disc.path if ckpt is None else str(ckpt / "disc")
-    model, processor = load_policy(cfg.model.model_copy(update={"path": policy_path}), device, trainable=True)
-    set_pixel_limits(processor, cfg.data.max_pixels, cfg.data.min_pixels)
+    model, processor = load_stage_policy(cfg, device, None if ckpt is None else ckpt / "policy")
     disc = Discriminator.load(disc_path, device)
     disc.train()
     eos, _ = special_ids(processor)
     bad = BadRecords()
-    prompts = load_prompts(cfg.data.train, processor, eos, cfg, cfg.data.limit, bad)
+    prompts = stage_prompts(cfg.data.train, processor, eos, cfg, cfg.data.limit, bad)
     check_teacher_fields(prompts)
     pol_params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(pol_params, cfg.optim)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..config import OptimConfig, save_config
-from ..models.loading import pick_device
+from ..models.loading import load_policy, pick_device, set_pixel_limits
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +204,15 @@ def checkpoint_on_interrupt(save, closers=()):
     finally:
         for c in closers:
             c.close()
+
+
+def load_stage_policy(cfg, device, resume_from: Path | None = None):
+    """The stage's trainable policy and processor: from ``cfg.model`` or, when resuming, from
+    the checkpoint folder ``resume_from``; the processor gets ``cfg.data``'s pixel limits."""
+    model_cfg = cfg.model if resume_from is None else cfg.model.model_copy(update={"path": str(resume_from)})
+    model, processor = load_policy(model_cfg, device, trainable=True)
+    set_pixel_limits(processor, cfg.data.max_pixels, cfg.data.min_pixels)
+    return model, processor
 
 
 def save_final(folder: Path, model, processor) -> Path:

@@ -20,18 +20,17 @@ from tqdm import tqdm
 
 from .. import algorithms as A
 from ..config import AlgoConfig, RLConfig
-from ..data.layouts import read_records
-from ..data.processing import Encoded, encode_all
+from ..data.processing import Encoded, load_prompts
 from ..data.records import BadRecords
-from ..eval.evaluate import sample_rows, summarize
-from ..models.loading import load_policy, set_pixel_limits, special_ids
+from ..eval.evaluate import score_samples, summarize
+from ..models.loading import load_policy, special_ids
 from ..models.logprobs import response_logprobs
 from ..rewards import RewardResult, compute_score, load_reward_fn
 from ..rollout.base import Rollouts, SamplingParams, concat_rollouts, micro_batch
 from ..rollout.hf import HFEngine
 from .common import (
     MetricsLogger, autocast_for, build_optimizer, build_scheduler, checkpoint_on_interrupt,
-    load_trainer_state, save_checkpoint, save_final, set_rng_state, start_run,
+    load_stage_policy, load_trainer_state, save_checkpoint, save_final, set_rng_state, start_run,
 )
 
 log = logging.getLogger(__name__)
@@ -209,36 +208,26 @@ def ppo_update(model, opt, sched, ro: Rollouts, adv: torch.Tensor, old_lp: torch
 
 def greedy_eval(model, processor, prompts: list[Encoded], max_new_tokens: int, batch_size: int = 64) -> dict:
     """Greedy accuracy / format / length on ``prompts`` with the built-in reward."""
-    engine = HFEngine(model, processor)
     params = SamplingParams(n=1, max_new_tokens=max_new_tokens, temperature=0.0)
-    rows = []
-    for pi, _, text, n_tok, finish in sample_rows(engine, prompts, params, batch_size, desc="eval"):
-        rec = prompts[pi].record
-        res = compute_score(text, rec.ground_truth or "")
-        rows.append({"id": rec.id, "task": rec.task, "acc": res.acc, "format": res.format, "tokens": n_tok,
-                     "finish": finish})
-    return summarize(rows)
+    return summarize(score_samples(HFEngine(model, processor), prompts, params, batch_size))
 
 
-def load_prompts(path: str, processor, eos: int, cfg, limit: int | None, bad: BadRecords) -> list[Encoded]:
-    records = read_records(path, skip_bad=cfg.data.skip_bad, bad=bad)
-    records = records[:limit] if limit else records
-    return encode_all(processor, records, eos_id=eos, max_length=cfg.data.max_prompt_length,
-                      with_response=False, skip_bad=cfg.data.skip_bad, bad=bad)
+def stage_prompts(path: str, processor, eos: int, cfg, limit: int | None, bad: BadRecords) -> list[Encoded]:
+    """Prompts of an RL-style stage, with the stage's prompt limit and bad-record policy."""
+    return load_prompts(path, processor, eos_id=eos, max_length=cfg.data.max_prompt_length, limit=limit,
+                        skip_bad=cfg.data.skip_bad, bad=bad)
 
 
 def train_rl(cfg: RLConfig, resume: bool = False, halt_at_step: int | None = None) -> Path:
     """Run RLVR with ``cfg.algo``; returns the folder of the final policy."""
     out, device, ckpt = start_run(cfg, resume)
-    model_cfg = cfg.model if ckpt is None else cfg.model.model_copy(update={"path": str(ckpt)})
-    model, processor = load_policy(model_cfg, device, trainable=True)
-    set_pixel_limits(processor, cfg.data.max_pixels, cfg.data.min_pixels)
+    model, processor = load_stage_policy(cfg, device, ckpt)
     eos, _ = special_ids(processor)
     bad = BadRecords()
-    prompts = load_prompts(cfg.data.train, processor, eos, cfg, cfg.data.limit, bad)
+    prompts = stage_prompts(cfg.data.train, processor, eos, cfg, cfg.data.limit, bad)
     if not prompts:
         raise ValueError(f"{cfg.data.train}: no usable prompts ({bad.summary()})")
-    eval_prompts = load_prompts(cfg.data.eval, processor, eos, cfg, cfg.train.eval_limit, bad) \
+    eval_prompts = stage_prompts(cfg.data.eval, processor, eos, cfg, cfg.train.eval_limit, bad) \
         if cfg.data.eval and cfg.train.eval_every else []
     ref = None
     if cfg.algo.kl_coef > 0:

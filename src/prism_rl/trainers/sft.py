@@ -22,11 +22,11 @@ from ..config import SFTConfig
 from ..data.layouts import read_records
 from ..data.processing import Encoded, collate, encode_all, length_grouped_batches
 from ..data.records import BadRecords
-from ..models.loading import count_parameters, load_policy, set_pixel_limits, special_ids
+from ..models.loading import count_parameters, special_ids
 from ..models.logprobs import sft_loss
 from .common import (
     MetricsLogger, autocast_for, build_optimizer, build_scheduler, checkpoint_on_interrupt,
-    load_trainer_state, save_checkpoint, save_final, set_rng_state, start_run,
+    load_stage_policy, load_trainer_state, save_checkpoint, save_final, set_rng_state, start_run,
 )
 
 log = logging.getLogger(__name__)
@@ -69,9 +69,7 @@ def train_sft(cfg: SFTConfig, resume: bool = False, halt_at_step: int | None = N
     """Run SFT; returns the folder of the final model. ``halt_at_step`` stops early (after
     saving a checkpoint) as an interruption would, for time-boxed jobs and tests."""
     out, device, ckpt = start_run(cfg, resume)
-    model_cfg = cfg.model if ckpt is None else cfg.model.model_copy(update={"path": str(ckpt)})
-    model, processor = load_policy(model_cfg, device, trainable=True)
-    set_pixel_limits(processor, cfg.data.max_pixels, cfg.data.min_pixels)
+    model, processor = load_stage_policy(cfg, device, ckpt)
     eos, pad = special_ids(processor)
 
     bad = BadRecords()

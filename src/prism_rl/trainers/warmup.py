@@ -23,12 +23,12 @@ from tqdm import tqdm
 
 from .. import algorithms as A
 from ..config import ModelConfig, WarmupConfig, save_config
-from ..data.layouts import PairRecord, read_pairs, read_records, write_pairs
-from ..data.processing import encode_all
+from ..data.layouts import PairRecord, read_pairs, write_pairs
+from ..data.processing import encode_all, load_prompts
 from ..data.records import BadRecords
 from ..format import split_text
 from ..models.discriminator import Discriminator, score_texts
-from ..models.loading import load_policy, load_processor, pick_device, set_pixel_limits, special_ids
+from ..models.loading import load_policy, load_processor, pick_device, special_ids
 from ..rollout.base import SamplingParams
 from ..rollout.hf import HFEngine
 from .common import MetricsLogger, build_optimizer, build_scheduler, seed_everything
@@ -45,11 +45,10 @@ def sample_pairs(policy_dir: str, data: str, out: str, *, n: int = 1, max_new_to
     torch.manual_seed(seed)
     model, processor = load_policy(ModelConfig(path=policy_dir), pick_device(), trainable=False)
     eos, _ = special_ids(processor)
-    records = read_records(data)[:limit] if limit else read_records(data)
-    missing = [r.where("teacher_caption") for r in records if "teacher_caption" not in r.extra]
+    prompts = load_prompts(data, processor, eos_id=eos, max_length=100_000, limit=limit)
+    missing = [p.record.where("teacher_caption") for p in prompts if "teacher_caption" not in p.record.extra]
     if missing:
         raise ValueError(f"{missing[0]}: warm-up pairs need teacher_caption/teacher_cot fields")
-    prompts = encode_all(processor, records, eos_id=eos, max_length=100_000, with_response=False)
     engine = HFEngine(model, processor)
     params = SamplingParams(n=n, max_new_tokens=max_new_tokens, temperature=temperature)
     pairs, invalid = [], 0
@@ -112,8 +111,7 @@ def train_warmup(cfg: WarmupConfig) -> Path:
     device = pick_device()
     disc = Discriminator.load(cfg.disc.path, device)
     disc.train()
-    processor = load_processor(cfg.disc.path)
-    set_pixel_limits(processor, cfg.data.max_pixels, cfg.data.min_pixels)
+    processor = load_processor(cfg.disc.path, cfg.data.max_pixels, cfg.data.min_pixels)
     eos, _ = special_ids(processor)
     bad = BadRecords()
     pairs = read_pairs(cfg.data.train, skip_bad=cfg.data.skip_bad, bad=bad)
