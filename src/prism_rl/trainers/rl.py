@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -134,23 +135,33 @@ def collect(engine: HFEngine, stream: PromptStream, cfg: RLConfig, reward_fn) ->
     return ro, sc, stats
 
 
+def by_length(ro: Rollouts, rows) -> list[int]:
+    """``rows`` ordered by response length, then prompt length, so that consecutive
+    micro-batches hold similar lengths and ``micro_batch`` trims most padding away (a
+    mini-batch's loss is a token- or sequence-weighted sum over its micro-batches, so the
+    order within it does not change the update)."""
+    resp, prompt = ro.response_mask.sum(1).tolist(), ro.prompt_mask.sum(1).tolist()
+    return sorted(rows, key=lambda r: (resp[r], prompt[r]))
+
+
 def sequence_logprobs(model, ro: Rollouts, micro: int, device, *, temperature: float = 1.0,
                       with_entropy: bool = False, chunk: int = 2048):
     """No-grad per-token log-probs (and entropy) of every rollout row, (B, R), in micro-batches."""
     B, R = ro.response_ids.shape
     logp = torch.zeros(B, R)
     ent = torch.zeros(B, R)
+    order = by_length(ro, range(B))
     with torch.no_grad(), autocast_for(device):
         for s in range(0, B, micro):
-            rows = list(range(s, min(B, s + micro)))
+            rows = order[s:s + micro]
             batch, P, mask = micro_batch(ro, rows)
             batch = {k: v.to(device) for k, v in batch.items()}
             out = response_logprobs(model, batch, P, temperature=temperature, chunk_size=chunk,
                                     with_entropy=with_entropy)
             lp, en = out if with_entropy else (out, None)
-            logp[s:s + len(rows), :mask.shape[1]] = lp.float().cpu() * mask
+            logp[rows, :mask.shape[1]] = lp.float().cpu() * mask
             if en is not None:
-                ent[s:s + len(rows), :mask.shape[1]] = en.float().cpu() * mask
+                ent[rows, :mask.shape[1]] = en.float().cpu() * mask
     return (logp, ent) if with_entropy else logp
 
 
@@ -172,6 +183,7 @@ def ppo_update(model, opt, sched, ro: Rollouts, adv: torch.Tensor, old_lp: torch
         perm = torch.randperm(B, generator=g).tolist()
         size = -(-B // algo.mini_batches)
         for mb in [perm[i:i + size] for i in range(0, B, size)]:
+            mb = by_length(ro, mb)
             tokens = float(ro.response_mask[mb].sum())
             for s in range(0, len(mb), algo.micro_batch_size):
                 rows = mb[s:s + algo.micro_batch_size]
@@ -198,12 +210,21 @@ def ppo_update(model, opt, sched, ro: Rollouts, adv: torch.Tensor, old_lp: torch
                 for k, v in m.items():
                     sums[k] = sums.get(k, 0.0) + float(v) * w
                 sums["pg_loss"] = sums.get("pg_loss", 0.0) + float(loss.detach()) * w
-            sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
-            opt.step()
+            norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
+            if math.isfinite(norm):
+                sums["grad_norm"] = sums.get("grad_norm", 0.0) + norm
+                opt.step()
+            else:  # one NaN/inf gradient would make every weight NaN: skip the step, count it
+                sums["nonfinite_grad_skips"] = sums.get("nonfinite_grad_skips", 0.0) + 1
+                log.warning("non-finite gradient norm (%s) in a PPO mini-batch of %d rows: step skipped", norm, len(mb))
             sched.step()
             opt.zero_grad(set_to_none=True)
             n_updates += 1
-    return {k: v / n_updates for k, v in sums.items()} | {"updates": n_updates}
+    skips = int(sums.pop("nonfinite_grad_skips", 0))
+    out = {k: v / n_updates for k, v in sums.items()} | {"updates": n_updates, "nonfinite_grad_skips": skips}
+    if "grad_norm" in sums:
+        out["grad_norm"] = sums["grad_norm"] / max(1, n_updates - skips)
+    return out
 
 
 def greedy_eval(model, processor, prompts: list[Encoded], max_new_tokens: int, batch_size: int = 64) -> dict:
@@ -236,7 +257,7 @@ def train_rl(cfg: RLConfig, resume: bool = False, halt_at_step: int | None = Non
     opt = build_optimizer(params, cfg.optim)
     updates_per_step = cfg.algo.ppo_epochs * cfg.algo.mini_batches
     sched = build_scheduler(opt, cfg.optim, cfg.train.steps * updates_per_step)
-    step, stream_state = 0, {"epoch": 0, "pos": 0}
+    step, stream_state, bad_steps = 0, {"epoch": 0, "pos": 0}, 0
     if ckpt is not None:
         st = load_trainer_state(ckpt)
         opt.load_state_dict(st["optimizer"])
@@ -281,6 +302,10 @@ def train_rl(cfg: RLConfig, resume: bool = False, halt_at_step: int | None = Non
                              chunk=cfg.train.logprob_chunk)
             t_upd = time.time() - t
             step += 1
+            bad_steps = bad_steps + 1 if upd["nonfinite_grad_skips"] == upd["updates"] else 0
+            if bad_steps >= 3:
+                raise FloatingPointError(f"{out}: every update of RL steps {step - 2}..{step} had a non-finite "
+                                         "gradient (steps skipped); the policy or its inputs hold inf/NaN")
             lengths = ro.response_lengths.float()
             n_tok = float(ro.response_mask.sum() + ro.prompt_mask.sum())
             wall = time.time() - t0
