@@ -9,17 +9,28 @@ kept: peak memory is one chunk's logits, not the batch's.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
 
 
+# cuDNN's fused attention backward returned NaN gradients on an H100 in RL updates (left-padded
+# rows; caught by autograd anomaly mode in ScaledDotProductCudnnAttentionBackward0, about one
+# step in ten at 512 rows), so training forwards use the other SDPA kernels.
+TRAIN_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 def backbone_hidden(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Last hidden states (B, L, H) of a ``*ForConditionalGeneration`` model's backbone."""
     inputs = {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch}
-    return model.model(**inputs, use_cache=False).last_hidden_state
+    on_cuda = batch["input_ids"].is_cuda
+    with sdpa_kernel(TRAIN_SDPA_BACKENDS) if on_cuda else nullcontext():
+        return model.model(**inputs, use_cache=False).last_hidden_state
 
 
 def _chunk_logprob_entropy(head, h: torch.Tensor, y: torch.Tensor, temperature: float, with_entropy: bool):
