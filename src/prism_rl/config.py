@@ -50,6 +50,8 @@ class OptimConfig(Section):
     lr: float = Field(1e-5, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0, description="Adam epsilon; a value near the typical gradient size "
+                       "makes small, noisy gradients move their weights less than lr.")
     schedule: Literal["cosine", "constant", "linear"] = "cosine"
     warmup_ratio: float = Field(0.1, ge=0, le=1)
     warmup_steps: int | None = Field(None, ge=0, description="Overrides warmup_ratio when set.")

@@ -41,7 +41,7 @@ def build_optimizer(params, cfg: OptimConfig) -> torch.optim.AdamW:
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
