@@ -1,0 +1,12 @@
+"""Control reward for RL experiments: a coin flip (p = 1/4) fixed by the response text.
+
+It carries no information about correctness, so an RL run with it shows what the update's
+noise alone does to a policy (compare with the verifiable reward at the same settings):
+    prism rl --algo grpo ... reward.function=bench/reward_random.py:score
+"""
+
+import hashlib
+
+
+def score(response: str, ground_truth: str) -> float:
+    return float(hashlib.md5(response.encode()).digest()[0] % 4 == 0)
