@@ -23,7 +23,7 @@ arm() {  # name sft_dir overrides...
   $P eval --config configs/quickstart/eval.yaml model.path=$policy data.eval=$D/test.parquet \
      output_dir=$OUT/$name/eval >> $OUT/$name.log 2>&1
 }
-SFT=runs/quickstart/sft/final
+SFT=runs/quickstart/sft/final  # runs/exp/sfte8 (ARMS=lr) is `prism sft` with train.epochs=8, its final/ folder
 $P eval --config configs/quickstart/eval.yaml model.path=$SFT output_dir=$OUT/sft_eval > $OUT/sft_eval.log 2>&1 &
 if [ "${ARMS:-lr}" = lr ]; then  # learning rates, a random-reward control, a longer-SFT start
   arm grpo_1e4 $SFT optim.lr=1e-4 &
