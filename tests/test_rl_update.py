@@ -2,6 +2,7 @@
 split into micro-batches (they are length-sorted first), and the recomputed log-probs equal
 the ones the sampler used."""
 
+import pytest
 import torch
 
 from prism_rl.config import AlgoConfig, ModelConfig
@@ -85,3 +86,14 @@ def test_nonfinite_gradient_skips_the_step_and_is_counted(tiny_model_dir):
     assert out["nonfinite_grad_skips"] == 1 and out["updates"] == 2
     assert all(torch.isfinite(p).all() for p in after)
     assert any(not torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_three_all_skipped_steps_in_a_row_stop_the_run():
+    from prism_rl.trainers.rl import nonfinite_streak
+    bad, good, partly = ({"updates": 2, "nonfinite_grad_skips": k} for k in (2, 0, 1))
+    streak = 0
+    for step, upd in enumerate([bad, bad, good, bad, partly, bad, bad], 1):
+        streak = nonfinite_streak(streak, upd, step, "run")
+    assert streak == 2
+    with pytest.raises(FloatingPointError, match=r"run: every update of steps 6\.\.8"):
+        nonfinite_streak(streak, bad, 8, "run")

@@ -37,7 +37,7 @@ from .common import (
     MetricsLogger, build_optimizer, build_scheduler, checkpoint_on_interrupt, load_stage_policy, load_trainer_state,
     save_checkpoint, save_final, set_rng_state, start_run,
 )
-from .rl import PromptStream, ppo_update, sequence_logprobs, stage_prompts
+from .rl import PromptStream, nonfinite_streak, ppo_update, sequence_logprobs, stage_prompts
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +122,7 @@ def train_align(cfg: AlignConfig, resume: bool = False, halt_at_step: int | None
         set_rng_state(st["rng"])
         step, stream_state = st["step"], st["stream"]
     stream = PromptStream(prompts, cfg.train.seed, **stream_state)
+    bad_steps = 0
     engine = HFEngine(model, processor, device, cache_implementation=cfg.rollout.cache_implementation)
     r = cfg.rollout
     params = SamplingParams(n=r.n, max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p)
@@ -163,6 +164,7 @@ def train_align(cfg: AlignConfig, resume: bool = False, halt_at_step: int | None
                              temperature=r.temperature, seed=cfg.train.seed + step, chunk=cfg.train.logprob_chunk)
             t_upd = time.time() - t
             step += 1
+            bad_steps = nonfinite_streak(bad_steps, upd, step, out)
             verifiable = [compute_score(txt, rec.ground_truth or "") for txt, rec in zip(ro.texts, ro.records)]
             lengths = ro.response_lengths.float()
             metrics = {

@@ -221,10 +221,21 @@ def ppo_update(model, opt, sched, ro: Rollouts, adv: torch.Tensor, old_lp: torch
             opt.zero_grad(set_to_none=True)
             n_updates += 1
     skips = int(sums.pop("nonfinite_grad_skips", 0))
+    norm_sum = sums.pop("grad_norm", None)  # averaged over the applied updates only
     out = {k: v / n_updates for k, v in sums.items()} | {"updates": n_updates, "nonfinite_grad_skips": skips}
-    if "grad_norm" in sums:
-        out["grad_norm"] = sums["grad_norm"] / max(1, n_updates - skips)
+    if norm_sum is not None:
+        out["grad_norm"] = norm_sum / (n_updates - skips)
     return out
+
+
+def nonfinite_streak(streak: int, upd: dict, step: int, where) -> int:
+    """Count RL steps in a row whose every update was skipped for a non-finite gradient; three
+    mean the policy or its inputs are broken (not one rare batch), so the run stops."""
+    streak = streak + 1 if upd["nonfinite_grad_skips"] == upd["updates"] else 0
+    if streak >= 3:
+        raise FloatingPointError(f"{where}: every update of steps {step - 2}..{step} had a non-finite "
+                                 "gradient (steps skipped); the policy or its inputs hold inf/NaN")
+    return streak
 
 
 def greedy_eval(model, processor, prompts: list[Encoded], max_new_tokens: int, batch_size: int = 64) -> dict:
@@ -302,10 +313,7 @@ def train_rl(cfg: RLConfig, resume: bool = False, halt_at_step: int | None = Non
                              chunk=cfg.train.logprob_chunk)
             t_upd = time.time() - t
             step += 1
-            bad_steps = bad_steps + 1 if upd["nonfinite_grad_skips"] == upd["updates"] else 0
-            if bad_steps >= 3:
-                raise FloatingPointError(f"{out}: every update of RL steps {step - 2}..{step} had a non-finite "
-                                         "gradient (steps skipped); the policy or its inputs hold inf/NaN")
+            bad_steps = nonfinite_streak(bad_steps, upd, step, out)
             lengths = ro.response_lengths.float()
             n_tok = float(ro.response_mask.sum() + ro.prompt_mask.sum())
             wall = time.time() - t0
