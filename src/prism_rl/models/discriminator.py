@@ -46,6 +46,7 @@ from ..data.processing import Encoded, collate
 from ..format import split_text
 from .loading import special_ids
 from .logprobs import MODEL_INPUT_KEYS
+from .mrope import install_batched_rope_index
 
 DISC_CONFIG_NAME = "prism_discriminator.json"
 VALUE_HEAD_NAME = "value_head.safetensors"
@@ -392,6 +393,7 @@ class Discriminator(torch.nn.Module):
             raise FileNotFoundError(f"{path} is not a discriminator folder (no {DISC_CONFIG_NAME})")
         cfg = json.loads(cfg_file.read_text())
         backbone = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
+        install_batched_rope_index(backbone)
         if device is not None:
             backbone = backbone.to(device)
         if cfg["variant"] != ("moe" if is_moe(backbone) else "dense"):

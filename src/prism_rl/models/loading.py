@@ -14,6 +14,7 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from ..config import ModelConfig
+from .mrope import install_batched_rope_index
 
 
 def pick_device() -> torch.device:
@@ -65,6 +66,7 @@ def load_policy(cfg: ModelConfig, device: torch.device | None = None, trainable:
     model = AutoModelForImageTextToText.from_pretrained(
         cfg.path, dtype=resolve_dtype(cfg.dtype, device, training=trainable), attn_implementation=cfg.attn_implementation,
     ).to(device)
+    install_batched_rope_index(model)  # M-RoPE ids batched, not row by row (models/mrope.py)
     eos, pad = special_ids(processor)
     model.generation_config.eos_token_id = eos
     model.generation_config.pad_token_id = pad

@@ -1,0 +1,45 @@
+"""Print the table of bench/rl_gpu_scale.sh: per arm the step scored, greedy held-out accuracy
+on both held-out sets, sampled training accuracy early vs late, and seconds per step.
+
+Usage: python bench/rl_scale_table.py OUT
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def accuracy(summary: Path) -> str:
+    if not summary.exists():
+        return "-"
+    s = json.loads(summary.read_text())
+    return f"{s['overall']['accuracy'] * 100:.1f}" if "overall" in s else "-"
+
+
+def train_curve(metrics: Path) -> tuple[str, str, int]:
+    """('acc first10 -> last10', 's/step', steps logged) from a run's metrics.jsonl."""
+    if not metrics.exists():
+        return "", "", 0
+    rows = [r for r in map(json.loads, metrics.read_text().splitlines()) if "acc" in r]
+    if len(rows) < 10:
+        return "", "", len(rows)
+    mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
+    return (f"{mean(rows[:10], 'acc'):.3f} -> {mean(rows[-10:], 'acc'):.3f}",
+            f"{mean(rows, 'time_step_s'):.2f}", len(rows))
+
+
+def main(out: Path) -> None:
+    print("| arm | step scored | test 900 | test2 4000 | test2 at step 20 / 40 | train acc (first 10 -> last 10 steps) "
+          "| s/step |")
+    print("|---|---|---|---|---|---|---|")
+    for d in sorted(p for p in out.iterdir() if p.is_dir()):
+        evaluated = d / "evaluated.txt"
+        step = evaluated.read_text().strip().rsplit("/", 1)[-1] if evaluated.exists() else "sft"
+        curve, speed, _ = train_curve(d / "metrics.jsonl")
+        print(f"| {d.name} | {step} | {accuracy(d / 'eval/summary.json')} | {accuracy(d / 'eval2/summary.json')} "
+              f"| {accuracy(d / 'curve20/summary.json')} / {accuracy(d / 'curve40/summary.json')} | {curve} | {speed} |")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
