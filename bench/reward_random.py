@@ -1,7 +1,9 @@
 """Control reward for RL experiments: a coin flip (p = 1/4) fixed by the response text.
 
-It carries no information about correctness, so an RL run with it shows what the update's
-noise alone does to a policy (compare with the verifiable reward at the same settings):
+It carries no information about correctness. Being a function of the text, it can still be
+learned (a policy can drift to texts it pays for), so an RL run with it shows what optimising
+an uninformative reward does to accuracy, an upper bound on the cost of update noise alone
+(compare with the verifiable reward at the same settings):
     prism rl --algo grpo ... reward.function=bench/reward_random.py:score
 """
 

@@ -33,11 +33,6 @@ arm() {  # gpu name overrides...
   [ -n "$policy" ] || return 1
   echo "$policy" > $OUT/$name/evaluated.txt
   score $policy $OUT/$name >> $OUT/$name.log 2>&1
-  for c in ${CURVE_STEPS:-20 40}; do  # a short curve on the larger held-out set
-    [ -d $OUT/$name/checkpoint-$c ] && [ "$policy" != "$OUT/$name/checkpoint-$c" ] && \
-      $P eval --config configs/quickstart/eval.yaml model.path=$OUT/$name/checkpoint-$c generation.batch_size=512 \
-        data.eval=$TEST2 output_dir=$OUT/$name/curve$c >> $OUT/$name.log 2>&1
-  done
 }
 (export CUDA_VISIBLE_DEVICES=3; mkdir -p $OUT/sft; score $SFT $OUT/sft > $OUT/sft.log 2>&1) &
 if [ "${ARMS:-temp}" = batch ]; then  # 2,048 samples a step: seeds, learning rates, control, 512-sample arm
@@ -48,6 +43,11 @@ if [ "${ARMS:-temp}" = batch ]; then  # 2,048 samples a step: seeds, learning ra
   arm 2 g5e5_s0 train.seed=0 optim.lr=5e-5 &
   arm 2 g2e4_s0 train.seed=0 optim.lr=2e-4 &
   arm 3 g1e4_b512_s0 train.seed=0 rollout.prompts_per_step=32 &
+elif [ "${ARMS:-temp}" = seeds ]; then  # more seeds of the two best settings of ARMS=temp
+  for s in 2 3; do arm 0 t03_s$s train.seed=$s rollout.temperature=0.3 & done
+  for s in 4 5; do arm 1 t03_s$s train.seed=$s rollout.temperature=0.3 & done
+  for s in 1 2; do arm 2 t06_3e4_s$s train.seed=$s optim.lr=3e-4 & done
+  for s in 6 7; do arm 3 t03_s$s train.seed=$s rollout.temperature=0.3 & done
 else  # rollout temperature 0.6 vs 0.3 (sampling nearer the greedy path), each with its control
   arm 0 t06_s0 train.seed=0 &
   arm 0 t06_s1 train.seed=1 &

@@ -17,6 +17,24 @@ def accuracy(summary: Path) -> str:
     return f"{s['overall']['accuracy'] * 100:.1f}" if "overall" in s else "-"
 
 
+def per_problem(samples: Path) -> dict[str, float]:
+    """Greedy correctness by problem id from an eval's samples.jsonl (n = 1)."""
+    if not samples.exists():
+        return {}
+    return {r["id"]: r["acc"] for r in map(json.loads, samples.read_text().splitlines())}
+
+
+def paired_gain(arm: dict[str, float], base: dict[str, float]) -> str:
+    """Mean per-problem difference arm - base in points, with its standard error (paired)."""
+    ids = sorted(arm.keys() & base.keys())
+    if len(ids) < 2:
+        return ""
+    d = [arm[i] - base[i] for i in ids]
+    mean = sum(d) / len(d)
+    se = (sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5
+    return f"{mean * 100:+.1f} ± {se * 100:.1f}"
+
+
 def train_curve(metrics: Path) -> tuple[str, str, int]:
     """('acc first10 -> last10', 's/step', steps logged) from a run's metrics.jsonl."""
     if not metrics.exists():
@@ -30,15 +48,16 @@ def train_curve(metrics: Path) -> tuple[str, str, int]:
 
 
 def main(out: Path) -> None:
-    print("| arm | step scored | test 900 | test2 4000 | test2 at step 20 / 40 | train acc (first 10 -> last 10 steps) "
-          "| s/step |")
+    print("| arm | step scored | test 900 | test2 4000 | test2 gain over SFT (paired, ± s.e.) "
+          "| train acc (first 10 -> last 10 steps) | s/step |")
     print("|---|---|---|---|---|---|---|")
+    base = per_problem(out / "sft/eval2/samples.jsonl")
     for d in sorted(p for p in out.iterdir() if p.is_dir()):
         evaluated = d / "evaluated.txt"
         step = evaluated.read_text().strip().rsplit("/", 1)[-1] if evaluated.exists() else "sft"
         curve, speed, _ = train_curve(d / "metrics.jsonl")
         print(f"| {d.name} | {step} | {accuracy(d / 'eval/summary.json')} | {accuracy(d / 'eval2/summary.json')} "
-              f"| {accuracy(d / 'curve20/summary.json')} / {accuracy(d / 'curve40/summary.json')} | {curve} | {speed} |")
+              f"| {paired_gain(per_problem(d / 'eval2/samples.jsonl'), base)} | {curve} | {speed} |")
 
 
 if __name__ == "__main__":
