@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 3's comparison on the quick start's tiny model: SFT -> DAPO and SFT -> GSPO with the
 # same seed, data (the quick start's difficulty-filtered RL set) and number of steps as the
-# quick start's SFT -> GRPO seed-0 run, then greedy held-out eval. Run after `make quickstart`.
+# quick start's SFT -> GRPO seed-0 run, then greedy held-out eval on the quick start's 448
+# held-out problems (EVAL_LIMIT), so all four rows score the same problems. Run after `make quickstart`.
 # Both runs go side by side, one torch thread each (2-core CPU).
 set -euo pipefail
 Q=${1:-runs/quickstart}
@@ -13,7 +14,7 @@ run() {  # algo extra-overrides...
     data.train="$Q/data/rl.parquet" output_dir="$Q/sft_${algo}_s0" train.steps="$STEPS" train.seed=0 "$@" \
     > "$Q/logs/sft_${algo}_s0.log" 2>&1
   $P eval --config configs/quickstart/eval.yaml --model "$Q/sft_${algo}_s0/final" --data "$Q/data/test.parquet" \
-    output_dir="$Q/eval/sft_${algo}_s0" name="SFT+${algo^^} seed 0" > "$Q/logs/eval-sft_${algo}_s0.log" 2>&1
+    output_dir="$Q/eval/sft_${algo}_s0" name="SFT+${algo^^} seed 0" data.limit="${EVAL_LIMIT:-448}" > "$Q/logs/eval-sft_${algo}_s0.log" 2>&1
   $P plot "$Q/sft_${algo}_s0" > /dev/null
 }
 # DAPO scaled like the rest of the quick start: gen batch 2x the train batch, at most 3 rounds,
