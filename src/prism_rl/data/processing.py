@@ -105,6 +105,14 @@ def encode_sft(processor, record: Record, eos_id: int, max_length: int) -> Encod
     return enc
 
 
+def encode_prompt_checked(processor, record: Record, max_length: int) -> Encoded:
+    """``encode_prompt`` plus the length limit: a longer prompt raises ``DataError`` naming it."""
+    enc = encode_prompt(processor, record)
+    if enc.prompt_len > max_length:
+        raise DataError(f"{record.where()}: prompt is {enc.prompt_len} tokens, over the limit {max_length}")
+    return enc
+
+
 def encode_all(processor, records: list[Record], *, eos_id: int, max_length: int,
                with_response: bool, skip_bad: bool = False,
                bad: BadRecords | None = None) -> list[Encoded]:
@@ -112,19 +120,48 @@ def encode_all(processor, records: list[Record], *, eos_id: int, max_length: int
     out = []
     for rec in records:
         try:
-            if with_response:
-                out.append(encode_sft(processor, rec, eos_id, max_length))
-            else:
-                enc = encode_prompt(processor, rec)
-                if enc.prompt_len > max_length:
-                    raise DataError(f"{rec.where()}: prompt is {enc.prompt_len} tokens, over the "
-                                    f"limit {max_length}")
-                out.append(enc)
+            out.append(encode_sft(processor, rec, eos_id, max_length) if with_response
+                       else encode_prompt_checked(processor, rec, max_length))
         except DataError as e:
             if not skip_bad:
                 raise
             (bad if bad is not None else BadRecords()).add(rec.where(), str(e).split(": ", 2)[-1])
     return out
+
+
+class LazyPrompts:
+    """A prompt pool that encodes record ``i`` when it is indexed, and keeps nothing.
+
+    RL draws a few hundred prompts a step from pools of up to 10^5 or more; encoding them all
+    up front costs ~5 ms each on one core and holds every image's pixel tensor in memory (about
+    25 MB for one 1-megapixel image in float32). Indexing returns ``encode_prompt_checked``'s
+    result or raises its ``DataError``; what to do with a bad record is the caller's choice
+    (see ``trainers.rl.PromptStream``). ``check_images`` opens every image's header up front
+    (cheap), so a missing or unreadable file is reported before training starts.
+    """
+
+    def __init__(self, records: list[Record], processor, max_length: int):
+        self.records, self.processor, self.max_length = records, processor, max_length
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> Encoded:
+        return encode_prompt_checked(self.processor, self.records[i], self.max_length)
+
+    def check_images(self, skip_bad: bool = False, bad: BadRecords | None = None) -> "LazyPrompts":
+        """Drop (and count) or raise on records with an image that cannot be opened."""
+        keep = []
+        for rec in self.records:
+            try:
+                rec.check_images()
+                keep.append(rec)
+            except DataError as e:
+                if not skip_bad:
+                    raise
+                (bad if bad is not None else BadRecords()).add(rec.where(), str(e).split(": ", 2)[-1])
+        self.records = keep
+        return self
 
 
 def load_prompts(path: str, processor, *, eos_id: int, max_length: int, limit: int | None = None,

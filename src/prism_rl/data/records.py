@@ -30,17 +30,20 @@ class ImageRef:
     path: str | None = None
     base_dir: str | None = None
 
-    def load(self) -> Image.Image:
-        """Decode to an RGB PIL image; raises ``OSError``/``ValueError`` on a bad image."""
+    def open(self) -> Image.Image:
+        """Open lazily (reads the header only); raises ``OSError``/``ValueError`` on a bad image."""
         if self.data is not None:
-            img = Image.open(io.BytesIO(self.data))
-        elif self.path is not None:
+            return Image.open(io.BytesIO(self.data))
+        if self.path is not None:
             p = Path(self.path)
             if not p.is_absolute() and self.base_dir is not None:
                 p = Path(self.base_dir) / p
-            img = Image.open(p)
-        else:
-            raise ValueError("image has neither bytes nor a path")
+            return Image.open(p)
+        raise ValueError("image has neither bytes nor a path")
+
+    def load(self) -> Image.Image:
+        """Decode to an RGB PIL image; raises ``OSError``/``ValueError`` on a bad image."""
+        img = self.open()
         img.load()
         return img.convert("RGB")
 
@@ -73,14 +76,20 @@ class Record:
 
     def load_images(self) -> list[Image.Image]:
         """Decode every image; a missing or corrupt one raises ``DataError`` naming it."""
-        out = []
-        for i, ref in enumerate(self.images):
-            try:
-                out.append(ref.load())
-            except (OSError, ValueError) as e:
-                name = ref.path if ref.path is not None else f"bytes #{i}"
-                raise DataError(f"{self.where('images')}: cannot load image {name}: {e}") from e
-        return out
+        return [self._image(i, ImageRef.load) for i in range(len(self.images))]
+
+    def check_images(self) -> None:
+        """Open every image's header (no decoding); a missing or unreadable one raises ``DataError``."""
+        for i in range(len(self.images)):
+            self._image(i, ImageRef.open).close()
+
+    def _image(self, i: int, how) -> Image.Image:
+        ref = self.images[i]
+        try:
+            return how(ref)
+        except (OSError, ValueError) as e:
+            name = ref.path if ref.path is not None else f"bytes #{i}"
+            raise DataError(f"{self.where('images')}: cannot load image {name}: {e}") from e
 
     @property
     def question(self) -> str:

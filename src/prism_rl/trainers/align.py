@@ -29,7 +29,6 @@ from .. import algorithms as A
 from ..config import AlignConfig
 from ..data.records import BadRecords
 from ..models.discriminator import Discriminator, score_segments, score_texts
-from ..models.loading import special_ids
 from ..rewards import compute_score
 from ..rollout.base import Rollouts, SamplingParams
 from ..rollout.hf import HFEngine
@@ -37,7 +36,7 @@ from .common import (
     MetricsLogger, build_optimizer, build_scheduler, checkpoint_on_interrupt, load_stage_policy, load_trainer_state,
     save_checkpoint, save_final, set_rng_state, start_run,
 )
-from .rl import PromptStream, nonfinite_streak, ppo_update, sequence_logprobs, stage_prompts
+from .rl import PromptStream, nonfinite_streak, ppo_update, sequence_logprobs, stage_prompt_pool
 
 log = logging.getLogger(__name__)
 
@@ -91,11 +90,11 @@ def discriminator_step(disc: Discriminator, opt, sched, processor, prompts, ro: 
     return sums
 
 
-def check_teacher_fields(prompts) -> None:
-    for p in prompts:
+def check_teacher_fields(records) -> None:
+    for rec in records:
         for key in ("teacher_caption", "teacher_cot"):
-            if not p.record.extra.get(key):
-                raise ValueError(f"{p.record.where(key)}: the alignment set needs teacher demonstrations")
+            if not rec.extra.get(key):
+                raise ValueError(f"{rec.where(key)}: the alignment set needs teacher demonstrations")
 
 
 def train_align(cfg: AlignConfig, resume: bool = False, halt_at_step: int | None = None) -> Path:
@@ -105,10 +104,9 @@ def train_align(cfg: AlignConfig, resume: bool = False, halt_at_step: int | None
     model, processor = load_stage_policy(cfg, device, None if ckpt is None else ckpt / "policy")
     disc = Discriminator.load(disc_path, device)
     disc.train()
-    eos, _ = special_ids(processor)
     bad = BadRecords()
-    prompts = stage_prompts(cfg.data.train, processor, eos, cfg, cfg.data.limit, bad)
-    check_teacher_fields(prompts)
+    prompts = stage_prompt_pool(cfg, processor, bad)
+    check_teacher_fields(prompts.records)
     pol_params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(pol_params, cfg.optim)
     sched = build_scheduler(opt, cfg.optim, cfg.train.steps * cfg.algo.ppo_epochs * cfg.algo.mini_batches)
@@ -121,7 +119,7 @@ def train_align(cfg: AlignConfig, resume: bool = False, halt_at_step: int | None
             obj.load_state_dict(st[key])
         set_rng_state(st["rng"])
         step, stream_state = st["step"], st["stream"]
-    stream = PromptStream(prompts, cfg.train.seed, **stream_state)
+    stream = PromptStream(prompts, cfg.train.seed, **stream_state, bad=bad if cfg.data.skip_bad else None)
     bad_steps = 0
     engine = HFEngine(model, processor, device, cache_implementation=cfg.rollout.cache_implementation)
     r = cfg.rollout

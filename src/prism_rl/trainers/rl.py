@@ -15,14 +15,16 @@ import logging
 import math
 import time
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from tqdm import tqdm
 
 from .. import algorithms as A
 from ..config import AlgoConfig, RLConfig
-from ..data.processing import Encoded, load_prompts
-from ..data.records import BadRecords
+from ..data.layouts import read_records
+from ..data.processing import Encoded, LazyPrompts, load_prompts
+from ..data.records import BadRecords, DataError
 from ..eval.evaluate import score_samples, summarize
 from ..models.loading import load_policy, special_ids
 from ..models.logprobs import response_logprobs
@@ -38,10 +40,17 @@ log = logging.getLogger(__name__)
 
 
 class PromptStream:
-    """Prompts in a seeded per-epoch shuffled order; ``(epoch, pos)`` is its resumable state."""
+    """Prompts in a seeded per-epoch shuffled order; ``(epoch, pos)`` is its resumable state.
 
-    def __init__(self, prompts: list[Encoded], seed: int, epoch: int = 0, pos: int = 0):
-        self.prompts, self.seed, self.epoch, self.pos = prompts, seed, epoch, pos
+    ``prompts`` is a list of encoded prompts or a ``LazyPrompts`` pool, which encodes a prompt
+    when it is drawn. A draw that raises ``DataError`` stops the run, unless ``bad`` is given:
+    then the record is counted there once, logged, never drawn again, and the next one is taken.
+    """
+
+    def __init__(self, prompts: Sequence[Encoded], seed: int, epoch: int = 0, pos: int = 0,
+                 bad: BadRecords | None = None):
+        self.prompts, self.seed, self.epoch, self.pos, self.bad = prompts, seed, epoch, pos, bad
+        self._skip: set[int] = set()
         self._order = self._perm()
 
     def _perm(self) -> list[int]:
@@ -54,9 +63,25 @@ class PromptStream:
             if self.pos >= len(self._order):
                 self.epoch, self.pos = self.epoch + 1, 0
                 self._order = self._perm()
-            out.append(self.prompts[self._order[self.pos]])
+            i = self._order[self.pos]
             self.pos += 1
+            if i not in self._skip:
+                out.extend(self._draw(i))
         return out
+
+    def _draw(self, i: int) -> list[Encoded]:
+        try:
+            return [self.prompts[i]]
+        except DataError as e:
+            if self.bad is None:
+                raise
+            self._skip.add(i)
+            where, _, why = str(e).partition(": ")
+            self.bad.add(where, why)
+            log.warning("skipping bad record (data.skip_bad): %s", e)
+            if len(self._skip) == len(self.prompts):
+                raise ValueError(f"no usable prompts: {self.bad.summary()}") from e
+            return []
 
     def state(self) -> dict:
         return {"epoch": self.epoch, "pos": self.pos}
@@ -245,9 +270,19 @@ def greedy_eval(model, processor, prompts: list[Encoded], max_new_tokens: int, b
 
 
 def stage_prompts(path: str, processor, eos: int, cfg, limit: int | None, bad: BadRecords) -> list[Encoded]:
-    """Prompts of an RL-style stage, with the stage's prompt limit and bad-record policy."""
+    """Prompts of an RL-style stage, encoded now, with the stage's prompt limit and bad-record policy."""
     return load_prompts(path, processor, eos_id=eos, max_length=cfg.data.max_prompt_length, limit=limit,
                         skip_bad=cfg.data.skip_bad, bad=bad)
+
+
+def stage_prompt_pool(cfg, processor, bad: BadRecords) -> LazyPrompts:
+    """The training prompts of an RL-style stage as a lazily encoded pool (images checked now)."""
+    records = read_records(cfg.data.train, skip_bad=cfg.data.skip_bad, bad=bad)
+    records = records[:cfg.data.limit] if cfg.data.limit else records
+    pool = LazyPrompts(records, processor, cfg.data.max_prompt_length).check_images(cfg.data.skip_bad, bad)
+    if not len(pool):
+        raise ValueError(f"{cfg.data.train}: no usable prompts ({bad.summary()})")
+    return pool
 
 
 def train_rl(cfg: RLConfig, resume: bool = False, halt_at_step: int | None = None) -> Path:
@@ -256,9 +291,7 @@ def train_rl(cfg: RLConfig, resume: bool = False, halt_at_step: int | None = Non
     model, processor = load_stage_policy(cfg, device, ckpt)
     eos, _ = special_ids(processor)
     bad = BadRecords()
-    prompts = stage_prompts(cfg.data.train, processor, eos, cfg, cfg.data.limit, bad)
-    if not prompts:
-        raise ValueError(f"{cfg.data.train}: no usable prompts ({bad.summary()})")
+    prompts = stage_prompt_pool(cfg, processor, bad)
     eval_prompts = stage_prompts(cfg.data.eval, processor, eos, cfg, cfg.train.eval_limit, bad) \
         if cfg.data.eval and cfg.train.eval_every else []
     ref = None
@@ -275,7 +308,7 @@ def train_rl(cfg: RLConfig, resume: bool = False, halt_at_step: int | None = Non
         sched.load_state_dict(st["scheduler"])
         set_rng_state(st["rng"])
         step, stream_state = st["step"], st["stream"]
-    stream = PromptStream(prompts, cfg.train.seed, **stream_state)
+    stream = PromptStream(prompts, cfg.train.seed, **stream_state, bad=bad if cfg.data.skip_bad else None)
     engine = HFEngine(model, processor, device, cache_implementation=cfg.rollout.cache_implementation)
     reward_fn = make_reward_fn(cfg)
     logger = MetricsLogger(out)
@@ -336,5 +369,6 @@ def train_rl(cfg: RLConfig, resume: bool = False, halt_at_step: int | None = Non
     if step < cfg.train.steps:
         return save()
     final = save_final(out / "final", model, processor)
-    (out / "summary.json").write_text(json.dumps({"steps": step, "algo": cfg.algo.name}, indent=2))
+    (out / "summary.json").write_text(json.dumps({"steps": step, "algo": cfg.algo.name, "bad_records": bad.count,
+                                                  "bad_record_reasons": bad.reasons}, indent=2))
     return final
