@@ -7,9 +7,9 @@
 # bench/make_rl_pool.py) that shares no image+question with either held-out set, so a gain
 # cannot come from memorised test problems.
 # An arm still running after RL_SECONDS is stopped and its newest checkpoint (every 10 steps)
-# is scored; the table says which step. POOL_LIMIT (default 5000) caps the pool: prompts are
-# encoded up front, about 6 ms each on one CPU core.
-# Usage (repo root, GPU machine): [ARMS=temp|batch] bash bench/rl_gpu_scale.sh OUT [RL_SECONDS] [MAX_STEPS]
+# is scored; the table says which step. POOL_LIMIT (default 5000) caps the pool; the runs in
+# docs/RESULTS.md used 5000, when prompts were still encoded up front.
+# Usage (repo root, GPU machine): [ARMS=temp|batch|seeds] bash bench/rl_gpu_scale.sh OUT [RL_SECONDS] [MAX_STEPS]
 set -uo pipefail
 OUT=${1:-/tmp/rl_gpu_scale}; RL_SECONDS=${2:-380}; STEPS=${3:-300}
 mkdir -p "$OUT"
