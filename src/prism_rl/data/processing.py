@@ -113,6 +113,13 @@ def encode_prompt_checked(processor, record: Record, max_length: int) -> Encoded
     return enc
 
 
+def skip_or_raise(record: Record, err: DataError, skip_bad: bool, bad: BadRecords | None) -> None:
+    """The ``data.skip_bad`` policy for one bad record: re-raise ``err``, or count it in ``bad``."""
+    if not skip_bad:
+        raise err
+    (bad if bad is not None else BadRecords()).add(record.where(), str(err).split(": ", 2)[-1])
+
+
 def encode_all(processor, records: list[Record], *, eos_id: int, max_length: int,
                with_response: bool, skip_bad: bool = False,
                bad: BadRecords | None = None) -> list[Encoded]:
@@ -123,9 +130,7 @@ def encode_all(processor, records: list[Record], *, eos_id: int, max_length: int
             out.append(encode_sft(processor, rec, eos_id, max_length) if with_response
                        else encode_prompt_checked(processor, rec, max_length))
         except DataError as e:
-            if not skip_bad:
-                raise
-            (bad if bad is not None else BadRecords()).add(rec.where(), str(e).split(": ", 2)[-1])
+            skip_or_raise(rec, e, skip_bad, bad)
     return out
 
 
@@ -157,20 +162,22 @@ class LazyPrompts:
                 rec.check_images()
                 keep.append(rec)
             except DataError as e:
-                if not skip_bad:
-                    raise
-                (bad if bad is not None else BadRecords()).add(rec.where(), str(e).split(": ", 2)[-1])
+                skip_or_raise(rec, e, skip_bad, bad)
         self.records = keep
         return self
+
+
+def read_limited(path: str, limit: int | None, skip_bad: bool = False, bad: BadRecords | None = None) -> list[Record]:
+    """The first ``limit`` records of a data file (all when ``limit`` is None)."""
+    records = read_records(path, skip_bad=skip_bad, bad=bad)
+    return records[:limit] if limit else records
 
 
 def load_prompts(path: str, processor, *, eos_id: int, max_length: int, limit: int | None = None,
                  skip_bad: bool = False, bad: BadRecords | None = None) -> list[Encoded]:
     """Read a data file and encode the first ``limit`` records as prompts (no response)."""
-    records = read_records(path, skip_bad=skip_bad, bad=bad)
-    records = records[:limit] if limit else records
-    return encode_all(processor, records, eos_id=eos_id, max_length=max_length, with_response=False,
-                      skip_bad=skip_bad, bad=bad)
+    return encode_all(processor, read_limited(path, limit, skip_bad, bad), eos_id=eos_id, max_length=max_length,
+                      with_response=False, skip_bad=skip_bad, bad=bad)
 
 
 def _pad(seqs: list[torch.Tensor], value: int, side: str) -> torch.Tensor:

@@ -22,8 +22,7 @@ from tqdm import tqdm
 
 from .. import algorithms as A
 from ..config import AlgoConfig, RLConfig
-from ..data.layouts import read_records
-from ..data.processing import Encoded, LazyPrompts, load_prompts
+from ..data.processing import Encoded, LazyPrompts, load_prompts, read_limited
 from ..data.records import BadRecords, DataError
 from ..eval.evaluate import score_samples, summarize
 from ..models.loading import load_policy, special_ids
@@ -277,8 +276,7 @@ def stage_prompts(path: str, processor, eos: int, cfg, limit: int | None, bad: B
 
 def stage_prompt_pool(cfg, processor, bad: BadRecords) -> LazyPrompts:
     """The training prompts of an RL-style stage as a lazily encoded pool (images checked now)."""
-    records = read_records(cfg.data.train, skip_bad=cfg.data.skip_bad, bad=bad)
-    records = records[:cfg.data.limit] if cfg.data.limit else records
+    records = read_limited(cfg.data.train, cfg.data.limit, cfg.data.skip_bad, bad)
     pool = LazyPrompts(records, processor, cfg.data.max_prompt_length).check_images(cfg.data.skip_bad, bad)
     if not len(pool):
         raise ValueError(f"{cfg.data.train}: no usable prompts ({bad.summary()})")
