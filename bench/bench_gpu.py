@@ -165,8 +165,8 @@ def bench_rl_step(model, proc, ps, n, new_tokens, device):
     from prism_rl.config import AlgoConfig, OptimConfig
     from prism_rl.rollout.base import SamplingParams
     from prism_rl.rollout.hf import HFEngine
-    from prism_rl.trainers.common import build_optimizer, build_scheduler
-    from prism_rl.trainers.rl import ppo_update, sequence_logprobs
+    from prism_rl.actor import ppo_update, sequence_logprobs
+    from prism_rl.trainers.optim import build_optimizer, build_scheduler
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     eng = HFEngine(model, proc)
     algo = AlgoConfig(micro_batch_size=16)

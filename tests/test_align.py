@@ -11,7 +11,7 @@ from prism_rl.models.discriminator import Discriminator, init_discriminator, sco
 from prism_rl.models.loading import load_processor
 from prism_rl.rollout.base import Rollouts
 from prism_rl.trainers.align import discriminator_step, reward_scores
-from prism_rl.trainers.common import build_optimizer, build_scheduler
+from prism_rl.trainers.optim import build_optimizer, build_scheduler
 
 from conftest import png_bytes
 
@@ -65,8 +65,8 @@ def test_discriminator_step_moves_toward_teacher(tiny_model_dir, tmp_path):
     for _ in range(5):
         m = discriminator_step(disc, opt, sched, proc, prompts, ro, sc.valid, n, cfg)
     after = gap()
-    assert {"cap_gap", "reason_gap", "cap_acc", "reason_acc", "disc_loss", "reg"} <= m.keys()
+    assert {"disc/cap_gap", "disc/reason_gap", "disc/cap_acc", "disc/reason_acc", "disc/loss", "disc/reg"} <= m.keys()
     assert after[0] > before[0] and after[1] > before[1]              # teacher pulled above student
     # no valid rollout: nothing to learn from, no update
     none_valid = discriminator_step(disc, opt, sched, proc, prompts, ro, torch.zeros(6, dtype=torch.bool), n, cfg)
-    assert none_valid == {"disc_skipped": 1.0}
+    assert none_valid == {"disc/skipped": 1.0}

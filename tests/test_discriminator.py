@@ -11,7 +11,7 @@ from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import load_balancin
 
 from conftest import png_bytes
 from prism_rl.algorithms import load_balancing_loss
-from prism_rl.data.processing import collate, encode_prompt
+from prism_rl.data.processing import collate, encode_prompt, pad_sequences
 from prism_rl.data.records import ImageRef, Record
 from prism_rl.format import SYSTEM_PROMPT, make_response, split_text
 from prism_rl.models.discriminator import (
@@ -23,13 +23,13 @@ from prism_rl.models.discriminator import (
     expert_load_from_router_logits,
     init_discriminator,
     last_valid_index,
-    pad_right,
     score_segments,
     score_texts,
     segment_examples,
     strip_images,
     upcycle,
 )
+from prism_rl.models.loading import vision_token_ids
 from prism_rl.models.logprobs import MODEL_INPUT_KEYS
 
 QUESTIONS = ["How many red circles are there?", "What is the sum of the digits?",
@@ -281,7 +281,7 @@ def _capture_routing(disc):
 def _segment_batch(processor, prompts):
     cap, rest = split_text(RESPONSE)
     ex = segment_examples(processor, prompts, [cap] * len(prompts), [rest] * len(prompts))
-    return collate([e for e, _ in ex], 0), pad_right([s for _, s in ex], 0)
+    return collate([e for e, _ in ex], 0), pad_sequences([s for _, s in ex], 0, "right")
 
 
 @pytest.mark.parametrize("routing", ["segment", "learned"])
@@ -362,7 +362,7 @@ def test_text_only_inputs_have_no_image(tiny_model_dir, processor, prompts, tmp_
     out_dir = init_discriminator(tiny_model_dir, tmp_path / "d", dense=True, text_only=True)
     disc = Discriminator.load(out_dir)
     assert disc.variant == "dense" and disc.text_only
-    stripped = strip_images(prompts[0], disc.backbone.config)
+    stripped = strip_images(prompts[0], vision_token_ids(processor.tokenizer))
     vision = {processor.tokenizer.convert_tokens_to_ids(t)
               for t in ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")}
     assert not vision & set(stripped.input_ids.tolist())

@@ -32,7 +32,7 @@ def _sft_args(root, out, *extra):
 
 
 def _metrics(path):
-    return [json.loads(line) for line in open(path) if '"loss"' in line]
+    return [json.loads(line) for line in open(path) if '"actor/loss"' in line]
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def straight_sft(workdir):
 
 def test_sft_learns_reloads_and_resumes_exactly(workdir, straight_sft):
     straight = straight_sft
-    losses = [m["loss"] for m in _metrics(straight / "metrics.jsonl")]
+    losses = [m["actor/loss"] for m in _metrics(straight / "metrics.jsonl")]
     assert len(losses) == 12
     assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
     model = AutoModelForImageTextToText.from_pretrained(straight / "final")
@@ -82,11 +82,11 @@ def test_rl_runs_and_resumes(workdir, straight_sft):
     assert main(args + ["--halt-at-step", "2"]) == 0
     assert (out / "checkpoint-2").exists()
     assert main(args + ["--resume"]) == 0
-    rows = [json.loads(line) for line in open(out / "metrics.jsonl") if '"reward"' in line]
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl") if '"rollout/reward"' in line]
     assert [r["step"] for r in rows] == [1, 2, 3]
     for r in rows:
-        assert 0.0 <= r["reward"] <= 1.0 and r["groups_kept"] == 2 and r["updates"] == 1
-        assert r["time_rollout_s"] > 0 and r["time_update_s"] > 0
+        assert 0.0 <= r["rollout/reward"] <= 1.0 and r["rollout/groups_kept"] == 2 and r["actor/updates"] == 1
+        assert r["timing/rollout_s"] > 0 and r["timing/update_s"] > 0
     assert AutoModelForImageTextToText.from_pretrained(out / "final") is not None
 
 
@@ -123,12 +123,13 @@ def test_prism_stage_end_to_end_and_resume(workdir, straight_sft):
     ckpt = out / "checkpoint-1"
     assert (ckpt / "policy" / "model.safetensors").exists() and (ckpt / "disc" / "value_head.safetensors").exists()
     assert main(args + ["--resume"]) == 0
-    rows = [json.loads(line) for line in open(out / "metrics.jsonl") if '"time_step_s"' in line]
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl") if '"timing/step_s"' in line]
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:
-        assert 0.0 <= r["format"] <= 1.0 and len(r["expert_load"]) == 4
+        assert 0.0 <= r["rollout/format"] <= 1.0 and len(r["disc/expert_load"]) == 4
         # routing load is measured on the valid rollouts: a distribution when there are any
-        assert abs(sum(r["expert_load"]) - (1.0 if r["format"] > 0 else 0.0)) < 1e-4
+        load = r["disc/expert_load"]
+        assert abs(sum(load) - (1.0 if r["rollout/format"] > 0 else 0.0)) < 1e-4
     assert AutoModelForImageTextToText.from_pretrained(out / "final" / "policy") is not None
     assert main(["plot", str(out)]) == 0
     assert (out / "training_curves.png").stat().st_size > 0 and (out / "expert_load.png").exists()
@@ -148,10 +149,10 @@ def test_dapo_dynamic_sampling_bookkeeping(workdir, straight_sft):
                  f"output_dir={out}", "train.steps=2", "rollout.n=4", "rollout.prompts_per_step=2",
                  "rollout.gen_batch_prompts=3", "algo.max_num_gen_batches=2", "rollout.max_new_tokens=24",
                  "algo.overlong_buffer=8"]) == 0
-    rows = [json.loads(line) for line in open(out / "metrics.jsonl") if '"gen_rounds"' in line]
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl") if '"rollout/gen_rounds"' in line]
     assert len(rows) == 2
     for r in rows:
-        assert 1 <= r["gen_rounds"] <= 2 and r["prompts_sampled"] == 3 * r["gen_rounds"]
-        assert 0 <= r["groups_kept"] <= 2
+        assert 1 <= r["rollout/gen_rounds"] <= 2 and r["rollout/prompts_sampled"] == 3 * r["rollout/gen_rounds"]
+        assert 0 <= r["rollout/groups_kept"] <= 2
         # a kept batch has only mixed-outcome groups, so its accuracy is strictly inside (0, 1)
-        assert r.get("skipped") == 1 or 0.0 < r["acc"] < 1.0
+        assert r.get("train/skipped") == 1 or 0.0 < r["rollout/acc"] < 1.0

@@ -92,7 +92,8 @@ def test_sft_loss_equals_mean_ce_on_assistant_tokens(tiny_model_dir):
 def test_rollouts_never_contain_vision_tokens(tiny_model_dir):
     """An untrained policy samples any token; vision placeholders must be suppressed."""
     from prism_rl.rollout.base import SamplingParams
-    from prism_rl.rollout.hf import HFEngine, vision_token_ids
+    from prism_rl.models.loading import vision_token_ids
+    from prism_rl.rollout.hf import HFEngine
     from prism_rl.data.processing import encode_prompt
     model, proc, _, _ = _setup(tiny_model_dir)
     engine = HFEngine(model, proc)

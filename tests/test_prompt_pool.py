@@ -9,7 +9,7 @@ from transformers import AutoProcessor
 
 from prism_rl.data.processing import LazyPrompts, encode_prompt
 from prism_rl.data.records import BadRecords, DataError, ImageRef, Record
-from prism_rl.trainers.rl import PromptStream
+from prism_rl.data.stream import PromptStream
 
 
 def _record(i: int, question: str, image: bytes) -> Record:
@@ -61,7 +61,11 @@ def test_stream_skips_a_bad_record_once_and_keeps_the_order(processor):
     assert sorted(drawn[:3]) == sorted(drawn[3:6]) == sorted(drawn[6:]) == [0, 2, 3]
     assert bad.count == 1 and bad.reasons[0].startswith("pool.jsonl, record 1:")
     # the good records come in the order an all-good stream with the same seed gives, minus record 1
-    order = [i for e in range(3) for i in PromptStream(list(range(4)), seed=3, epoch=e)._order]
+    def epoch_order(e):
+        s = PromptStream(list(range(4)), seed=3)
+        s.load_state_dict({"epoch": e, "pos": 0})
+        return s._order
+    order = [i for e in range(3) for i in epoch_order(e)]
     assert drawn == [recs[i].index for i in order if i != 1]
     with pytest.raises(DataError, match="record 1: prompt is"):
         PromptStream(pool, seed=3).take(4)

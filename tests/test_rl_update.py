@@ -12,7 +12,7 @@ from prism_rl.format import SYSTEM_PROMPT
 from prism_rl.models.loading import load_policy
 from prism_rl.rollout.base import SamplingParams
 from prism_rl.rollout.hf import HFEngine
-from prism_rl.trainers.rl import by_length, ppo_update, sequence_logprobs
+from prism_rl.actor import NonfiniteGuard, by_length, ppo_update, sequence_logprobs
 
 from conftest import png_bytes
 
@@ -89,11 +89,10 @@ def test_nonfinite_gradient_skips_the_step_and_is_counted(tiny_model_dir):
 
 
 def test_three_all_skipped_steps_in_a_row_stop_the_run():
-    from prism_rl.trainers.rl import nonfinite_streak
     bad, good, partly = ({"updates": 2, "nonfinite_grad_skips": k} for k in (2, 0, 1))
-    streak = 0
+    guard = NonfiniteGuard("run")
     for step, upd in enumerate([bad, bad, good, bad, partly, bad, bad], 1):
-        streak = nonfinite_streak(streak, upd, step, "run")
-    assert streak == 2
+        guard.check(upd, step)
+    assert guard.streak == 2
     with pytest.raises(FloatingPointError, match=r"run: every update of steps 6\.\.8"):
-        nonfinite_streak(streak, bad, 8, "run")
+        guard.check(bad, 8)

@@ -22,6 +22,11 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=2e-4")
 
 
+def _add_resume_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    p.add_argument("--halt-at-step", type=int, default=None, help="stop (with a checkpoint) at this step")
+
+
 def cmd_data_synth(a) -> None:
     from .data.synth import synthesize
     kwargs = {"image_size": a.image_size, "public_error_rate": a.public_error_rate}
@@ -122,7 +127,7 @@ def cmd_disc_warmup(a) -> None:
     from .config import WarmupConfig
     from .trainers.warmup import train_warmup
     cfg = load_config(WarmupConfig, a.config, a.overrides)
-    print(f"warmed-up discriminator: {train_warmup(cfg)}")
+    print(f"warmed-up discriminator: {train_warmup(cfg, resume=a.resume, halt_at_step=a.halt_at_step)}")
 
 
 def cmd_align(a) -> None:
@@ -204,16 +209,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sft", help="stage 1: supervised fine-tuning")
     _add_config_args(p)
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
-    p.add_argument("--halt-at-step", type=int, default=None, help="stop (with a checkpoint) at this step")
+    _add_resume_args(p)
     p.set_defaults(fn=cmd_sft)
 
     p = sub.add_parser("rl", help="stage 3: RL with verifiable rewards (GRPO, DAPO, GSPO)")
     p.add_argument("--algo", choices=["grpo", "dapo", "gspo"], default="grpo",
                    help="preset of spec section 7, applied before --config and overrides")
     _add_config_args(p)
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--halt-at-step", type=int, default=None)
+    _add_resume_args(p)
     p.set_defaults(fn=cmd_rl)
 
     disc = sub.add_parser("disc", help="the MoE discriminator").add_subparsers(dest="disc_command", required=True)
@@ -239,12 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_disc_pairs)
     p = disc.add_parser("warmup", help="Bradley-Terry warm-up on teacher/student pairs")
     _add_config_args(p)
+    _add_resume_args(p)
     p.set_defaults(fn=cmd_disc_warmup)
 
     p = sub.add_parser("align", help="stage 2: adversarial alignment against the discriminator")
     _add_config_args(p)
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--halt-at-step", type=int, default=None)
+    _add_resume_args(p)
     p.set_defaults(fn=cmd_align)
 
     p = sub.add_parser("plot", help="draw a run's training curves as PNGs")

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -36,14 +36,39 @@ class ModelConfig(Section):
 
 
 class DataConfig(Section):
-    train: str = Field("", description="Training file (.parquet, .json, .jsonl).")
-    eval: str = Field("", description="Held-out file for periodic evaluation (optional).")
-    max_length: int = Field(1024, gt=0, description="Prompt + response token limit.")
-    max_prompt_length: int = Field(768, gt=0)
+    """What every stage's data section has; each stage adds the files and limits it reads."""
+
     max_pixels: int | None = Field(None, gt=0, description="Resize images to at most this many pixels.")
     min_pixels: int | None = Field(None, gt=0)
     skip_bad: bool = Field(False, description="Skip (and count) bad records instead of failing.")
     limit: int | None = Field(None, gt=0, description="Use only the first N records.")
+
+    @model_validator(mode="after")
+    def _pixels_in_order(self):
+        if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
+            raise ValueError(f"data.min_pixels ({self.min_pixels}) is above data.max_pixels ({self.max_pixels})")
+        return self
+
+
+class SFTDataConfig(DataConfig):
+    train: str = Field("", description="Training file (.parquet, .json, .jsonl).")
+    max_length: int = Field(1024, gt=0, description="Prompt + response token limit.")
+
+
+class PromptDataConfig(DataConfig):
+    """Prompts (warm-up pairs, alignment prompts): the response is the model's, not the file's."""
+
+    train: str = Field("", description="Training file (.parquet, .json, .jsonl).")
+    max_prompt_length: int = Field(2048, gt=0)
+
+
+class RLDataConfig(PromptDataConfig):
+    eval: str = Field("", description="Held-out file for periodic evaluation (optional).")
+
+
+class EvalDataConfig(DataConfig):
+    eval: str = Field("", description="Held-out file to evaluate on.")
+    max_prompt_length: int = Field(768, gt=0)
 
 
 class OptimConfig(Section):
@@ -71,7 +96,7 @@ class SFTTrainConfig(Section):
 
 class SFTConfig(Section):
     model: ModelConfig = ModelConfig()
-    data: DataConfig = DataConfig()
+    data: SFTDataConfig = SFTDataConfig()
     optim: OptimConfig = OptimConfig()
     train: SFTTrainConfig = SFTTrainConfig()
     output_dir: str = "runs/sft"
@@ -88,7 +113,7 @@ class GenerationConfig(Section):
 
 class EvalConfig(Section):
     model: ModelConfig = ModelConfig()
-    data: DataConfig = DataConfig()
+    data: EvalDataConfig = EvalDataConfig()
     generation: GenerationConfig = GenerationConfig(temperature=0.0)
     output_dir: str = "runs/eval"
     name: str = Field("", description="Row label in the summary table.")
@@ -106,20 +131,36 @@ class RolloutConfig(Section):
         "dynamic", description="KV cache of transformers' generate; static compiles the decode step (GPU).")
 
 
-class AlgoConfig(Section):
-    name: Literal["grpo", "dapo", "gspo"] = "grpo"
+class PPOConfig(Section):
+    """The PPO-clip policy update shared by RL and alignment (``actor.ppo_update`` reads it)."""
+
     clip_low: float = Field(0.2, ge=0)
     clip_high: float = Field(0.2, ge=0)
     clip_c: float | None = Field(None, gt=1, description="Dual-clip constant for negative advantages.")
     ratio_level: Literal["token", "sequence"] = "token"
     agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = "token-mean"
-    norm_by_std: bool = Field(True, description="False gives Dr. GRPO advantages (no std division).")
-    adv_eps: float = Field(1e-6, gt=0)
-    kl_coef: float = Field(0.0, ge=0, description="KL to the frozen initial policy (low-var estimator).")
     entropy_coef: float = Field(0.0, ge=0)
     ppo_epochs: int = Field(1, gt=0)
     mini_batches: int = Field(1, gt=0, description="Optimizer steps per rollout batch (per PPO epoch).")
     micro_batch_size: int = Field(16, gt=0, description="Sequences per forward/backward.")
+
+    @model_validator(mode="after")
+    def _sequence_ratio_needs_seq_mean(self):
+        # The sequence ratio's per-token form has the gradient of the sequence objective
+        # -A_i s_i only when each sequence's tokens are averaged (algorithms.policy_loss).
+        if self.ratio_level == "sequence" and self.agg != "seq-mean-token-mean":
+            raise ValueError(f"ratio_level 'sequence' (GSPO) needs agg 'seq-mean-token-mean', not '{self.agg}': "
+                             "with any other aggregation its gradient is not that of the sequence objective")
+        return self
+
+
+class AlgoConfig(PPOConfig):
+    """The RLVR algorithm: the PPO update plus advantages, KL and DAPO's sampling and shaping."""
+
+    name: Literal["grpo", "dapo", "gspo"] = "grpo"
+    norm_by_std: bool = Field(True, description="False gives Dr. GRPO advantages (no std division).")
+    adv_eps: float = Field(1e-6, gt=0)
+    kl_coef: float = Field(0.0, ge=0, description="KL to the frozen initial policy (low-var estimator).")
     dynamic_sampling: bool = Field(False, description="DAPO: drop groups with zero accuracy variance.")
     max_num_gen_batches: int = Field(10, ge=1)
     overlong_buffer: int = Field(0, ge=0, description="DAPO overlong shaping buffer (0 = off).")
@@ -132,14 +173,17 @@ class RewardConfig(Section):
     format_weight: float = 0.2
 
 
-class RLTrainConfig(Section):
+class AlignTrainConfig(Section):
     steps: int = Field(1500, gt=0)
     seed: int = 0
     log_every: int = Field(1, gt=0)
     save_every: int | None = Field(None, gt=0)
+    logprob_chunk: int = Field(2048, gt=0, description="Tokens per chunk of the output head.")
+
+
+class RLTrainConfig(AlignTrainConfig):
     eval_every: int | None = Field(None, gt=0, description="Greedy eval on data.eval every N steps.")
     eval_limit: int | None = Field(None, gt=0)
-    logprob_chunk: int = Field(2048, gt=0, description="Tokens per chunk of the output head.")
 
 
 ALGO_PRESETS: dict[str, dict] = {
@@ -158,13 +202,27 @@ ALGO_PRESETS: dict[str, dict] = {
 
 class RLConfig(Section):
     model: ModelConfig = ModelConfig()
-    data: DataConfig = DataConfig(max_prompt_length=2048)
+    data: RLDataConfig = RLDataConfig()
     optim: OptimConfig = OptimConfig(lr=1e-6, schedule="constant", warmup_ratio=0.0)
     rollout: RolloutConfig = RolloutConfig()
     algo: AlgoConfig = AlgoConfig()
     reward: RewardConfig = RewardConfig()
     train: RLTrainConfig = RLTrainConfig()
     output_dir: str = "runs/rl"
+
+    @model_validator(mode="after")
+    def _check_combinations(self):
+        r, a = self.rollout, self.algo
+        _check_group_size(r)
+        _check_mini_batches(r, a)
+        if a.overlong_buffer >= r.max_new_tokens:
+            raise ValueError(f"algo.overlong_buffer ({a.overlong_buffer}) must be below rollout.max_new_tokens "
+                             f"({r.max_new_tokens}): the shaping penalises lengths in (max - buffer, max]")
+        if r.gen_batch_prompts is not None and not a.dynamic_sampling and r.gen_batch_prompts != r.prompts_per_step:
+            raise ValueError(f"rollout.gen_batch_prompts={r.gen_batch_prompts} only applies with algo.dynamic_sampling"
+                             "=true (without it a step trains on rollout.prompts_per_step prompts); unset it "
+                             "(rollout.gen_batch_prompts=null) or enable dynamic sampling")
+        return self
 
 
 class DiscConfig(Section):
@@ -181,12 +239,13 @@ class WarmupTrainConfig(Section):
     heldout_frac: float = Field(0.1, ge=0, lt=1, description="Pairs held out for accuracy/margin.")
     seed: int = 0
     log_every: int = Field(10, gt=0)
-    eval_every: int | None = Field(None, gt=0)
+    save_every: int | None = Field(None, gt=0, description="Checkpoint every N optimizer steps.")
+    eval_every: int | None = Field(None, gt=0, description="Held-out pair accuracy every N steps.")
 
 
 class WarmupConfig(Section):
     disc: DiscConfig = DiscConfig()
-    data: DataConfig = DataConfig(max_length=8192)
+    data: PromptDataConfig = PromptDataConfig(max_prompt_length=768)
     optim: OptimConfig = OptimConfig(lr=1e-5, weight_decay=0.01, schedule="cosine", warmup_ratio=0.1)
     train: WarmupTrainConfig = WarmupTrainConfig()
     output_dir: str = "runs/disc_warmup"
@@ -202,14 +261,34 @@ class AlignParams(Section):
 class AlignConfig(Section):
     model: ModelConfig = ModelConfig()
     disc: DiscConfig = DiscConfig()
-    data: DataConfig = DataConfig(max_prompt_length=2048)
+    data: PromptDataConfig = PromptDataConfig()
     optim: OptimConfig = OptimConfig(lr=1e-6, weight_decay=0.01, schedule="constant", warmup_ratio=0.0)
     disc_optim: OptimConfig = OptimConfig(lr=1e-6, weight_decay=0.01, schedule="constant", warmup_ratio=0.0)
     rollout: RolloutConfig = RolloutConfig(n=16, prompts_per_step=4, max_new_tokens=6144)
-    algo: AlgoConfig = AlgoConfig()
+    ppo: PPOConfig = PPOConfig()
     align: AlignParams = AlignParams()
-    train: RLTrainConfig = RLTrainConfig(steps=500)
+    train: AlignTrainConfig = AlignTrainConfig(steps=500)
     output_dir: str = "runs/align"
+
+    @model_validator(mode="after")
+    def _check_combinations(self):
+        _check_group_size(self.rollout)
+        _check_mini_batches(self.rollout, self.ppo)
+        return self
+
+
+def _check_group_size(r: RolloutConfig) -> None:
+    # Group-normalised advantages of a group of one are 0: no rollout would ever be rewarded.
+    if r.n < 2:
+        raise ValueError(f"rollout.n={r.n}: group-normalised advantages need at least 2 samples per prompt "
+                         "(with one, every advantage is 0 and the policy never moves)")
+
+
+def _check_mini_batches(r: RolloutConfig, ppo: PPOConfig) -> None:
+    rows = r.n * r.prompts_per_step
+    if ppo.mini_batches > rows:
+        raise ValueError(f"mini_batches={ppo.mini_batches} is more than the {rows} rollouts of a step "
+                         f"(rollout.n x rollout.prompts_per_step)")
 
 
 C = TypeVar("C", bound=BaseModel)

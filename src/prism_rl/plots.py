@@ -15,23 +15,25 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .trainers.common import read_metrics  # noqa: E402
+from .trainers.run import read_metrics  # noqa: E402
 
 # (title, [metric keys]) - a panel is drawn when any of its keys was logged
 PANELS = [
-    ("teacher - student score gap", ["cap_gap", "reason_gap"]),
-    ("discriminator loss", ["disc_loss", "bt_cap", "bt_reason"]),
-    ("discriminator pair accuracy", ["cap_acc", "reason_acc", "heldout_cap_acc", "heldout_reason_acc"]),
-    ("reward", ["reward", "all_reward"]),
-    ("accuracy", ["acc", "eval_acc"]),
-    ("format rate", ["format", "eval_format"]),
-    ("response length (tokens)", ["resp_len_mean"]),
-    ("SFT loss", ["loss"]),
-    ("policy clip fraction", ["clip_frac", "policy_clip_frac"]),
-    ("entropy", ["entropy"]),
-    ("groups kept (dynamic sampling)", ["groups_kept"]),
-    ("tokens / s", ["tokens_per_s"]),
+    ("teacher - student score gap", ["disc/cap_gap", "disc/reason_gap"]),
+    ("discriminator loss", ["disc/loss", "disc/bt_cap", "disc/bt_reason"]),
+    ("discriminator pair accuracy", ["disc/cap_acc", "disc/reason_acc", "disc/heldout_cap_acc",
+                                     "disc/heldout_reason_acc"]),
+    ("reward", ["rollout/reward", "rollout/reward_all"]),
+    ("accuracy", ["rollout/acc", "eval/acc"]),
+    ("format rate", ["rollout/format", "eval/format"]),
+    ("response length (tokens)", ["rollout/response_len_mean"]),
+    ("SFT loss", ["actor/loss"]),
+    ("policy clip fraction", ["actor/clip_frac"]),
+    ("entropy", ["actor/entropy"]),
+    ("groups kept (dynamic sampling)", ["rollout/groups_kept"]),
+    ("tokens / s", ["timing/tokens_per_s"]),
 ]
+EXPERT_LOAD = "disc/expert_load"
 
 
 def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -65,7 +67,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         out.append(run / "training_curves.png")
         fig.savefig(out[-1], dpi=100)
         plt.close(fig)
-    loads = [(r["step"], r["expert_load"]) for r in rows if isinstance(r.get("expert_load"), list) and r["expert_load"]]
+    loads = [(r["step"], r[EXPERT_LOAD]) for r in rows if isinstance(r.get(EXPERT_LOAD), list) and r[EXPERT_LOAD]]
     if loads:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         for e in range(len(loads[0][1])):

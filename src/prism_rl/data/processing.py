@@ -180,7 +180,8 @@ def load_prompts(path: str, processor, *, eos_id: int, max_length: int, limit: i
                       with_response=False, skip_bad=skip_bad, bad=bad)
 
 
-def _pad(seqs: list[torch.Tensor], value: int, side: str) -> torch.Tensor:
+def pad_sequences(seqs: list[torch.Tensor], value: int, side: str = "right") -> torch.Tensor:
+    """Stack 1-D tensors into (B, max_len), padded with ``value`` on the ``side`` given."""
     width = max(int(s.numel()) for s in seqs)
     out = torch.full((len(seqs), width), value, dtype=seqs[0].dtype)
     for i, s in enumerate(seqs):
@@ -197,12 +198,12 @@ def collate(examples: list[Encoded], pad_id: int, side: str = "right") -> dict[s
     if side not in ("left", "right"):
         raise ValueError(f"padding side must be 'left' or 'right', not {side!r}")
     batch = {
-        "input_ids": _pad([e.input_ids for e in examples], pad_id, side),
-        "attention_mask": _pad([torch.ones_like(e.input_ids) for e in examples], 0, side),
-        "mm_token_type_ids": _pad([e.mm_token_type_ids for e in examples], 0, side),
+        "input_ids": pad_sequences([e.input_ids for e in examples], pad_id, side),
+        "attention_mask": pad_sequences([torch.ones_like(e.input_ids) for e in examples], 0, side),
+        "mm_token_type_ids": pad_sequences([e.mm_token_type_ids for e in examples], 0, side),
     }
     if all(e.labels is not None for e in examples):
-        batch["labels"] = _pad([e.labels for e in examples], IGNORE_INDEX, side)
+        batch["labels"] = pad_sequences([e.labels for e in examples], IGNORE_INDEX, side)
     pix = [e.pixel_values for e in examples if e.pixel_values is not None]
     if pix:
         batch["pixel_values"] = torch.cat(pix)

@@ -42,9 +42,9 @@ from transformers import (
 )
 
 from ..algorithms import load_balancing_loss
-from ..data.processing import Encoded, collate
+from ..data.processing import Encoded, collate, pad_sequences
 from ..format import split_text
-from .loading import special_ids
+from .loading import special_ids, vision_token_ids
 from .logprobs import MODEL_INPUT_KEYS
 from .mrope import install_batched_rope_index
 
@@ -385,8 +385,9 @@ class Discriminator(torch.nn.Module):
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str | None = None,
-             dtype: torch.dtype | str = "auto") -> "Discriminator":
-        """Load a folder written by :meth:`save`; returned in eval mode (call ``.train()``)."""
+             dtype: torch.dtype | str = "auto", gradient_checkpointing: bool = False) -> "Discriminator":
+        """Load a folder written by :meth:`save`; returned in eval mode (call ``.train()``).
+        ``gradient_checkpointing`` recomputes the backbone's activations in the backward pass."""
         path = Path(path)
         cfg_file = path / DISC_CONFIG_NAME
         if not cfg_file.exists():
@@ -394,6 +395,8 @@ class Discriminator(torch.nn.Module):
         cfg = json.loads(cfg_file.read_text())
         backbone = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
         install_batched_rope_index(backbone)
+        if gradient_checkpointing:
+            backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if device is not None:
             backbone = backbone.to(device)
         if cfg["variant"] != ("moe" if is_moe(backbone) else "dense"):
@@ -443,19 +446,14 @@ class SegmentScores:
     aux_loss: torch.Tensor
 
 
-def vision_token_ids(config) -> list[int]:
-    return [config.vision_start_token_id, config.vision_end_token_id, config.image_token_id,
-            config.video_token_id]
-
-
-def strip_images(prompt: Encoded, config) -> Encoded:
+def strip_images(prompt: Encoded, vision_ids: Sequence[int]) -> Encoded:
     """The prompt without its image: vision tokens removed, no pixel tensors (text-only variant).
 
     The chat template renders an image as ``<|vision_start|><|image_pad|>...<|vision_end|>``;
     dropping those tokens leaves the prompt text with its placeholders stripped.
     """
     ids = prompt.input_ids[:prompt.prompt_len]
-    keep = ~torch.isin(ids, torch.tensor(vision_token_ids(config), dtype=ids.dtype))
+    keep = ~torch.isin(ids, torch.tensor(list(vision_ids), dtype=ids.dtype))
     ids = ids[keep]
     return Encoded(input_ids=ids, mm_token_type_ids=torch.zeros_like(ids), prompt_len=int(ids.numel()),
                    record=prompt.record)
@@ -495,14 +493,6 @@ def segment_examples(processor, prompts: Sequence[Encoded], caption_texts: Seque
     return caps + reasons
 
 
-def pad_right(seqs: list[torch.Tensor], value: int) -> torch.Tensor:
-    """Stack 1-D tensors into (B, max_len), right-padded with ``value`` (as ``collate`` does)."""
-    out = torch.full((len(seqs), max(int(s.numel()) for s in seqs)), value, dtype=seqs[0].dtype)
-    for i, s in enumerate(seqs):
-        out[i, :s.numel()] = s
-    return out
-
-
 def run_examples(disc: Discriminator, examples: list[tuple[Encoded, torch.Tensor]], pad_id: int, *,
                  batch_size: int = 16, device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Score (example, segment ids) pairs in length-sorted, right-padded micro-batches.
@@ -515,7 +505,7 @@ def run_examples(disc: Discriminator, examples: list[tuple[Encoded, torch.Tensor
     for s in range(0, len(order), batch_size):
         chunk = [examples[i] for i in order[s:s + batch_size]]
         batch = {k: v.to(device) for k, v in collate([e for e, _ in chunk], pad_id, side="right").items()}
-        seg = pad_right([g for _, g in chunk], SEGMENT_FREE).to(device)
+        seg = pad_sequences([g for _, g in chunk], SEGMENT_FREE, "right").to(device)
         out = disc(batch, segment_ids=seg)
         scores.append(out.scores)
         auxes.append(out.aux_loss)
@@ -529,8 +519,11 @@ def run_examples(disc: Discriminator, examples: list[tuple[Encoded, torch.Tensor
     return merged, torch.stack(auxes).mean(), load
 
 
-def _prepare_prompts(disc: Discriminator, prompts: Sequence[Encoded]) -> list[Encoded]:
-    return [strip_images(p, disc.backbone.config) for p in prompts] if disc.text_only else list(prompts)
+def _prepare_prompts(disc: Discriminator, processor, prompts: Sequence[Encoded]) -> list[Encoded]:
+    if not disc.text_only:
+        return list(prompts)
+    vision_ids = vision_token_ids(processor.tokenizer)
+    return [strip_images(p, vision_ids) for p in prompts]
 
 
 def score_texts(disc: Discriminator, processor, prompts: Sequence[Encoded], caption_texts: Sequence[str],
@@ -548,7 +541,7 @@ def score_texts(disc: Discriminator, processor, prompts: Sequence[Encoded], capt
         z = torch.zeros(0, device=device)
         return SegmentScores(z, z, torch.zeros(0, dtype=torch.bool, device=device),
                              torch.zeros(disc.experts, device=device), torch.zeros((), device=device))
-    examples = segment_examples(processor, _prepare_prompts(disc, prompts), caption_texts, reasoning_texts)
+    examples = segment_examples(processor, _prepare_prompts(disc, processor, prompts), caption_texts, reasoning_texts)
     scores, aux, load = run_examples(disc, examples, special_ids(processor)[1], batch_size=batch_size,
                                      device=device)
     return SegmentScores(cap=scores[:n], reason=scores[n:], valid=torch.ones(n, dtype=torch.bool, device=device),

@@ -8,6 +8,7 @@ checkpointing).
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -59,6 +60,18 @@ def special_ids(processor) -> tuple[int, int]:
     return eos, pad
 
 
+VISION_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>")
+
+
+def vision_token_ids(tokenizer) -> list[int]:
+    """Ids of the vision placeholder tokens the tokenizer knows. A response must never contain
+    one: a sampled ``<|image_pad|>`` would make the teacher-forced forward count more image
+    tokens than the image has features (transformers raises), so generation suppresses them;
+    the text-only discriminator removes them from its prompts."""
+    vocab = tokenizer.get_vocab()
+    return [vocab[t] for t in VISION_TOKENS if t in vocab]
+
+
 def load_policy(cfg: ModelConfig, device: torch.device | None = None, trainable: bool = True):
     """Load ``(model, processor)`` as ``cfg`` says, on ``device``."""
     device = device or pick_device()
@@ -92,3 +105,10 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return total, trainable
+
+
+def autocast_for(device: torch.device):
+    """bf16 autocast on GPU (weights and optimizer states stay fp32); nothing on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()

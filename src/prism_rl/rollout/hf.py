@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..data.processing import Encoded, collate
-from ..models.loading import special_ids
+from ..models.loading import special_ids, vision_token_ids
 from .base import Rollouts, SamplingParams
 
 
@@ -73,17 +73,6 @@ class HFEngine:
             pixel_values=batch.get("pixel_values"), image_grid_thw=batch.get("image_grid_thw"),
             logprobs=logprobs, extras=extras,
         )
-
-
-VISION_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>")
-
-
-def vision_token_ids(tokenizer) -> list[int]:
-    """Ids of the vision placeholder tokens, which a response must never contain: a sampled
-    ``<|image_pad|>`` would make the teacher-forced forward count more image tokens than the
-    image has features (transformers raises). Generation suppresses them."""
-    vocab = tokenizer.get_vocab()
-    return [vocab[t] for t in VISION_TOKENS if t in vocab]
 
 
 def _response_mask(resp: torch.Tensor, eos_id: int) -> torch.Tensor:

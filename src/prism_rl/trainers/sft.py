@@ -8,7 +8,6 @@ accumulation gives the same update as one large batch.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -16,18 +15,16 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from tqdm import tqdm
 
 from ..config import SFTConfig
 from ..data.layouts import read_records
 from ..data.processing import Encoded, collate, encode_all, length_grouped_batches
 from ..data.records import BadRecords
-from ..models.loading import count_parameters, special_ids
+from ..models.loading import autocast_for, count_parameters, special_ids
 from ..models.logprobs import sft_loss
-from .common import (
-    MetricsLogger, autocast_for, build_optimizer, build_scheduler, checkpoint_on_interrupt,
-    load_stage_policy, load_trainer_state, save_checkpoint, save_final, set_rng_state, start_run,
-)
+from .checkpoint import save_final
+from .optim import build_optimizer, build_scheduler
+from .run import Run, load_stage_policy
 
 log = logging.getLogger(__name__)
 
@@ -43,19 +40,42 @@ def load_examples(cfg: SFTConfig, processor, eos: int, bad: BadRecords) -> list[
     return examples
 
 
-def micro_batches(lengths: list[int], cfg: SFTConfig, epoch: int, start: int) -> Iterator[tuple[int, int, list[int]]]:
-    """Endless stream of (epoch, index-in-epoch, example indices); the order of an epoch is a
-    pure function of (seed, epoch), which is what makes resuming exact."""
-    while True:
-        g = torch.Generator().manual_seed(cfg.train.seed * 1000003 + epoch)
-        if cfg.train.group_by_length:
-            batches = length_grouped_batches(lengths, cfg.train.batch_size, g)
-        else:
-            perm = torch.randperm(len(lengths), generator=g).tolist()
-            batches = [perm[i:i + cfg.train.batch_size] for i in range(0, len(perm), cfg.train.batch_size)]
-        for i in range(start, len(batches)):
-            yield epoch, i, batches[i]
-        epoch, start = epoch + 1, 0
+class BatchStream:
+    """Endless stream of micro-batches (lists of example indices); ``(epoch, pos)`` after the
+    last optimizer step is its resumable state. The order of an epoch is a pure function of
+    (seed, epoch), which is what makes resuming exact."""
+
+    def __init__(self, lengths: list[int], cfg: SFTConfig):
+        self.lengths, self.cfg = lengths, cfg
+        self.epoch = self.pos = 0
+        self._it: Iterator[tuple[int, int, list[int]]] | None = None
+
+    def _batches(self, epoch: int, start: int) -> Iterator[tuple[int, int, list[int]]]:
+        bs = self.cfg.train.batch_size
+        while True:
+            g = torch.Generator().manual_seed(self.cfg.train.seed * 1000003 + epoch)
+            if self.cfg.train.group_by_length:
+                batches = length_grouped_batches(self.lengths, bs, g)
+            else:
+                perm = torch.randperm(len(self.lengths), generator=g).tolist()
+                batches = [perm[i:i + bs] for i in range(0, len(perm), bs)]
+            for i in range(start, len(batches)):
+                yield epoch, i, batches[i]
+            epoch, start = epoch + 1, 0
+
+    def take(self, k: int) -> list[list[int]]:
+        """The next ``k`` micro-batches (one optimizer step's worth)."""
+        if self._it is None:
+            self._it = self._batches(self.epoch, self.pos)
+        group = [next(self._it) for _ in range(k)]
+        self.epoch, self.pos = group[-1][0], group[-1][1] + 1   # position after this step
+        return [idx for _, _, idx in group]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.pos, self._it = state["epoch"], state["pos"], None
 
 
 def total_steps(cfg: SFTConfig, n_examples: int) -> int:
@@ -68,78 +88,60 @@ def total_steps(cfg: SFTConfig, n_examples: int) -> int:
 def train_sft(cfg: SFTConfig, resume: bool = False, halt_at_step: int | None = None) -> Path:
     """Run SFT; returns the folder of the final model. ``halt_at_step`` stops early (after
     saving a checkpoint) as an interruption would, for time-boxed jobs and tests."""
-    out, device, ckpt = start_run(cfg, resume)
-    model, processor = load_stage_policy(cfg, device, ckpt)
+    run = Run(cfg, "sft", resume=resume)
+    model, processor = load_stage_policy(cfg, run.device, run.ckpt)
     eos, pad = special_ids(processor)
-
     bad = BadRecords()
     examples = load_examples(cfg, processor, eos, bad)
     if bad.count:
         log.warning("%s", bad.summary())
-    lengths = [len(e) for e in examples]
     steps = total_steps(cfg, len(examples))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(params, cfg.optim)
     sched = build_scheduler(opt, cfg.optim, steps)
-    step, epoch, pos, tokens_seen = 0, 0, 0, 0
-    if ckpt is not None:
-        st = load_trainer_state(ckpt)
-        opt.load_state_dict(st["optimizer"])
-        sched.load_state_dict(st["scheduler"])
-        set_rng_state(st["rng"])
-        step, epoch, pos, tokens_seen = st["step"], st["epoch"], st["pos"], st["tokens_seen"]
-
+    batches = BatchStream([len(e) for e in examples], cfg)
+    progress = {"tokens_seen": 0}
+    saved = run.track({"": model}, processor, {"optimizer": opt, "scheduler": sched, "stream": batches},
+                      extra=lambda: dict(progress))
+    progress["tokens_seen"] = saved.get("tokens_seen", 0)
     total, trainable = count_parameters(model)
-    logger = MetricsLogger(out)
-    logger.log(step, {"event": "start", "params": total, "trainable_params": trainable,
-                      "examples": len(examples), "bad_records": bad.count, "total_steps": steps,
-                      "resumed_from": str(ckpt) if ckpt else None})
-    stream = micro_batches(lengths, cfg, epoch, pos)
-    bar = tqdm(total=steps, initial=step, desc="sft", dynamic_ncols=True)
+    run.begin(steps, halt_at_step, params=total, trainable_params=trainable, examples=len(examples),
+              bad_records=bad.count, total_steps=steps)
     t0, tok_window, t_window = time.time(), 0, time.time()
-    halt = halt_at_step if halt_at_step is not None else steps
-
-    def state() -> dict:
-        return {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch,
-                "pos": pos, "tokens_seen": tokens_seen}
-
-    def save() -> Path:
-        return save_checkpoint(out, step, {"": model}, processor, state())
-
-    with checkpoint_on_interrupt(save, (bar, logger)):
-        while step < min(steps, halt):
-            group = [next(stream) for _ in range(cfg.train.grad_accum)]
-            epoch, pos = group[-1][0], group[-1][1] + 1   # position after this step
-            n_target = sum(int((examples[i].labels != -100).sum()) for _, _, idx in group for i in idx)
-            loss_sum = 0.0
-            for _, _, idx in group:
-                batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad, "right").items()}
-                with autocast_for(device):
-                    loss, n = sft_loss(model, batch)
-                (loss * n / n_target).backward()
-                loss_sum += float(loss.detach()) * n
-                tok_window += int(batch["attention_mask"].sum())
+    with run:
+        for step in run.steps():
+            group = [[examples[i] for i in idx] for idx in batches.take(cfg.train.grad_accum)]
+            loss, tokens = sft_step(model, group, pad, run.device)
+            tok_window += tokens
             gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-            step += 1
-            if step % cfg.train.log_every == 0 or step == steps:
+            if run.log_due(step):
                 now = time.time()
                 tps = tok_window / max(now - t_window, 1e-9)
-                tokens_seen += tok_window
-                logger.log(step, {"loss": loss_sum / n_target, "lr": sched.get_last_lr()[0],
-                                  "grad_norm": float(gnorm), "tokens_per_s": tps, "epoch": epoch,
-                                  "tokens_seen": tokens_seen, "elapsed_s": now - t0})
-                bar.set_postfix(loss=f"{loss_sum / n_target:.3f}", tok_s=f"{tps:,.0f}")
+                progress["tokens_seen"] += tok_window
+                run.log(step, {"actor/loss": loss, "actor/lr": sched.get_last_lr()[0], "actor/grad_norm": float(gnorm),
+                               "timing/tokens_per_s": tps, "timing/elapsed_s": now - t0, "train/epoch": batches.epoch,
+                               "train/tokens_seen": progress["tokens_seen"]})
+                run.show(loss=loss, tok_s=tps)
                 tok_window, t_window = 0, now
-            bar.update(1)
-            if cfg.train.save_every and step % cfg.train.save_every == 0 and step < steps:
-                save()
-    if step < steps:  # halted early: leave a checkpoint to resume from
-        return save()
-    final = save_final(out / "final", model, processor)
-    (out / "summary.json").write_text(json.dumps({
-        "steps": step, "examples": len(examples), "bad_records": bad.count, "wall_s": time.time() - t0,
-        "bad_record_reasons": bad.reasons[:50]}, indent=2))
-    return final
+    return run.finish(lambda folder: save_final(folder, model, processor),
+                      {"steps": run.step, "examples": len(examples), "bad_records": bad.count,
+                       "wall_s": time.time() - t0, "bad_record_reasons": bad.reasons[:50]})
+
+
+def sft_step(model, group: list[list[Encoded]], pad: int, device: torch.device) -> tuple[float, int]:
+    """Forward and backward of one optimizer step's micro-batches; the loss is the token mean
+    over all of them, so gradient accumulation gives the update of one large batch. Returns
+    (that loss, tokens seen)."""
+    n_target = sum(int((e.labels != -100).sum()) for micro in group for e in micro)
+    loss_sum, tokens = 0.0, 0
+    for micro in group:
+        batch = {k: v.to(device) for k, v in collate(micro, pad, "right").items()}
+        with autocast_for(device):
+            loss, n = sft_loss(model, batch)
+        (loss * n / n_target).backward()
+        loss_sum += float(loss.detach()) * n
+        tokens += int(batch["attention_mask"].sum())
+    return loss_sum / n_target, tokens

@@ -7,8 +7,8 @@ per optimizer step (spec section 5):
         + aux_coef * load_balancing_loss
 
 Pairs come from a JSONL in the reference layout, or are built here by sampling the SFT policy
-on the alignment prompts (``sample_pairs``). A held-out split reports pair accuracy and mean
-margin per segment.
+on the alignment prompts (``sample_pairs``). A held-out split reports pair accuracy and the
+mean teacher-minus-student gap per segment. Checkpoints resume exactly, like every stage's.
 """
 
 from __future__ import annotations
@@ -22,16 +22,17 @@ import torch
 from tqdm import tqdm
 
 from .. import algorithms as A
-from ..config import ModelConfig, WarmupConfig, save_config
+from ..config import ModelConfig, WarmupConfig
 from ..data.layouts import PairRecord, read_pairs, write_pairs
-from ..data.processing import encode_all, load_prompts
+from ..data.processing import Encoded, encode_all, load_prompts
 from ..data.records import BadRecords
 from ..format import split_text
 from ..models.discriminator import Discriminator, score_texts
 from ..models.loading import load_policy, load_processor, pick_device, special_ids
 from ..rollout.base import SamplingParams
 from ..rollout.hf import HFEngine
-from .common import MetricsLogger, build_optimizer, build_scheduler, seed_everything
+from .optim import build_optimizer, build_scheduler
+from .run import Run
 
 
 def sample_pairs(policy_dir: str, data: str, out: str, *, n: int = 1, max_new_tokens: int = 1024,
@@ -69,9 +70,9 @@ def sample_pairs(policy_dir: str, data: str, out: str, *, n: int = 1, max_new_to
     return stats
 
 
-def pair_batch_loss(disc: Discriminator, processor, prompts, pairs: list[PairRecord], aux_coef: float,
-                    batch_size: int) -> tuple[torch.Tensor, dict]:
-    """Bradley-Terry loss of one batch of pairs (+ aux), with accuracy and margin metrics."""
+def pair_batch_loss(disc: Discriminator, processor, prompts: list[Encoded], pairs: list[PairRecord],
+                    aux_coef: float, batch_size: int) -> tuple[torch.Tensor, dict]:
+    """Bradley-Terry loss of one batch of pairs (+ aux), with accuracy and gap metrics."""
     t = score_texts(disc, processor, prompts, [p.teacher_caption for p in pairs],
                     [p.teacher_cot for p in pairs], batch_size=batch_size)
     s = score_texts(disc, processor, prompts, [p.student_caption for p in pairs],
@@ -83,14 +84,15 @@ def pair_batch_loss(disc: Discriminator, processor, prompts, pairs: list[PairRec
     with torch.no_grad():
         m = {"bt_cap": float(bt_cap), "bt_reason": float(bt_reason), "aux_loss": float(aux),
              "cap_acc": float((t.cap > s.cap).float().mean()), "reason_acc": float((t.reason > s.reason).float().mean()),
-             "cap_margin": float((t.cap - s.cap).mean()), "reason_margin": float((t.reason - s.reason).mean()),
+             "cap_gap": float((t.cap - s.cap).mean()), "reason_gap": float((t.reason - s.reason).mean()),
              "expert_load": (0.5 * (t.expert_load + s.expert_load)).tolist()}
     return loss, m
 
 
 @torch.no_grad()
-def evaluate_pairs(disc, processor, prompts, pairs, batch_size: int) -> dict:
-    """Held-out pair accuracy and mean margin per segment (dropout off)."""
+def evaluate_pairs(disc: Discriminator, processor, prompts: list[Encoded], pairs: list[PairRecord],
+                   batch_size: int) -> dict:
+    """Held-out pair accuracy and mean teacher-minus-student gap per segment (dropout off)."""
     was = disc.training
     disc.eval()
     rows = []
@@ -99,17 +101,20 @@ def evaluate_pairs(disc, processor, prompts, pairs, batch_size: int) -> dict:
         rows.append((len(pairs[s:s + batch_size]), m))
     disc.train(was)
     n = sum(k for k, _ in rows)
-    keys = ("cap_acc", "reason_acc", "cap_margin", "reason_margin", "bt_cap", "bt_reason")
+    keys = ("cap_acc", "reason_acc", "cap_gap", "reason_gap", "bt_cap", "bt_reason")
     return {f"heldout_{k}": sum(k_ * m[k] for k_, m in rows) / max(n, 1) for k in keys} | {"heldout_pairs": n}
 
 
-def train_warmup(cfg: WarmupConfig) -> Path:
-    """Warm up the discriminator at ``cfg.disc.path``; returns the folder of the trained one."""
-    out = Path(cfg.output_dir)
-    save_config(cfg, out)
-    seed_everything(cfg.train.seed)
-    device = pick_device()
-    disc = Discriminator.load(cfg.disc.path, device)
+def _disc_metrics(m: dict) -> dict:
+    return {f"disc/{k}": v for k, v in m.items()}
+
+
+def train_warmup(cfg: WarmupConfig, resume: bool = False, halt_at_step: int | None = None) -> Path:
+    """Warm up the discriminator at ``cfg.disc.path``; returns the folder of the trained one
+    (or, when halted early, of the checkpoint to resume from)."""
+    run = Run(cfg, "warmup", resume=resume, desc="disc-warmup")
+    disc = Discriminator.load(cfg.disc.path if run.ckpt is None else run.ckpt, run.device,
+                              gradient_checkpointing=cfg.disc.gradient_checkpointing)
     disc.train()
     processor = load_processor(cfg.disc.path, cfg.data.max_pixels, cfg.data.min_pixels)
     eos, _ = special_ids(processor)
@@ -126,37 +131,41 @@ def train_warmup(cfg: WarmupConfig) -> Path:
         raise ValueError(f"{cfg.data.train}: no training pairs left after the held-out split")
     bs = cfg.train.batch_size
     steps = cfg.train.max_steps or max(1, math.ceil(len(train) * cfg.train.epochs / bs))
+    # every step's pairs are a function of the seed alone, so a resumed run draws the same ones
+    stream = [i for e in range(math.ceil(steps * bs / len(train)) + 1)
+              for i in torch.randperm(len(train), generator=g).tolist()]
     params = [p for p in disc.parameters() if p.requires_grad]
     opt = build_optimizer(params, cfg.optim)
     sched = build_scheduler(opt, cfg.optim, steps)
-    logger = MetricsLogger(out)
     hp, hpr = [pairs[i] for i in held], [prompts[i] for i in held]
-    before = evaluate_pairs(disc, processor, hpr, hp, cfg.disc.batch_size) if held else {}
-    logger.log(0, {"event": "start", "pairs": len(pairs), "train_pairs": len(train), "bad_records": bad.count,
-                   **{f"{k}_before": v for k, v in before.items()}})
+    kept = {"before": {}}   # the held-out scores before training, carried through resumes
+    saved = run.track({"": disc}, processor, {"optimizer": opt, "scheduler": sched}, extra=lambda: dict(kept))
+    if saved:
+        kept["before"] = saved["before"]
+    elif held:
+        kept["before"] = evaluate_pairs(disc, processor, hpr, hp, cfg.disc.batch_size)
+    before = kept["before"]
+    run.begin(steps, halt_at_step, pairs=len(pairs), train_pairs=len(train), bad_records=bad.count,
+              **{f"{k}_before": v for k, v in before.items()})
     t0 = time.time()
-    stream = [i for e in range(math.ceil(steps * bs / len(train)) + 1)
-              for i in torch.randperm(len(train), generator=g).tolist()]
-    for step in tqdm(range(1, steps + 1), desc="disc-warmup", dynamic_ncols=True):
-        idx = [train[i] for i in stream[(step - 1) * bs: step * bs]]
-        loss, m = pair_batch_loss(disc, processor, [prompts[i] for i in idx], [pairs[i] for i in idx],
-                                  cfg.train.aux_coef, cfg.disc.batch_size)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        if step % cfg.train.log_every == 0 or step == steps:
-            m.update(loss=float(loss.detach()), grad_norm=float(gnorm), lr=sched.get_last_lr()[0],
-                     elapsed_s=time.time() - t0)
-            if held and cfg.train.eval_every and step % cfg.train.eval_every == 0:
-                m.update(evaluate_pairs(disc, processor, hpr, hp, cfg.disc.batch_size))
-            logger.log(step, m)
-    after = evaluate_pairs(disc, processor, hpr, hp, cfg.disc.batch_size) if held else {}
-    logger.log(steps, {"event": "end", **after})
-    logger.close()
-    final = out / "final"
-    disc.save(final, processor)
-    (out / "summary.json").write_text(json.dumps({"steps": steps, "before": before, "after": after,
-                                                  "wall_s": time.time() - t0}, indent=2))
-    return final
+    with run:
+        for step in run.steps():
+            idx = [train[i] for i in stream[(step - 1) * bs: step * bs]]
+            loss, m = pair_batch_loss(disc, processor, [prompts[i] for i in idx], [pairs[i] for i in idx],
+                                      cfg.train.aux_coef, cfg.disc.batch_size)
+            loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            if run.log_due(step):
+                m.update(loss=float(loss.detach()), grad_norm=float(gnorm), lr=sched.get_last_lr()[0])
+                if held and cfg.train.eval_every and step % cfg.train.eval_every == 0:
+                    m.update(evaluate_pairs(disc, processor, hpr, hp, cfg.disc.batch_size))
+                run.log(step, _disc_metrics(m) | {"timing/elapsed_s": time.time() - t0})
+        after = {}
+        if run.step == steps:
+            after = evaluate_pairs(disc, processor, hpr, hp, cfg.disc.batch_size) if held else {}
+            run.log(steps, {"event": "end", **_disc_metrics(after)}, force=True)
+    return run.finish(lambda folder: disc.save(folder, processor),
+                      {"steps": steps, "before": before, "after": after, "wall_s": time.time() - t0})

@@ -1,0 +1,154 @@
+"""The policy side of RL and alignment: log-probs of rollouts and the PPO-clip update.
+
+Both policy-gradient stages (``trainers/rl.py`` and ``trainers/align.py``) sample rollouts,
+compute advantages their own way, then call the same two functions here:
+
+- :func:`sequence_logprobs`: no-grad per-token log-probs (and entropy) of every rollout row,
+  the "old" log-probs of the PPO ratio (and of the frozen reference policy for a KL term);
+- :func:`ppo_update`: ``ppo_epochs`` passes over shuffled mini-batches, each one optimizer
+  step whose loss is exactly the loss of that mini-batch as one batch, computed in
+  length-sorted micro-batches; a non-finite gradient skips its optimizer step.
+
+:class:`NonfiniteGuard` stops a run whose every update is skipped three steps in a row. The
+role matches EasyR1's data-parallel actor; the loss formulas live in ``algorithms.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Iterable
+
+import torch
+
+from . import algorithms as A
+from .config import PPOConfig
+from .models.loading import autocast_for
+from .models.logprobs import response_logprobs
+from .rollout.base import Rollouts, micro_batch
+
+log = logging.getLogger(__name__)
+
+
+def by_length(ro: Rollouts, rows: Iterable[int]) -> list[int]:
+    """``rows`` ordered by response length, then prompt length, so that consecutive
+    micro-batches hold similar lengths and ``micro_batch`` trims most padding away (a
+    mini-batch's loss is a token- or sequence-weighted sum over its micro-batches, so the
+    order within it does not change the update)."""
+    resp, prompt = ro.response_mask.sum(1).tolist(), ro.prompt_mask.sum(1).tolist()
+    return sorted(rows, key=lambda r: (resp[r], prompt[r]))
+
+
+def sequence_logprobs(model, ro: Rollouts, micro: int, device: torch.device, *, temperature: float = 1.0,
+                      with_entropy: bool = False, chunk: int = 2048):
+    """No-grad per-token log-probs (and entropy) of every rollout row, (B, R), in micro-batches."""
+    B, R = ro.response_ids.shape
+    logp = torch.zeros(B, R)
+    ent = torch.zeros(B, R)
+    order = by_length(ro, range(B))
+    with torch.no_grad(), autocast_for(device):
+        for s in range(0, B, micro):
+            rows = order[s:s + micro]
+            batch, P, mask = micro_batch(ro, rows)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            out = response_logprobs(model, batch, P, temperature=temperature, chunk_size=chunk,
+                                    with_entropy=with_entropy)
+            lp, en = out if with_entropy else (out, None)
+            logp[rows, :mask.shape[1]] = lp.float().cpu() * mask
+            if en is not None:
+                ent[rows, :mask.shape[1]] = en.float().cpu() * mask
+    return (logp, ent) if with_entropy else logp
+
+
+def _micro_loss(model, ro: Rollouts, rows: list[int], adv: torch.Tensor, old_lp: torch.Tensor, ppo: PPOConfig,
+                device: torch.device, temperature: float, chunk: int, kl_coef: float,
+                ref_lp: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """(loss, response mask, metrics) of one micro-batch, aggregated as ``ppo.agg`` says."""
+    batch, P, mask = micro_batch(ro, rows)
+    batch = {k: v.to(device) for k, v in batch.items()}
+    mask = mask.to(device)
+    Rm = mask.shape[1]
+    with autocast_for(device):
+        out = response_logprobs(model, batch, P, temperature=temperature, chunk_size=chunk,
+                                with_entropy=ppo.entropy_coef > 0)
+    lp, ent = out if ppo.entropy_coef > 0 else (out, None)
+    loss, m = A.policy_loss(
+        lp, old_lp[rows, :Rm].to(device), adv[rows].to(device), mask, ratio_level=ppo.ratio_level,
+        clip_low=ppo.clip_low, clip_high=ppo.clip_high, clip_c=ppo.clip_c, agg=ppo.agg,
+        norm_len=ro.response_ids.shape[1])
+    if kl_coef > 0 and ref_lp is not None:
+        kl = A.masked_mean(A.kl_penalty(lp, ref_lp[rows, :Rm].to(device), "low_var_kl"), mask)
+        loss = loss + kl_coef * kl
+        m["kl"] = float(kl)
+    if ent is not None:
+        loss = loss - ppo.entropy_coef * A.masked_mean(ent, mask)
+    return loss, mask, m
+
+
+def ppo_update(model, opt: torch.optim.Optimizer, sched, ro: Rollouts, adv: torch.Tensor, old_lp: torch.Tensor,
+               ppo: PPOConfig, grad_clip: float, device: torch.device, *, temperature: float = 1.0,
+               kl_coef: float = 0.0, ref_lp: torch.Tensor | None = None, seed: int = 0,
+               chunk: int = 2048) -> dict[str, float]:
+    """PPO-clip updates: ``ppo_epochs`` passes over ``mini_batches`` shuffled mini-batches.
+
+    Each mini-batch's loss is aggregated exactly as if it were one batch: its micro-batches
+    are weighted by their share of the mini-batch's tokens (token-mean) or sequences (the
+    seq-mean modes). With ``kl_coef > 0`` and ``ref_lp`` the loss adds
+    ``kl_coef * token-mean(low-var KL(pi || pi_ref))``. Returns metrics averaged over updates.
+    """
+    B = len(ro)
+    params = [p for p in model.parameters() if p.requires_grad]
+    g = torch.Generator().manual_seed(seed)
+    sums: dict[str, float] = {}
+    n_updates = 0
+    for _ in range(ppo.ppo_epochs):
+        perm = torch.randperm(B, generator=g).tolist()
+        size = -(-B // ppo.mini_batches)
+        for mb in [perm[i:i + size] for i in range(0, B, size)]:
+            mb = by_length(ro, mb)
+            tokens = float(ro.response_mask[mb].sum())
+            for s in range(0, len(mb), ppo.micro_batch_size):
+                rows = mb[s:s + ppo.micro_batch_size]
+                loss, mask, m = _micro_loss(model, ro, rows, adv, old_lp, ppo, device, temperature, chunk,
+                                            kl_coef, ref_lp)
+                w = float(mask.sum()) / tokens if ppo.agg == "token-mean" else len(rows) / len(mb)
+                (loss * w).backward()
+                for k, v in m.items():
+                    sums[k] = sums.get(k, 0.0) + float(v) * w
+                sums["pg_loss"] = sums.get("pg_loss", 0.0) + float(loss.detach()) * w
+            _apply(params, opt, sched, grad_clip, sums, len(mb))
+            n_updates += 1
+    skips = int(sums.pop("nonfinite_grad_skips", 0))
+    norm_sum = sums.pop("grad_norm", None)  # averaged over the applied updates only
+    out = {k: v / n_updates for k, v in sums.items()} | {"updates": n_updates, "nonfinite_grad_skips": skips}
+    if norm_sum is not None:
+        out["grad_norm"] = norm_sum / (n_updates - skips)
+    return out
+
+
+def _apply(params: list[torch.nn.Parameter], opt, sched, grad_clip: float, sums: dict[str, float], rows: int) -> None:
+    """Clip and apply the accumulated gradient, or skip the step when its norm is not finite."""
+    norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
+    if math.isfinite(norm):
+        sums["grad_norm"] = sums.get("grad_norm", 0.0) + norm
+        opt.step()
+    else:  # one NaN/inf gradient would make every weight NaN: skip the step, count it
+        sums["nonfinite_grad_skips"] = sums.get("nonfinite_grad_skips", 0.0) + 1
+        log.warning("non-finite gradient norm (%s) in a PPO mini-batch of %d rows: step skipped", norm, rows)
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+
+
+class NonfiniteGuard:
+    """Stops a run whose every update was skipped for a non-finite gradient ``limit`` steps in
+    a row: that means the policy or its inputs are broken, not one rare batch."""
+
+    def __init__(self, where: object, limit: int = 3):
+        self.where, self.limit, self.streak = where, limit, 0
+
+    def check(self, upd: dict, step: int) -> None:
+        """Count ``step`` (its ``ppo_update`` metrics) in the streak; raise at the limit."""
+        self.streak = self.streak + 1 if upd["nonfinite_grad_skips"] == upd["updates"] else 0
+        if self.streak >= self.limit:
+            raise FloatingPointError(f"{self.where}: every update of steps {step - self.limit + 1}..{step} had a "
+                                     "non-finite gradient (steps skipped); the policy or its inputs hold inf/NaN")
