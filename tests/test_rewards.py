@@ -1,4 +1,4 @@
-"""Tests for ``prism_rl.rewards``: the rule table, format failures, bounded time, plug-ins, JSONL."""
+"""Tests for ``prism_rl.reward``: the rule table, format failures, bounded time, plug-ins, JSONL."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from collections import OrderedDict
 
 import pytest
 
-from prism_rl import rewards as R
+from prism_rl import reward as R
+from prism_rl.reward import math_verify_pool, scoring
 from prism_rl.format import FORMAT_RE, is_format_valid, make_response
 
 CAPTION = "- a diagram with labelled points"
@@ -172,7 +173,7 @@ def test_format_prefilter_matches_reference_regex():
         if rng.random() < 0.3:
             del parts[rng.randrange(len(parts))]
         s = "".join(parts)
-        assert R._format_prefilter(s) == (FORMAT_RE.match(s) is not None), repr(s)
+        assert scoring._format_prefilter(s) == (FORMAT_RE.match(s) is not None), repr(s)
         valid += is_format_valid(s)
     assert valid > 1000
 
@@ -192,8 +193,8 @@ def test_rules_do_not_touch_the_pool(monkeypatch):
             used.append((answer, gold))
             return "false"
 
-    monkeypatch.setattr(R, "_get_pool", FakePool)
-    monkeypatch.setattr(R, "_cache", OrderedDict())
+    monkeypatch.setattr(math_verify_pool, "_get_pool", FakePool)
+    monkeypatch.setattr(math_verify_pool, "_cache", OrderedDict())
     for answer, gt, acc, _ in TABLE:
         before = len(used)
         verdict = R.check_answer(answer, gt)
@@ -226,7 +227,7 @@ def test_timeout_soft_and_hard():
     res = R.compute_score(wrap(long_expr), "1", timeout_s=1)
     assert res.score == pytest.approx(0.2) and res.acc == 0.0
     # the hard deadline: the caller stops waiting and the worker is replaced
-    assert R._get_pool().run("(x+1)^{100000}", "2", 30.0, 0.5) == "hard_timeout"
+    assert math_verify_pool._get_pool().run("(x+1)^{100000}", "2", 30.0, 0.5) == "hard_timeout"
     assert R.check_answer("\\sqrt{18}", "3\\sqrt{2}", timeout_s=5) == R.Verdict(True, "match:math_verify")
 
 
@@ -253,7 +254,7 @@ def test_batch_scores():
 
 
 PLUGIN = '''
-from prism_rl.rewards import RewardResult
+from prism_rl.reward import RewardResult
 
 def as_float(response, ground_truth, **kwargs):
     return 0.5 if ground_truth in response else -1

@@ -29,7 +29,7 @@ from .. import algorithms as A
 from ..config import AlignConfig
 from ..data.records import BadRecords
 from ..models.discriminator import Discriminator, score_segments, score_texts
-from ..rewards import compute_score
+from ..reward import compute_score
 from ..rollout.base import Rollouts, SamplingParams
 from ..rollout.hf import HFEngine
 from .common import (

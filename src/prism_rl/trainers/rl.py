@@ -27,7 +27,7 @@ from ..data.records import BadRecords, DataError
 from ..eval.evaluate import score_samples, summarize
 from ..models.loading import load_policy, special_ids
 from ..models.logprobs import response_logprobs
-from ..rewards import RewardResult, compute_score, load_reward_fn
+from ..reward import RewardResult, compute_score, load_reward_fn
 from ..rollout.base import Rollouts, SamplingParams, concat_rollouts, micro_batch
 from ..rollout.hf import HFEngine
 from .common import (
