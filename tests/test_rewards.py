@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
+import subprocess
+import sys
 import threading
 from collections import OrderedDict
 
 import pytest
 
+import prism_rl
 from prism_rl import reward as R
-from prism_rl.reward import math_verify_pool, scoring
 from prism_rl.format import FORMAT_RE, is_format_valid, make_response
+from prism_rl.reward import math_verify_pool, scoring
 
 CAPTION = "- a diagram with labelled points"
 THINK = "Step 1: read the figure. Step 2: compute."
@@ -251,6 +255,33 @@ def test_batch_scores():
     assert [r.score for r in res] == [1.0, 0.0, 1.0, 0.2]
     with pytest.raises(ValueError, match="2 responses but 1 ground truths"):
         R.batch_scores(["a", "b"], ["a"])
+
+
+def test_batch_scores_weights_plugins_and_order(tmp_path):
+    answers, gts = ["B", "C", "\\sqrt{4}", "7", "x"] * 3, ["B", "B", "2", "8", "x"] * 3
+    texts = [wrap(a) for a in answers]
+    res = R.batch_scores(texts, gts, acc_weight=0.5, format_weight=0.3)
+    assert [r.score for r in res] == [0.8, 0.3, 0.8, 0.3, 0.8] * 3
+    assert res == [R.compute_score(t, g, acc_weight=0.5, format_weight=0.3) for t, g in zip(texts, gts)]
+    plugin = tmp_path / "plug.py"
+    plugin.write_text("def rank(response, ground_truth, **kw):\n    return float(ground_truth)\n")
+    ranks = [str(i) for i in range(len(texts))]
+    for fn in (f"{plugin}:rank", R.load_reward_fn(f"{plugin}:rank")):
+        for threads in (None, 4):
+            got = R.batch_scores(texts, ranks, reward_fn=fn, num_threads=threads)
+            assert [r.score for r in got] == [float(i) for i in range(len(texts))]
+
+
+def test_fallback_worker_ignores_the_cwd(tmp_path):
+    # a json.py where the user stands must not shadow the stdlib inside the math-verify worker
+    (tmp_path / "json.py").write_text('raise SystemExit("shadowed")\n')
+    src = os.path.dirname(os.path.dirname(prism_rl.__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])))
+    code = "from prism_rl.reward import check_answer; print(check_answer('\\\\sqrt{8}', '2\\\\sqrt{2}'))"
+    out = subprocess.run(
+        [sys.executable, "-P", "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.stdout.strip() == "Verdict(correct=True, reason='match:math_verify')", out.stderr
 
 
 PLUGIN = '''
