@@ -18,7 +18,7 @@ from prism_rl.config import ModelConfig
 from prism_rl.data.processing import load_prompts
 from prism_rl.models.loading import load_policy, special_ids
 from prism_rl.models.logprobs import response_logprobs
-from prism_rl.rewards import compute_score
+from prism_rl.reward import compute_score
 from prism_rl.rollout.base import SamplingParams, micro_batch
 from prism_rl.rollout.hf import HFEngine
 

@@ -1,17 +1,22 @@
-"""Tests for ``prism_rl.rewards``: the rule table, format failures, bounded time, plug-ins, JSONL."""
+"""Tests for ``prism_rl.reward``: the rule table, format failures, bounded time, plug-ins, JSONL."""
 
 from __future__ import annotations
 
 import io
 import json
+import os
 import random
+import subprocess
+import sys
 import threading
 from collections import OrderedDict
 
 import pytest
 
-from prism_rl import rewards as R
+import prism_rl
+from prism_rl import reward as R
 from prism_rl.format import FORMAT_RE, is_format_valid, make_response
+from prism_rl.reward import math_verify_pool, scoring
 
 CAPTION = "- a diagram with labelled points"
 THINK = "Step 1: read the figure. Step 2: compute."
@@ -172,7 +177,7 @@ def test_format_prefilter_matches_reference_regex():
         if rng.random() < 0.3:
             del parts[rng.randrange(len(parts))]
         s = "".join(parts)
-        assert R._format_prefilter(s) == (FORMAT_RE.match(s) is not None), repr(s)
+        assert scoring._format_prefilter(s) == (FORMAT_RE.match(s) is not None), repr(s)
         valid += is_format_valid(s)
     assert valid > 1000
 
@@ -192,8 +197,8 @@ def test_rules_do_not_touch_the_pool(monkeypatch):
             used.append((answer, gold))
             return "false"
 
-    monkeypatch.setattr(R, "_get_pool", FakePool)
-    monkeypatch.setattr(R, "_cache", OrderedDict())
+    monkeypatch.setattr(math_verify_pool, "_get_pool", FakePool)
+    monkeypatch.setattr(math_verify_pool, "_cache", OrderedDict())
     for answer, gt, acc, _ in TABLE:
         before = len(used)
         verdict = R.check_answer(answer, gt)
@@ -226,7 +231,7 @@ def test_timeout_soft_and_hard():
     res = R.compute_score(wrap(long_expr), "1", timeout_s=1)
     assert res.score == pytest.approx(0.2) and res.acc == 0.0
     # the hard deadline: the caller stops waiting and the worker is replaced
-    assert R._get_pool().run("(x+1)^{100000}", "2", 30.0, 0.5) == "hard_timeout"
+    assert math_verify_pool._get_pool().run("(x+1)^{100000}", "2", 30.0, 0.5) == "hard_timeout"
     assert R.check_answer("\\sqrt{18}", "3\\sqrt{2}", timeout_s=5) == R.Verdict(True, "match:math_verify")
 
 
@@ -252,8 +257,35 @@ def test_batch_scores():
         R.batch_scores(["a", "b"], ["a"])
 
 
+def test_batch_scores_weights_plugins_and_order(tmp_path):
+    answers, gts = ["B", "C", "\\sqrt{4}", "7", "x"] * 3, ["B", "B", "2", "8", "x"] * 3
+    texts = [wrap(a) for a in answers]
+    res = R.batch_scores(texts, gts, acc_weight=0.5, format_weight=0.3)
+    assert [r.score for r in res] == [0.8, 0.3, 0.8, 0.3, 0.8] * 3
+    assert res == [R.compute_score(t, g, acc_weight=0.5, format_weight=0.3) for t, g in zip(texts, gts)]
+    plugin = tmp_path / "plug.py"
+    plugin.write_text("def rank(response, ground_truth, **kw):\n    return float(ground_truth)\n")
+    ranks = [str(i) for i in range(len(texts))]
+    for fn in (f"{plugin}:rank", R.load_reward_fn(f"{plugin}:rank")):
+        for threads in (None, 4):
+            got = R.batch_scores(texts, ranks, reward_fn=fn, num_threads=threads)
+            assert [r.score for r in got] == [float(i) for i in range(len(texts))]
+
+
+def test_fallback_worker_ignores_the_cwd(tmp_path):
+    # a json.py where the user stands must not shadow the stdlib inside the math-verify worker
+    (tmp_path / "json.py").write_text('raise SystemExit("shadowed")\n')
+    src = os.path.dirname(os.path.dirname(prism_rl.__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])))
+    code = "from prism_rl.reward import check_answer; print(check_answer('\\\\sqrt{8}', '2\\\\sqrt{2}'))"
+    out = subprocess.run(
+        [sys.executable, "-P", "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.stdout.strip() == "Verdict(correct=True, reason='match:math_verify')", out.stderr
+
+
 PLUGIN = '''
-from prism_rl.rewards import RewardResult
+from prism_rl.reward import RewardResult
 
 def as_float(response, ground_truth, **kwargs):
     return 0.5 if ground_truth in response else -1

@@ -144,7 +144,7 @@ def cmd_plot(a) -> None:
 
 
 def cmd_reward(a) -> None:
-    from .rewards import load_reward_fn, score_jsonl
+    from .reward import load_reward_fn, score_jsonl
     fn = load_reward_fn(a.reward_fn) if a.reward_fn else None
     stats = score_jsonl(a.input, a.output, reward_fn=fn)
     print(json.dumps(stats), file=sys.stderr)

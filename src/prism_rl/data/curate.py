@@ -11,7 +11,7 @@ reads) into verified teacher demonstrations in the PRISM format:
    parts, through the official ``openai`` client (``chat.completions.create``).
 3. **Filters, in order**: (1) truncation (``finish_reason == "length"``) or a failed call,
    (2) format (``is_format_valid(strict=True)``: all three tags, each non-empty),
-   (3) correctness: ``rewards.is_correct`` on the ``<answer>`` first; only when the rules say
+   (3) correctness: ``reward.is_correct`` on the ``<answer>`` first; only when the rules say
    wrong is the LLM judge asked (if a judge endpoint is given).
 4. **Regeneration**, at most ``max_attempts`` attempts per problem: a (1) or (2) failure
    regenerates the same request; a (3) failure resubmits with the ground truth appended
@@ -94,7 +94,7 @@ from PIL import Image
 from prism_rl.data.layouts import read_records, write_sharegpt_json, write_verl_parquet
 from prism_rl.data.records import IMAGE_PLACEHOLDER, DataError, ImageRef, Record
 from prism_rl.format import SYSTEM_PROMPT, is_format_valid, parse_response, split_text
-from prism_rl.rewards import is_correct
+from prism_rl.reward import is_correct
 
 __all__ = [
     "CALL_HEADER",

@@ -18,7 +18,7 @@ import torch  # noqa: E402
 
 from ..config import ModelConfig  # noqa: E402
 from ..models.loading import load_policy, pick_device, special_ids  # noqa: E402
-from ..rewards import compute_score  # noqa: E402
+from ..reward import compute_score  # noqa: E402
 from ..rollout.base import SamplingParams  # noqa: E402
 from ..rollout.hf import HFEngine  # noqa: E402
 from .layouts import read_records, write_verl_parquet  # noqa: E402

@@ -4,7 +4,7 @@ Loaders read each benchmark in the layout its public release ships in and build
 :class:`~prism_rl.data.records.Record` objects: the PRISM system prompt, one user message with
 an ``<image>`` placeholder per image (in the position the benchmark puts it), the question
 with its options as ``(A) ...`` lines, and a ground truth that
-:func:`prism_rl.rewards.is_correct` can check (a letter for multiple choice, ``Yes``/``No`` for
+:func:`prism_rl.reward.is_correct` can check (a letter for multiple choice, ``Yes``/``No`` for
 HallusionBench, the answer string otherwise).
 
 =================  ==========================================================================
@@ -717,7 +717,7 @@ def load_benchmark(name: str, path: str | Path, *, limit: int | None = None,
 
 def rule_correct(answer: str | None, record: Record) -> bool:
     """The verifiable reward's rules on ``answer`` against every accepted form of the truth."""
-    from ..rewards import is_correct
+    from ..reward import is_correct
 
     if answer is None or not answer.strip():
         return False
@@ -731,7 +731,7 @@ def score_response(record: Record, response: str, tokens: int = 0, finish: str =
     ``answer`` is the last ``<answer>`` block even when the rest of the response is malformed;
     ``format`` is the strict whole-response check of the reward.
     """
-    from ..rewards import compute_score
+    from ..reward import compute_score
 
     gt = record.ground_truth or ""
     res = compute_score(response, gt)

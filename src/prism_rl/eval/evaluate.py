@@ -1,6 +1,6 @@
 """``prism eval``: generate on a held-out file and report accuracy, format rate and length.
 
-Every sample is scored with the verifiable reward (``prism_rl.rewards``): accuracy on the
+Every sample is scored with the verifiable reward (``prism_rl.reward``): accuracy on the
 ``<answer>`` content, format validity of the whole response. The summary is broken down by
 task family; with ``n > 1`` samples per prompt it also reports the share of prompts whose
 pass rate lies strictly between 0 and 1 (the prompts an RL stage can learn from).
@@ -20,7 +20,7 @@ from ..config import EvalConfig, save_config
 from ..data.processing import load_prompts
 from ..data.records import BadRecords
 from ..models.loading import load_policy, pick_device, special_ids
-from ..rewards import compute_score
+from ..reward import compute_score
 from ..rollout.base import SamplingParams
 from ..rollout.hf import HFEngine
 

@@ -27,7 +27,7 @@ from ..config import AlignConfig
 from ..data.records import BadRecords
 from ..data.stream import PromptStream, prompt_pool
 from ..models.discriminator import Discriminator, SegmentScores, score_segments, score_texts
-from ..rewards import batch_scores
+from ..reward import batch_scores
 from ..rollout.base import Rollouts, SamplingParams
 from ..rollout.hf import HFEngine
 from .checkpoint import save_final

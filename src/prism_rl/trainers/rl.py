@@ -21,7 +21,8 @@ from ..data.records import BadRecords
 from ..data.stream import PromptStream, prompt_pool
 from ..eval.evaluate import score_samples, summarize
 from ..models.loading import load_policy, special_ids
-from ..rewards import RewardFn, batch_scores, load_reward_fn
+from ..reward import batch_scores, load_reward_fn
+from ..reward.plugins import RewardFn
 from ..rollout.base import RolloutEngine, Rollouts, SamplingParams, concat_rollouts
 from ..rollout.hf import HFEngine
 from .checkpoint import save_final

@@ -1,0 +1,90 @@
+"""The math-verify worker: a script run by :mod:`prism_rl.reward.math_verify_pool`.
+
+Started as ``sys.executable -P math_verify_worker.py`` (neither the working directory nor
+this folder is on ``sys.path``, so a ``json.py`` where the user stands cannot shadow the
+standard library). It imports only ``math_verify`` (never ``prism_rl``, whose package may
+import heavy code) and speaks JSON lines: it writes ``{"ready": true}`` once
+``math_verify`` is imported, then answers each request ``{"id", "a", "g", "t"}`` with
+``{"id", "r"}``, ``r`` one of ``true``/``false``/``unparsed``/``timeout``/``error``. Each
+request runs under a soft deadline of ``t`` seconds (``setitimer``; the main thread owns
+the signal). The real stdout is kept for the protocol and file descriptor 1 is pointed at
+stderr, so stray prints cannot corrupt it. Importing this module does nothing.
+"""
+
+import json
+import logging
+import os
+import signal
+import sys
+
+
+class Deadline(BaseException):
+    """Raised by the timer signal when a request runs past its soft deadline."""
+
+
+def on_alarm(signum, frame):
+    """``SIGALRM`` handler: abort the request in progress."""
+    raise Deadline()
+
+
+TIMER = hasattr(signal, "setitimer")
+
+
+def protocol_stream():
+    """A line-buffered copy of the real stdout; fd 1 and ``sys.stdout`` become stderr."""
+    out = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return out
+
+
+def make_judge(parse, verify):
+    """``judge(pred, gold)`` -> ``true``/``false``/``unparsed`` with math-verify's own timeouts off."""
+
+    def parse_any(s):
+        got = parse("$" + s + "$", parsing_timeout=None)
+        return got if got else parse(s, parsing_timeout=None)
+
+    def judge(pred, gold):
+        g = parse_any(gold)
+        p = parse_any(pred) if g else None
+        if not g or not p:
+            return "unparsed"
+        return "true" if verify(g, p, timeout_seconds=None) else "false"
+
+    return judge
+
+
+def run(judge, req):
+    """Answer one request under its soft deadline ``req["t"]``."""
+    try:
+        if TIMER:
+            signal.setitimer(signal.ITIMER_REAL, req["t"])
+        try:
+            return judge(req["a"], req["g"])
+        finally:
+            if TIMER:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+    except Deadline:
+        return "timeout"
+    except Exception:
+        return "error"
+
+
+def main():
+    """Redirect stdout, import math_verify, say ready, then answer requests until stdin ends."""
+    out = protocol_stream()
+    logging.disable(logging.CRITICAL)
+    from math_verify import parse, verify
+
+    judge = make_judge(parse, verify)
+    if TIMER:
+        signal.signal(signal.SIGALRM, on_alarm)
+    out.write('{"ready": true}\n')
+    for line in sys.stdin:
+        req = json.loads(line)
+        out.write(json.dumps({"id": req["id"], "r": run(judge, req)}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
