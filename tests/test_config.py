@@ -2,7 +2,10 @@
 
 import pytest
 
-from prism_rl.config import ConfigError, SFTConfig, load_config, parse_overrides, save_config
+from prism_rl.config import (
+    ALGO_PRESETS, AlignConfig, ConfigError, EvalConfig, RLConfig, SFTConfig, WarmupConfig, load_config, parse_overrides,
+    save_config,
+)
 
 
 def test_overrides_are_typed_and_nested():
@@ -53,3 +56,51 @@ def test_save_roundtrip(tmp_path):
     cfg = load_config(SFTConfig, None, ["optim.lr=3e-4", "model.freeze_vision=true"])
     path = save_config(cfg, tmp_path)
     assert load_config(SFTConfig, path) == cfg
+
+
+# ---------------------------------------------------------------------- sections and combinations
+
+
+def test_alignment_rejects_rl_only_keys():
+    """The alignment stage has its own PPO section: RL's KL, dynamic sampling, overlong shaping
+    and algorithm name would be accepted and ignored there, so they are unknown keys."""
+    for key in ("ppo.kl_coef=0.1", "ppo.dynamic_sampling=true", "ppo.overlong_buffer=8", "ppo.name=dapo",
+                "algo.clip_low=0.2", "train.eval_every=5", "data.eval=x.parquet", "data.max_length=99"):
+        with pytest.raises(ConfigError, match="unknown config key"):
+            load_config(AlignConfig, None, [key])
+    cfg = load_config(AlignConfig, None, ["ppo.clip_high=0.28", "ppo.micro_batch_size=4"])
+    assert cfg.ppo.clip_high == 0.28 and cfg.ppo.micro_batch_size == 4
+
+
+def test_stage_sections_hold_only_what_the_stage_reads():
+    with pytest.raises(ConfigError, match="unknown config key 'data.max_prompt_length'"):
+        load_config(SFTConfig, None, ["data.max_prompt_length=10"])
+    with pytest.raises(ConfigError, match="unknown config key 'data.max_length'"):
+        load_config(RLConfig, None, ["data.max_length=10"])
+    with pytest.raises(ConfigError, match="unknown config key 'data.train'"):
+        load_config(EvalConfig, None, ["data.train=x"])
+    assert load_config(WarmupConfig, None, ["train.save_every=5"]).train.save_every == 5
+
+
+@pytest.mark.parametrize("cls,overrides,needle", [
+    (RLConfig, ["algo.ratio_level=sequence", "algo.agg=token-mean"], "ratio_level 'sequence' (GSPO) needs agg"),
+    (AlignConfig, ["ppo.ratio_level=sequence"], "needs agg 'seq-mean-token-mean'"),
+    (RLConfig, ["rollout.n=1"], "rollout.n=1: group-normalised advantages need at least 2"),
+    (AlignConfig, ["rollout.n=1"], "rollout.n=1"),
+    (RLConfig, ["rollout.n=2", "rollout.prompts_per_step=2", "algo.mini_batches=5"], "mini_batches=5 is more than the 4"),
+    (RLConfig, ["rollout.max_new_tokens=100", "algo.overlong_buffer=100"], "overlong_buffer (100) must be below"),
+    (RLConfig, ["rollout.gen_batch_prompts=96"], "only applies with algo.dynamic_sampling"),
+    (SFTConfig, ["data.min_pixels=1000", "data.max_pixels=10"], "data.min_pixels (1000) is above data.max_pixels (10)"),
+])
+def test_combinations_are_checked(cls, overrides, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(cls, None, overrides)
+    assert needle in str(e.value)
+
+
+def test_presets_pass_the_combination_checks():
+    for name, preset in ALGO_PRESETS.items():
+        cfg = load_config(RLConfig, None, [], defaults=preset)
+        assert cfg.algo.name == name
+    gspo = load_config(RLConfig, None, [], defaults=ALGO_PRESETS["gspo"])
+    assert (gspo.algo.ratio_level, gspo.algo.agg) == ("sequence", "seq-mean-token-mean")

@@ -110,11 +110,19 @@ def test_prism_stage_end_to_end_and_resume(workdir, straight_sft):
         f"<answer>\n{r.ground_truth}\n</answer>", "<answer>\n999\n</answer>")}) + "\n" for r in recs))
     assert main(["data", "build-pairs", "--curated", str(data), "--samples", str(samples),
                  "--out", str(disc / "built.jsonl")]) == 0
-    assert main(["disc", "warmup", "--config", "configs/quickstart/warmup.yaml", f"disc.path={disc / 'init'}",
-                 f"data.train={disc / 'built.jsonl'}", f"output_dir={disc / 'warm'}", "train.max_steps=2",
-                 "train.batch_size=4", "train.heldout_frac=0.25"]) == 0
+    warm = ["disc", "warmup", "--config", "configs/quickstart/warmup.yaml", f"disc.path={disc / 'init'}",
+            f"data.train={disc / 'built.jsonl'}", "train.max_steps=2", "train.batch_size=4", "train.heldout_frac=0.25"]
+    assert main(warm + [f"output_dir={disc / 'warm'}"]) == 0
     summary = json.loads((disc / "warm" / "summary.json").read_text())
     assert summary["steps"] == 2 and 0.0 <= summary["after"]["heldout_cap_acc"] <= 1.0
+    # warm-up halted after step 1 and resumed ends with the uninterrupted run's weights
+    assert main(warm + [f"output_dir={disc / 'warm2'}", "--halt-at-step", "1"]) == 0
+    assert (disc / "warm2" / "checkpoint-1" / "value_head.safetensors").exists()
+    assert main(warm + [f"output_dir={disc / 'warm2'}", "--resume"]) == 0
+    for name in ("value_head.safetensors", "model.safetensors"):
+        a, b = load_file(disc / "warm" / "final" / name), load_file(disc / "warm2" / "final" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert json.loads((disc / "warm2" / "summary.json").read_text())["before"] == summary["before"]
     out = workdir / "align"
     args = ["align", "--config", "configs/quickstart/align.yaml", f"model.path={sft}",
             f"disc.path={disc / 'warm' / 'final'}", f"data.train={data}", f"output_dir={out}",

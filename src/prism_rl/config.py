@@ -341,6 +341,10 @@ def _describe(err: ValidationError, cls: type[BaseModel], origin: str) -> str:
         key = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
             lines.append(f"unknown config key '{key}'{_valid_keys_hint(cls, e['loc'])}")
+        elif e["type"] == "value_error" and isinstance(e.get("input"), dict):
+            # a check across several keys (a model validator): its message names them
+            msg = str(e.get("ctx", {}).get("error", e["msg"]))
+            lines.append(f"'{key}': {msg}" if key else msg)
         else:
             lines.append(f"bad value for '{key}': {e['msg']} (got {e.get('input')!r})")
     return f"{origin}: " + "; ".join(lines)
