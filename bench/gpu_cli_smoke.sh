@@ -32,14 +32,14 @@ done
 python3 - "$OUT" <<'PY'
 import json, sys
 out = sys.argv[1]
-sft = [json.loads(l) for l in open(f"{out}/sft/metrics.jsonl") if '"loss"' in l]
+sft = [json.loads(l) for l in open(f"{out}/sft/metrics.jsonl") if '"actor/loss"' in l]
 print("| run | measure | value |\n|---|---|---|")
-print(f"| prism sft (2B shape) | loss step 1 -> 6 | {sft[0]['loss']:.3f} -> {sft[-1]['loss']:.3f} |")
-print(f"| prism sft (2B shape) | tokens/s (last step) | {sft[-1]['tokens_per_s']:.0f} |")
+print(f"| prism sft (2B shape) | loss step 1 -> 6 | {sft[0]['actor/loss']:.3f} -> {sft[-1]['actor/loss']:.3f} |")
+print(f"| prism sft (2B shape) | tokens/s (last step) | {sft[-1]['timing/tokens_per_s']:.0f} |")
 for algo in ("grpo", "gspo"):
-    rows = [json.loads(l) for l in open(f"{out}/rl_{algo}/metrics.jsonl") if '"reward"' in l]
+    rows = [json.loads(l) for l in open(f"{out}/rl_{algo}/metrics.jsonl") if '"rollout/reward"' in l]
     r = rows[-1]
-    print(f"| prism rl --algo {algo} | step s (rollout/logprob/update) | {r['time_step_s']:.1f} "
-          f"({r['time_rollout_s']:.1f}/{r['time_logprob_s']:.1f}/{r['time_update_s']:.1f}) |")
-    print(f"| prism rl --algo {algo} | ratio mean / clip frac | {r['ratio_mean']:.4f} / {r['clip_frac']:.3f} |")
+    print(f"| prism rl --algo {algo} | step s (rollout/logprob/update) | {r['timing/step_s']:.1f} "
+          f"({r['timing/rollout_s']:.1f}/{r['timing/logprob_s']:.1f}/{r['timing/update_s']:.1f}) |")
+    print(f"| prism rl --algo {algo} | ratio mean / clip frac | {r['actor/ratio_mean']:.4f} / {r['actor/clip_frac']:.3f} |")
 PY

@@ -30,7 +30,7 @@ print("| run | avg acc | format | resp tokens | mean step s |\n|---|---|---|---|
 for name in ("sft", "sft_grpo_s0", "sft_dapo_s0", "sft_gspo_s0"):
     s = json.loads((q / "eval" / name / "summary.json").read_text())["overall"]
     m = [json.loads(l) for l in open(q / name / "metrics.jsonl")] if (q / name / "metrics.jsonl").exists() and name != "sft" else []
-    t = [r["time_step_s"] for r in m if "time_step_s" in r]
+    t = [r["timing/step_s"] for r in m if "timing/step_s" in r]
     print(f"| {name} | {100 * s['accuracy']:.1f} | {100 * s['format_rate']:.1f} | {s['mean_response_tokens']:.0f} | "
           f"{sum(t) / len(t) if t else float('nan'):.1f} |")
 PY

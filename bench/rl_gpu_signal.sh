@@ -49,9 +49,9 @@ for d in sorted(glob.glob(f"{out}/*/")):
     pol = open(f"{d}/evaluated.txt").read().strip().split("/")[-1] if os.path.exists(f"{d}/evaluated.txt") else "sft"
     s = json.load(open(ev))
     rows = [json.loads(l) for l in open(f"{d}/metrics.jsonl")] if os.path.exists(f"{d}/metrics.jsonl") else []
-    rows = [r for r in rows if "acc" in r]
-    tr = (f"{sum(r['acc'] for r in rows[:5])/5:.3f} -> {sum(r['acc'] for r in rows[-5:])/5:.3f}" if len(rows) >= 5 else "")
-    sp = f"{sum(r['time_step_s'] for r in rows)/len(rows):.1f}" if rows else ""
+    rows = [r for r in rows if "rollout/acc" in r]
+    tr = (f"{sum(r['rollout/acc'] for r in rows[:5])/5:.3f} -> {sum(r['rollout/acc'] for r in rows[-5:])/5:.3f}" if len(rows) >= 5 else "")
+    sp = f"{sum(r['timing/step_s'] for r in rows)/len(rows):.1f}" if rows else ""
     fam = " ".join(f"{k} {v['accuracy']*100:.1f}" for k, v in s["per_task"].items())
     print(f"| {name} | {pol} | {s['overall']['accuracy']*100:.1f} | {fam} | {tr} | {sp} |")
 PY

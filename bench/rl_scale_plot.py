@@ -25,11 +25,11 @@ def main(png: str, run_dirs: list[str]) -> None:
     colours = {"t03": "tab:blue", "t06": "tab:orange"}
     labelled = set()
     for d in map(Path, run_dirs):
-        rows = [r for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines()) if "acc" in r]
+        rows = [r for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines()) if "rollout/acc" in r]
         key = d.name[:3]
         label = None if key in labelled else f"T 0.{key[2]} ({sum(p.name.startswith(key) for p in map(Path, run_dirs))} runs)"
         labelled.add(key)
-        ax.plot([r["step"] for r in rows], smoothed([r["acc"] for r in rows]), color=colours.get(key, "gray"),
+        ax.plot([r["step"] for r in rows], smoothed([r["rollout/acc"] for r in rows]), color=colours.get(key, "gray"),
                 alpha=0.7, lw=1, label=label)
     ax.set_xlabel("GRPO step (2,048 samples each)")
     ax.set_ylabel("sampled training accuracy (5-step mean)")

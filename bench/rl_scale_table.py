@@ -39,12 +39,12 @@ def train_curve(metrics: Path) -> tuple[str, str, int]:
     """('acc first10 -> last10', 's/step', steps logged) from a run's metrics.jsonl."""
     if not metrics.exists():
         return "", "", 0
-    rows = [r for r in map(json.loads, metrics.read_text().splitlines()) if "acc" in r]
+    rows = [r for r in map(json.loads, metrics.read_text().splitlines()) if "rollout/acc" in r]
     if len(rows) < 10:
         return "", "", len(rows)
     mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
-    return (f"{mean(rows[:10], 'acc'):.3f} -> {mean(rows[-10:], 'acc'):.3f}",
-            f"{mean(rows, 'time_step_s'):.2f}", len(rows))
+    return (f"{mean(rows[:10], 'rollout/acc'):.3f} -> {mean(rows[-10:], 'rollout/acc'):.3f}",
+            f"{mean(rows, 'timing/step_s'):.2f}", len(rows))
 
 
 def main(out: Path) -> None:
