@@ -66,7 +66,7 @@ from typing import Any, Callable, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..data.records import IMAGE_PLACEHOLDER, BadRecords, DataError, ImageRef, Record
+from ..data.records import IMAGE_PLACEHOLDER, BadField, BadRecords, DataError, ImageRef, Record, report_bad
 from ..format import SYSTEM_PROMPT, extract_answer
 
 __all__ = [
@@ -95,15 +95,6 @@ VISION_INSTRUCTION = ("The question and its options are shown in the image. "
                       "Answer with the option's letter from the given choices.")
 NO_QUESTION_TEXT = "According to the question shown in the image, answer the question."
 MAX_OPTION_CHARS = 300  # longer option texts are not used as an accepted answer form
-
-
-class _Bad(Exception):
-    """One record's problem (field and reason), turned into a DataError or a skip."""
-
-    def __init__(self, field: str, why: str):
-        super().__init__(f"field '{field}': {why}")
-        self.field = field
-        self.why = why
 
 
 @dataclass(frozen=True)
@@ -156,9 +147,9 @@ def _text(row: dict, field: str) -> str:
     """A required text field, stripped."""
     v = row.get(field)
     if v is None or (isinstance(v, str) and not v.strip()):
-        raise _Bad(field, "missing or empty")
+        raise BadField(field, "missing or empty")
     if isinstance(v, (dict, list)):
-        raise _Bad(field, f"expected text, got {type(v).__name__}")
+        raise BadField(field, f"expected text, got {type(v).__name__}")
     return str(v).strip()
 
 
@@ -171,7 +162,7 @@ def _decode_data_url(s: str, field: str) -> bytes:
     try:
         return base64.b64decode(s.split(",", 1)[1], validate=True)
     except (IndexError, binascii.Error, ValueError) as e:
-        raise _Bad(field, f"bad data URL: {e}") from None
+        raise BadField(field, f"bad data URL: {e}") from None
 
 
 def _path_ref(p: str, field: str, base_dir: Path) -> ImageRef:
@@ -180,11 +171,11 @@ def _path_ref(p: str, field: str, base_dir: Path) -> ImageRef:
     if cand.is_absolute():
         if cand.is_file():
             return ImageRef(path=str(cand))
-        raise _Bad(field, f"image file not found: {p}")
+        raise BadField(field, f"image file not found: {p}")
     for root in (base_dir, base_dir.parent, base_dir.parent.parent):
         if (root / cand).is_file():
             return ImageRef(path=p, base_dir=str(root))
-    raise _Bad(field, f"image file not found: {p} (looked in {base_dir} and its parents)")
+    raise BadField(field, f"image file not found: {p} (looked in {base_dir} and its parents)")
 
 
 def _image_ref(value: Any, field: str, base_dir: Path) -> ImageRef | None:
@@ -206,7 +197,7 @@ def _image_ref(value: Any, field: str, base_dir: Path) -> ImageRef | None:
         if s.startswith("data:image"):
             return ImageRef(data=_decode_data_url(s, field))
         return _path_ref(s, field, base_dir)
-    raise _Bad(field, f"unsupported image value of type {type(value).__name__}")
+    raise BadField(field, f"unsupported image value of type {type(value).__name__}")
 
 
 def _required_image(row: dict, ctx: _Ctx, *fields: str) -> ImageRef:
@@ -215,7 +206,7 @@ def _required_image(row: dict, ctx: _Ctx, *fields: str) -> ImageRef:
         ref = _image_ref(row.get(f), f, ctx.base_dir)
         if ref is not None:
             return ref
-    raise _Bad(fields[0], "missing image")
+    raise BadField(fields[0], "missing image")
 
 
 def _as_list(value: Any, field: str) -> list[str]:
@@ -229,9 +220,9 @@ def _as_list(value: Any, field: str) -> list[str]:
         try:
             value = ast.literal_eval(s)
         except (ValueError, SyntaxError):
-            raise _Bad(field, f"not a list: {s[:80]!r}") from None
+            raise BadField(field, f"not a list: {s[:80]!r}") from None
     if not isinstance(value, (list, tuple)):
-        raise _Bad(field, f"expected a list, got {type(value).__name__}")
+        raise BadField(field, f"expected a list, got {type(value).__name__}")
     return [str(v).strip() for v in value]
 
 
@@ -240,7 +231,7 @@ def _letter(answer: str, n_options: int, field: str = "answer") -> str:
     a = answer.strip().strip("()").strip().rstrip(".").upper()
     n = max(n_options, 1)
     if len(a) != 1 or a not in LETTERS[:n]:
-        raise _Bad(field, f"answer {answer!r} is not one of the letters A-{LETTERS[n - 1]}")
+        raise BadField(field, f"answer {answer!r} is not one of the letters A-{LETTERS[n - 1]}")
     return a
 
 
@@ -278,7 +269,7 @@ def _record(ctx: _Ctx, index: int, rid: Any, user: str, images: list[ImageRef], 
     """Build a benchmark record (system prompt + one user turn) and check its placeholders."""
     n = user.count(IMAGE_PLACEHOLDER)
     if n != len(images):
-        raise _Bad("question", f"{n} <image> placeholders but {len(images)} images")
+        raise BadField("question", f"{n} <image> placeholders but {len(images)} images")
     extra: dict[str, Any] = {"benchmark": ctx.spec.name, "accepted": accepted or [gt],
                              "gt_display": gt_display or gt, "options": options or [],
                              "meta": meta or {}}
@@ -329,10 +320,10 @@ def _mathvista_row(row: dict, index: int, ctx: _Ctx) -> Record:
     if _opt_text(row, "question_type") == "multi_choice":
         choices = _as_list(row.get("choices"), "choices")
         if not choices:
-            raise _Bad("choices", "a multi_choice question without choices")
+            raise BadField("choices", "a multi_choice question without choices")
         stripped = [c.strip() for c in choices]
         if answer not in stripped:
-            raise _Bad("answer", f"answer {answer!r} is not one of the choices")
+            raise BadField("answer", f"answer {answer!r} is not one of the choices")
         letter = LETTERS[stripped.index(answer)]
         body, gt, accepted, shown = _mc_parts(question, choices, letter)
     else:
@@ -454,7 +445,7 @@ def _interleave(texts: list[str], row: dict, ctx: _Ctx) -> tuple[list[str], list
             return f"[image {k}]"
         ref = _image_ref(row.get(f"image_{k}"), f"image_{k}", ctx.base_dir)
         if ref is None:
-            raise _Bad(f"image_{k}", "mentioned in the text but missing")
+            raise BadField(f"image_{k}", "mentioned in the text but missing")
         seen[k] = ref
         order.append(ref)
         return IMAGE_PLACEHOLDER
@@ -516,7 +507,7 @@ def _mmmu_pro_row(row: dict, index: int, ctx: _Ctx) -> Record:
     image = _required_image(row, ctx, "image")
     options = _as_list(row.get("options"), "options")
     if not options:
-        raise _Bad("options", "missing or empty")
+        raise BadField("options", "missing or empty")
     alts = _answer_alternatives(_text(row, "answer"))
     letters = [_letter(a, len(options)) for a in alts]
     judge_q = _join("(The question is shown in an image.)", "Options:", format_options(options))
@@ -543,7 +534,7 @@ def _hallusion_row(row: dict, index: int, ctx: _Ctx) -> Record | None:
     question = _text(row, "question")
     raw = _text(row, "gt_answer")
     if raw.lower() not in _YES_NO:
-        raise _Bad("gt_answer", f"expected 0 or 1, got {raw!r}")
+        raise BadField("gt_answer", f"expected 0 or 1, got {raw!r}")
     keys = ("category", "subcategory", "set_id", "figure_id", "question_id")
     meta = {k: _opt_text(row, k) for k in keys}
     rid = "_".join(meta[k] for k in keys) if all(meta.values()) else str(index)
@@ -639,7 +630,7 @@ def _json_rows(data: Any, path: Path) -> list[Any]:
 
 
 def _iter_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    """``(index, row)`` pairs; a row that cannot be parsed comes as a ``_Bad``."""
+    """``(index, row)`` pairs; a row that cannot be parsed comes as a ``BadField``."""
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         try:
@@ -666,7 +657,7 @@ def _iter_rows(path: Path) -> Iterator[tuple[int, Any]]:
                 try:
                     yield i, json.loads(line)
                 except json.JSONDecodeError as e:
-                    yield i, _Bad("<line>", f"invalid JSON: {e.msg}")
+                    yield i, BadField("<line>", f"invalid JSON: {e.msg}")
                 i += 1
     else:
         raise DataError(f"{path}: unknown data file type (expected {', '.join(_DATA_SUFFIXES)})")
@@ -691,17 +682,15 @@ def load_benchmark(name: str, path: str | Path, *, limit: int | None = None,
         ctx = _Ctx(spec, f)
         for i, row in _iter_rows(f):
             try:
-                if isinstance(row, _Bad):
+                if isinstance(row, BadField):
                     raise row
                 if not isinstance(row, dict):
-                    raise _Bad("<record>", f"expected an object, got {type(row).__name__}")
+                    raise BadField("<record>", f"expected an object, got {type(row).__name__}")
                 rec = spec.row_fn(row, i, ctx)
                 if rec is not None and rec.id in seen:
-                    raise _Bad("id", f"duplicate id {rec.id!r}")
-            except _Bad as e:
-                if not skip_bad:
-                    raise DataError(f"{f}, record {i}, field '{e.field}': {e.why}") from None
-                bad.add(f"{f}, record {i}", f"field '{e.field}': {e.why}")
+                    raise BadField("id", f"duplicate id {rec.id!r}")
+            except BadField as e:
+                report_bad(f"{f}, record {i}", e, skip_bad, bad)
                 continue
             if rec is None:
                 continue
