@@ -30,11 +30,9 @@ reports bad images); only the existence of image files is checked.
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import json
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -44,6 +42,7 @@ import pyarrow.parquet as pq
 
 from prism_rl.data.records import (IMAGE_PLACEHOLDER, BadField, BadRecords, DataError, ImageRef, Record,
                                    report_bad)
+from prism_rl.data.images import image_ref
 from prism_rl.format import SYSTEM_PROMPT
 
 __all__ = [
@@ -73,7 +72,6 @@ _VERL_COLUMNS = {"data_source", "prompt", "images", "reward_model", "extra_info"
 # Extras written first (in this order) so teacher fields sit together in the file.
 _TEACHER_FIELDS = ("teacher_caption", "teacher_cot", "teacher_response")
 _PAIR_FIELDS = ("teacher_caption", "student_caption", "teacher_cot", "student_cot")
-_DATA_URL_RE = re.compile(r"^data:(image/[\w.+-]+);base64,(.*)$", re.DOTALL)
 
 
 @dataclass
@@ -332,16 +330,11 @@ def _verl_images(value: Any, base_dir: Path) -> list[ImageRef]:
     for k, item in enumerate(value):
         if not isinstance(item, dict):
             raise BadField("images", f"image {k}: expected a dict with 'bytes' or 'path', "
-                                 f"got {type(item).__name__}")
-        data, rel = item.get("bytes"), item.get("path")
-        if data is not None:
-            if not isinstance(data, (bytes, bytearray)):
-                raise BadField("images", f"image {k}: 'bytes' is {type(data).__name__}, not bytes")
-            refs.append(ImageRef(data=bytes(data)))
-        elif isinstance(rel, str) and rel:
-            refs.append(_path_ref(rel, base_dir))
-        else:
+                                     f"got {type(item).__name__}")
+        ref = _image(item, k, "images", base_dir)
+        if ref is None:
             raise BadField("images", f"image {k}: has neither 'bytes' nor 'path'")
+        refs.append(ref)
     return refs
 
 
@@ -504,22 +497,16 @@ def _string_images(value: Any, base_dir: Path, field: str = "images") -> list[Im
     for k, item in enumerate(value):
         if not isinstance(item, str) or not item:
             raise BadField(field, f"image {k}: expected a path or data URL, got {item!r:.60}")
-        m = _DATA_URL_RE.match(item)
-        if m:
-            try:
-                refs.append(ImageRef(data=base64.b64decode(m.group(2), validate=True)))
-            except (binascii.Error, ValueError) as e:
-                raise BadField(field, f"image {k}: bad base64 in data URL: {e}") from None
-        else:
-            refs.append(_path_ref(item, base_dir, field))
+        refs.append(_image(item, k, field, base_dir))
     return refs
 
 
-def _path_ref(rel: str, base_dir: Path, field: str = "images") -> ImageRef:
-    full = Path(rel) if Path(rel).is_absolute() else base_dir / rel
-    if not full.is_file():
-        raise BadField(field, f"image file not found: {rel}")
-    return ImageRef(path=rel, base_dir=str(base_dir))
+def _image(value: Any, k: int, field: str, base_dir: Path) -> ImageRef | None:
+    """Image ``k`` of a record; relative paths are relative to the data file's folder."""
+    try:
+        return image_ref(value, field, base_dirs=(base_dir,))
+    except BadField as e:
+        raise BadField(field, f"image {k}: {e.why}") from None
 
 
 def _ground_truth(value: Any, field: str = "ground_truth") -> str | None:

@@ -51,8 +51,6 @@ rules call wrong, and adds the summary to the runs table (``prism_rl.eval.report
 from __future__ import annotations
 
 import ast
-import base64
-import binascii
 import json
 import logging
 import os
@@ -66,6 +64,7 @@ from typing import Any, Callable, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..data.images import image_ref
 from ..data.records import IMAGE_PLACEHOLDER, BadField, BadRecords, DataError, ImageRef, Record, report_bad
 from ..format import SYSTEM_PROMPT, extract_answer
 
@@ -105,8 +104,11 @@ class _Ctx:
     path: Path
 
     @property
-    def base_dir(self) -> Path:
-        return self.path.parent
+    def image_dirs(self) -> tuple[Path, ...]:
+        """Where relative image paths may point: the file's folder or one of its two parents
+        (GitHub releases name images relative to the repository root)."""
+        d = self.path.parent
+        return (d, d.parent, d.parent.parent)
 
 
 RowFn = Callable[[dict, int, _Ctx], "Record | None"]
@@ -158,52 +160,17 @@ def _opt_text(row: dict, field: str) -> str:
     return "" if v is None else str(v).strip()
 
 
-def _decode_data_url(s: str, field: str) -> bytes:
-    try:
-        return base64.b64decode(s.split(",", 1)[1], validate=True)
-    except (IndexError, binascii.Error, ValueError) as e:
-        raise BadField(field, f"bad data URL: {e}") from None
-
-
-def _path_ref(p: str, field: str, base_dir: Path) -> ImageRef:
-    """An image path: absolute, or relative to ``base_dir`` or one of its two parents."""
-    cand = Path(p)
-    if cand.is_absolute():
-        if cand.is_file():
-            return ImageRef(path=str(cand))
-        raise BadField(field, f"image file not found: {p}")
-    for root in (base_dir, base_dir.parent, base_dir.parent.parent):
-        if (root / cand).is_file():
-            return ImageRef(path=p, base_dir=str(root))
-    raise BadField(field, f"image file not found: {p} (looked in {base_dir} and its parents)")
-
-
-def _image_ref(value: Any, field: str, base_dir: Path) -> ImageRef | None:
-    """An image from a parquet image struct, raw bytes, a data URL or a path; ``None`` if empty."""
-    if value is None:
-        return None
-    if isinstance(value, (bytes, bytearray)):
-        return ImageRef(data=bytes(value)) if value else None
-    if isinstance(value, dict):
-        if value.get("bytes"):
-            return ImageRef(data=bytes(value["bytes"]))
-        if value.get("path"):
-            return _path_ref(str(value["path"]), field, base_dir)
-        return None
-    if isinstance(value, str):
-        s = value.strip()
-        if not s:
-            return None
-        if s.startswith("data:image"):
-            return ImageRef(data=_decode_data_url(s, field))
-        return _path_ref(s, field, base_dir)
-    raise BadField(field, f"unsupported image value of type {type(value).__name__}")
+def _image(row: dict, field: str, ctx: _Ctx) -> ImageRef | None:
+    """The image in ``field`` (``None`` if empty); releases pad paths with stray whitespace."""
+    value = row.get(field)
+    return image_ref(value.strip() if isinstance(value, str) else value, field,
+                     base_dirs=ctx.image_dirs)
 
 
 def _required_image(row: dict, ctx: _Ctx, *fields: str) -> ImageRef:
     """The first non-empty image among ``fields``; a record without one is bad."""
     for f in fields:
-        ref = _image_ref(row.get(f), f, ctx.base_dir)
+        ref = _image(row, f, ctx)
         if ref is not None:
             return ref
     raise BadField(fields[0], "missing image")
@@ -358,7 +325,7 @@ def _mathverse_row(row: dict, index: int, ctx: _Ctx) -> Record:
     question = (_opt_text(row, "question") or _opt_text(row, "query_cot") or _opt_text(row, "query_wo")
                 or NO_QUESTION_TEXT)
     answer = _text(row, "answer")
-    image = _image_ref(row.get("image"), "image", ctx.base_dir)
+    image = _image(row, "image", ctx)
     version = _opt_text(row, "problem_version")
     images = [image] if image is not None else []
     prefix = f"{IMAGE_PLACEHOLDER}\n" if image is not None else ""
@@ -443,7 +410,7 @@ def _interleave(texts: list[str], row: dict, ctx: _Ctx) -> tuple[list[str], list
         k = int(m.group(1))
         if k in seen:
             return f"[image {k}]"
-        ref = _image_ref(row.get(f"image_{k}"), f"image_{k}", ctx.base_dir)
+        ref = _image(row, f"image_{k}", ctx)
         if ref is None:
             raise BadField(f"image_{k}", "mentioned in the text but missing")
         seen[k] = ref
@@ -454,7 +421,7 @@ def _interleave(texts: list[str], row: dict, ctx: _Ctx) -> tuple[list[str], list
     unmentioned = []
     for k in range(1, 8):
         if k not in seen:
-            ref = _image_ref(row.get(f"image_{k}"), f"image_{k}", ctx.base_dir)
+            ref = _image(row, f"image_{k}", ctx)
             if ref is not None:
                 unmentioned.append(ref)
     if unmentioned:
@@ -526,7 +493,7 @@ _YES_NO = {"1": "Yes", "0": "No", "yes": "Yes", "no": "No"}
 def _hallusion_row(row: dict, index: int, ctx: _Ctx) -> Record | None:
     if _opt_text(row, "visual_input") == "0":
         return None  # a question without an image: not part of the image benchmark
-    image = _image_ref(row.get("image"), "image", ctx.base_dir)
+    image = _image(row, "image", ctx)
     if image is None:
         if not _opt_text(row, "filename"):
             return None
