@@ -39,7 +39,7 @@ def cmd_data_show(a) -> None:
 
 
 def cmd_data_filter(a) -> None:
-    from .data.difficulty import filter_difficulty
+    from .jobs.difficulty import filter_difficulty
     stats = filter_difficulty(a.model, a.data, a.out, n=a.n, low=a.low, high=a.high,
                               max_new_tokens=a.max_new_tokens, limit=a.limit, seed=a.seed)
     print(json.dumps(stats, indent=2))
@@ -74,7 +74,7 @@ def cmd_sft(a) -> None:
 
 
 def cmd_serve(a) -> None:
-    from .serve import run_server
+    from .jobs.serve import run_server
     run_server(a.model, host=a.host, port=a.port, api_key=a.api_key or os.environ.get("PRISM_API_KEY"),
                max_batch=a.max_batch, threads=a.threads)
 

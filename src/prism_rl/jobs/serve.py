@@ -19,7 +19,7 @@ Every error is answered in OpenAI's shape ``{"error": {message, type, param, cod
 4xx status (503 when generation itself fails); the server keeps serving.
 
 ``start_server_process`` / ``wait_until_ready`` / ``stop_server_process`` run the server as a
-separate process (``python -m prism_rl.serve``) for tests and tools.
+separate process (``python -m prism_rl.jobs.serve``) for tests and tools.
 """
 
 from __future__ import annotations
@@ -50,13 +50,13 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .config import ModelConfig
-from .data.processing import Encoded, encode_prompt
-from .data.images import image_ref
-from .data.records import IMAGE_PLACEHOLDER, BadField, DataError, ImageRef, Record
-from .models.loading import load_policy
-from .rollout.base import SamplingParams
-from .rollout.hf import HFEngine
+from ..config import ModelConfig
+from ..data.processing import Encoded, encode_prompt
+from ..data.images import image_ref
+from ..data.records import IMAGE_PLACEHOLDER, BadField, DataError, ImageRef, Record
+from ..models.loading import load_policy
+from ..rollout.base import SamplingParams
+from ..rollout.hf import HFEngine
 
 log = logging.getLogger(__name__)
 
@@ -653,7 +653,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 def start_server_process(model_dir: str | Path, port: int | None = None, api_key: str | None = None, *,
                          host: str = "127.0.0.1", extra_args: tuple[str, ...] | list[str] = (),
                          log_path: str | Path | None = None) -> subprocess.Popen:
-    """Start ``python -m prism_rl.serve`` as a separate process (a free port if ``port`` is None).
+    """Start ``python -m prism_rl.jobs.serve`` as a separate process (a free port if ``port`` is None).
 
     The returned ``Popen`` also carries ``.port``, ``.base_url`` (``http://host:port``, add
     ``/v1`` for an OpenAI client) and ``.log_path`` (its stdout and stderr). The API key goes
@@ -661,7 +661,7 @@ def start_server_process(model_dir: str | Path, port: int | None = None, api_key
     ``wait_until_ready`` before use and ``stop_server_process`` at the end.
     """
     port = port or free_port(host)
-    cmd = [sys.executable, "-m", "prism_rl.serve", "--model", str(model_dir), "--host", host,
+    cmd = [sys.executable, "-m", "prism_rl.jobs.serve", "--model", str(model_dir), "--host", host,
            "--port", str(port), *map(str, extra_args)]
     env = {k: v for k, v in os.environ.items() if k != API_KEY_ENV}
     if api_key:
@@ -716,7 +716,7 @@ def stop_server_process(proc: subprocess.Popen, timeout: float = 10.0) -> int:
 # --------------------------------------------------------------------------- entry point
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m prism_rl.serve", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m prism_rl.jobs.serve", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="local Hugging Face checkpoint folder")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)

@@ -21,9 +21,9 @@ from ..models.loading import load_policy, pick_device, special_ids  # noqa: E402
 from ..rewards import compute_score  # noqa: E402
 from ..rollout.base import SamplingParams  # noqa: E402
 from ..rollout.hf import HFEngine  # noqa: E402
-from .layouts import read_records, write_verl_parquet  # noqa: E402
-from .processing import encode_all  # noqa: E402
-from .records import BadRecords  # noqa: E402
+from ..data.layouts import read_records, write_verl_parquet  # noqa: E402
+from ..data.processing import encode_all  # noqa: E402
+from ..data.records import BadRecords  # noqa: E402
 
 
 def pass_rates(model, processor, records, *, n: int, max_new_tokens: int, temperature: float = 1.0,
