@@ -81,7 +81,7 @@ def cmd_serve(a) -> None:
 
 def cmd_eval(a) -> None:
     if a.benchmark:
-        from .eval.benchmarks import run_eval
+        from .eval.run_benchmark import run_eval
         kwargs = {k: v for k, v in (("limit", a.limit), ("max_new_tokens", a.max_new_tokens)) if v is not None}
         run_eval(a.benchmark, a.data, a.model, out_dir=a.out or None, judge_url=a.judge_url or None,
                  judge_model=a.judge_model or None, **kwargs)

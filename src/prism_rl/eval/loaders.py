@@ -1,11 +1,11 @@
-"""The paper's evaluation benchmarks (PRISM_SPEC.md section 8): loaders, settings, evaluation.
+"""Benchmark loaders: each of the seven benchmarks' public release -> :class:`Record` objects.
 
-Loaders read each benchmark in the layout its public release ships in and build
-:class:`~prism_rl.data.records.Record` objects: the PRISM system prompt, one user message with
-an ``<image>`` placeholder per image (in the position the benchmark puts it), the question
-with its options as ``(A) ...`` lines, and a ground truth that
-:func:`prism_rl.rewards.is_correct` can check (a letter for multiple choice, ``Yes``/``No`` for
-HallusionBench, the answer string otherwise).
+A loader reads a benchmark in the layout its public release ships in and builds records: the
+PRISM system prompt, one user message with an ``<image>`` placeholder per image (in the
+position the benchmark puts it), the question with its options as ``(A) ...`` lines, and a
+ground truth that :func:`prism_rl.rewards.is_correct` can check (a letter for multiple
+choice, ``Yes``/``No`` for HallusionBench, the answer string otherwise). ``extra`` carries
+what scoring needs (accepted answer forms, the display form of the truth, options, meta).
 
 =================  ==========================================================================
 benchmark          layout read (``path`` = a file, or a folder searched for the default split)
@@ -42,21 +42,15 @@ or paths (relative to the file's folder or one of its two parents). A bad record
 :class:`DataError` naming the file, the record index and the field, or with ``skip_bad`` is
 skipped and noted in a :class:`BadRecords`.
 
-``evaluate_benchmark`` generates in batches (``HFEngine``), appends each finished record to
-``out_dir/<benchmark>/samples.jsonl`` (a rerun skips finished ids), scores the ``<answer>``
-content with the verifiable reward's rules, asks the optional LLM judge only about answers the
-rules call wrong, and adds the summary to the runs table (``prism_rl.eval.report``).
+This module only reads files: it imports no torch, transformers, models or rollout code (a
+test checks), so data tools can load benchmarks cheaply.
 """
 
 from __future__ import annotations
 
 import ast
 import json
-import logging
-import os
 import re
-import time
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -66,26 +60,20 @@ import pyarrow.parquet as pq
 
 from ..data.images import image_ref
 from ..data.records import IMAGE_PLACEHOLDER, BadField, BadRecords, DataError, ImageRef, Record, report_bad
-from ..format import SYSTEM_PROMPT, extract_answer
+from ..format import SYSTEM_PROMPT
+from .benchmark_table import BenchmarkSpec, get_benchmark
 
 __all__ = [
-    "BENCHMARKS",
-    "BenchmarkSpec",
+    "LETTERS",
+    "MC_INSTRUCTION",
+    "ROW_READERS",
+    "VISION_INSTRUCTION",
+    "YES_NO_INSTRUCTION",
     "benchmark_files",
-    "evaluate_benchmark",
     "format_options",
-    "get_benchmark",
-    "judge_rows",
     "load_benchmark",
-    "read_samples",
-    "rule_correct",
-    "run_eval",
-    "score_response",
     "split_letter_options",
-    "summarize_benchmark",
 ]
-
-log = logging.getLogger(__name__)
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 MC_INSTRUCTION = "Answer with the option's letter from the given choices."
@@ -100,7 +88,7 @@ MAX_OPTION_CHARS = 300  # longer option texts are not used as an accepted answer
 class _Ctx:
     """Where the rows come from: the file (for messages) and its folder (for image paths)."""
 
-    spec: "BenchmarkSpec"
+    spec: BenchmarkSpec
     path: Path
 
     @property
@@ -112,26 +100,6 @@ class _Ctx:
 
 
 RowFn = Callable[[dict, int, _Ctx], "Record | None"]
-
-
-@dataclass(frozen=True)
-class BenchmarkSpec:
-    """One benchmark: its sampling settings (spec section 8), default split and row reader.
-
-    ``file_globs`` find the default split's files when ``path`` is a folder (the benchmark's
-    downloaded repository). ``label`` is the column name of the runs table (spec section 9).
-    """
-
-    name: str
-    label: str
-    max_new_tokens: int
-    temperature: float
-    top_p: float
-    split: str
-    file_globs: tuple[str, ...]
-    row_fn: RowFn
-    why_tokens: str = ""
-
 
 # --------------------------------------------------------------------------- small helpers
 
@@ -510,45 +478,13 @@ def _hallusion_row(row: dict, index: int, ctx: _Ctx) -> Record | None:
                    sub=meta["category"] or "", meta=meta)
 
 
-# --------------------------------------------------------------------------- the settings table
+# --------------------------------------------------------------------------- the readers
 
-BENCHMARKS: dict[str, BenchmarkSpec] = {
-    s.name: s for s in (
-        BenchmarkSpec("mathvista", "MVista", 16384, 1.0, 0.7, "testmini",
-                      ("**/testmini-*.parquet", "**/testmini.parquet", "**/testmini.json"),
-                      _mathvista_row, "short answers; 16K leaves room for long reasoning"),
-        BenchmarkSpec("mathverse", "MVerse", 32768, 1.0, 0.7, "testmini",
-                      ("**/testmini.parquet", "**/testmini-*.parquet", "**/testmini.json"),
-                      _mathverse_row, "Instruct averages ~3.2K tokens (spec 9): ~10x"),
-        BenchmarkSpec("mathvision", "MVision", 49152, 1.0, 0.7, "testmini",
-                      ("**/testmini-*.parquet", "**/testmini.parquet", "**/testmini.jsonl"),
-                      _mathvision_row, "Instruct averages ~9.5K tokens (spec 9): the maximum"),
-        BenchmarkSpec("wemath", "WeMath", 16384, 1.0, 0.7, "testmini",
-                      ("**/testmini.json", "**/testmini-*.parquet", "**/testmini.parquet"),
-                      _wemath_row, "elementary multi-step problems; 16K"),
-        BenchmarkSpec("mmmu", "MMMU", 16384, 1.0, 0.7, "validation",
-                      ("**/validation-*.parquet",), _mmmu_row,
-                      "knowledge-heavy, shorter reasoning; 16K"),
-        BenchmarkSpec("mmmu_pro", "MMMU-Pro", 32768, 1.0, 0.7, "standard (10 options) + vision",
-                      ("**/standard (10 options)/test-*.parquet", "**/vision/test-*.parquet"),
-                      _mmmu_pro_row, "Instruct averages ~2.8K tokens (spec 9) with a long tail"),
-        BenchmarkSpec("hallusionbench", "Hallu", 8192, 0.0, 1.0, "image",
-                      ("**/image-*.parquet", "**/HallusionBench.json"), _hallusion_row,
-                      "yes/no questions, greedy (spec 8); 8K, the minimum"),
-    )
+ROW_READERS: dict[str, RowFn] = {
+    "mathvista": _mathvista_row, "mathverse": _mathverse_row, "mathvision": _mathvision_row,
+    "wemath": _wemath_row, "mmmu": _mmmu_row, "mmmu_pro": _mmmu_pro_row,
+    "hallusionbench": _hallusion_row,
 }
-_ALIASES = {"mathv": "mathvision", "mathvision": "mathvision", "mmmupro": "mmmu_pro",
-            "hallusion": "hallusionbench", "hallusionbench": "hallusionbench"}
-
-
-def get_benchmark(name: str) -> BenchmarkSpec:
-    """The spec of ``name`` (case, ``-``, ``_`` and spaces ignored: ``MMMU-Pro`` works)."""
-    key = re.sub(r"[\s_\-]", "", name.lower())
-    canon = {re.sub(r"_", "", k): k for k in BENCHMARKS}
-    found = canon.get(key) or _ALIASES.get(key)
-    if found is None:
-        raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
-    return BENCHMARKS[found]
 
 
 # --------------------------------------------------------------------------- reading files
@@ -641,6 +577,7 @@ def load_benchmark(name: str, path: str | Path, *, limit: int | None = None,
     Record ids are unique within a benchmark (a repeated id is a bad record).
     """
     spec = get_benchmark(name)
+    read_row = ROW_READERS[spec.name]
     if skip_bad and bad is None:
         bad = BadRecords()
     out: list[Record] = []
@@ -653,7 +590,7 @@ def load_benchmark(name: str, path: str | Path, *, limit: int | None = None,
                     raise row
                 if not isinstance(row, dict):
                     raise BadField("<record>", f"expected an object, got {type(row).__name__}")
-                rec = spec.row_fn(row, i, ctx)
+                rec = read_row(row, i, ctx)
                 if rec is not None and rec.id in seen:
                     raise BadField("id", f"duplicate id {rec.id!r}")
             except BadField as e:
@@ -666,368 +603,3 @@ def load_benchmark(name: str, path: str | Path, *, limit: int | None = None,
             if limit is not None and len(out) >= limit:
                 return out
     return out
-
-
-# --------------------------------------------------------------------------- scoring
-
-
-def rule_correct(answer: str | None, record: Record) -> bool:
-    """The verifiable reward's rules on ``answer`` against every accepted form of the truth."""
-    from ..rewards import is_correct
-
-    if answer is None or not answer.strip():
-        return False
-    accepted = record.extra.get("accepted") or [record.ground_truth or ""]
-    return any(is_correct(answer, gt) for gt in accepted)
-
-
-def score_response(record: Record, response: str, tokens: int = 0, finish: str = "stop") -> dict:
-    """One sample row, scored by rules only (the judge comes later, see :func:`judge_rows`).
-
-    ``answer`` is the last ``<answer>`` block even when the rest of the response is malformed;
-    ``format`` is the strict whole-response check of the reward.
-    """
-    from ..rewards import compute_score
-
-    gt = record.ground_truth or ""
-    res = compute_score(response, gt)
-    answer = extract_answer(response)
-    if res.format and (record.extra.get("accepted") or [gt]) == [gt]:
-        ok = bool(res.acc)  # the reward already checked this answer against this truth
-    else:
-        ok = rule_correct(answer, record)
-    fmt = res.format
-    return {
-        "id": record.id, "task": record.task, "question": record.question,
-        "ground_truth": record.ground_truth, "response": response, "answer": answer,
-        "rule_acc": float(ok), "acc": float(ok), "format": float(fmt), "tokens": int(tokens),
-        "finish": finish, "judge": "not_needed" if ok else "off", "judge_error": None,
-        "meta": record.extra.get("meta") or {},
-    }
-
-
-def judge_rows(rows: list[dict], records: dict[str, Record], judge) -> None:
-    """Ask ``judge`` about every rule-wrong row that has an answer; update rows in place.
-
-    ``judge`` is the row's outcome: ``correct``/``incorrect`` (a verdict), ``error`` or
-    ``unparsed`` (not judged, reason in ``judge_error``), ``no_answer`` (nothing to judge),
-    ``not_needed`` (the rules said correct).
-    """
-    todo = []
-    for row in rows:
-        if row["rule_acc"]:
-            continue
-        if not row["answer"]:
-            row["judge"] = "no_answer"
-            continue
-        todo.append(row)
-    if not todo:
-        return
-    items = []
-    for row in todo:
-        rec = records[row["id"]]
-        shown = rec.messages[-1]["content"].replace(IMAGE_PLACEHOLDER, "[image]").strip()
-        items.append((rec.extra.get("judge_question") or shown,
-                      rec.extra.get("gt_display") or rec.ground_truth or "", row["answer"]))
-    for row, res in zip(todo, judge.judge_many(items)):
-        row["judge"] = res.status
-        row["judge_error"] = res.error
-        if res.verdict:
-            row["acc"] = 1.0
-
-
-# --------------------------------------------------------------------------- summaries
-
-
-def _wemath_scores(rows: list[dict]) -> dict | None:
-    """WeMath's four-dimensional metric (insufficient knowledge, inadequate generalisation,
-    complete mastery, rote memorisation) and its strict/loose scores, from rows with
-    ``meta = {ID, key}``. ``None`` when no multi-step problem is complete enough."""
-    by_problem: dict[str, dict[str, bool]] = defaultdict(dict)
-    for r in rows:
-        m = r.get("meta") or {}
-        if m.get("ID") and m.get("key"):
-            by_problem[m["ID"]][m["key"]] = bool(r["acc"])
-    counts = defaultdict(int)
-    total = 0
-    for steps in by_problem.values():
-        multi_key = next((k for k in steps if k.endswith("steps_multi")), None)
-        if multi_key is None:
-            continue
-        n = int(multi_key.split("steps")[0])
-        parts = [steps.get(f"{n}steps_{i}") for i in range(1, n + 1)]
-        multi = steps[multi_key]
-        total += 1
-        all_ok, any_ok = all(p is True for p in parts), any(p is True for p in parts)
-        all_bad, any_bad = all(p is False for p in parts), any(p is False for p in parts)
-        counts["IG"] += all_ok and not multi
-        counts["IK"] += any_bad and not multi
-        counts["CM_loose"] += any_ok and multi
-        counts["CM_strict"] += all_ok and multi
-        counts["RM_loose"] += all_bad and multi
-        counts["RM_strict"] += any_bad and multi
-    if total == 0:
-        return None
-    score = lambda rm: (total - 0.5 * counts["IG"] - counts[rm] - counts["IK"]) / total
-    return {"problems": total, **dict(counts), "score_loose": score("RM_loose"),
-            "score_strict": score("RM_strict")}
-
-
-def _hallusion_scores(rows: list[dict]) -> dict | None:
-    """HallusionBench's question-pair (qAcc) and figure (fAcc) accuracies next to aAcc."""
-    pairs, figs = defaultdict(list), defaultdict(list)
-    for r in rows:
-        m = r.get("meta") or {}
-        if not m.get("category"):
-            continue
-        pairs[(m["category"], m["subcategory"], m["set_id"], m["question_id"])].append(r["acc"])
-        figs[(m["category"], m["subcategory"], m["set_id"], m["figure_id"])].append(r["acc"])
-    if not pairs:
-        return None
-    frac = lambda groups: sum(all(v) for v in groups.values()) / len(groups)
-    return {"aAcc": sum(r["acc"] for r in rows) / len(rows), "qAcc": frac(pairs), "fAcc": frac(figs)}
-
-
-def summarize_benchmark(name: str, rows: list[dict]) -> dict:
-    """Accuracy, format rate, mean response tokens and judge counts (plus per-task stats).
-
-    MMMU-Pro's accuracy is the mean over its settings (standard, vision), as its paper
-    reports it; every other benchmark's is the mean over records.
-    """
-    from .evaluate import summarize
-
-    spec = get_benchmark(name)
-    base = summarize(rows)
-    n = max(len(rows), 1)
-    accuracy = base["overall"]["accuracy"]
-    if spec.name == "mmmu_pro" and len(base["per_task"]) > 1:
-        accuracy = sum(t["accuracy"] for t in base["per_task"].values()) / len(base["per_task"])
-    status = defaultdict(int)
-    for r in rows:
-        status[r.get("judge", "off")] += 1
-    out = {
-        "benchmark": spec.name, "label": spec.label, "n_records": len(rows),
-        "accuracy": accuracy, "rule_accuracy": sum(r["rule_acc"] for r in rows) / n,
-        "format_rate": base["overall"]["format_rate"],
-        "mean_response_tokens": base["overall"]["mean_response_tokens"],
-        "truncated_rate": base["overall"]["truncated_rate"],
-        "judged": status["correct"] + status["incorrect"],
-        "judge_flipped": status["correct"],
-        "judge_failed": status["error"] + status["unparsed"],
-        "judge_status": dict(status),
-        "per_task": base["per_task"],
-    }
-    extra = {"wemath": _wemath_scores, "hallusionbench": _hallusion_scores}.get(spec.name)
-    if extra is not None and (scores := extra(rows)) is not None:
-        out[spec.name] = scores
-    return out
-
-
-# --------------------------------------------------------------------------- samples file
-
-
-def read_samples(path: str | Path) -> dict[str, dict]:
-    """Rows of a ``samples.jsonl`` by id (last wins); a torn last line is ignored."""
-    p = Path(path)
-    rows: dict[str, dict] = {}
-    if not p.exists():
-        return rows
-    with p.open(encoding="utf-8") as fh:
-        for line in fh:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # an interrupted write
-            if isinstance(row, dict) and "id" in row:
-                rows[str(row["id"])] = row
-    return rows
-
-
-def _repair_tail(path: Path) -> None:
-    """Cut a partial last line (an interrupted write) so appends start on a fresh line."""
-    if not path.exists() or path.stat().st_size == 0:
-        return
-    data = path.read_bytes()
-    if not data.endswith(b"\n"):
-        path.write_bytes(data[: data.rfind(b"\n") + 1])
-
-
-def _check_meta(out: Path, meta: dict, resume: bool) -> None:
-    """Refuse to mix samples of another model or other sampling settings into one file."""
-    meta_path, samples = out / "meta.json", out / "samples.jsonl"
-    if resume and meta_path.exists() and samples.exists():
-        old = json.loads(meta_path.read_text())
-        keys = ("model", "max_new_tokens", "temperature", "top_p")
-        diff = {k: (old.get(k), meta[k]) for k in keys if old.get(k) != meta[k]}
-        if diff:
-            raise ValueError(f"{samples} holds samples made with other settings {diff}; "
-                             f"use another out_dir or resume=False")
-    if not resume and samples.exists():
-        samples.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    meta_path.write_text(json.dumps(meta, indent=2))
-
-
-_NOT_JUDGED = ("off", "error", "unparsed")
-
-
-def _rejudge(samples: Path, ids: set[str], records: dict[str, Record], judge, chunk: int = 64) -> int:
-    """Judge earlier rows (``ids``) that the rules call wrong and that never got a verdict
-    (no judge then, or it failed), and rewrite the samples file; returns how many were asked."""
-    rows = list(read_samples(samples).values())
-    todo = [r for r in rows if r["id"] in ids and r["id"] in records and not r["rule_acc"]
-            and r.get("judge") in _NOT_JUDGED]
-    if not todo:
-        return 0
-    for start in range(0, len(todo), chunk):
-        judge_rows(todo[start:start + chunk], records, judge)
-    tmp = samples.with_name(samples.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    os.replace(tmp, samples)
-    return len(todo)
-
-
-# --------------------------------------------------------------------------- evaluation
-
-
-def _load_model(model_dir: str | Path, max_pixels: int | None):
-    from ..config import ModelConfig
-    from ..models.loading import load_policy, load_processor, pick_device
-
-    model, processor = load_policy(ModelConfig(path=str(model_dir)), pick_device(), trainable=False)
-    if max_pixels is not None:
-        processor = load_processor(model_dir, max_pixels=max_pixels)
-    return model, processor
-
-
-def _generate(records: list[Record], model, processor, params, *, batch_size: int,
-              max_prompt_length: int, skip_bad: bool, bad: BadRecords, judge, samples: Path,
-              progress) -> int:
-    """Generate, score, judge and append rows batch by batch; returns rows written."""
-    from ..data.processing import encode_all
-    from ..models.loading import special_ids
-    from ..rollout.hf import HFEngine
-
-    engine = HFEngine(model, processor)
-    eos, _ = special_ids(processor)
-    by_id = {r.id: r for r in records}
-    written = 0
-    for start in range(0, len(records), batch_size):
-        chunk = records[start:start + batch_size]
-        encs = encode_all(processor, chunk, eos_id=eos, max_length=max_prompt_length,
-                          with_response=False, skip_bad=skip_bad, bad=bad)
-        if encs:
-            ro = engine.generate(encs, params)
-            lengths = ro.response_lengths.tolist()
-            rows = [score_response(e.record, ro.texts[i], lengths[i], ro.finish_reasons[i])
-                    for i, e in enumerate(encs)]
-            if judge is not None:
-                judge_rows(rows, by_id, judge)
-            with samples.open("a", encoding="utf-8") as fh:
-                fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-            written += len(rows)
-        progress.update(len(chunk))
-    return written
-
-
-def evaluate_benchmark(name: str, path: str | Path, model_dir: str | Path, out_dir: str | Path, *,
-                       judge=None, batch_size: int = 8, limit: int | None = None,
-                       resume: bool = True, max_new_tokens: int | None = None,
-                       temperature: float | None = None, top_p: float | None = None,
-                       seed: int = 0, run_name: str | None = None,
-                       results_dir: str | Path | None = None, skip_bad: bool = False,
-                       max_prompt_length: int = 32768, max_pixels: int | None = None,
-                       split: str | None = None, model=None, processor=None,
-                       report: bool = True) -> dict:
-    """Evaluate ``model_dir`` on benchmark ``name`` read from ``path``; returns the summary.
-
-    Samples go to ``out_dir/<benchmark>/samples.jsonl``, one line per finished record,
-    written after each batch; with ``resume`` a rerun skips the ids already there (the model
-    is not even loaded when nothing is left) and, given a judge, asks it about earlier
-    rule-wrong answers that have no verdict yet. ``summary.json`` sits beside them. Sampling
-    defaults come from ``BENCHMARKS[name]``; ``max_new_tokens``/``temperature``/``top_p``
-    override them. ``judge`` (a :class:`prism_rl.eval.judge.Judge`) is asked only about
-    answers the rules call wrong. With ``report`` the summary is added to the runs table in
-    ``results_dir`` (default: the parent of ``out_dir``) under ``run_name`` (default: the
-    name of ``out_dir``).
-    """
-    import torch
-    from tqdm import tqdm
-
-    from ..rollout.base import SamplingParams
-
-    spec = get_benchmark(name)
-    out = Path(out_dir) / spec.name
-    bad = BadRecords()
-    records = load_benchmark(spec.name, path, limit=limit, skip_bad=skip_bad, bad=bad, split=split)
-    params = SamplingParams(n=1, max_new_tokens=max_new_tokens or spec.max_new_tokens,
-                            temperature=spec.temperature if temperature is None else temperature,
-                            top_p=spec.top_p if top_p is None else top_p)
-    meta = {"benchmark": spec.name, "data": str(path), "model": str(model_dir),
-            "max_new_tokens": params.max_new_tokens, "temperature": params.temperature,
-            "top_p": params.top_p, "seed": seed}
-    _check_meta(out, meta, resume)
-    samples = out / "samples.jsonl"
-    _repair_tail(samples)
-    done = read_samples(samples)
-    todo = [r for r in records if r.id not in done]
-    t0, written = time.time(), 0
-    if todo:
-        if model is None:
-            model, processor = _load_model(model_dir, max_pixels)
-        torch.manual_seed(seed)
-        bar = tqdm(total=len(records), initial=len(records) - len(todo), desc=spec.name,
-                   dynamic_ncols=True)
-        try:
-            written = _generate(todo, model, processor, params, batch_size=batch_size,
-                                max_prompt_length=max_prompt_length, skip_bad=skip_bad, bad=bad,
-                                judge=judge, samples=samples, progress=bar)
-        finally:
-            bar.close()
-    rejudged = _rejudge(samples, set(done), {r.id: r for r in records}, judge) if judge else 0
-    if bad.count:
-        log.warning("%s: %s", spec.name, bad.summary())
-    rows_by_id = read_samples(samples)
-    rows = [rows_by_id[r.id] for r in records if r.id in rows_by_id]
-    summary = summarize_benchmark(spec.name, rows)
-    summary.update(run=run_name or Path(out_dir).name, model=str(model_dir), data=str(path),
-                   settings={k: meta[k] for k in ("max_new_tokens", "temperature", "top_p", "seed")},
-                   judge_model=getattr(judge, "model", None), generated_now=written, rejudged=rejudged,
-                   resumed=len(records) - len(todo), bad_records=bad.count,
-                   bad_summary=bad.summary(), wall_s=time.time() - t0)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    if report:
-        from .report import update_results
-
-        summary["report_files"] = {k: str(v) for k, v in update_results(
-            results_dir or Path(out_dir).parent, summary["run"], spec.name, summary).items()}
-    return summary
-
-
-def run_eval(benchmark: str, data: str | Path, model: str | Path, *,
-             out_dir: str | Path | None = None, judge_url: str | None = None,
-             judge_model: str | None = None, judge_api_key_env: str = "PRISM_JUDGE_API_KEY",
-             judge_timeout: float = 60.0, print_fn: Callable[[str], None] = print,
-             **kwargs: Any) -> dict:
-    """What ``prism eval --benchmark NAME --data PATH --model DIR [--judge-url U --judge-model M]``
-    runs: builds the judge when a URL is given, evaluates, prints a one-line summary and the
-    runs table. ``out_dir`` defaults to ``runs/eval/<model folder name>``; other keyword
-    arguments go to :func:`evaluate_benchmark`."""
-    from .judge import Judge
-    from .report import load_results, results_markdown
-
-    judge = None
-    if judge_url:
-        if not judge_model:
-            raise ValueError("--judge-url needs --judge-model")
-        judge = Judge(judge_url, judge_model, api_key_env=judge_api_key_env, timeout=judge_timeout)
-    out = Path(out_dir) if out_dir else Path("runs/eval") / Path(model).name
-    s = evaluate_benchmark(benchmark, data, model, out, judge=judge, **kwargs)
-    print_fn(f"{s['label']}: accuracy {100 * s['accuracy']:.1f}% (rules {100 * s['rule_accuracy']:.1f}%), "
-             f"format {100 * s['format_rate']:.1f}%, {s['mean_response_tokens']:.0f} response tokens, "
-             f"{s['n_records']} records ({s['generated_now']} generated now), judged {s['judged']} "
-             f"(flipped {s['judge_flipped']}, failed {s['judge_failed']})")
-    if "report_files" in s:
-        print_fn(results_markdown(load_results(Path(s["report_files"]["json"]).parent)))
-    return s
