@@ -38,7 +38,8 @@ HallusionBench     HF ``lmms-lab/HallusionBench`` ``image`` split parquet or the
 =================  ==========================================================================
 
 Image values may be parquet image structs (``{"bytes", "path"}``), raw bytes, ``data:`` URLs
-or paths (relative to the file's folder or one of its two parents). A bad record raises
+or paths (relative to the file's folder or one of its two parents), all decoded by
+:func:`prism_rl.data.images.image_ref`. A bad record raises
 :class:`DataError` naming the file, the record index and the field, or with ``skip_bad`` is
 skipped and noted in a :class:`BadRecords`.
 
