@@ -4,7 +4,10 @@ evaluation with the tiny model (interrupted, then resumed)."""
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -18,10 +21,12 @@ from fastapi.responses import JSONResponse
 
 from conftest import png_bytes
 from prism_rl.data.records import IMAGE_PLACEHOLDER, BadRecords, DataError
-from prism_rl.eval import benchmarks as B
-from prism_rl.eval.benchmarks import (BENCHMARKS, MC_INSTRUCTION, VISION_INSTRUCTION, YES_NO_INSTRUCTION,
-                                      evaluate_benchmark, get_benchmark, judge_rows, load_benchmark,
-                                      score_response, split_letter_options, summarize_benchmark)
+from prism_rl.eval import run_benchmark as R
+from prism_rl.eval.benchmark_scoring import judge_rows, score_response, summarize_benchmark
+from prism_rl.eval.benchmark_table import BENCHMARKS, get_benchmark
+from prism_rl.eval.loaders import (MC_INSTRUCTION, ROW_READERS, VISION_INSTRUCTION, YES_NO_INSTRUCTION,
+                                   load_benchmark, split_letter_options)
+from prism_rl.eval.run_benchmark import evaluate_benchmark
 from prism_rl.eval.judge import Judge, parse_verdict
 from prism_rl.eval.report import load_results, results_csv_rows, results_markdown, update_results
 from prism_rl.format import SYSTEM_PROMPT, make_response
@@ -73,6 +78,32 @@ def test_settings_table_follows_the_spec():
     assert get_benchmark("Math-Vision").name == "mathvision"
     with pytest.raises(ValueError, match="unknown benchmark"):
         get_benchmark("gsm8k")
+    assert set(ROW_READERS) == set(BENCHMARKS)  # every benchmark in the table can be read
+
+
+def test_loaders_import_no_model_code():
+    """Reading a benchmark must not pull in torch, transformers, models/ or rollout/."""
+    code = ("import sys, prism_rl.eval.loaders\n"
+            "heavy = [m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')\n"
+            "         or m.startswith(('prism_rl.models', 'prism_rl.rollout'))]\n"
+            "assert 'torch' not in sys.modules, heavy\n"
+            "assert not heavy, heavy\n")
+    subprocess.run([sys.executable, "-c", code], check=True, env=_src_env())
+
+
+@pytest.mark.parametrize("module", ["benchmark_table", "loaders", "benchmark_scoring", "run_benchmark",
+                                    "report", "judge", "sampling", "evaluate"])
+def test_eval_modules_import_on_their_own(module):
+    """Each module imports first in a fresh process: no import cycle hides behind import order."""
+    subprocess.run([sys.executable, "-c", f"import prism_rl.eval.{module}"], check=True, env=_src_env())
+
+
+def _src_env() -> dict:
+    """The environment with this checkout's ``src`` first on the path (as the tests import it)."""
+    import prism_rl
+
+    src = str(Path(prism_rl.__file__).resolve().parents[1])
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
 
 
 # --------------------------------------------------------------------------- loaders
@@ -432,7 +463,7 @@ def test_resume_with_a_judge_judges_earlier_unjudged_rows(judge_server, tmp_path
     out = tmp_path / "run" / "mathvision"
     out.mkdir(parents=True)
     (out / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    monkeypatch.setattr(B, "_load_model", lambda *a: pytest.fail("nothing to generate"))
+    monkeypatch.setattr(R, "_load_model", lambda *a: pytest.fail("nothing to generate"))
     s = evaluate_benchmark("mathvision", FIX / "mathvision", "some/model", tmp_path / "run",
                            judge=Judge(f"{url}/v1", "judge-32b", timeout=10))
     assert (s["generated_now"], s["rejudged"], s["judged"], s["judge_flipped"]) == (0, 2, 2, 1)
@@ -529,7 +560,7 @@ def test_evaluate_benchmark_interrupted_then_resumed(tiny_model_dir, tmp_path, m
     assert summary["accuracy"] == pytest.approx(sum(r["acc"] for r in lines) / 3)
     assert json.loads((run / "mathvision" / "summary.json").read_text())["n_records"] == 3
     # a finished benchmark re-summarises without loading the model; a second run name adds a row
-    monkeypatch.setattr(B, "_load_model", lambda *a: pytest.fail("model loaded for nothing"))
+    monkeypatch.setattr(R, "_load_model", lambda *a: pytest.fail("model loaded for nothing"))
     again = evaluate_benchmark("mathvision", FIX / "mathvision", tiny_model_dir, run, run_name="other", **kw)
     assert again["generated_now"] == 0 and again["accuracy"] == summary["accuracy"]
     results = tmp_path / "runs"
@@ -540,11 +571,11 @@ def test_evaluate_benchmark_interrupted_then_resumed(tiny_model_dir, tmp_path, m
     assert csv_rows[1:] == [f"tiny-run,,,{acc},,,,,{acc}", f"other,,,{acc},,,,,{acc}"]
     assert "| tiny-run | - | - |" in (results / "results.md").read_text()
     printed: list[str] = []  # the CLI entry point: nothing left to generate, prints summary and table
-    cli = B.run_eval("mathvision", FIX / "mathvision", tiny_model_dir, out_dir=run, print_fn=printed.append, **kw)
+    cli = R.run_eval("mathvision", FIX / "mathvision", tiny_model_dir, out_dir=run, print_fn=printed.append, **kw)
     assert cli["n_records"] == 3 and printed[0].startswith("MVision: accuracy ")
     assert "| tiny-run | - | - |" in printed[1]
     with pytest.raises(ValueError, match="--judge-model"):
-        B.run_eval("mathvision", FIX / "mathvision", tiny_model_dir, out_dir=run, judge_url="http://x/v1")
+        R.run_eval("mathvision", FIX / "mathvision", tiny_model_dir, out_dir=run, judge_url="http://x/v1")
     with pytest.raises(ValueError, match="other settings"):
         evaluate_benchmark("mathvision", FIX / "mathvision", tiny_model_dir, run, max_new_tokens=8, batch_size=1)
     assert len(generated) == 3

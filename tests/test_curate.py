@@ -1,7 +1,7 @@
 """Curation pipeline and warm-up pair builder, end to end over real HTTP.
 
 The teacher and judge are ``tests/fault_server.py`` (a loopback OpenAI-compatible server
-with seeded, deterministic faults) or, when ``prism_rl.serve`` exists, ``prism serve`` with
+with seeded, deterministic faults) or, when ``prism_rl.jobs.serve`` exists, ``prism serve`` with
 the tiny model. The pipeline talks to both with the real ``openai`` client.
 """
 
@@ -320,7 +320,7 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
 
 
 def test_against_prism_serve_with_tiny_model(tmp_path, tiny_model_dir, monkeypatch):
-    serve = pytest.importorskip("prism_rl.serve", reason="prism_rl.serve not written yet")
+    serve = pytest.importorskip("prism_rl.jobs.serve", reason="prism_rl.jobs.serve not written yet")
     problems = make_problems(4)
     path = tmp_path / "p.parquet"
     write_problem_file(problems, path)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -378,3 +381,39 @@ def test_skip_bad_parquet_and_pairs(tmp_path):
 def test_sft_writers_need_a_response(tmp_path):
     with pytest.raises(DataError, match=r"record -1, field 'response'"):
         write_sharegpt_json([record(0, response=None)], tmp_path / "s.json")
+
+
+def test_data_package_imports_no_model_or_rollout_code():
+    """data/ sits below models/ and rollout/: jobs that generate live in prism_rl.jobs."""
+    import prism_rl
+
+    src = str(Path(prism_rl.__file__).resolve().parents[1])
+    mods = sorted(p.stem for p in (Path(src) / "prism_rl" / "data").glob("*.py") if p.stem != "__init__")
+    code = (f"import sys\nfor m in {mods!r}: __import__('prism_rl.data.' + m)\n"
+            "bad = [m for m in sys.modules if m.startswith(('prism_rl.models', 'prism_rl.rollout'))]\n"
+            "assert not bad, bad\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+def test_image_decoder_callers_choose_base_folders_and_file_urls(tmp_path):
+    from prism_rl.data.images import image_ref
+    from prism_rl.data.records import BadField
+
+    data = png()
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "x.png").write_bytes(data)
+    deep = tmp_path / "a" / "b"
+    assert image_ref("x.png", "f", base_dirs=(deep, tmp_path)).base_dir == str(tmp_path)
+    with pytest.raises(BadField, match="image file not found: x.png"):
+        image_ref("x.png", "f", base_dirs=(deep,))
+    url = f"data:image/png;base64,{base64.b64encode(data).decode()}"
+    assert image_ref(url, "f").data == data and image_ref({"bytes": data, "path": "nope"}, "f").data == data
+    assert image_ref(None, "f") is None and image_ref(b"", "f") is None and image_ref({}, "f") is None
+    with pytest.raises(BadField, match="only base64 data: URLs are supported"):
+        image_ref(str(tmp_path / "x.png"), "f")  # no base folders: paths are refused
+    with pytest.raises(BadField, match="only base64 data: URLs are supported"):
+        image_ref((tmp_path / "x.png").as_uri(), "f")
+    assert image_ref((tmp_path / "x.png").as_uri(), "f", allow_file_urls=True).data == data
+    with pytest.raises(BadField, match="'bytes' is str, not bytes"):
+        image_ref({"bytes": "abc"}, "f", base_dirs=(tmp_path,))

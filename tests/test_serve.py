@@ -23,7 +23,7 @@ from prism_rl.data.records import ImageRef, Record
 from prism_rl.models.loading import load_policy
 from prism_rl.rollout.base import SamplingParams
 from prism_rl.rollout.hf import HFEngine
-from prism_rl.serve import (
+from prism_rl.jobs.serve import (
     GenKey, Job, create_app, first_stop, group_jobs, start_server_process, stop_server_process,
     tokens_reaching, wait_until_ready,
 )

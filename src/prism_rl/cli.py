@@ -44,7 +44,7 @@ def cmd_data_show(a) -> None:
 
 
 def cmd_data_filter(a) -> None:
-    from .data.difficulty import filter_difficulty
+    from .jobs.difficulty import filter_difficulty
     stats = filter_difficulty(a.model, a.data, a.out, n=a.n, low=a.low, high=a.high,
                               max_new_tokens=a.max_new_tokens, limit=a.limit, seed=a.seed)
     print(json.dumps(stats, indent=2))
@@ -79,14 +79,14 @@ def cmd_sft(a) -> None:
 
 
 def cmd_serve(a) -> None:
-    from .serve import run_server
+    from .jobs.serve import run_server
     run_server(a.model, host=a.host, port=a.port, api_key=a.api_key or os.environ.get("PRISM_API_KEY"),
                max_batch=a.max_batch, threads=a.threads)
 
 
 def cmd_eval(a) -> None:
     if a.benchmark:
-        from .eval.benchmarks import run_eval
+        from .eval.run_benchmark import run_eval
         kwargs = {k: v for k, v in (("limit", a.limit), ("max_new_tokens", a.max_new_tokens)) if v is not None}
         run_eval(a.benchmark, a.data, a.model, out_dir=a.out or None, judge_url=a.judge_url or None,
                  judge_model=a.judge_model or None, **kwargs)

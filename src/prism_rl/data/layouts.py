@@ -30,11 +30,9 @@ reports bad images); only the existence of image files is checked.
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import json
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -42,7 +40,9 @@ from typing import Any, Callable, Iterable, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from prism_rl.data.records import IMAGE_PLACEHOLDER, BadRecords, DataError, ImageRef, Record
+from prism_rl.data.records import (IMAGE_PLACEHOLDER, BadField, BadRecords, DataError, ImageRef, Record,
+                                   report_bad)
+from prism_rl.data.images import image_ref
 from prism_rl.format import SYSTEM_PROMPT
 
 __all__ = [
@@ -72,16 +72,6 @@ _VERL_COLUMNS = {"data_source", "prompt", "images", "reward_model", "extra_info"
 # Extras written first (in this order) so teacher fields sit together in the file.
 _TEACHER_FIELDS = ("teacher_caption", "teacher_cot", "teacher_response")
 _PAIR_FIELDS = ("teacher_caption", "student_caption", "teacher_cot", "student_cot")
-_DATA_URL_RE = re.compile(r"^data:(image/[\w.+-]+);base64,(.*)$", re.DOTALL)
-
-
-class _Bad(Exception):
-    """One record's problem: which field, and why. Turned into DataError or a skip."""
-
-    def __init__(self, field: str, why: str):
-        super().__init__(f"field '{field}': {why}")
-        self.field = field
-        self.why = why
 
 
 @dataclass
@@ -256,11 +246,8 @@ def _collect(items: Iterable[tuple[int, Any]], path: Path, parse: Callable[[Any,
     for i, raw in items:
         try:
             out.append(parse(raw, i))
-        except _Bad as e:
-            where = f"{path}, record {i}, field '{e.field}'"
-            if not skip_bad:
-                raise DataError(f"{where}: {e.why}") from None
-            bad.add(where, e.why)
+        except BadField as e:
+            report_bad(f"{path}, record {i}", e, skip_bad, bad)
     if bad is not None and bad.count > skipped_before:
         # Skipping is allowed, hiding it is not.
         log.warning("%s: skipped %d bad records (%s)", path, bad.count - skipped_before,
@@ -297,7 +284,7 @@ def _parse_line(line: str) -> Any:
     try:
         return json.loads(line)
     except json.JSONDecodeError as e:
-        raise _Bad("json", f"invalid JSON: {e}") from None
+        raise BadField("json", f"invalid JSON: {e}") from None
 
 
 def _verl_row(row: dict[str, Any], i: int, path: Path) -> Record:
@@ -311,21 +298,21 @@ def _verl_row(row: dict[str, Any], i: int, path: Path) -> Record:
     ground_truth = None
     if reward is not None:
         if not isinstance(reward, dict):
-            raise _Bad("reward_model", f"expected a dict, got {type(reward).__name__}")
+            raise BadField("reward_model", f"expected a dict, got {type(reward).__name__}")
         ground_truth = _ground_truth(reward.get("ground_truth"), "reward_model.ground_truth")
 
     info = row.get("extra_info")
     if info is not None and not isinstance(info, dict):
-        raise _Bad("extra_info", f"expected a dict, got {type(info).__name__}")
+        raise BadField("extra_info", f"expected a dict, got {type(info).__name__}")
     info = info or {}
     source_name = row.get("data_source")
     task = info.get("task") or source_name or "default"
     if not isinstance(task, str):
-        raise _Bad("extra_info.task", f"expected a string, got {type(task).__name__}")
+        raise BadField("extra_info.task", f"expected a string, got {type(task).__name__}")
 
     response = row.get("response")
     if response is not None and not isinstance(response, str):
-        raise _Bad("response", f"expected a string, got {type(response).__name__}")
+        raise BadField("response", f"expected a string, got {type(response).__name__}")
     extra = {k: v for k, v in row.items() if k not in _VERL_COLUMNS and v is not None}
     if info.get("split") is not None:
         extra["split"] = info["split"]
@@ -338,28 +325,23 @@ def _verl_images(value: Any, base_dir: Path) -> list[ImageRef]:
     if value is None:
         return []
     if not isinstance(value, list):
-        raise _Bad("images", f"expected a list, got {type(value).__name__}")
+        raise BadField("images", f"expected a list, got {type(value).__name__}")
     refs = []
     for k, item in enumerate(value):
         if not isinstance(item, dict):
-            raise _Bad("images", f"image {k}: expected a dict with 'bytes' or 'path', "
-                                 f"got {type(item).__name__}")
-        data, rel = item.get("bytes"), item.get("path")
-        if data is not None:
-            if not isinstance(data, (bytes, bytearray)):
-                raise _Bad("images", f"image {k}: 'bytes' is {type(data).__name__}, not bytes")
-            refs.append(ImageRef(data=bytes(data)))
-        elif isinstance(rel, str) and rel:
-            refs.append(_path_ref(rel, base_dir))
-        else:
-            raise _Bad("images", f"image {k}: has neither 'bytes' nor 'path'")
+            raise BadField("images", f"image {k}: expected a dict with 'bytes' or 'path', "
+                                     f"got {type(item).__name__}")
+        ref = _image(item, k, "images", base_dir)
+        if ref is None:
+            raise BadField("images", f"image {k}: has neither 'bytes' nor 'path'")
+        refs.append(ref)
     return refs
 
 
 def _sharegpt_obj(obj: Any, i: int, path: Path) -> Record:
     """One ShareGPT object (either shape) -> Record."""
     if not isinstance(obj, dict):
-        raise _Bad("record", f"expected a JSON object, got {type(obj).__name__}")
+        raise BadField("record", f"expected a JSON object, got {type(obj).__name__}")
     if "messages" in obj:
         messages = _messages(obj["messages"], "messages")
         field = "messages"
@@ -367,16 +349,16 @@ def _sharegpt_obj(obj: Any, i: int, path: Path) -> Record:
         messages = _conversations(obj["conversations"])
         field = "conversations"
     else:
-        raise _Bad("messages", "missing (expected 'messages' or 'conversations')")
+        raise BadField("messages", "missing (expected 'messages' or 'conversations')")
     system = obj.get("system")
     if system is not None:
         if not isinstance(system, str):
-            raise _Bad("system", f"expected a string, got {type(system).__name__}")
+            raise BadField("system", f"expected a string, got {type(system).__name__}")
         if not any(m["role"] == "system" for m in messages):
             messages.insert(0, {"role": "system", "content": system})
 
     if not messages or messages[-1]["role"] != "assistant":
-        raise _Bad(field, "no final assistant message (SFT data needs a target response)")
+        raise BadField(field, "no final assistant message (SFT data needs a target response)")
     response = messages.pop()["content"]
     _need_user(messages, field)
     images = _string_images(obj.get("images"), path.parent)
@@ -384,7 +366,7 @@ def _sharegpt_obj(obj: Any, i: int, path: Path) -> Record:
 
     task = obj.get("task", "default")
     if not isinstance(task, str):
-        raise _Bad("task", f"expected a string, got {type(task).__name__}")
+        raise BadField("task", f"expected a string, got {type(task).__name__}")
     extra = {k: v for k, v in obj.items() if k not in _SHAREGPT_KEYS}
     return Record(id=_record_id(obj.get("id"), path, i), messages=messages, images=images,
                   response=response, ground_truth=_ground_truth(obj.get("ground_truth")),
@@ -394,9 +376,9 @@ def _sharegpt_obj(obj: Any, i: int, path: Path) -> Record:
 def _pair_obj(obj: Any, i: int, path: Path) -> PairRecord:
     """One warm-up pair object -> PairRecord (its record carries the prompt and image)."""
     if not isinstance(obj, dict):
-        raise _Bad("record", f"expected a JSON object, got {type(obj).__name__}")
+        raise BadField("record", f"expected a JSON object, got {type(obj).__name__}")
     if "image" not in obj:
-        raise _Bad("image", "missing")
+        raise BadField("image", "missing")
     image = obj["image"]
     images = _string_images([image] if isinstance(image, str) else image, path.parent, "image")
 
@@ -407,9 +389,9 @@ def _pair_obj(obj: Any, i: int, path: Path) -> PairRecord:
         question, field = (obj.get("question"), "question") if "question" in obj \
             else (prompt, "prompt")
         if question is None:
-            raise _Bad("question", "missing (expected 'question' or 'prompt')")
+            raise BadField("question", "missing (expected 'question' or 'prompt')")
         if not isinstance(question, str):
-            raise _Bad(field, f"expected a string, got {type(question).__name__}")
+            raise BadField(field, f"expected a string, got {type(question).__name__}")
         # A bare question gets the standard system prompt and one placeholder per image.
         if IMAGE_PLACEHOLDER not in question:
             question = IMAGE_PLACEHOLDER * len(images) + question
@@ -422,13 +404,13 @@ def _pair_obj(obj: Any, i: int, path: Path) -> PairRecord:
     for key in _PAIR_FIELDS:
         value = obj.get(key)
         if value is None:
-            raise _Bad(key, "missing")
+            raise BadField(key, "missing")
         if not isinstance(value, str):
-            raise _Bad(key, f"expected a string, got {type(value).__name__}")
+            raise BadField(key, f"expected a string, got {type(value).__name__}")
         parts[key] = value
     task = obj.get("task", "default")
     if not isinstance(task, str):
-        raise _Bad("task", f"expected a string, got {type(task).__name__}")
+        raise BadField("task", f"expected a string, got {type(task).__name__}")
     skip = {"id", "task", "question", "prompt", "image", "ground_truth", *_PAIR_FIELDS}
     record = Record(id=_record_id(obj.get("id"), path, i), messages=messages, images=images,
                     ground_truth=_ground_truth(obj.get("ground_truth")), task=task,
@@ -440,16 +422,16 @@ def _pair_obj(obj: Any, i: int, path: Path) -> PairRecord:
 def _messages(value: Any, field: str) -> list[dict[str, str]]:
     """Validate OpenAI-style messages; list-of-parts content is flattened to text."""
     if value is None:
-        raise _Bad(field, "missing")
+        raise BadField(field, "missing")
     if not isinstance(value, list):
-        raise _Bad(field, f"expected a list of messages, got {type(value).__name__}")
+        raise BadField(field, f"expected a list of messages, got {type(value).__name__}")
     out = []
     for k, msg in enumerate(value):
         if not isinstance(msg, dict):
-            raise _Bad(field, f"message {k}: expected a dict, got {type(msg).__name__}")
+            raise BadField(field, f"message {k}: expected a dict, got {type(msg).__name__}")
         role = msg.get("role")
         if role not in ROLES:
-            raise _Bad(field, f"message {k}: role {role!r} is not one of {', '.join(ROLES)}")
+            raise BadField(field, f"message {k}: role {role!r} is not one of {', '.join(ROLES)}")
         out.append({"role": role, "content": _content(msg.get("content"), field, k)})
     return out
 
@@ -467,27 +449,27 @@ def _content(value: Any, field: str, k: int) -> str:
             elif kind == "text" and isinstance(part.get("text"), str):
                 text.append(part["text"])
             else:
-                raise _Bad(field, f"message {k}: unsupported content part {part!r:.60}")
+                raise BadField(field, f"message {k}: unsupported content part {part!r:.60}")
         return "".join(text)
     if value is None:
-        raise _Bad(field, f"message {k}: missing 'content'")
-    raise _Bad(field, f"message {k}: content is {type(value).__name__}, not a string")
+        raise BadField(field, f"message {k}: missing 'content'")
+    raise BadField(field, f"message {k}: content is {type(value).__name__}, not a string")
 
 
 def _conversations(value: Any) -> list[dict[str, str]]:
     """ShareGPT ``conversations`` (``from``/``value``) -> role/content messages."""
     if not isinstance(value, list):
-        raise _Bad("conversations", f"expected a list, got {type(value).__name__}")
+        raise BadField("conversations", f"expected a list, got {type(value).__name__}")
     out = []
     for k, turn in enumerate(value):
         if not isinstance(turn, dict):
-            raise _Bad("conversations", f"turn {k}: expected a dict, got {type(turn).__name__}")
+            raise BadField("conversations", f"turn {k}: expected a dict, got {type(turn).__name__}")
         role = _SHAREGPT_ROLES.get(turn.get("from"))
         if role is None:
-            raise _Bad("conversations", f"turn {k}: unknown 'from' {turn.get('from')!r}")
+            raise BadField("conversations", f"turn {k}: unknown 'from' {turn.get('from')!r}")
         content = turn.get("value")
         if not isinstance(content, str):
-            raise _Bad("conversations", f"turn {k}: 'value' is {type(content).__name__}, "
+            raise BadField("conversations", f"turn {k}: 'value' is {type(content).__name__}, "
                                         "not a string")
         out.append({"role": role, "content": content})
     return out
@@ -495,14 +477,14 @@ def _conversations(value: Any) -> list[dict[str, str]]:
 
 def _need_user(messages: list[dict[str, str]], field: str) -> None:
     if not any(m["role"] == "user" for m in messages):
-        raise _Bad(field, "no user message")
+        raise BadField(field, "no user message")
 
 
 def _check_placeholders(messages: list[dict[str, str]], images: list[ImageRef]) -> None:
     # A mismatch would silently drop or misplace an image in the processor, so reject it here.
     n = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
     if n != len(images):
-        raise _Bad("images", f"{len(images)} images but {n} '{IMAGE_PLACEHOLDER}' placeholders")
+        raise BadField("images", f"{len(images)} images but {n} '{IMAGE_PLACEHOLDER}' placeholders")
 
 
 def _string_images(value: Any, base_dir: Path, field: str = "images") -> list[ImageRef]:
@@ -510,27 +492,21 @@ def _string_images(value: Any, base_dir: Path, field: str = "images") -> list[Im
     if value is None:
         return []
     if not isinstance(value, list):
-        raise _Bad(field, f"expected a list of strings, got {type(value).__name__}")
+        raise BadField(field, f"expected a list of strings, got {type(value).__name__}")
     refs = []
     for k, item in enumerate(value):
         if not isinstance(item, str) or not item:
-            raise _Bad(field, f"image {k}: expected a path or data URL, got {item!r:.60}")
-        m = _DATA_URL_RE.match(item)
-        if m:
-            try:
-                refs.append(ImageRef(data=base64.b64decode(m.group(2), validate=True)))
-            except (binascii.Error, ValueError) as e:
-                raise _Bad(field, f"image {k}: bad base64 in data URL: {e}") from None
-        else:
-            refs.append(_path_ref(item, base_dir, field))
+            raise BadField(field, f"image {k}: expected a path or data URL, got {item!r:.60}")
+        refs.append(_image(item, k, field, base_dir))
     return refs
 
 
-def _path_ref(rel: str, base_dir: Path, field: str = "images") -> ImageRef:
-    full = Path(rel) if Path(rel).is_absolute() else base_dir / rel
-    if not full.is_file():
-        raise _Bad(field, f"image file not found: {rel}")
-    return ImageRef(path=rel, base_dir=str(base_dir))
+def _image(value: Any, k: int, field: str, base_dir: Path) -> ImageRef | None:
+    """Image ``k`` of a record; relative paths are relative to the data file's folder."""
+    try:
+        return image_ref(value, field, base_dirs=(base_dir,))
+    except BadField as e:
+        raise BadField(field, f"image {k}: {e.why}") from None
 
 
 def _ground_truth(value: Any, field: str = "ground_truth") -> str | None:
@@ -539,7 +515,7 @@ def _ground_truth(value: Any, field: str = "ground_truth") -> str | None:
     # Some public sets store numeric answers as numbers; the reward compares strings.
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
-    raise _Bad(field, f"expected a string, got {type(value).__name__}")
+    raise BadField(field, f"expected a string, got {type(value).__name__}")
 
 
 def _record_id(value: Any, path: Path, i: int) -> str:
@@ -547,7 +523,7 @@ def _record_id(value: Any, path: Path, i: int) -> str:
         return f"{path.stem}-{i}"
     if isinstance(value, (str, int)) and not isinstance(value, bool):
         return str(value)
-    raise _Bad("id", f"expected a string, got {type(value).__name__}")
+    raise BadField("id", f"expected a string, got {type(value).__name__}")
 
 
 # --------------------------------------------------------------------------- writing helpers

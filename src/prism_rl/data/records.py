@@ -22,6 +22,16 @@ class DataError(ValueError):
     """Bad input data; the message names the file and the record index (and field)."""
 
 
+class BadField(DataError):
+    """One record's problem in one field, raised while the record is parsed, before the
+    reader attaches the file and record index (see :func:`report_bad`)."""
+
+    def __init__(self, field: str, why: str):
+        super().__init__(f"field '{field}': {why}")
+        self.field = field
+        self.why = why
+
+
 @dataclass
 class ImageRef:
     """An image given either as encoded bytes or as a path (relative to ``base_dir``)."""
@@ -120,3 +130,12 @@ class BadRecords:
         shown = "; ".join(self.reasons[:limit])
         more = f" (+{self.count - limit} more)" if self.count > limit else ""
         return f"{self.count} bad records skipped: {shown}{more}"
+
+
+def report_bad(where: str, err: BadField, skip_bad: bool, bad: BadRecords | None) -> None:
+    """The ``skip_bad`` policy for a record that failed to parse: raise a ``DataError`` naming
+    ``where`` (file and record) and the field, or note it in ``bad``."""
+    loc = f"{where}, field '{err.field}'"
+    if not skip_bad:
+        raise DataError(f"{loc}: {err.why}") from None
+    bad.add(loc, err.why)

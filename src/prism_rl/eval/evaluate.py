@@ -8,13 +8,13 @@ pass rate lies strictly between 0 and 1 (the prompts an RL stage can learn from)
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from ..config import EvalConfig, save_config
 from ..data.processing import load_prompts
@@ -23,34 +23,25 @@ from ..models.loading import load_policy, pick_device, special_ids
 from ..reward import compute_score
 from ..rollout.base import SamplingParams
 from ..rollout.hf import HFEngine
-
-
-def sample_rows(engine: HFEngine, prompts, params: SamplingParams, batch_size: int, desc: str = "eval"):
-    """Generate for all prompts in batches; yields (prompt index, sample index, rollouts row)."""
-    bar = tqdm(total=len(prompts), desc=desc, dynamic_ncols=True)
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
-        ro = engine.generate(chunk, params, group_offset=start)
-        lengths = ro.response_lengths.tolist()
-        for row in range(len(ro)):
-            yield int(ro.group_ids[row]), row % params.n, ro.texts[row], int(lengths[row]), ro.finish_reasons[row]
-        bar.update(len(chunk))
-    bar.close()
+from .sampling import generate_and_score
 
 
 def score_samples(engine: HFEngine, prompts, params: SamplingParams, batch_size: int, desc: str = "eval") -> list[dict]:
     """Generate for every prompt and score each sample with the verifiable reward: one row per
-    sample (id, task, question, ground truth, response, answer, acc, format, score, tokens,
-    finish reason)."""
-    rows = []
-    for pi, si, text, n_tok, finish in sample_rows(engine, prompts, params, batch_size, desc):
-        rec = prompts[pi].record
+    sample (id, task, sample index, question, ground truth, response, answer, acc, format,
+    score, tokens, finish reason)."""
+    # rows come prompt by prompt, params.n samples each: the k-th row is sample k % n
+    row_index = itertools.count()
+
+    def score(rec, text: str, n_tok: int, finish: str) -> dict:
+        si = next(row_index) % params.n
         res = compute_score(text, rec.ground_truth or "")
-        rows.append({"id": rec.id, "task": rec.task, "sample": si, "question": rec.question,
-                     "ground_truth": rec.ground_truth, "response": text, "answer": res.answer,
-                     "acc": res.acc, "format": res.format, "score": res.score, "tokens": n_tok,
-                     "finish": finish})
-    return rows
+        return {"id": rec.id, "task": rec.task, "sample": si, "question": rec.question,
+                "ground_truth": rec.ground_truth, "response": text, "answer": res.answer,
+                "acc": res.acc, "format": res.format, "score": res.score, "tokens": n_tok,
+                "finish": finish}
+
+    return generate_and_score(engine, prompts, params, batch_size, score, desc=desc)
 
 
 def summarize(rows: list[dict]) -> dict:

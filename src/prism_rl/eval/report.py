@@ -22,6 +22,8 @@ import os
 import time
 from pathlib import Path
 
+from .benchmark_table import BENCHMARKS
+
 __all__ = ["columns", "load_results", "plot_results", "results_csv_rows", "results_markdown",
            "update_results", "write_report"]
 
@@ -31,8 +33,6 @@ PAPER_ORDER = ("mathvista", "mathverse", "mathvision", "wemath", "mmmu", "mmmu_p
 
 
 def _label(bench: str) -> str:
-    from .benchmarks import BENCHMARKS
-
     spec = BENCHMARKS.get(bench)
     return spec.label if spec else bench
 

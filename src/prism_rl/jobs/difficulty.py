@@ -17,13 +17,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from ..config import ModelConfig  # noqa: E402
+from ..data.layouts import read_records, write_verl_parquet  # noqa: E402
+from ..data.processing import encode_all  # noqa: E402
+from ..data.records import BadRecords  # noqa: E402
+from ..eval.sampling import generate_and_score  # noqa: E402
 from ..models.loading import load_policy, pick_device, special_ids  # noqa: E402
 from ..reward import compute_score  # noqa: E402
 from ..rollout.base import SamplingParams  # noqa: E402
 from ..rollout.hf import HFEngine  # noqa: E402
-from .layouts import read_records, write_verl_parquet  # noqa: E402
-from .processing import encode_all  # noqa: E402
-from .records import BadRecords  # noqa: E402
 
 
 def pass_rates(model, processor, records, *, n: int, max_new_tokens: int, temperature: float = 1.0,
@@ -31,15 +32,12 @@ def pass_rates(model, processor, records, *, n: int, max_new_tokens: int, temper
     """Fraction of ``n`` sampled responses per record that the verifiable reward marks correct."""
     eos, _ = special_ids(processor)
     prompts = encode_all(processor, records, eos_id=eos, max_length=max_prompt_length, with_response=False)
-    engine = HFEngine(model, processor)
     params = SamplingParams(n=n, max_new_tokens=max_new_tokens, temperature=temperature)
-    rates = []
-    for s in range(0, len(prompts), batch_prompts):
-        chunk = prompts[s:s + batch_prompts]
-        ro = engine.generate(chunk, params)
-        acc = torch.tensor([compute_score(t, r.ground_truth or "").acc for t, r in zip(ro.texts, ro.records)])
-        rates += acc.view(len(chunk), n).mean(1).tolist()
-    return rates
+    accs = generate_and_score(HFEngine(model, processor), prompts, params, batch_prompts,
+                              lambda rec, text, _tokens, _finish: compute_score(text, rec.ground_truth or "").acc,
+                              desc="filter")
+    # rows come prompt by prompt, n each; a float32 mean as before keeps the written rates identical
+    return torch.tensor(accs).view(-1, n).mean(1).tolist()
 
 
 def filter_difficulty(model_dir: str, data: str, out: str, *, n: int = 16, low: float = 0.2, high: float = 0.8,

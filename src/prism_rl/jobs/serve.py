@@ -19,15 +19,13 @@ Every error is answered in OpenAI's shape ``{"error": {message, type, param, cod
 4xx status (503 when generation itself fails); the server keeps serving.
 
 ``start_server_process`` / ``wait_until_ready`` / ``stop_server_process`` run the server as a
-separate process (``python -m prism_rl.serve``) for tests and tools.
+separate process (``python -m prism_rl.jobs.serve``) for tests and tools.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import binascii
 import hmac
 import logging
 import os
@@ -44,8 +42,6 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
-from urllib.request import url2pathname
 
 import torch
 from fastapi import FastAPI, Request
@@ -54,19 +50,19 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .config import ModelConfig
-from .data.processing import Encoded, encode_prompt
-from .data.records import IMAGE_PLACEHOLDER, DataError, ImageRef, Record
-from .models.loading import load_policy
-from .rollout.base import SamplingParams
-from .rollout.hf import HFEngine
+from ..config import ModelConfig
+from ..data.processing import Encoded, encode_prompt
+from ..data.images import image_ref
+from ..data.records import IMAGE_PLACEHOLDER, BadField, DataError, ImageRef, Record
+from ..models.loading import load_policy
+from ..rollout.base import SamplingParams
+from ..rollout.hf import HFEngine
 
 log = logging.getLogger(__name__)
 
 API_KEY_ENV = "PRISM_API_KEY"
 MAX_N = 128                      # OpenAI's own limit on choices per request
 MAX_STOP = 16
-MAX_IMAGE_BYTES = 64 * 2**20     # a file:// URL must not make the server read a huge file
 ROLE_ALIASES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 # Parameters we cannot honour: silently ignoring them would return something the caller
 # did not ask for, so they are refused.
@@ -175,37 +171,6 @@ def _checked_text(text: str, param: str) -> str:
     return text
 
 
-def _data_url_bytes(url: str, param: str) -> bytes:
-    header, sep, payload = url[len("data:"):].partition(",")
-    if not sep or not header.endswith(";base64"):
-        raise bad_request(f"'{param}' must be a base64 data URL (data:image/png;base64,...).", param,
-                          "invalid_image_url")
-    try:
-        return base64.b64decode("".join(payload.split()), validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise bad_request(f"'{param}' has invalid base64 data: {e}.", param, "invalid_image_url") from e
-
-
-def _file_url_bytes(url: str, param: str) -> bytes:
-    parsed = urlparse(url)
-    if parsed.netloc not in ("", "localhost"):
-        raise bad_request(f"'{param}': file URLs must name a local file (file:///abs/path).", param,
-                          "invalid_image_url")
-    path = Path(url2pathname(parsed.path))
-    if not path.is_absolute():
-        raise bad_request(f"'{param}': file URLs need an absolute path.", param, "invalid_image_url")
-    # is_file(): a device such as /dev/zero would be read forever
-    if not path.is_file():
-        raise bad_request(f"'{param}': cannot read {path}: not an existing regular file.", param,
-                          "invalid_image_url")
-    if path.stat().st_size > MAX_IMAGE_BYTES:
-        raise bad_request(f"'{param}': {path} is over {MAX_IMAGE_BYTES // 2**20} MiB.", param, "invalid_image_url")
-    try:
-        return path.read_bytes()
-    except OSError as e:
-        raise bad_request(f"'{param}': cannot read {path}: {e.strerror}.", param, "invalid_image_url") from e
-
-
 def image_bytes(image_url: Any, param: str, allow_file_urls: bool = True) -> bytes:
     """Encoded image bytes from an ``image_url`` part (a data: or file:// URL), checked to
     decode; raises a 400 ``APIError`` otherwise."""
@@ -213,15 +178,11 @@ def image_bytes(image_url: Any, param: str, allow_file_urls: bool = True) -> byt
     param = f"{param}.url" if isinstance(image_url, dict) else param
     if not isinstance(url, str) or not url:
         raise bad_request(f"'{param}' must be a data: or file:// URL string.", param, "invalid_image_url")
-    if url.startswith("data:"):
-        data = _data_url_bytes(url, param)
-    elif url.startswith("file:") and allow_file_urls:
-        data = _file_url_bytes(url, param)
-    else:
-        # no remote fetching: the server may have no network, and fetching arbitrary URLs
-        # on a client's behalf is a request-forgery hole
-        allowed = "base64 data: URLs" + (" and file:// URLs" if allow_file_urls else "")
-        raise bad_request(f"'{param}': only {allowed} are supported.", param, "invalid_image_url")
+    try:
+        # base_dirs=None: a client may not name server files by plain path
+        data = image_ref(url, param, allow_file_urls=allow_file_urls).data
+    except BadField as e:
+        raise bad_request(f"'{param}': {e.why}.", param, "invalid_image_url") from e
     try:
         ImageRef(data=data).load()  # decode now, so a bad image is the caller's 400 naming the part
     except Exception as e:  # PIL raises OSError, ValueError, DecompressionBombError, SyntaxError...
@@ -692,7 +653,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 def start_server_process(model_dir: str | Path, port: int | None = None, api_key: str | None = None, *,
                          host: str = "127.0.0.1", extra_args: tuple[str, ...] | list[str] = (),
                          log_path: str | Path | None = None) -> subprocess.Popen:
-    """Start ``python -m prism_rl.serve`` as a separate process (a free port if ``port`` is None).
+    """Start ``python -m prism_rl.jobs.serve`` as a separate process (a free port if ``port`` is None).
 
     The returned ``Popen`` also carries ``.port``, ``.base_url`` (``http://host:port``, add
     ``/v1`` for an OpenAI client) and ``.log_path`` (its stdout and stderr). The API key goes
@@ -700,7 +661,7 @@ def start_server_process(model_dir: str | Path, port: int | None = None, api_key
     ``wait_until_ready`` before use and ``stop_server_process`` at the end.
     """
     port = port or free_port(host)
-    cmd = [sys.executable, "-m", "prism_rl.serve", "--model", str(model_dir), "--host", host,
+    cmd = [sys.executable, "-m", "prism_rl.jobs.serve", "--model", str(model_dir), "--host", host,
            "--port", str(port), *map(str, extra_args)]
     env = {k: v for k, v in os.environ.items() if k != API_KEY_ENV}
     if api_key:
@@ -755,7 +716,7 @@ def stop_server_process(proc: subprocess.Popen, timeout: float = 10.0) -> int:
 # --------------------------------------------------------------------------- entry point
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m prism_rl.serve", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m prism_rl.jobs.serve", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="local Hugging Face checkpoint folder")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)

@@ -1,0 +1,71 @@
+"""The paper's seven evaluation benchmarks and their settings (PRISM_SPEC.md sections 8-9).
+
+``BENCHMARKS`` maps a benchmark's key to its :class:`BenchmarkSpec`: the runs-table label,
+the sampling settings, the default split and the file patterns that find it in a downloaded
+release. Reading the files is ``prism_rl.eval.loaders``'s job, running the evaluation
+``prism_rl.eval.run_benchmark``'s; this module imports neither, so the report and the loaders
+can both use the table.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+__all__ = ["BENCHMARKS", "BenchmarkSpec", "get_benchmark"]
+
+
+@dataclass(frozen=True)
+class BenchmarkSpec:
+    """One benchmark: its sampling settings (spec section 8) and default split.
+
+    ``file_globs`` find the default split's files when ``path`` is a folder (the benchmark's
+    downloaded repository). ``label`` is the column name of the runs table (spec section 9).
+    """
+
+    name: str
+    label: str
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    split: str
+    file_globs: tuple[str, ...]
+    why_tokens: str = ""
+
+
+BENCHMARKS: dict[str, BenchmarkSpec] = {
+    s.name: s for s in (
+        BenchmarkSpec("mathvista", "MVista", 16384, 1.0, 0.7, "testmini",
+                      ("**/testmini-*.parquet", "**/testmini.parquet", "**/testmini.json"),
+                      "short answers; 16K leaves room for long reasoning"),
+        BenchmarkSpec("mathverse", "MVerse", 32768, 1.0, 0.7, "testmini",
+                      ("**/testmini.parquet", "**/testmini-*.parquet", "**/testmini.json"),
+                      "Instruct averages ~3.2K tokens (spec 9): ~10x"),
+        BenchmarkSpec("mathvision", "MVision", 49152, 1.0, 0.7, "testmini",
+                      ("**/testmini-*.parquet", "**/testmini.parquet", "**/testmini.jsonl"),
+                      "Instruct averages ~9.5K tokens (spec 9): the maximum"),
+        BenchmarkSpec("wemath", "WeMath", 16384, 1.0, 0.7, "testmini",
+                      ("**/testmini.json", "**/testmini-*.parquet", "**/testmini.parquet"),
+                      "elementary multi-step problems; 16K"),
+        BenchmarkSpec("mmmu", "MMMU", 16384, 1.0, 0.7, "validation",
+                      ("**/validation-*.parquet",), "knowledge-heavy, shorter reasoning; 16K"),
+        BenchmarkSpec("mmmu_pro", "MMMU-Pro", 32768, 1.0, 0.7, "standard (10 options) + vision",
+                      ("**/standard (10 options)/test-*.parquet", "**/vision/test-*.parquet"),
+                      "Instruct averages ~2.8K tokens (spec 9) with a long tail"),
+        BenchmarkSpec("hallusionbench", "Hallu", 8192, 0.0, 1.0, "image",
+                      ("**/image-*.parquet", "**/HallusionBench.json"),
+                      "yes/no questions, greedy (spec 8); 8K, the minimum"),
+    )
+}
+_ALIASES = {"mathv": "mathvision", "mathvision": "mathvision", "mmmupro": "mmmu_pro",
+            "hallusion": "hallusionbench", "hallusionbench": "hallusionbench"}
+
+
+def get_benchmark(name: str) -> BenchmarkSpec:
+    """The spec of ``name`` (case, ``-``, ``_`` and spaces ignored: ``MMMU-Pro`` works)."""
+    key = re.sub(r"[\s_\-]", "", name.lower())
+    canon = {re.sub(r"_", "", k): k for k in BENCHMARKS}
+    found = canon.get(key) or _ALIASES.get(key)
+    if found is None:
+        raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
+    return BENCHMARKS[found]
