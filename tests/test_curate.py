@@ -1,7 +1,7 @@
 """Curation pipeline and warm-up pair builder, end to end over real HTTP.
 
 The teacher and judge are ``tests/fault_server.py`` (a loopback OpenAI-compatible server
-with seeded, deterministic faults) or, when ``prism_rl.jobs.serve`` exists, ``prism serve`` with
+with seeded, deterministic faults) or ``prism serve`` (run as its own process) with
 the tiny model. The pipeline talks to both with the real ``openai`` client.
 """
 
@@ -320,7 +320,7 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
 
 
 def test_against_prism_serve_with_tiny_model(tmp_path, tiny_model_dir, monkeypatch):
-    serve = pytest.importorskip("prism_rl.jobs.serve", reason="prism_rl.jobs.serve not written yet")
+    import server_process as serve
     problems = make_problems(4)
     path = tmp_path / "p.parquet"
     write_problem_file(problems, path)
@@ -409,3 +409,29 @@ def test_build_pairs_rejects_malformed_samples_file(tmp_path):
     samples.write_text('{"id": "p000", "response": "x"}\n{"id": "p001"}\n')
     with pytest.raises(DataError, match="line 2, field 'response'"):
         build_pairs(curated, samples, tmp_path / "pairs.jsonl")
+
+
+def test_prism_data_curate_cli_takes_every_option(tmp_path, monkeypatch, capsys):
+    """`prism data curate` is the one entry point: its options reach the pipeline, the summary
+    is printed, and a run-level failure is an error line naming the cause, exit 2."""
+    from prism_rl.cli import main
+
+    problems = make_problems(3)
+    path = tmp_path / "p.parquet"
+    write_problem_file(problems, path)
+    monkeypatch.setenv("PRISM_TEST_CLI_KEY", "sk-cli-1")
+    with FaultServer(problems, api_key="sk-cli-1") as server:
+        common = ["data", "curate", "--problems", str(path), "--teacher-url", server.base_url,
+                  "--teacher-model", "teacher", "--teacher-key-env", "PRISM_TEST_CLI_KEY", "--max-attempts", "2",
+                  "--concurrency", "2", "--timeout", str(TIMEOUT_S), "--max-retries", "2", "--backoff-base", "0.01",
+                  "--max-tokens", "64", "--alignment-share", "0.5", "--seed", "4"]
+        assert main(common + ["--out", str(tmp_path / "ok"), "--judge-url", server.base_url,
+                              "--judge-model", "judge", "--judge-key-env", "PRISM_TEST_CLI_KEY"]) == 0
+        summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert summary["problems"] == 3 and summary["accepted"] == 3 and summary["alignment"] == 2
+        assert main(common + ["--out", str(tmp_path / "half"), "--judge-url", server.base_url]) == 2
+        assert "--judge-url and --judge-model go together" in capsys.readouterr().err
+        monkeypatch.setenv("PRISM_TEST_CLI_KEY", "sk-wrong")
+        assert main(common + ["--out", str(tmp_path / "bad")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("prism data: error:") and "401" in err and "Traceback" not in err

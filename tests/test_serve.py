@@ -24,11 +24,12 @@ from prism_rl.models.loading import load_policy
 from prism_rl.rollout.base import SamplingParams
 from prism_rl.rollout.hf import HFEngine
 from prism_rl.jobs.serve import (
-    GenKey, Job, create_app, first_stop, group_jobs, start_server_process, stop_server_process,
-    tokens_reaching, wait_until_ready,
+    GenKey, Job, create_app, first_stop, group_jobs,
+    tokens_reaching,
 )
 
 from conftest import png_bytes
+from server_process import start_server_process, stop_server_process, wait_until_ready
 
 API_KEY = "sk-prism-test-4c1d9e"
 CONTEXT, TOKENS_LIMIT = 1024, 256

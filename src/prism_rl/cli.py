@@ -51,10 +51,23 @@ def cmd_data_filter(a) -> None:
 
 
 def cmd_data_curate(a) -> None:
-    from .data.curate import main as curate_main
-    rc = curate_main(a.args)
-    if rc:
-        raise SystemExit(rc)
+    from .data.curate import CurationError, Endpoint, curate
+    if (a.judge_url is None) != (a.judge_model is None):
+        raise ConfigError("--judge-url and --judge-model go together")
+    logging.getLogger("prism_rl.data.curate").setLevel(logging.INFO)
+    teacher = Endpoint(a.teacher_url, a.teacher_model, a.teacher_key_env)
+    judge = Endpoint(a.judge_url, a.judge_model, a.judge_key_env) if a.judge_url else None
+    try:
+        report = curate(a.problems, a.out, teacher=teacher, judge=judge, disambiguate=a.disambiguate,
+                        max_attempts=a.max_attempts, concurrency=a.concurrency, timeout_s=a.timeout,
+                        max_retries=a.max_retries, backoff_base_s=a.backoff_base, max_tokens=a.max_tokens,
+                        alignment_share=a.alignment_share, seed=a.seed)
+    except CurationError as e:
+        raise ConfigError(str(e)) from None
+    summary = {k: getattr(report, k) for k in ("problems", "accepted", "rejected", "sft", "alignment",
+                                               "retries_by_cause")}
+    summary["problems_per_min"] = report.run["problems_per_min"]
+    print(json.dumps(summary))
 
 
 def cmd_data_build_pairs(a) -> None:
@@ -79,9 +92,11 @@ def cmd_sft(a) -> None:
 
 
 def cmd_serve(a) -> None:
-    from .jobs.serve import run_server
-    run_server(a.model, host=a.host, port=a.port, api_key=a.api_key or os.environ.get("PRISM_API_KEY"),
-               max_batch=a.max_batch, threads=a.threads)
+    from .jobs.serve import API_KEY_ENV, run_server
+    logging.getLogger().setLevel(a.log_level.upper())
+    run_server(a.model, a.host, a.port, a.api_key or os.environ.get(API_KEY_ENV) or None, model_name=a.model_name,
+               max_batch=a.max_batch, batch_wait_ms=a.batch_wait_ms, max_tokens_limit=a.max_tokens_limit,
+               max_context=a.max_context, dtype=a.dtype, threads=a.threads, log_level=a.log_level)
 
 
 def cmd_eval(a) -> None:
@@ -190,9 +205,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_data_filter)
 
-    p = data.add_parser("curate", help="teacher demonstrations through an OpenAI-compatible endpoint "
-                        "(all arguments go to the curation pipeline; see `prism data curate -- --help`)")
-    p.add_argument("args", nargs=argparse.REMAINDER)
+    p = data.add_parser("curate", help="teacher demonstrations through an OpenAI-compatible endpoint")
+    p.add_argument("--problems", required=True, help="problem file (verl parquet or JSONL)")
+    p.add_argument("--out", required=True, help="output folder (rerun the same to resume)")
+    p.add_argument("--teacher-url", required=True)
+    p.add_argument("--teacher-model", required=True)
+    p.add_argument("--teacher-key-env", default=None, help="env var holding the teacher key")
+    p.add_argument("--judge-url", default=None)
+    p.add_argument("--judge-model", default=None)
+    p.add_argument("--judge-key-env", default=None, help="env var holding the judge key")
+    p.add_argument("--disambiguate", action="store_true", help="split multi-question images first")
+    p.add_argument("--max-attempts", type=int, default=3)
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--timeout", type=float, default=60.0, help="per-request timeout, seconds")
+    p.add_argument("--max-retries", type=int, default=5)
+    p.add_argument("--backoff-base", type=float, default=0.5)
+    p.add_argument("--max-tokens", type=int, default=2048)
+    p.add_argument("--alignment-share", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_data_curate)
     p = data.add_parser("build-pairs", help="curated demonstrations + policy samples -> warm-up pairs JSONL")
     p.add_argument("--curated", required=True, help="parquet with teacher_caption/teacher_cot")
@@ -268,12 +298,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("serve", help="OpenAI-compatible chat-completions server for a checkpoint")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, help="local Hugging Face checkpoint folder")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None, help="required on every request (or env PRISM_API_KEY)")
-    p.add_argument("--max-batch", type=int, default=32)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: env PRISM_API_KEY)")
+    p.add_argument("--model-name", default=None, help="model id clients use (default: the folder name)")
+    p.add_argument("--max-batch", type=int, default=32, help="requests batched into one generate call")
+    p.add_argument("--batch-wait-ms", type=float, default=10, help="how long a batch waits to fill")
+    p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask")
+    p.add_argument("--max-context", type=int, default=None, help="prompt + completion token limit")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"])
     p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("reward", help="score responses in a JSONL file with the verifiable reward")

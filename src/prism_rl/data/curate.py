@@ -70,7 +70,6 @@ client is built; they are never stored in the endpoint, results, report or log m
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import io
@@ -80,7 +79,6 @@ import math
 import os
 import random
 import re
-import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -880,58 +878,3 @@ def curate(problems_path: str | Path, out_dir: str | Path, *, teacher: Endpoint,
     tmp.write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, out / "report.json")
     return report
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m prism_rl.data.curate",
-                                description="Curate PRISM teacher demonstrations.")
-    p.add_argument("--problems", required=True, help="problem file (verl parquet or JSONL)")
-    p.add_argument("--out", required=True, help="output folder (rerun the same to resume)")
-    p.add_argument("--teacher-url", required=True)
-    p.add_argument("--teacher-model", required=True)
-    p.add_argument("--teacher-key-env", default=None, help="env var holding the teacher key")
-    p.add_argument("--judge-url", default=None)
-    p.add_argument("--judge-model", default=None)
-    p.add_argument("--judge-key-env", default=None, help="env var holding the judge key")
-    p.add_argument("--disambiguate", action="store_true")
-    p.add_argument("--max-attempts", type=int, default=3)
-    p.add_argument("--concurrency", type=int, default=8)
-    p.add_argument("--timeout", type=float, default=60.0, help="per-request timeout, seconds")
-    p.add_argument("--max-retries", type=int, default=5)
-    p.add_argument("--backoff-base", type=float, default=0.5)
-    p.add_argument("--max-tokens", type=int, default=2048)
-    p.add_argument("--alignment-share", type=float, default=0.05)
-    p.add_argument("--seed", type=int, default=0)
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if (args.judge_url is None) != (args.judge_model is None):
-        _parser().error("--judge-url and --judge-model go together")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    teacher = Endpoint(args.teacher_url, args.teacher_model, args.teacher_key_env)
-    judge = Endpoint(args.judge_url, args.judge_model, args.judge_key_env) \
-        if args.judge_url else None
-    try:
-        report = curate(args.problems, args.out, teacher=teacher, judge=judge,
-                        disambiguate=args.disambiguate, max_attempts=args.max_attempts,
-                        concurrency=args.concurrency, timeout_s=args.timeout,
-                        max_retries=args.max_retries, backoff_base_s=args.backoff_base,
-                        max_tokens=args.max_tokens, alignment_share=args.alignment_share,
-                        seed=args.seed)
-    except (CurationError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    summary = {k: getattr(report, k) for k in ("problems", "accepted", "rejected", "sft",
-                                               "alignment", "retries_by_cause")}
-    summary["problems_per_min"] = report.run["problems_per_min"]
-    print(json.dumps(summary))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -24,15 +24,10 @@ separate process (``python -m prism_rl.jobs.serve``) for tests and tools.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import hmac
 import logging
 import os
-import socket
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -639,112 +634,3 @@ def run_server(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000,
     if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s without an API key: anyone who can reach it can use the model", host)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
-
-
-# --------------------------------------------------------------------------- process helpers
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A currently free TCP port on ``host`` (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def start_server_process(model_dir: str | Path, port: int | None = None, api_key: str | None = None, *,
-                         host: str = "127.0.0.1", extra_args: tuple[str, ...] | list[str] = (),
-                         log_path: str | Path | None = None) -> subprocess.Popen:
-    """Start ``python -m prism_rl.jobs.serve`` as a separate process (a free port if ``port`` is None).
-
-    The returned ``Popen`` also carries ``.port``, ``.base_url`` (``http://host:port``, add
-    ``/v1`` for an OpenAI client) and ``.log_path`` (its stdout and stderr). The API key goes
-    through the environment, not the command line, where ``ps`` would show it. Call
-    ``wait_until_ready`` before use and ``stop_server_process`` at the end.
-    """
-    port = port or free_port(host)
-    cmd = [sys.executable, "-m", "prism_rl.jobs.serve", "--model", str(model_dir), "--host", host,
-           "--port", str(port), *map(str, extra_args)]
-    env = {k: v for k, v in os.environ.items() if k != API_KEY_ENV}
-    if api_key:
-        env[API_KEY_ENV] = api_key
-    if log_path is None:
-        fd, log_path = tempfile.mkstemp(prefix="prism-serve-", suffix=".log")
-        os.close(fd)
-    # a file, not a pipe: an unread pipe fills up and blocks the server
-    with open(log_path, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-    proc.port, proc.base_url, proc.log_path = port, f"http://{host}:{port}", str(log_path)
-    return proc
-
-
-def _log_tail(proc: subprocess.Popen | None, chars: int = 3000) -> str:
-    path = getattr(proc, "log_path", None)
-    if not path or not Path(path).exists():
-        return ""
-    return "\n--- server log (tail) ---\n" + Path(path).read_text(errors="replace")[-chars:]
-
-
-def wait_until_ready(base_url: str, timeout: float = 60.0, proc: subprocess.Popen | None = None) -> None:
-    """Poll ``GET /health`` until the server answers; fail early if ``proc`` exits."""
-    import httpx
-
-    root = base_url.rstrip("/").removesuffix("/v1")
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server process exited with code {proc.returncode}{_log_tail(proc)}")
-        try:
-            if httpx.get(f"{root}/health", timeout=2.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(f"server at {root} not ready after {timeout:.0f} s{_log_tail(proc)}")
-
-
-def stop_server_process(proc: subprocess.Popen, timeout: float = 10.0) -> int:
-    """Stop the server (SIGTERM, then SIGKILL after ``timeout``); returns its exit code."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return proc.returncode
-
-
-# --------------------------------------------------------------------------- entry point
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m prism_rl.jobs.serve", description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="local Hugging Face checkpoint folder")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV})")
-    p.add_argument("--model-name", default=None, help="model id clients use (default: the folder name)")
-    p.add_argument("--max-batch", type=int, default=32)
-    p.add_argument("--batch-wait-ms", type=float, default=10)
-    p.add_argument("--max-tokens-limit", type=int, default=4096)
-    p.add_argument("--max-context", type=int, default=None)
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--log-level", default="info")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    a = _parser().parse_args(argv)
-    logging.basicConfig(level=a.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    try:
-        run_server(a.model, a.host, a.port, a.api_key or os.environ.get(API_KEY_ENV) or None,
-                   model_name=a.model_name, max_batch=a.max_batch, batch_wait_ms=a.batch_wait_ms,
-                   max_tokens_limit=a.max_tokens_limit, max_context=a.max_context, dtype=a.dtype,
-                   threads=a.threads, log_level=a.log_level)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"prism serve: error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
