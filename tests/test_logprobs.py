@@ -15,7 +15,9 @@ from prism_rl.data.processing import collate, encode_sft
 from prism_rl.data.records import ImageRef, Record
 from prism_rl.format import SYSTEM_PROMPT, make_response
 from prism_rl.models.loading import load_policy, special_ids
-from prism_rl.models.logprobs import MODEL_INPUT_KEYS, head_logprobs, reference_token_logprobs, response_logprobs, sft_loss
+from prism_rl.models.logprobs import (
+    MODEL_INPUT_KEYS, head_logprobs, reference_token_logprobs, response_logprobs, sft_loss,
+)
 
 from conftest import png_bytes
 
