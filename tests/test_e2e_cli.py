@@ -14,6 +14,10 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from prism_rl.cli import main
 
+from conftest import CONFIGS
+
+QUICKSTART = CONFIGS / "quickstart"
+
 pytestmark = pytest.mark.slow
 
 
@@ -26,7 +30,7 @@ def workdir(tmp_path_factory):
 
 
 def _sft_args(root, out, *extra):
-    return ["sft", "--config", "configs/quickstart/sft.yaml", f"model.path={root / 'tiny'}",
+    return ["sft", "--config", str(QUICKSTART / "sft.yaml"), f"model.path={root / 'tiny'}",
             f"data.train={root / 'data' / 'sft.json'}", f"output_dir={out}", "train.max_steps=6",
             "train.batch_size=4", "train.grad_accum=2", "train.log_every=1", "optim.warmup_ratio=0.2", *extra]
 
@@ -76,7 +80,7 @@ def test_cli_rejects_bad_override_naming_key(workdir, capsys):
 def test_rl_runs_and_resumes(workdir, straight_sft):
     sft = straight_sft / "final"
     out = workdir / "grpo"
-    args = ["rl", "--algo", "grpo", "--config", "configs/quickstart/rl.yaml", f"model.path={sft}",
+    args = ["rl", "--algo", "grpo", "--config", str(QUICKSTART / "rl.yaml"), f"model.path={sft}",
             f"data.train={workdir / 'data' / 'align.parquet'}", f"output_dir={out}", "train.steps=3",
             "rollout.n=4", "rollout.prompts_per_step=2", "rollout.max_new_tokens=24", "train.save_every=1"]
     assert main(args + ["--halt-at-step", "2"]) == 0
@@ -110,13 +114,13 @@ def test_prism_stage_end_to_end_and_resume(workdir, straight_sft):
         f"<answer>\n{r.ground_truth}\n</answer>", "<answer>\n999\n</answer>")}) + "\n" for r in recs))
     assert main(["data", "build-pairs", "--curated", str(data), "--samples", str(samples),
                  "--out", str(disc / "built.jsonl")]) == 0
-    assert main(["disc", "warmup", "--config", "configs/quickstart/warmup.yaml", f"disc.path={disc / 'init'}",
+    assert main(["disc", "warmup", "--config", str(QUICKSTART / "warmup.yaml"), f"disc.path={disc / 'init'}",
                  f"data.train={disc / 'built.jsonl'}", f"output_dir={disc / 'warm'}", "train.max_steps=2",
                  "train.batch_size=4", "train.heldout_frac=0.25"]) == 0
     summary = json.loads((disc / "warm" / "summary.json").read_text())
     assert summary["steps"] == 2 and 0.0 <= summary["after"]["heldout_cap_acc"] <= 1.0
     out = workdir / "align"
-    args = ["align", "--config", "configs/quickstart/align.yaml", f"model.path={sft}",
+    args = ["align", "--config", str(QUICKSTART / "align.yaml"), f"model.path={sft}",
             f"disc.path={disc / 'warm' / 'final'}", f"data.train={data}", f"output_dir={out}",
             "train.steps=2", "rollout.n=4", "rollout.prompts_per_step=2", "rollout.max_new_tokens=48"]
     assert main(args + ["--halt-at-step", "1"]) == 0
@@ -144,7 +148,7 @@ def test_groups_with_variance_keeps_mixed_groups_only():
 
 def test_dapo_dynamic_sampling_bookkeeping(workdir, straight_sft):
     out = workdir / "dapo"
-    assert main(["rl", "--algo", "dapo", "--config", "configs/quickstart/rl.yaml",
+    assert main(["rl", "--algo", "dapo", "--config", str(QUICKSTART / "rl.yaml"),
                  f"model.path={straight_sft / 'final'}", f"data.train={workdir / 'data' / 'align.parquet'}",
                  f"output_dir={out}", "train.steps=2", "rollout.n=4", "rollout.prompts_per_step=2",
                  "rollout.gen_batch_prompts=3", "algo.max_num_gen_batches=2", "rollout.max_new_tokens=24",
