@@ -2,7 +2,10 @@
 
 import pytest
 
+from prism_rl.cli import main
 from prism_rl.config import ConfigError, SFTConfig, load_config, parse_overrides, save_config
+
+from conftest import CONFIGS
 
 
 def test_overrides_are_typed_and_nested():
@@ -53,3 +56,11 @@ def test_save_roundtrip(tmp_path):
     cfg = load_config(SFTConfig, None, ["optim.lr=3e-4", "model.freeze_vision=true"])
     path = save_config(cfg, tmp_path)
     assert load_config(SFTConfig, path) == cfg
+
+
+def test_cli_rejects_bad_override_naming_key(tmp_path, capsys):
+    args = ["sft", "--config", str(CONFIGS / "quickstart" / "sft.yaml"), f"output_dir={tmp_path / 'bad'}",
+            "optim.lrr=1"]
+    assert main(args) == 2
+    assert "unknown config key 'optim.lrr'" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
