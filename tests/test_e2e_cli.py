@@ -35,6 +35,18 @@ def _sft_args(root, out, *extra):
             "train.batch_size=4", "train.grad_accum=2", "train.log_every=1", "optim.warmup_ratio=0.2", *extra]
 
 
+def _assert_reloads(folder):
+    """The saved policy reloads with from_pretrained as a Qwen3-VL model holding exactly the saved
+    weights (the output head is tied to the embeddings, so it is not saved)."""
+    model = AutoModelForImageTextToText.from_pretrained(folder)
+    assert type(model).__name__ == "Qwen3VLForConditionalGeneration"
+    saved = load_file(folder / "model.safetensors")
+    state = model.state_dict()
+    assert saved.keys() <= state.keys() and state.keys() - saved.keys() <= {"lm_head.weight"}
+    for k, v in saved.items():
+        assert torch.equal(state[k], v), k
+
+
 def _metrics(path):
     return [json.loads(line) for line in open(path) if '"actor/loss"' in line]
 
@@ -52,9 +64,10 @@ def test_sft_learns_reloads_and_resumes_exactly(workdir, straight_sft):
     losses = [m["actor/loss"] for m in _metrics(straight / "metrics.jsonl")]
     assert len(losses) == 12
     assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
-    model = AutoModelForImageTextToText.from_pretrained(straight / "final")
-    AutoProcessor.from_pretrained(straight / "final")
-    assert type(model).__name__ == "Qwen3VLForConditionalGeneration"
+    _assert_reloads(straight / "final")
+    text = "<caption>\n- a red circle\n</caption>\n<think>\n1 + 2 = 3\n</think>\n<answer>\n3\n</answer>"
+    saved_tok = AutoProcessor.from_pretrained(straight / "final").tokenizer
+    assert saved_tok(text)["input_ids"] == AutoProcessor.from_pretrained(workdir / "tiny").tokenizer(text)["input_ids"]
     assert json.loads((straight / "summary.json").read_text())["steps"] == 12
     assert (straight / "config.yaml").exists()
 
@@ -86,7 +99,7 @@ def test_rl_runs_and_resumes(workdir, straight_sft):
     for r in rows:
         assert 0.0 <= r["rollout/reward"] <= 1.0 and r["rollout/groups_kept"] == 2 and r["actor/updates"] == 1
         assert r["timing/rollout_s"] > 0 and r["timing/update_s"] > 0
-    assert AutoModelForImageTextToText.from_pretrained(out / "final") is not None
+    _assert_reloads(out / "final")
 
 
 def test_prism_stage_end_to_end_and_resume(workdir, straight_sft):
@@ -129,7 +142,7 @@ def test_prism_stage_end_to_end_and_resume(workdir, straight_sft):
         # routing load is measured on the valid rollouts: a distribution when there are any
         load = r["disc/expert_load"]
         assert abs(sum(load) - (1.0 if r["rollout/format"] > 0 else 0.0)) < 1e-4
-    assert AutoModelForImageTextToText.from_pretrained(out / "final" / "policy") is not None
+    _assert_reloads(out / "final" / "policy")
     assert main(["plot", str(out)]) == 0
     assert (out / "training_curves.png").stat().st_size > 0 and (out / "expert_load.png").exists()
 
