@@ -1,14 +1,19 @@
-"""Shared fixtures: a tiny Qwen3-VL checkpoint built once per test session, and small images."""
+"""Shared fixtures: a tiny Qwen3-VL checkpoint built once per test session, small images, and
+the repository's paths (so that tests pass from any working directory)."""
 
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import pytest
 from PIL import Image, ImageDraw
 
 from prism_rl.format import SYSTEM_PROMPT, make_response
 from prism_rl.models.tiny import TinySpec, build_tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
 
 
 def _corpus() -> list[str]:

@@ -2,10 +2,13 @@
 
 import pytest
 
+from prism_rl.cli import main
 from prism_rl.config import (
     ALGO_PRESETS, AlignConfig, ConfigError, EvalConfig, RLConfig, SFTConfig, WarmupConfig, load_config, parse_overrides,
     save_config,
 )
+
+from conftest import CONFIGS
 
 
 def test_overrides_are_typed_and_nested():
@@ -104,3 +107,11 @@ def test_presets_pass_the_combination_checks():
         assert cfg.algo.name == name
     gspo = load_config(RLConfig, None, [], defaults=ALGO_PRESETS["gspo"])
     assert (gspo.algo.ratio_level, gspo.algo.agg) == ("sequence", "seq-mean-token-mean")
+
+
+def test_cli_rejects_bad_override_naming_key(tmp_path, capsys):
+    args = ["sft", "--config", str(CONFIGS / "quickstart" / "sft.yaml"), f"output_dir={tmp_path / 'bad'}",
+            "optim.lrr=1"]
+    assert main(args) == 2
+    assert "unknown config key 'optim.lrr'" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

@@ -14,6 +14,10 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from prism_rl.cli import main
 
+from conftest import CONFIGS
+
+QUICKSTART = CONFIGS / "quickstart"
+
 pytestmark = pytest.mark.slow
 
 
@@ -26,9 +30,21 @@ def workdir(tmp_path_factory):
 
 
 def _sft_args(root, out, *extra):
-    return ["sft", "--config", "configs/quickstart/sft.yaml", f"model.path={root / 'tiny'}",
+    return ["sft", "--config", str(QUICKSTART / "sft.yaml"), f"model.path={root / 'tiny'}",
             f"data.train={root / 'data' / 'sft.json'}", f"output_dir={out}", "train.max_steps=6",
             "train.batch_size=4", "train.grad_accum=2", "train.log_every=1", "optim.warmup_ratio=0.2", *extra]
+
+
+def _assert_reloads(folder):
+    """The saved policy reloads with from_pretrained as a Qwen3-VL model holding exactly the saved
+    weights (the output head is tied to the embeddings, so it is not saved)."""
+    model = AutoModelForImageTextToText.from_pretrained(folder)
+    assert type(model).__name__ == "Qwen3VLForConditionalGeneration"
+    saved = load_file(folder / "model.safetensors")
+    state = model.state_dict()
+    assert saved.keys() <= state.keys() and state.keys() - saved.keys() <= {"lm_head.weight"}
+    for k, v in saved.items():
+        assert torch.equal(state[k], v), k
 
 
 def _metrics(path):
@@ -48,9 +64,10 @@ def test_sft_learns_reloads_and_resumes_exactly(workdir, straight_sft):
     losses = [m["actor/loss"] for m in _metrics(straight / "metrics.jsonl")]
     assert len(losses) == 12
     assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
-    model = AutoModelForImageTextToText.from_pretrained(straight / "final")
-    AutoProcessor.from_pretrained(straight / "final")
-    assert type(model).__name__ == "Qwen3VLForConditionalGeneration"
+    _assert_reloads(straight / "final")
+    text = "<caption>\n- a red circle\n</caption>\n<think>\n1 + 2 = 3\n</think>\n<answer>\n3\n</answer>"
+    saved_tok = AutoProcessor.from_pretrained(straight / "final").tokenizer
+    assert saved_tok(text)["input_ids"] == AutoProcessor.from_pretrained(workdir / "tiny").tokenizer(text)["input_ids"]
     assert json.loads((straight / "summary.json").read_text())["steps"] == 12
     assert (straight / "config.yaml").exists()
 
@@ -68,15 +85,10 @@ def test_sft_learns_reloads_and_resumes_exactly(workdir, straight_sft):
     assert steps == list(range(1, 13))   # 1-5 before the interruption, 6-12 after
 
 
-def test_cli_rejects_bad_override_naming_key(workdir, capsys):
-    assert main(_sft_args(workdir, workdir / "bad", "optim.lrr=1")) == 2
-    assert "unknown config key 'optim.lrr'" in capsys.readouterr().err
-
-
 def test_rl_runs_and_resumes(workdir, straight_sft):
     sft = straight_sft / "final"
     out = workdir / "grpo"
-    args = ["rl", "--algo", "grpo", "--config", "configs/quickstart/rl.yaml", f"model.path={sft}",
+    args = ["rl", "--algo", "grpo", "--config", str(QUICKSTART / "rl.yaml"), f"model.path={sft}",
             f"data.train={workdir / 'data' / 'align.parquet'}", f"output_dir={out}", "train.steps=3",
             "rollout.n=4", "rollout.prompts_per_step=2", "rollout.max_new_tokens=24", "train.save_every=1"]
     assert main(args + ["--halt-at-step", "2"]) == 0
@@ -87,7 +99,7 @@ def test_rl_runs_and_resumes(workdir, straight_sft):
     for r in rows:
         assert 0.0 <= r["rollout/reward"] <= 1.0 and r["rollout/groups_kept"] == 2 and r["actor/updates"] == 1
         assert r["timing/rollout_s"] > 0 and r["timing/update_s"] > 0
-    assert AutoModelForImageTextToText.from_pretrained(out / "final") is not None
+    _assert_reloads(out / "final")
 
 
 def test_prism_stage_end_to_end_and_resume(workdir, straight_sft):
@@ -110,7 +122,7 @@ def test_prism_stage_end_to_end_and_resume(workdir, straight_sft):
         f"<answer>\n{r.ground_truth}\n</answer>", "<answer>\n999\n</answer>")}) + "\n" for r in recs))
     assert main(["data", "build-pairs", "--curated", str(data), "--samples", str(samples),
                  "--out", str(disc / "built.jsonl")]) == 0
-    warm = ["disc", "warmup", "--config", "configs/quickstart/warmup.yaml", f"disc.path={disc / 'init'}",
+    warm = ["disc", "warmup", "--config", str(QUICKSTART / "warmup.yaml"), f"disc.path={disc / 'init'}",
             f"data.train={disc / 'built.jsonl'}", "train.max_steps=2", "train.batch_size=4", "train.heldout_frac=0.25"]
     assert main(warm + [f"output_dir={disc / 'warm'}"]) == 0
     summary = json.loads((disc / "warm" / "summary.json").read_text())
@@ -124,7 +136,7 @@ def test_prism_stage_end_to_end_and_resume(workdir, straight_sft):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     assert json.loads((disc / "warm2" / "summary.json").read_text())["before"] == summary["before"]
     out = workdir / "align"
-    args = ["align", "--config", "configs/quickstart/align.yaml", f"model.path={sft}",
+    args = ["align", "--config", str(QUICKSTART / "align.yaml"), f"model.path={sft}",
             f"disc.path={disc / 'warm' / 'final'}", f"data.train={data}", f"output_dir={out}",
             "train.steps=2", "rollout.n=4", "rollout.prompts_per_step=2", "rollout.max_new_tokens=48"]
     assert main(args + ["--halt-at-step", "1"]) == 0
@@ -138,21 +150,14 @@ def test_prism_stage_end_to_end_and_resume(workdir, straight_sft):
         # routing load is measured on the valid rollouts: a distribution when there are any
         load = r["disc/expert_load"]
         assert abs(sum(load) - (1.0 if r["rollout/format"] > 0 else 0.0)) < 1e-4
-    assert AutoModelForImageTextToText.from_pretrained(out / "final" / "policy") is not None
+    _assert_reloads(out / "final" / "policy")
     assert main(["plot", str(out)]) == 0
     assert (out / "training_curves.png").stat().st_size > 0 and (out / "expert_load.png").exists()
 
 
-def test_groups_with_variance_keeps_mixed_groups_only():
-    from prism_rl.trainers.rl import groups_with_variance
-    gids = torch.tensor([5, 5, 5, 2, 2, 9, 9, 9, 7])
-    acc = torch.tensor([1., 0., 1., 0., 0., 1., 1., 1., 1.])
-    assert groups_with_variance(gids, acc) == [5]          # 2 all wrong, 9 all right, 7 a single sample
-
-
 def test_dapo_dynamic_sampling_bookkeeping(workdir, straight_sft):
     out = workdir / "dapo"
-    assert main(["rl", "--algo", "dapo", "--config", "configs/quickstart/rl.yaml",
+    assert main(["rl", "--algo", "dapo", "--config", str(QUICKSTART / "rl.yaml"),
                  f"model.path={straight_sft / 'final'}", f"data.train={workdir / 'data' / 'align.parquet'}",
                  f"output_dir={out}", "train.steps=2", "rollout.n=4", "rollout.prompts_per_step=2",
                  "rollout.gen_batch_prompts=3", "algo.max_num_gen_batches=2", "rollout.max_new_tokens=24",

@@ -1,9 +1,12 @@
 """The response format: parse, validate (reference + strict), extract, split (text and tokens)."""
 
+import random
+
 import pytest
 
 from prism_rl.format import (
-    caption_token_end, extract_answer, is_format_valid, make_response, parse_response, split_text,
+    FORMAT_RE, caption_token_end, extract_answer, format_matches, is_format_valid, make_response,
+    parse_response, split_text,
 )
 
 GOOD = "<caption>\n- a red circle\n</caption>\n<think>\n1 + 1 = 2\n</think>\n<answer>\n2\n</answer>"
@@ -94,3 +97,21 @@ def test_tag_soup_is_linear_time():
     soup = "<caption></caption><think></think><answer></answer>" * 400 + "x"
     assert not is_format_valid(soup) and parse_response(soup) is None and split_text(soup) is None
     assert is_format_valid(soup[:-1])      # the same soup without the trailing junk is valid
+
+
+def test_format_matches_agrees_with_reference_regex():
+    """The linear-time pre-check accepts exactly the strings the reference regex matches."""
+    tags = ["<caption>", "</caption>", "<think>", "</think>", "<answer>", "</answer>"]
+    pieces = [*tags, " ", "\n", "x", "\u00a0"]
+    rng = random.Random(0)
+    valid = 0
+    for _ in range(20000):
+        parts = ["<caption>", "x", "</caption>", "<think>", "</think>", "<answer>", "</answer>"]
+        for _ in range(rng.randint(0, 4)):
+            parts.insert(rng.randint(0, len(parts)), rng.choice(pieces))
+        if rng.random() < 0.3:
+            del parts[rng.randrange(len(parts))]
+        s = "".join(parts)
+        assert format_matches(s) == (FORMAT_RE.match(s) is not None), repr(s)
+        valid += is_format_valid(s)
+    assert valid > 1000

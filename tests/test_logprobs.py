@@ -1,8 +1,12 @@
-"""Per-token log-probs: chunked == unchunked, and a sequence scores the same alone and padded.
+"""Per-token log-probs: chunked == unchunked, and a sequence scores the same alone and padded;
+the chunked entropy against hand values and against the full logits.
 
 DESIGN.md records a peer framework whose loss forward silently misaligned Qwen3-VL's M-RoPE
 positions under one padding side; these tests pin that down for both sides.
 """
+
+import math
+from types import SimpleNamespace
 
 import torch
 
@@ -11,7 +15,9 @@ from prism_rl.data.processing import collate, encode_sft
 from prism_rl.data.records import ImageRef, Record
 from prism_rl.format import SYSTEM_PROMPT, make_response
 from prism_rl.models.loading import load_policy, special_ids
-from prism_rl.models.logprobs import reference_token_logprobs, response_logprobs, sft_loss
+from prism_rl.models.logprobs import (
+    MODEL_INPUT_KEYS, head_logprobs, reference_token_logprobs, response_logprobs, sft_loss,
+)
 
 from conftest import png_bytes
 
@@ -77,6 +83,40 @@ def test_chunked_response_logprobs_match_reference(tiny_model_dir):
     assert (lp[~m] == 0).all()
 
 
+def _entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of each row of ``logits`` (N, V) through the package's chunked head: the head is
+    the identity, so the hidden states are the logits."""
+    model = SimpleNamespace(get_output_embeddings=lambda: torch.nn.Identity())
+    targets = torch.zeros(logits.shape[0], dtype=torch.long)
+    lp, ent = head_logprobs(model, logits, targets, chunk_size=2, with_entropy=True)
+    assert torch.allclose(lp, torch.log_softmax(logits.float(), -1)[:, 0])
+    return ent
+
+
+def test_entropy_hand_values():
+    uniform = _entropy(torch.zeros(3, 4))
+    assert torch.allclose(uniform, torch.full((3,), math.log(4.0)), atol=1e-6)
+    # p = [0.25, 0.75]
+    h = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))  # 0.562335
+    assert abs(_entropy(torch.tensor([[0.0, math.log(3.0)]])).item() - h) < 1e-6
+    big = _entropy(torch.tensor([[1000.0, 0.0, -1000.0]]))  # stable for large logits
+    assert torch.isfinite(big).all() and abs(big.item()) < 1e-6
+
+
+@torch.no_grad()
+def test_chunked_response_entropy_matches_full_logits(tiny_model_dir):
+    model, _, encs, pad = _setup(tiny_model_dir)
+    batch = collate(encs, pad, "right")  # the lengths differ: every row but one ends in padding
+    P = min(e.prompt_len for e in encs)
+    lp, ent = response_logprobs(model, batch, P, chunk_size=7, with_entropy=True)
+    logits = model(**{k: batch[k] for k in MODEL_INPUT_KEYS if k in batch}, use_cache=False).logits.float()
+    ref = torch.distributions.Categorical(logits=logits[:, P - 1:-1]).entropy()
+    m = batch["attention_mask"][:, P:].bool()
+    assert m.any() and (~m).any() and torch.allclose(ent[m], ref[m], atol=1e-4)
+    assert (ent[~m] == 0).all()
+    assert torch.equal(lp, response_logprobs(model, batch, P, chunk_size=7))
+
+
 def test_sft_loss_equals_mean_ce_on_assistant_tokens(tiny_model_dir):
     model, _, encs, pad = _setup(tiny_model_dir)
     batch = collate(encs, pad)
@@ -85,8 +125,11 @@ def test_sft_loss_equals_mean_ce_on_assistant_tokens(tiny_model_dir):
     keep = batch["labels"][:, 1:] != -100
     assert n == int(keep.sum()) == sum(len(e) - e.prompt_len for e in encs)
     assert torch.allclose(loss, -ref[keep].mean(), atol=1e-5)
-    loss.backward()  # checkpointed chunks must backprop
-    assert model.get_output_embeddings().weight.grad is not None
+    # checkpointed chunks must backprop the same gradient as the unchunked loss
+    weight = model.get_output_embeddings().weight
+    (grad,) = torch.autograd.grad(loss, weight)
+    (ref_grad,) = torch.autograd.grad(-ref[keep].mean(), weight)
+    assert ref_grad.abs().max() > 0 and torch.allclose(grad, ref_grad, atol=1e-6)
 
 
 def test_rollouts_never_contain_vision_tokens(tiny_model_dir):

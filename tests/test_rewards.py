@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import random
 import subprocess
 import sys
 import threading
@@ -15,8 +14,8 @@ import pytest
 
 import prism_rl
 from prism_rl import reward as R
-from prism_rl.format import FORMAT_RE, is_format_valid, make_response
-from prism_rl.reward import math_verify_pool, scoring
+from prism_rl.format import make_response
+from prism_rl.reward import math_verify_pool
 
 CAPTION = "- a diagram with labelled points"
 THINK = "Step 1: read the figure. Step 2: compute."
@@ -163,23 +162,6 @@ def test_weights():
     assert R.compute_score(wrap("4"), "4", acc_weight=0.5, format_weight=0.5).score == 1.0
     assert R.compute_score(wrap("5"), "4", acc_weight=0.5, format_weight=0.3).score == 0.3
     assert R.compute_score(wrap("x" * 50), "4", max_answer_chars=50).reason == "answer_too_long"
-
-
-def test_format_prefilter_matches_reference_regex():
-    tags = ["<caption>", "</caption>", "<think>", "</think>", "<answer>", "</answer>"]
-    pieces = [*tags, " ", "\n", "x", "\u00a0"]
-    rng = random.Random(0)
-    valid = 0
-    for _ in range(20000):
-        parts = ["<caption>", "x", "</caption>", "<think>", "</think>", "<answer>", "</answer>"]
-        for _ in range(rng.randint(0, 4)):
-            parts.insert(rng.randint(0, len(parts)), rng.choice(pieces))
-        if rng.random() < 0.3:
-            del parts[rng.randrange(len(parts))]
-        s = "".join(parts)
-        assert scoring._format_prefilter(s) == (FORMAT_RE.match(s) is not None), repr(s)
-        valid += is_format_valid(s)
-    assert valid > 1000
 
 
 def test_tag_soup_scores_zero():

@@ -13,6 +13,7 @@ from prism_rl.models.loading import load_policy
 from prism_rl.rollout.base import SamplingParams
 from prism_rl.rollout.hf import HFEngine
 from prism_rl.actor import NonfiniteGuard, by_length, ppo_update, sequence_logprobs
+from prism_rl.trainers.rl import groups_with_variance
 
 from conftest import png_bytes
 
@@ -96,3 +97,9 @@ def test_three_all_skipped_steps_in_a_row_stop_the_run():
     assert guard.streak == 2
     with pytest.raises(FloatingPointError, match=r"run: every update of steps 6\.\.8"):
         guard.check(bad, 8)
+
+
+def test_groups_with_variance_keeps_mixed_groups_only():
+    gids = torch.tensor([5, 5, 5, 2, 2, 9, 9, 9, 7])
+    acc = torch.tensor([1., 0., 1., 0., 0., 1., 1., 1., 1.])
+    assert groups_with_variance(gids, acc) == [5]          # 2 all wrong, 9 all right, 7 a single sample

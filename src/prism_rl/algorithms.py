@@ -3,7 +3,7 @@
 Every function here is a short, pure tensor function (no module state, no trainer objects):
 masked reductions, loss aggregation, group-normalised advantages (GRPO / Dr. GRPO), the
 PPO-clip policy loss at token level (GRPO, DAPO with asymmetric and dual clip) and at
-sequence level (GSPO), KL estimators, entropy, DAPO's overlong shaping, the Bradley-Terry
+sequence level (GSPO), KL estimators, DAPO's overlong shaping, the Bradley-Terry
 loss, the Switch / Mixtral load-balancing loss, and the two PRISM-specific pieces of the
 adversarial stage: the alignment advantage and the discriminator loss.
 
@@ -31,15 +31,11 @@ __all__ = [
     "AGG_MODES",
     "masked_sum",
     "masked_mean",
-    "masked_var",
     "aggregate_loss",
     "group_normalize",
     "grpo_advantages",
-    "broadcast_to_tokens",
     "policy_loss",
     "kl_penalty",
-    "entropy_from_logits",
-    "entropy_bonus",
     "overlong_penalty",
     "bradley_terry_loss",
     "load_balancing_loss",
@@ -91,25 +87,6 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     count = m.expand_as(x).to(x.dtype)
     count = count.sum() if dim is None else count.sum(dim=dim)
     return _safe_div(masked_sum(x, m, dim), count)
-
-
-def masked_var(
-    x: torch.Tensor, mask: torch.Tensor, dim: int | None = None, unbiased: bool = True
-) -> torch.Tensor:
-    """Variance of the valid entries.
-
-    ``var = sum(m * (x - mu)^2) / (n - 1)`` with ``mu = masked_mean(x, m)``, ``n = sum(m)``
-    (Bessel's correction; ``/ n`` when ``unbiased=False``).  Where ``n <= 1`` (``n == 0`` for
-    the biased form) the variance is defined as 0.
-    """
-    m = _as_bool(mask)
-    mu = masked_mean(x, m, dim)
-    if dim is not None:
-        mu = mu.unsqueeze(dim)
-    sq = masked_sum((x - mu) ** 2, m, dim)
-    n = m.expand_as(x).to(x.dtype)
-    n = n.sum() if dim is None else n.sum(dim=dim)
-    return _safe_div(sq, n - 1 if unbiased else n)
 
 
 # ----------------------------------------------------------------------------- aggregation
@@ -202,16 +179,9 @@ def grpo_advantages(
 
     Exactly :func:`group_normalize` (unbiased std; singleton group: mean 0, std 1; a group
     with std 0 gives ``A = 0``).  ``norm_by_std=False``: Dr. GRPO, ``A_i = r_i - mean_g``.
-    Broadcast over tokens with :func:`broadcast_to_tokens`.
+    :func:`policy_loss` broadcasts these (B,) advantages over the tokens.
     """
     return group_normalize(rewards, group_ids, norm_by_std=norm_by_std, eps=eps)
-
-
-def broadcast_to_tokens(adv: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """Token-level advantages ``A_it = A_i * m_it`` (B, T) from per-sequence ``A`` (B,)."""
-    m = _as_bool(response_mask)
-    a = adv.reshape(-1, 1).expand(m.shape)
-    return torch.where(m, a, torch.zeros_like(a))
 
 
 # ----------------------------------------------------------------------------- policy loss
@@ -294,7 +264,7 @@ def policy_loss(
     return loss, metrics
 
 
-# ----------------------------------------------------------------------------- KL, entropy
+# ----------------------------------------------------------------------------- KL
 
 
 def kl_penalty(
@@ -316,26 +286,6 @@ def kl_penalty(
         kl = (ref_log_probs - log_probs).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
         return (torch.exp(kl) - kl - 1.0).clamp(-10.0, 10.0)
     raise ValueError(f"unknown KL estimator {kind!r}; expected 'k1', 'k2' or 'low_var_kl'")
-
-
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of ``softmax(z)`` over the last dim: ``H = logsumexp(z) - sum_v softmax(z)_v z_v``.
-
-    (..., V) -> (...).  Stable for large logits (no explicit ``log(p)``).
-    """
-    p = torch.softmax(logits, dim=-1)
-    return torch.logsumexp(logits, dim=-1) - (p * logits).sum(dim=-1)
-
-
-def entropy_bonus(
-    entropy: torch.Tensor, response_mask: torch.Tensor, agg: str = "token-mean"
-) -> torch.Tensor:
-    """Aggregated token entropy ``aggregate_loss(H, mask, agg)`` (scalar).
-
-    Usage: ``loss = pg_loss - entropy_coef * entropy_bonus(entropy_from_logits(z), mask)``
-    (maximising entropy).  PRISM's recipe uses no entropy bonus (coefficient 0).
-    """
-    return aggregate_loss(entropy, response_mask, agg)
 
 
 # ----------------------------------------------------------------------------- reward shaping

@@ -105,7 +105,10 @@ def sft_loss(model, batch: dict[str, torch.Tensor], chunk_size: int = 2048) -> t
 
 
 def reference_token_logprobs(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Unchunked log p of every next token (B, L-1) from ``model(**batch).logits`` (for tests)."""
+    """Unchunked log p of every next token (B, L-1) from ``model(**batch).logits``.
+
+    The reference for the chunked paths, in tests/test_logprobs.py and bench/bench_gpu.py.
+    """
     inputs = {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch}
     logits = model(**inputs, use_cache=False).logits.float()
     return F.log_softmax(logits[:, :-1], -1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)

@@ -13,8 +13,8 @@ import math
 from pathlib import Path
 from typing import Any, Callable
 
-from prism_rl.format import extract_answer
-from prism_rl.reward.scoring import RewardResult, _format_ok, compute_score
+from prism_rl.format import extract_answer, is_format_valid
+from prism_rl.reward.scoring import RewardResult, compute_score
 
 __all__ = ["RewardFn", "load_reward_fn"]
 
@@ -45,7 +45,7 @@ def _as_result(value: Any, response: str, origin: str) -> RewardResult:
     return RewardResult(
         score=score,
         acc=float(extra.get("acc", score)),
-        format=float(fmt) if fmt is not None else (1.0 if _format_ok(response) else 0.0),
+        format=float(fmt) if fmt is not None else (1.0 if is_format_valid(response) else 0.0),
         answer=extra.get("answer", extract_answer(response) if len(response) < 100_000 else None),
         reason=str(extra.get("reason", "custom")),
     )

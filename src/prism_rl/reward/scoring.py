@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prism_rl.format import format_matches, is_format_valid, parse_response
+from prism_rl.format import parse_response
 from prism_rl.reward.matching import DEFAULT_TIMEOUT_S, MAX_ANSWER_CHARS, check_answer
 
 __all__ = ["ACC_WEIGHT", "FORMAT_WEIGHT", "RewardResult", "compute_score"]
@@ -29,19 +29,6 @@ class RewardResult:
     reason: str
 
 
-# ---------------------------------------------------------------------------------------------
-# Fast, exact format check
-# ---------------------------------------------------------------------------------------------
-
-# Linear-time equivalent of the reference format regex (see prism_rl.format.format_matches).
-_format_prefilter = format_matches
-
-
-def _format_ok(text: str) -> bool:
-    """Format validity: the reference ``is_format_valid``, behind the linear prefilter."""
-    return is_format_valid(text)  # is_format_valid runs the linear check first
-
-
 def compute_score(
     response: str,
     ground_truth: str,
@@ -59,10 +46,12 @@ def compute_score(
     """
     if not isinstance(response, str):
         raise TypeError(f"response must be a str, got {type(response).__name__}")
-    if not _format_ok(response):
-        return RewardResult(0.0, 0.0, 0.0, None, "format_invalid")
+    # parse_response runs the linear-time format_matches before the reference regex, so tag
+    # soup cannot make the regex backtrack.
     parsed = parse_response(response)
-    answer = parsed.answer if parsed is not None else ""
+    if parsed is None:
+        return RewardResult(0.0, 0.0, 0.0, None, "format_invalid")
+    answer = parsed.answer
     if not answer:
         return RewardResult(float(format_weight), 0.0, 1.0, answer, "empty_answer")
     if len(answer) >= max_answer_chars:
