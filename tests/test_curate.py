@@ -259,7 +259,7 @@ KILL_ARGS = dict(concurrency=2, seed=5, alignment_share=0.1, **FAST)
 
 def _curate_cmd(path: Path, out: Path, url: str) -> list[str]:
     a = KILL_ARGS
-    return [sys.executable, "-m", "prism_rl.data.curate", "--problems", str(path),
+    return [sys.executable, "-m", "prism_rl.cli", "data", "curate", "--problems", str(path),
             "--out", str(out), "--teacher-url", url, "--teacher-model", "teacher",
             "--judge-url", url, "--judge-model", "judge", "--concurrency", str(a["concurrency"]),
             "--seed", str(a["seed"]), "--alignment-share", str(a["alignment_share"]),
