@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 TORCH  := torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: quickstart test test-fast install clean
+.PHONY: quickstart test test-fast lint install clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -22,6 +22,10 @@ quickstart: $(STAMP)
 
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --durations=15 $(PYTEST_ARGS)
+
+# ruff (configured in pyproject.toml): pyflakes, pycodestyle, import order, bugbear, pyupgrade.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests bench
 
 # Local iteration: everything except the slow end-to-end CLI runs.
 test-fast: $(STAMP)

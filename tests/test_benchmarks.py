@@ -19,17 +19,24 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from conftest import png_bytes
 from prism_rl.data.records import IMAGE_PLACEHOLDER, BadRecords, DataError
 from prism_rl.eval import run_benchmark as R
 from prism_rl.eval.benchmark_scoring import judge_rows, score_response, summarize_benchmark
 from prism_rl.eval.benchmark_table import BENCHMARKS, get_benchmark
-from prism_rl.eval.loaders import (MC_INSTRUCTION, ROW_READERS, VISION_INSTRUCTION, YES_NO_INSTRUCTION,
-                                   load_benchmark, split_letter_options)
-from prism_rl.eval.run_benchmark import evaluate_benchmark
 from prism_rl.eval.judge import Judge, parse_verdict
+from prism_rl.eval.loaders import (
+    MC_INSTRUCTION,
+    ROW_READERS,
+    VISION_INSTRUCTION,
+    YES_NO_INSTRUCTION,
+    load_benchmark,
+    split_letter_options,
+)
 from prism_rl.eval.report import load_results, results_csv_rows, results_markdown, update_results
+from prism_rl.eval.run_benchmark import evaluate_benchmark
 from prism_rl.format import SYSTEM_PROMPT, make_response
+
+from conftest import png_bytes
 
 FIX = Path(__file__).parent / "fixtures" / "benchmarks"
 

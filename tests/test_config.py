@@ -4,7 +4,15 @@ import pytest
 
 from prism_rl.cli import main
 from prism_rl.config import (
-    ALGO_PRESETS, AlignConfig, ConfigError, EvalConfig, RLConfig, SFTConfig, WarmupConfig, load_config, parse_overrides,
+    ALGO_PRESETS,
+    AlignConfig,
+    ConfigError,
+    EvalConfig,
+    RLConfig,
+    SFTConfig,
+    WarmupConfig,
+    load_config,
+    parse_overrides,
     save_config,
 )
 

@@ -19,13 +19,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from fault_server import FaultRates, FaultServer, make_problems, write_problem_file
 from prism_rl.data.curate import (
     HINT_TEMPLATE,
     CurationError,
     Endpoint,
-    _Caller,
     _alignment_count,
+    _Caller,
     curate,
     parse_disambiguation,
     parse_verdict,
@@ -35,6 +34,8 @@ from prism_rl.data.layouts import read_pairs, read_records, write_jsonl, write_v
 from prism_rl.data.pairs import build_pairs
 from prism_rl.data.records import BadRecords, DataError
 from prism_rl.format import is_format_valid, make_response, split_text
+
+from fault_server import FaultRates, FaultServer, make_problems, write_problem_file
 
 ROOT = Path(__file__).resolve().parents[1]
 RATES = FaultRates(timeout=0.04, rate_limit=0.1, server_error=0.1, truncated=0.1,

@@ -9,7 +9,6 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import load_balancing_loss_func
 
-from conftest import png_bytes
 from prism_rl.algorithms import load_balancing_loss
 from prism_rl.data.processing import collate, encode_prompt, pad_sequences
 from prism_rl.data.records import ImageRef, Record
@@ -31,6 +30,8 @@ from prism_rl.models.discriminator import (
 )
 from prism_rl.models.loading import vision_token_ids
 from prism_rl.models.logprobs import MODEL_INPUT_KEYS
+
+from conftest import png_bytes
 
 QUESTIONS = ["How many red circles are there?", "What is the sum of the digits?",
              "The largest bar is B. Which bar is the largest one in the chart?"]
@@ -116,15 +117,15 @@ def test_upcycled_folder_config_and_weights(moe_dir, moe_exact_dir, dense_model)
     assert (t.num_experts, t.num_experts_per_tok, t.decoder_sparse_step, t.mlp_only_layers) == (4, 2, 1, [])
     assert t.moe_intermediate_size == dt.intermediate_size and t.router_aux_loss_coef == 0.01
     assert (t.hidden_size, t.num_hidden_layers, t.vocab_size) == (dt.hidden_size, dt.num_hidden_layers, dt.vocab_size)
-    I = dt.intermediate_size
+    inter = dt.intermediate_size
     for dl, ml, xl in zip(dense_model.model.language_model.layers, moe.model.language_model.layers,
                           exact.model.language_model.layers):
         gate, up, down = dl.mlp.gate_proj.weight, dl.mlp.up_proj.weight, dl.mlp.down_proj.weight
         gu, dn = ml.mlp.experts.gate_up_proj, ml.mlp.experts.down_proj
-        assert gu.shape == (4, 2 * I, dt.hidden_size) and dn.shape == (4, dt.hidden_size, I)
+        assert gu.shape == (4, 2 * inter, dt.hidden_size) and dn.shape == (4, dt.hidden_size, inter)
         for e in range(4):  # noise 0: exact copies
-            assert torch.equal(xl.mlp.experts.gate_up_proj[e, :I], gate)
-            assert torch.equal(xl.mlp.experts.gate_up_proj[e, I:], up)
+            assert torch.equal(xl.mlp.experts.gate_up_proj[e, :inter], gate)
+            assert torch.equal(xl.mlp.experts.gate_up_proj[e, inter:], up)
             assert torch.equal(xl.mlp.experts.down_proj[e], down)
         noise = torch.cat([(gu - torch.cat([gate, up])).flatten(), (dn - down).flatten()])
         assert abs(noise.std().item() - 0.01) < 5e-4 and abs(noise.mean().item()) < 5e-4
@@ -220,7 +221,7 @@ def test_segment_scoring_feeds_prompt_plus_each_segment(moe_dir, processor, prom
     assert tok.decode(fed[SEGMENT_CAPTION][len(p_ids):]).endswith("</caption>")
     assert tok.decode(fed[SEGMENT_REASONING][len(p_ids):]).startswith("<think>")
     # the segment ids mark prompt tokens free and segment tokens with their segment
-    for ids, seg in rows:
+    for _, seg in rows:
         assert seg[:len(p_ids)].eq(0).all() and seg[len(p_ids):].eq(seg[-1]).all()
     # scores are the discriminator's scores of exactly those sequences
     with torch.no_grad():

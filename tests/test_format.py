@@ -5,8 +5,14 @@ import random
 import pytest
 
 from prism_rl.format import (
-    FORMAT_RE, caption_token_end, extract_answer, format_matches, is_format_valid, make_response,
-    parse_response, split_text,
+    FORMAT_RE,
+    caption_token_end,
+    extract_answer,
+    format_matches,
+    is_format_valid,
+    make_response,
+    parse_response,
+    split_text,
 )
 
 GOOD = "<caption>\n- a red circle\n</caption>\n<think>\n1 + 1 = 2\n</think>\n<answer>\n2\n</answer>"

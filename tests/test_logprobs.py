@@ -16,7 +16,11 @@ from prism_rl.data.records import ImageRef, Record
 from prism_rl.format import SYSTEM_PROMPT, make_response
 from prism_rl.models.loading import load_policy, special_ids
 from prism_rl.models.logprobs import (
-    MODEL_INPUT_KEYS, head_logprobs, reference_token_logprobs, response_logprobs, sft_loss,
+    MODEL_INPUT_KEYS,
+    head_logprobs,
+    reference_token_logprobs,
+    response_logprobs,
+    sft_loss,
 )
 
 from conftest import png_bytes
@@ -134,10 +138,10 @@ def test_sft_loss_equals_mean_ce_on_assistant_tokens(tiny_model_dir):
 
 def test_rollouts_never_contain_vision_tokens(tiny_model_dir):
     """An untrained policy samples any token; vision placeholders must be suppressed."""
-    from prism_rl.rollout.base import SamplingParams
-    from prism_rl.models.loading import vision_token_ids
-    from prism_rl.rollout.hf import HFEngine
     from prism_rl.data.processing import encode_prompt
+    from prism_rl.models.loading import vision_token_ids
+    from prism_rl.rollout.base import SamplingParams
+    from prism_rl.rollout.hf import HFEngine
     model, proc, _, _ = _setup(tiny_model_dir)
     engine = HFEngine(model, proc)
     ids = vision_token_ids(proc.tokenizer)

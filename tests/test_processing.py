@@ -29,8 +29,8 @@ def test_labels_cover_exactly_the_assistant_turn(proc):
     eos, _ = special_ids(proc)
     enc = encode_sft(proc, _rec(), eos, 4096)
     toks = proc.tokenizer.convert_ids_to_tokens(enc.input_ids.tolist())
-    labelled = [t for t, l in zip(toks, enc.labels.tolist()) if l != IGNORE_INDEX]
-    unlabelled = [t for t, l in zip(toks, enc.labels.tolist()) if l == IGNORE_INDEX]
+    labelled = [t for t, lab in zip(toks, enc.labels.tolist()) if lab != IGNORE_INDEX]
+    unlabelled = [t for t, lab in zip(toks, enc.labels.tolist()) if lab == IGNORE_INDEX]
     # every labelled token is the response (then the closing <|im_end|>), in order
     assert proc.tokenizer.convert_tokens_to_string(labelled[:-1]) == RESP
     assert labelled[-1] == "<|im_end|>"
@@ -89,6 +89,7 @@ def test_bad_records_named_or_skipped(proc, rec, needle):
 
 def test_freeze_vision_freezes_exactly_the_vision_tower(tiny_model_dir):
     import torch
+
     from prism_rl.config import ModelConfig
     from prism_rl.models.loading import count_parameters, load_policy, vision_parameters
     model, _ = load_policy(ModelConfig(path=str(tiny_model_dir), freeze_vision=True), torch.device("cpu"))

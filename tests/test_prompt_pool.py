@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import png_bytes
 from transformers import AutoProcessor
 
 from prism_rl.data.processing import LazyPrompts, encode_prompt
 from prism_rl.data.records import BadRecords, DataError, ImageRef, Record
 from prism_rl.data.stream import PromptStream
+
+from conftest import png_bytes
 
 
 def _record(i: int, question: str, image: bytes) -> Record:

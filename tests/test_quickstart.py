@@ -30,6 +30,7 @@ def test_every_planned_command_parses_and_stages_are_ordered(tmp_path):
 
 def test_lane_scheduler_respects_dependencies(tmp_path):
     import sys
+
     from prism_rl.quickstart import Lane, run_lanes
     log = tmp_path / "order.txt"
     touch = lambda name: [sys.executable, "-c", f"open({str(log)!r}, 'a').write({name!r} + '\\n')"]

@@ -5,6 +5,7 @@ the ones the sampler used."""
 import pytest
 import torch
 
+from prism_rl.actor import NonfiniteGuard, by_length, ppo_update, sequence_logprobs
 from prism_rl.config import AlgoConfig, ModelConfig
 from prism_rl.data.processing import encode_prompt
 from prism_rl.data.records import ImageRef, Record
@@ -12,7 +13,6 @@ from prism_rl.format import SYSTEM_PROMPT
 from prism_rl.models.loading import load_policy
 from prism_rl.rollout.base import SamplingParams
 from prism_rl.rollout.hf import HFEngine
-from prism_rl.actor import NonfiniteGuard, by_length, ppo_update, sequence_logprobs
 from prism_rl.trainers.rl import groups_with_variance
 
 from conftest import png_bytes

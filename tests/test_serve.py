@@ -20,13 +20,17 @@ from fastapi.testclient import TestClient
 from prism_rl.config import ModelConfig
 from prism_rl.data.processing import encode_prompt
 from prism_rl.data.records import ImageRef, Record
+from prism_rl.jobs.serve import (
+    GenKey,
+    Job,
+    create_app,
+    first_stop,
+    group_jobs,
+    tokens_reaching,
+)
 from prism_rl.models.loading import load_policy
 from prism_rl.rollout.base import SamplingParams
 from prism_rl.rollout.hf import HFEngine
-from prism_rl.jobs.serve import (
-    GenKey, Job, create_app, first_stop, group_jobs,
-    tokens_reaching,
-)
 
 from conftest import png_bytes
 from server_process import start_server_process, stop_server_process, wait_until_ready

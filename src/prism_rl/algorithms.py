@@ -23,7 +23,6 @@ constants by the caller (pass detached tensors).  Metrics are detached python fl
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 

@@ -21,8 +21,8 @@ reasoning segment (what the discriminator scores separately).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 SYSTEM_PROMPT = (
     "You are a helpful scientific assistant. Answer the user's question from the image. "

@@ -58,7 +58,7 @@ class Lane:
     after: tuple[str, ...] = ()
     stages: list[tuple[str, list[str], Path]] = field(default_factory=list)   # (label, argv, done-marker)
 
-    def add(self, label: str, argv: list[str], done: Path) -> "Lane":
+    def add(self, label: str, argv: list[str], done: Path) -> Lane:
         self.stages.append((label, argv, done))
         return self
 

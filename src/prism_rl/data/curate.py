@@ -83,7 +83,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 from urllib.parse import quote
 
 import openai
@@ -392,7 +392,7 @@ class _Caller:
                 code = e.status_code
                 if code in _RUN_ABORT_STATUS:
                     raise CurationError(f"{stage} endpoint {ep.base_url} (model {ep.model}) "
-                                        f"answered HTTP {code}: {self.scrub(str(e))[:300]}")
+                                        f"answered HTTP {code}: {self.scrub(str(e))[:300]}") from None
                 if code == 429:
                     cause, retry_after = "rate_limit", _retry_after(e)
                 elif code >= 500:

@@ -33,16 +33,16 @@ import base64
 import hashlib
 import json
 import logging
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from prism_rl.data.records import (IMAGE_PLACEHOLDER, BadField, BadRecords, DataError, ImageRef, Record,
-                                   report_bad)
 from prism_rl.data.images import image_ref
+from prism_rl.data.records import IMAGE_PLACEHOLDER, BadField, BadRecords, DataError, ImageRef, Record, report_bad
 from prism_rl.format import SYSTEM_PROMPT
 
 __all__ = [

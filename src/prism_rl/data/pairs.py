@@ -11,9 +11,10 @@ the warm-up pair JSONL with ``write_pairs`` (``question``, ``image`` as a data U
 A student sample is segmented the way the discriminator segments a rollout: it must match
 the reference format regex (not the stricter curation check, so an empty caption is still a
 usable negative; ``split_text`` checks it in linear time, so tag soup cannot hang it); the
-caption segment runs through ``</caption>``, the reasoning segment is the rest. Format-invalid samples and samples whose id has no curated
-demonstration are skipped and counted (in ``bad`` when given, and in the log); a malformed
-samples line (bad JSON, missing ``id``/``response``) raises ``DataError`` naming the line.
+caption segment runs through ``</caption>``, the reasoning segment is the rest.
+Format-invalid samples and samples whose id has no curated demonstration are skipped and
+counted (in ``bad`` when given, and in the log); a malformed samples line (bad JSON,
+missing ``id``/``response``) raises ``DataError`` naming the line.
 """
 
 from __future__ import annotations

@@ -154,7 +154,7 @@ class LazyPrompts:
     def __getitem__(self, i: int) -> Encoded:
         return encode_prompt_checked(self.processor, self.records[i], self.max_length)
 
-    def check_images(self, skip_bad: bool = False, bad: BadRecords | None = None) -> "LazyPrompts":
+    def check_images(self, skip_bad: bool = False, bad: BadRecords | None = None) -> LazyPrompts:
         """Drop (and count) or raise on records with an image that cannot be opened."""
         keep = []
         for rec in self.records:

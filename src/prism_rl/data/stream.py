@@ -9,7 +9,7 @@ draws exactly the prompts the uninterrupted run would have.
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -13,8 +13,9 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..data.records import BadRecords, Record
 from .benchmark_scoring import judge_rows, score_response, summarize_benchmark

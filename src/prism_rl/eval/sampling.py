@@ -10,7 +10,8 @@ response to a scoring callback, and returns what the callback made of them in ro
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from tqdm import tqdm
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import os
 import threading
 import time
 import uuid
@@ -46,8 +45,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import ModelConfig
-from ..data.processing import Encoded, encode_prompt
 from ..data.images import image_ref
+from ..data.processing import Encoded, encode_prompt
 from ..data.records import IMAGE_PLACEHOLDER, BadField, DataError, ImageRef, Record
 from ..models.loading import load_policy
 from ..rollout.base import SamplingParams

@@ -27,10 +27,10 @@ Pieces (PRISM_SPEC.md section 5):
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -385,7 +385,7 @@ class Discriminator(torch.nn.Module):
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str | None = None,
-             dtype: torch.dtype | str = "auto", gradient_checkpointing: bool = False) -> "Discriminator":
+             dtype: torch.dtype | str = "auto", gradient_checkpointing: bool = False) -> Discriminator:
         """Load a folder written by :meth:`save`; returned in eval mode (call ``.train()``).
         ``gradient_checkpointing`` recomputes the backbone's activations in the backward pass."""
         path = Path(path)

@@ -10,9 +10,9 @@ wires a real ``Qwen3VLProcessor`` (image + video processors), and saves everythi
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers

@@ -39,8 +39,8 @@ Modules, one layer each (each imports only the ones above it):
 """
 
 from prism_rl.reward.batch import RewardInputError, batch_scores, score_jsonl
-from prism_rl.reward.math_verify_pool import close_math_verify_workers
 from prism_rl.reward.matching import DEFAULT_TIMEOUT_S, MAX_ANSWER_CHARS, Verdict, check_answer, is_correct
+from prism_rl.reward.math_verify_pool import close_math_verify_workers
 from prism_rl.reward.plugins import load_reward_fn
 from prism_rl.reward.scoring import RewardResult, compute_score
 

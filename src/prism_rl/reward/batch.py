@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterable, Sequence, TextIO
+from typing import Any, TextIO
 
 from prism_rl.reward.math_verify_pool import MAX_MATH_VERIFY_WORKERS
 from prism_rl.reward.plugins import RewardFn, _call, _resolve

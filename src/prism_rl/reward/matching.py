@@ -12,7 +12,8 @@ from __future__ import annotations
 import functools
 import math
 import re
-from typing import Iterable, NamedTuple
+from collections.abc import Iterable
+from typing import NamedTuple
 
 from prism_rl.reward.math_verify_pool import run_math_verify
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from prism_rl.format import extract_answer, is_format_valid
 from prism_rl.reward.scoring import RewardResult, compute_score

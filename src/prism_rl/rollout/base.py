@@ -64,7 +64,7 @@ class Rollouts:
             batch["image_grid_thw"] = self.image_grid_thw
         return batch
 
-    def select(self, rows: list[int]) -> "Rollouts":
+    def select(self, rows: list[int]) -> Rollouts:
         """A sub-batch of rows (with their image patches)."""
         idx = torch.tensor(rows, dtype=torch.long)
         pix, thw = None, None
