@@ -138,10 +138,10 @@ def train_rl(cfg: RLConfig, resume: bool = False, halt_at_step: int | None = Non
         for step in run.steps():
             with run.timer("step"):
                 ro, metrics = rl_step(run, step, model, engine, stream, cfg, reward_fn, opt, sched, ref, guard)
+            metrics |= run.timings()
             if ro is None:  # dynamic sampling found no mixed-outcome group: nothing to learn from
                 run.log(step, metrics | {"train/skipped": 1}, force=True)
                 continue
-            metrics |= run.timings()
             tokens = float(ro.response_mask.sum() + ro.prompt_mask.sum())
             metrics["timing/tokens_per_s"] = tokens / max(metrics["timing/step_s"], 1e-9)
             if eval_prompts and step % cfg.train.eval_every == 0:
@@ -160,7 +160,7 @@ def rl_step(run: Run, step: int, model, engine: RolloutEngine, stream: PromptStr
     (``None`` for a skipped step) and the step's metrics."""
     ro, sc, stats = collect(engine, stream, cfg, reward_fn, run)
     if ro is None:
-        return None, stats | run.timings()
+        return None, stats
     temp, micro, chunk = cfg.rollout.temperature, cfg.algo.micro_batch_size, cfg.train.logprob_chunk
     adv = A.grpo_advantages(sc["reward"], ro.group_ids, norm_by_std=cfg.algo.norm_by_std, eps=cfg.algo.adv_eps)
     with run.timer("logprob"):
