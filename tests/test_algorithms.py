@@ -409,29 +409,43 @@ def test_align_advantages_all_invalid_singletons_and_interleaved_groups():
 
 def test_discriminator_loss():
     t_cap = t([2.0, 0.0, 5.0]).requires_grad_()
-    s_cap = t([0.0, 0.0, -5.0])
-    t_rea = t([1.0, 3.0, 0.0])
+    s_cap = t([0.0, 0.0, 0.0])          # row 2 is format-invalid: the reward step scored it 0
+    t_rea = t([1.0, 3.0, 2.0])
     s_rea = t([1.0, 1.0, 0.0])
     valid = t([1, 1, 0])
     loss, met = discriminator_loss(t_cap, s_cap, t_rea, s_rea, valid)
     l2 = math.log(1 + math.exp(-2.0))
-    bt = (l2 + math.log(2.0)) / 2  # both segments: gaps {2, 0}
-    # squared scores of valid pairs: 4 + 0 (T_cap) + 0 + 0 (S_cap) + 1 + 9 (T_r) + 1 + 1 (S_r) = 16, / 8 = 2
-    close(loss, bt + bt + 0.001 * 2.0)
-    close(met["reg"], 2.0)
+    bt = (l2 + math.log(2.0)) / 2  # both segments: gaps {2, 0} over the valid rows
+    # squared scores of every row: (4 + 0 + 25) T_cap + 0 S_cap + (1 + 9 + 4) T_r + (1 + 1 + 0) S_r = 45, / 12
+    close(loss, bt + bt + 0.001 * 45 / 12)
+    close(met["reg"], 45 / 12)
     close(met["cap_acc"], 0.5)
     close(met["reason_acc"], 0.5)
     close(met["cap_gap"], 1.0)
     close(met["reason_gap"], 1.0)
+    close(met["bt_cap"], bt)
     assert met["num_valid"] == 2.0
     loss.backward()
-    # d/dT_cap_0 = -(1 - sigmoid(2)) / 2 + 0.001 * 2 * 2 / 8; invalid rollout gets no gradient
+    # d/dT_cap_i = -(1 - sigmoid(gap_i)) / |V| [i valid] + 0.001 * 2 T_cap_i / 12
     sig2 = 1 / (1 + math.exp(-2.0))
-    close(t_cap.grad, [-(1 - sig2) / 2 + 0.001 * 4 / 8, -0.5 / 2, 0.0])
+    close(t_cap.grad, [-(1 - sig2) / 2 + 0.001 * 4 / 12, -0.5 / 2, 0.001 * 10 / 12])
     loss, _ = discriminator_loss(t_cap, s_cap, t_rea, s_rea, valid, reg_coef=0.1)
-    close(loss, 2 * bt + 0.2)
+    close(loss, 2 * bt + 0.1 * 45 / 12)
+    # no valid rollout: the BT terms vanish, the regulariser still bounds the teacher's scores
     loss, met = discriminator_loss(t_cap, s_cap, t_rea, s_rea, torch.zeros(3))
-    assert loss.item() == 0.0 and met["cap_acc"] == 0.0
+    close(loss, 0.001 * 45 / 12)
+    assert met["cap_acc"] == 0.0 and met["bt_cap"] == 0.0
+
+
+def test_discriminator_loss_group_by_group_sums_to_the_step_loss():
+    g = torch.Generator().manual_seed(0)
+    tc, sc, tr, sr = (torch.randn(6, generator=g, dtype=D) for _ in range(4))
+    valid = t([1, 0, 1, 1, 0, 0]).bool()
+    sc, sr = sc * valid, sr * valid
+    full, _ = discriminator_loss(tc, sc, tr, sr, valid, reg_coef=0.5)
+    parts = sum(discriminator_loss(tc[r], sc[r], tr[r], sr[r], valid[r], reg_coef=0.5, num_valid=3, num_rows=6)[0]
+                for r in (slice(0, 3), slice(3, 6)))
+    close(parts, float(full))
 
 
 # ----------------------------------------------------------------------------- TRL cross-checks

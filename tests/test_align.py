@@ -1,16 +1,18 @@
 """The alignment step's pieces on the tiny discriminator: rewards from the frozen
-discriminator, and one discriminator update against the teacher (spec section 6, steps 2 and 5)."""
+discriminator, and one discriminator update against the teacher (METHOD.md section 6, steps 2 and 5)."""
 
+import pytest
 import torch
 
 from prism_rl.config import AlignConfig
 from prism_rl.data.processing import encode_prompt
 from prism_rl.data.records import ImageRef, Record
 from prism_rl.format import SYSTEM_PROMPT, make_response, split_text
-from prism_rl.models.discriminator import Discriminator, init_discriminator, score_texts
-from prism_rl.models.loading import load_processor
+from prism_rl.models.discriminator import Discriminator, init_discriminator, score_segments
+from prism_rl.models.loading import load_processor, special_ids
+from prism_rl.models.segments import rollout_segments
 from prism_rl.rollout.base import Rollouts
-from prism_rl.trainers.align import discriminator_step, reward_scores
+from prism_rl.trainers.align import Teachers, discriminator_step, reward_scores
 from prism_rl.trainers.optim import build_optimizer, build_scheduler
 
 from conftest import png_bytes
@@ -26,12 +28,22 @@ def _prompt(proc, i):
     return encode_prompt(proc, rec)
 
 
-def _rollouts(texts, n_prompts, n):
-    B = len(texts)
-    z = torch.zeros(B, 1, dtype=torch.long)
-    return Rollouts(prompt_ids=z, prompt_mask=z, prompt_mm_types=z, response_ids=z, response_mask=z + 1,
+def _rollouts(proc, texts, n_prompts, n):
+    """Rollouts that sampled the canonical tokens of ``texts`` and stopped (<|im_end|>)."""
+    tok, eos = proc.tokenizer, special_ids(proc)[0]
+    ids = [tok(t, add_special_tokens=False)["input_ids"] + [eos] for t in texts]
+    width = max(map(len, ids))
+    resp = torch.tensor([x + [0] * (width - len(x)) for x in ids])
+    mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
+    z = torch.zeros(len(texts), 1, dtype=torch.long)
+    return Rollouts(prompt_ids=z, prompt_mask=z, prompt_mm_types=z, response_ids=resp, response_mask=mask,
                     group_ids=torch.arange(n_prompts).repeat_interleave(n), texts=texts,
-                    finish_reasons=["stop"] * B, records=[None] * B)
+                    finish_reasons=["stop"] * len(texts), records=[None] * len(texts))
+
+
+def _segs(proc, texts, n_prompts, n):
+    ro = _rollouts(proc, texts, n_prompts, n)
+    return rollout_segments(ro.response_ids, ro.response_mask, proc.tokenizer)
 
 
 def test_discriminator_step_moves_toward_teacher(tiny_model_dir, tmp_path):
@@ -43,9 +55,10 @@ def test_discriminator_step_moves_toward_teacher(tiny_model_dir, tmp_path):
     n = 3
     bad = make_response("- nothing", "no idea", "42")
     texts = [bad, "not the format", bad, bad, bad, "<caption>x</caption>"]
-    ro = _rollouts(texts, 2, n)
+    segs = _segs(proc, texts, 2, n)
+    teachers = Teachers([p.record for p in prompts], proc)
     cfg = AlignConfig(disc_optim={"lr": 1e-2, "schedule": "constant", "warmup_ratio": 0.0})
-    sc = reward_scores(disc, proc, prompts, ro, n, 8)
+    sc = reward_scores(disc, proc, prompts, segs, n, 8)
     assert sc.valid.tolist() == [True, False, True, True, True, False]
     assert (sc.cap[~sc.valid] == 0).all() and (sc.reason[~sc.valid] == 0).all()
     assert not sc.cap.requires_grad                                  # rewards come from a frozen pass
@@ -55,18 +68,20 @@ def test_discriminator_step_moves_toward_teacher(tiny_model_dir, tmp_path):
     def gap():
         disc.eval()
         with torch.no_grad():
-            t = score_texts(disc, proc, prompts[:1], [prompts[0].record.extra["teacher_caption"]],
-                            [prompts[0].record.extra["teacher_cot"]])
-            s = reward_scores(disc, proc, prompts[:1], _rollouts([bad], 1, 1), 1, 8)
+            t = score_segments(disc, proc, prompts[:1], [teachers[prompts[0].record]])
+            s = reward_scores(disc, proc, prompts[:1], _segs(proc, [bad], 1, 1), 1, 8)
         disc.train()
         return float(t.cap - s.cap), float(t.reason - s.reason)
 
     before = gap()
     for _ in range(5):
-        m = discriminator_step(disc, opt, sched, proc, prompts, ro, sc.valid, n, cfg)
+        m = discriminator_step(disc, opt, sched, proc, prompts, segs, teachers, n, cfg)
     after = gap()
     assert {"disc/cap_gap", "disc/reason_gap", "disc/cap_acc", "disc/reason_acc", "disc/loss", "disc/reg"} <= m.keys()
     assert after[0] > before[0] and after[1] > before[1]              # teacher pulled above student
-    # no valid rollout: nothing to learn from, no update
-    none_valid = discriminator_step(disc, opt, sched, proc, prompts, ro, torch.zeros(6, dtype=torch.bool), n, cfg)
-    assert none_valid == {"disc/skipped": 1.0}
+    # no valid rollout: as in the reference, the step still updates, on the score regulariser alone
+    head = disc.value_head.weight.detach().clone()
+    none_valid = discriminator_step(disc, opt, sched, proc, prompts, [None] * 6, teachers, n, cfg)
+    assert none_valid["disc/bt_cap"] == 0.0 and none_valid["disc/reg"] > 0
+    assert none_valid["disc/loss"] == pytest.approx(cfg.align.reg_coef * none_valid["disc/reg"], rel=1e-5)
+    assert not torch.equal(head, disc.value_head.weight)

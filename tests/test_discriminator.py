@@ -23,13 +23,13 @@ from prism_rl.models.discriminator import (
     init_discriminator,
     last_valid_index,
     score_segments,
-    score_texts,
     segment_examples,
     strip_images,
     upcycle,
 )
-from prism_rl.models.loading import vision_token_ids
+from prism_rl.models.loading import special_ids, vision_token_ids
 from prism_rl.models.logprobs import MODEL_INPUT_KEYS
+from prism_rl.models.segments import split_ids, text_segments
 
 from conftest import png_bytes
 
@@ -43,6 +43,12 @@ def _record(i: int) -> Record:
     return Record(id=str(i), messages=[{"role": "system", "content": SYSTEM_PROMPT},
                                        {"role": "user", "content": "<image>" + QUESTIONS[i]}],
                   images=[ImageRef(data=png_bytes(colors[i], shape=shapes[i]))])
+
+
+def _segs(processor, texts):
+    """Segments of responses sampled as the canonical tokens of ``texts`` (closed by <|im_end|>)."""
+    tok, eos = processor.tokenizer, special_ids(processor)[0]
+    return [split_ids(tok(t, add_special_tokens=False)["input_ids"] + [eos], tok) for t in texts]
 
 
 def _inputs(batch):
@@ -207,19 +213,20 @@ def test_segment_scoring_feeds_prompt_plus_each_segment(moe_dir, processor, prom
     rec = _Recorder(disc)
     tok = processor.tokenizer
     with torch.no_grad():
-        out = score_segments(disc, processor, prompts[:1], [RESPONSE])
+        out = score_segments(disc, processor, prompts[:1], _segs(processor, [RESPONSE]))
     rows = rec.rows()
     assert len(rows) == 2
     p_ids = prompts[0].input_ids
     caption_seg, reasoning_seg = split_text(RESPONSE)
     fed = {int(seg[-1]): ids for ids, seg in rows}
-    for sid, text in ((SEGMENT_CAPTION, caption_seg), (SEGMENT_REASONING, reasoning_seg.lstrip() + "<|im_end|>")):
+    # the reasoning segment is every token after the caption's, separator white space included
+    for sid, text in ((SEGMENT_CAPTION, caption_seg), (SEGMENT_REASONING, reasoning_seg + "<|im_end|>")):
         ids = fed[sid]
         assert torch.equal(ids[:len(p_ids)], p_ids)
         assert tok.decode(ids[len(p_ids):]) == text
         assert tok.decode(ids) == tok.decode(p_ids) + text
     assert tok.decode(fed[SEGMENT_CAPTION][len(p_ids):]).endswith("</caption>")
-    assert tok.decode(fed[SEGMENT_REASONING][len(p_ids):]).startswith("<think>")
+    assert tok.decode(fed[SEGMENT_REASONING][len(p_ids):]).lstrip().startswith("<think>")
     # the segment ids mark prompt tokens free and segment tokens with their segment
     for _, seg in rows:
         assert seg[:len(p_ids)].eq(0).all() and seg[len(p_ids):].eq(seg[-1]).all()
@@ -240,8 +247,8 @@ def test_invalid_responses_get_zero_and_order_is_kept(moe_dir, processor, prompt
     other = make_response("- a blue square", "Count: 2 squares, so 2.", "2")
     responses = [RESPONSE, "no tags at all", other]
     with torch.no_grad():
-        out = score_segments(disc, processor, prompts, responses, batch_size=3)
-        solo = [score_segments(disc, processor, [prompts[i]], [responses[i]]) for i in (0, 2)]
+        out = score_segments(disc, processor, prompts, _segs(processor, responses), batch_size=3)
+        solo = [score_segments(disc, processor, [prompts[i]], _segs(processor, [responses[i]])) for i in (0, 2)]
     assert out.valid.tolist() == [True, False, True]
     assert out.cap[1].item() == 0.0 and out.reason[1].item() == 0.0
     for i, s in zip((0, 2), solo):
@@ -249,22 +256,22 @@ def test_invalid_responses_get_zero_and_order_is_kept(moe_dir, processor, prompt
         assert torch.allclose(out.reason[i], s.reason[0], atol=1e-5)
     assert out.cap[0] != out.reason[0]
     with torch.no_grad():
-        none = score_segments(disc, processor, prompts[:2], ["bad", "<caption>x</caption>"])
+        none = score_segments(disc, processor, prompts[:2], _segs(processor, ["bad", "<caption>x</caption>"]))
     assert none.valid.tolist() == [False, False] and none.cap.tolist() == [0.0, 0.0]
 
 
-def test_score_texts_matches_score_segments_and_is_differentiable(moe_dir, processor, prompts):
+def test_text_segments_score_like_sampled_tokens_and_are_differentiable(moe_dir, processor, prompts):
     disc = _disc(moe_dir)
     cap, rest = split_text(RESPONSE)
-    a = score_texts(disc, processor, prompts[:1], [cap], [rest.lstrip("\n")])
-    b = score_segments(disc, processor, prompts[:1], [RESPONSE])
+    a = score_segments(disc, processor, prompts[:1], [text_segments(processor, cap, rest)])
+    b = score_segments(disc, processor, prompts[:1], _segs(processor, [RESPONSE]))
     assert torch.allclose(a.cap, b.cap, atol=1e-6) and torch.allclose(a.reason, b.reason, atol=1e-6)
     assert b.cap.requires_grad and b.reason.requires_grad
     (b.cap.sum() + b.reason.sum() + 0.01 * b.aux_loss).backward()
     assert disc.value_head.weight.grad.abs().sum() > 0
     assert disc.backbone.model.language_model.layers[0].mlp.gate.weight.grad.abs().sum() > 0
     with torch.no_grad():
-        c = score_segments(disc, processor, prompts[:1], [RESPONSE])
+        c = score_segments(disc, processor, prompts[:1], _segs(processor, [RESPONSE]))
     assert not c.cap.requires_grad
 
 
@@ -281,7 +288,7 @@ def _capture_routing(disc):
 
 def _segment_batch(processor, prompts):
     cap, rest = split_text(RESPONSE)
-    ex = segment_examples(processor, prompts, [cap] * len(prompts), [rest] * len(prompts))
+    ex = segment_examples(prompts, [text_segments(processor, cap, rest)] * len(prompts))
     return collate([e for e, _ in ex], 0), pad_sequences([s for _, s in ex], 0, "right")
 
 
@@ -371,7 +378,7 @@ def test_text_only_inputs_have_no_image(tiny_model_dir, processor, prompts, tmp_
     assert processor.tokenizer.decode(stripped.input_ids).endswith(QUESTIONS[0] + "<|im_end|>\n<|im_start|>assistant\n")
     rec = _Recorder(disc)
     with torch.no_grad():
-        out = score_segments(disc, processor, prompts[:2], [RESPONSE, RESPONSE])
+        out = score_segments(disc, processor, prompts[:2], _segs(processor, [RESPONSE, RESPONSE]))
     for batch, _ in rec.calls:
         assert "pixel_values" not in batch and not vision & set(batch["input_ids"].flatten().tolist())
     assert out.expert_load.numel() == 0 and out.aux_loss.item() == 0.0
@@ -393,10 +400,10 @@ def test_save_load_round_trip(tiny_model_dir, processor, prompts, tmp_path, kind
     b = Discriminator.load(out_dir)
     assert a.config_dict() == cfg
     with torch.no_grad():
-        sa = score_segments(a, processor, prompts, [RESPONSE] * 3)
+        sa = score_segments(a, processor, prompts, _segs(processor, [RESPONSE] * 3))
         a.save(tmp_path / "again")
-        sc = score_segments(Discriminator.load(tmp_path / "again"), processor, prompts, [RESPONSE] * 3)
-        sb = score_segments(b, processor, prompts, [RESPONSE] * 3)
+        sc = score_segments(Discriminator.load(tmp_path / "again"), processor, prompts, _segs(processor, [RESPONSE] * 3))
+        sb = score_segments(b, processor, prompts, _segs(processor, [RESPONSE] * 3))
     assert torch.equal(sa.cap, sb.cap) and torch.equal(sa.reason, sb.reason)
     assert torch.equal(sa.cap, sc.cap) and torch.equal(sa.reason, sc.reason)
     assert AutoProcessor.from_pretrained(out_dir).tokenizer.get_vocab() == processor.tokenizer.get_vocab()

@@ -430,41 +430,48 @@ def discriminator_loss(
     s_reason: torch.Tensor,
     valid: torch.Tensor,
     reg_coef: float = 0.001,
+    *,
+    num_valid: int | None = None,
+    num_rows: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """PRISM discriminator loss in the adversarial stage (spec section 6, step 5).
+    """PRISM discriminator loss in the adversarial stage (METHOD.md section 6, step 5).
 
-    Inputs (B,), one entry per rollout: ``t_*`` the discriminator's score of the teacher
-    demonstration of the rollout's prompt (repeated for each rollout of that prompt), ``s_*``
-    its score of the rollout (student), per segment; ``valid`` (B,) the format-valid rollouts
-    (V = the valid set, ``|V| = n``):
+    Inputs (B,), one entry per scored rollout: ``t_*`` the discriminator's score of the
+    teacher demonstration of the rollout's prompt (repeated for each rollout of that prompt),
+    ``s_*`` its score of the rollout, per segment, 0 for a format-invalid rollout (the score
+    the reward step gives it); ``valid`` (B,) the format-valid rollouts ``V``:
 
-        ``loss = (1/n) sum_{i in V} -log sigmoid(T_cap_i - S_cap_i)
-               + (1/n) sum_{i in V} -log sigmoid(T_reason_i - S_reason_i)
-               + reg_coef * (1/(4n)) sum_{i in V} (T_cap_i^2 + S_cap_i^2 + T_reason_i^2 + S_reason_i^2)``
+        ``loss = (1/|V|) sum_{i in V} -log sigmoid(T_cap_i - S_cap_i)
+               + (1/|V|) sum_{i in V} -log sigmoid(T_reason_i - S_reason_i)
+               + reg_coef * (1/(4B)) sum_{i=1..B} (T_cap_i^2 + S_cap_i^2 + T_reason_i^2 + S_reason_i^2)``
 
-    i.e. the squared-score regulariser is the mean over the ``4n`` teacher and student scores
-    of the valid pairs, both segments pooled (a teacher score counts once per valid rollout
-    of its prompt).  No valid rollout gives 0.  No MoE auxiliary loss here.
+    The Bradley-Terry terms cover the valid rollouts (0 when there is none); the squared-score
+    regulariser covers every scored row, as the reference does, so a step whose rollouts are
+    all invalid still bounds the teacher's scores. ``num_valid`` / ``num_rows`` replace
+    ``|V|`` / ``B`` when this call holds one group of a larger step: the group losses of a
+    step computed that way sum to the step's loss exactly. No MoE auxiliary loss here.
 
-    Metrics (over V, 0 when empty): ``cap_acc`` / ``reason_acc`` = fraction with T > S,
-    ``cap_gap`` / ``reason_gap`` = mean T - S (the training-health gap), ``bt_cap``,
-    ``bt_reason``, ``reg`` (the un-weighted mean squared score), ``num_valid``.
+    Metrics (this call's rows; BT metrics over its valid rows, 0 when none): ``cap_acc`` /
+    ``reason_acc`` = fraction with T > S, ``cap_gap`` / ``reason_gap`` = mean T - S (the
+    training-health gap), ``bt_cap``, ``bt_reason`` (means), ``reg`` (the un-weighted mean
+    squared score), ``num_valid``.
     """
     v = _as_bool(valid).reshape(-1)
-    bt_cap = bradley_terry_loss(t_cap, s_cap, v)
-    bt_rea = bradley_terry_loss(t_reason, s_reason, v)
-    sq = torch.stack([t_cap, s_cap, t_reason, s_reason]) ** 2
-    reg = masked_mean(sq, v.unsqueeze(0).expand_as(sq))
-    loss = bt_cap + bt_rea + reg_coef * reg
+    n_valid = int(v.sum()) if num_valid is None else num_valid
+    n_rows = v.numel() if num_rows is None else num_rows
+    nll_cap = torch.where(v, -F.logsigmoid(t_cap - s_cap), torch.zeros_like(t_cap))
+    nll_rea = torch.where(v, -F.logsigmoid(t_reason - s_reason), torch.zeros_like(t_reason))
+    sq = (torch.stack([t_cap, s_cap, t_reason, s_reason]) ** 2).sum()
+    loss = (nll_cap.sum() + nll_rea.sum()) / max(n_valid, 1) + reg_coef * sq / max(4 * n_rows, 1)
     with torch.no_grad():
         metrics = {
             "cap_acc": masked_mean((t_cap > s_cap).float(), v).item(),
             "reason_acc": masked_mean((t_reason > s_reason).float(), v).item(),
             "cap_gap": masked_mean((t_cap - s_cap).float(), v).item(),
             "reason_gap": masked_mean((t_reason - s_reason).float(), v).item(),
-            "bt_cap": bt_cap.item(),
-            "bt_reason": bt_rea.item(),
-            "reg": reg.item(),
+            "bt_cap": masked_mean(nll_cap, v).item(),
+            "bt_reason": masked_mean(nll_rea, v).item(),
+            "reg": (sq / max(4 * v.numel(), 1)).item(),
             "num_valid": float(v.sum()),
         }
     return loss, metrics

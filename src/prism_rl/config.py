@@ -62,6 +62,18 @@ class PromptDataConfig(DataConfig):
     max_prompt_length: int = Field(2048, gt=0)
 
 
+WARMUP_MAX_PIXELS = 560 * 560   # METHOD.md section 5: warm-up images resized to at most 560 x 560 pixels
+
+
+class WarmupDataConfig(PromptDataConfig):
+    """Warm-up pairs: each of a pair's four scored sequences is its prompt plus one segment."""
+
+    max_pixels: int | None = Field(WARMUP_MAX_PIXELS, gt=0, description="Resize images to at most this many "
+                                   "pixels (the reference: 560 x 560).")
+    max_length: int = Field(8192, gt=0, description="Prompt + segment token limit; a longer pair is an error "
+                            "(or skipped and counted with skip_bad).")
+
+
 class RLDataConfig(PromptDataConfig):
     eval: str = Field("", description="Held-out file for periodic evaluation (optional).")
 
@@ -234,7 +246,8 @@ class DiscConfig(Section):
 class WarmupTrainConfig(Section):
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, gt=0)
-    batch_size: int = Field(16, gt=0, description="Pairs per optimizer step (reference: 128).")
+    batch_size: int = Field(128, gt=0, description="Pairs per optimizer step (accumulated in chunks of "
+                            "disc.batch_size sequences).")
     aux_coef: float = Field(0.01, ge=0, description="Router load-balancing loss coefficient.")
     heldout_frac: float = Field(0.1, ge=0, lt=1, description="Pairs held out for accuracy/margin.")
     seed: int = 0
@@ -245,7 +258,7 @@ class WarmupTrainConfig(Section):
 
 class WarmupConfig(Section):
     disc: DiscConfig = DiscConfig()
-    data: PromptDataConfig = PromptDataConfig(max_prompt_length=768)
+    data: WarmupDataConfig = WarmupDataConfig()
     optim: OptimConfig = OptimConfig(lr=1e-5, weight_decay=0.01, schedule="cosine", warmup_ratio=0.1)
     train: WarmupTrainConfig = WarmupTrainConfig()
     output_dir: str = "runs/disc_warmup"

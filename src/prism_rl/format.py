@@ -124,36 +124,50 @@ def make_response(caption: str, think: str, answer: str) -> str:
     )
 
 
+def caption_end(text: str) -> int | None:
+    r"""Character offset just past the ``</caption>`` that closes the format's caption part.
+
+    That is the end of the reference regex's first group plus ``len("</caption>")``: the first
+    ``</caption>`` followed by ``\s*<think>`` (``<caption>a</caption> b</caption>\n<think>...``
+    ends its caption after the *second* tag; a stray earlier ``</caption>`` is caption text).
+    ``None`` for a format-invalid response.
+    """
+    m = _match(text)
+    return None if m is None else m.end(1) + len(CAPTION_END)
+
+
 def split_text(text: str) -> tuple[str, str] | None:
     """Split a format-valid response into (caption segment, reasoning segment) as text.
 
-    The caption segment ends right after ``</caption>``; the reasoning segment is the rest
-    (think and answer). ``None`` for a format-invalid response.
+    The caption segment ends at :func:`caption_end`; the reasoning segment is the rest (the
+    white space before ``<think>``, think and answer). ``None`` for a format-invalid response.
     """
-    if _match(text) is None:
-        return None
-    cut = text.index(CAPTION_END) + len(CAPTION_END)
-    return text[:cut], text[cut:]
+    cut = caption_end(text)
+    return None if cut is None else (text[:cut], text[cut:])
 
 
 def caption_token_end(token_ids: Sequence[int], decode: Callable[[Sequence[int]], str]) -> int | None:
     """Number of leading tokens that form the caption segment of a generated response.
 
-    Returns the smallest ``k`` such that ``decode(token_ids[:k])`` contains ``</caption>``:
-    tokens ``[0, k)`` are the caption segment, ``[k, len)`` the reasoning segment (think,
-    answer and end-of-sequence). The token that completes ``</caption>`` belongs to the
-    caption. ``None`` if the decoded response does not match the format regex.
+    With ``text = decode(token_ids)`` and ``c = caption_end(text)``, returns the smallest
+    ``k`` such that ``decode(token_ids[:k])`` starts with ``text[:c]``: tokens ``[0, k)`` are
+    the caption segment, ``[k, len)`` the reasoning segment (think, answer, end of sequence).
+    The token that completes ``</caption>`` belongs to the caption (with whatever white space
+    a tokenizer merged into it). ``None`` if ``text`` does not match the format regex.
 
-    Containing ``</caption>`` is monotone in ``k``, so a binary search needs only
-    ``O(log n)`` decodes; this works for any tokenizer, whatever its merges.
+    Having the complete prefix is monotone in ``k`` (a token never changes the text decoded
+    before it once that text's bytes are complete), so a binary search needs ``O(log n)``
+    decodes, for any tokenizer and wherever its token boundaries fall.
     """
     full = decode(token_ids)
-    if _match(full) is None:
+    cut = caption_end(full)
+    if cut is None:
         return None
+    prefix = full[:cut]
     lo, hi = 1, len(token_ids)
     while lo < hi:
         mid = (lo + hi) // 2
-        if CAPTION_END in decode(token_ids[:mid]):
+        if decode(token_ids[:mid]).startswith(prefix):
             hi = mid
         else:
             lo = mid + 1

@@ -19,8 +19,9 @@ Pieces (PRISM_SPEC.md section 5):
   reasoning tokens the reasoning half ``[E/2, E)``; prompt tokens route freely. Implemented by a
   forward hook on every router that sets the forbidden router logits to ``-inf`` and redoes the
   (normalised) top-k, driven by per-token ``segment_ids``.
-- **Segment scoring** (:func:`score_segments`, :func:`score_texts`): each response is scored
-  twice, prompt + caption segment and prompt + reasoning segment (think + answer + ``<|im_end|>``).
+- **Segment scoring** (:func:`score_segments`): each response is scored twice, prompt +
+  caption segment and prompt + reasoning segment (think + answer + end of sequence), on the
+  token segments of :mod:`prism_rl.models.segments` (a rollout's own sampled ids).
   Scores keep their graph; wrapping a call in ``torch.no_grad()`` is the caller's choice.
 """
 
@@ -43,10 +44,10 @@ from transformers import (
 
 from ..algorithms import load_balancing_loss
 from ..data.processing import Encoded, collate, pad_sequences
-from ..format import split_text
 from .loading import special_ids, vision_token_ids
 from .logprobs import MODEL_INPUT_KEYS
 from .mrope import install_batched_rope_index
+from .segments import Segments
 
 DISC_CONFIG_NAME = "prism_discriminator.json"
 VALUE_HEAD_NAME = "value_head.safetensors"
@@ -472,24 +473,11 @@ def _with_segment(prompt: Encoded, seg_ids: torch.Tensor, segment: int) -> tuple
     return enc, seg
 
 
-def segment_examples(processor, prompts: Sequence[Encoded], caption_texts: Sequence[str],
-                     reasoning_texts: Sequence[str]) -> list[tuple[Encoded, torch.Tensor]]:
-    """The 2B sequences a scoring call feeds: B caption ones, then B reasoning ones.
-
-    Caption: prompt + tokens(caption segment). Reasoning: prompt + tokens(reasoning segment
-    without its leading white space) + ``<|im_end|>``. The white space between ``</caption>``
-    and ``<think>`` belongs to neither segment, so a student segment cut from a rollout and a
-    teacher ``teacher_cot`` (stored without it) are tokenised alike.
-    """
-    tok = processor.tokenizer
-    eos, _ = special_ids(processor)
-
-    def ids(text: str, close: bool) -> torch.Tensor:
-        out = list(tok(text, add_special_tokens=False)["input_ids"]) + ([eos] if close else [])
-        return torch.tensor(out, dtype=torch.long)
-
-    caps = [_with_segment(p, ids(c, False), SEGMENT_CAPTION) for p, c in zip(prompts, caption_texts)]
-    reasons = [_with_segment(p, ids(r.lstrip(), True), SEGMENT_REASONING) for p, r in zip(prompts, reasoning_texts)]
+def segment_examples(prompts: Sequence[Encoded], segments: Sequence[Segments]) -> list[tuple[Encoded, torch.Tensor]]:
+    """The 2B sequences a scoring call feeds: B ``prompt + caption segment`` ones, then B
+    ``prompt + reasoning segment`` ones (see :mod:`prism_rl.models.segments`)."""
+    caps = [_with_segment(p, s.caption, SEGMENT_CAPTION) for p, s in zip(prompts, segments)]
+    reasons = [_with_segment(p, s.reasoning, SEGMENT_REASONING) for p, s in zip(prompts, segments)]
     return caps + reasons
 
 
@@ -526,45 +514,30 @@ def _prepare_prompts(disc: Discriminator, processor, prompts: Sequence[Encoded])
     return [strip_images(p, vision_ids) for p in prompts]
 
 
-def score_texts(disc: Discriminator, processor, prompts: Sequence[Encoded], caption_texts: Sequence[str],
-                reasoning_texts: Sequence[str], *, batch_size: int = 16, device=None) -> SegmentScores:
-    """Score already-split responses (e.g. ``teacher_caption`` / ``teacher_cot``); all valid.
+def score_segments(disc: Discriminator, processor, prompts: Sequence[Encoded],
+                   segments: Sequence[Segments | None], *, batch_size: int = 16, device=None) -> SegmentScores:
+    """Score each response's caption and reasoning segments against its prompt.
 
-    ``cap[i] = D(prompt_i + caption_i)``, ``reason[i] = D(prompt_i + reasoning_i + <|im_end|>)``.
-    Differentiable unless the caller disables grad.
+    ``cap[i] = D(prompt_i + caption_i)``, ``reason[i] = D(prompt_i + reasoning_i)``. A
+    ``None`` segment (a format-invalid response) gets ``cap = reason = 0`` and
+    ``valid = False`` (the advantage rule replaces them). Differentiable unless the caller
+    disables grad.
     """
-    n = len(prompts)
-    if not n == len(caption_texts) == len(reasoning_texts):
-        raise ValueError(f"{n} prompts, {len(caption_texts)} captions, {len(reasoning_texts)} reasonings")
+    if len(prompts) != len(segments):
+        raise ValueError(f"{len(prompts)} prompts but {len(segments)} segment pairs")
     device = torch.device(device) if device is not None else disc.device
-    if n == 0:
-        z = torch.zeros(0, device=device)
-        return SegmentScores(z, z, torch.zeros(0, dtype=torch.bool, device=device),
-                             torch.zeros(disc.experts, device=device), torch.zeros((), device=device))
-    examples = segment_examples(processor, _prepare_prompts(disc, processor, prompts), caption_texts, reasoning_texts)
+    keep = [i for i, s in enumerate(segments) if s is not None]
+    valid = torch.zeros(len(segments), dtype=torch.bool, device=device)
+    valid[keep] = True
+    zeros = torch.zeros(len(segments), device=device)
+    if not keep:
+        return SegmentScores(zeros, zeros, valid, torch.zeros(disc.experts, device=device),
+                             torch.zeros((), device=device))
+    examples = segment_examples(_prepare_prompts(disc, processor, [prompts[i] for i in keep]),
+                                [segments[i] for i in keep])
     scores, aux, load = run_examples(disc, examples, special_ids(processor)[1], batch_size=batch_size,
                                      device=device)
-    return SegmentScores(cap=scores[:n], reason=scores[n:], valid=torch.ones(n, dtype=torch.bool, device=device),
-                         expert_load=load, aux_loss=aux)
-
-
-def score_segments(disc: Discriminator, processor, prompts: Sequence[Encoded], responses: Sequence[str], *,
-                   batch_size: int = 16, device=None) -> SegmentScores:
-    """Split each response with :func:`prism_rl.format.split_text` and score both segments.
-
-    A format-invalid response gets ``cap = reason = 0`` and ``valid = False`` (the advantage
-    rule replaces them). Valid ones are scored by :func:`score_texts`.
-    """
-    if len(prompts) != len(responses):
-        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-    device = torch.device(device) if device is not None else disc.device
-    splits = [split_text(r) for r in responses]
-    keep = [i for i, s in enumerate(splits) if s is not None]
-    sub = score_texts(disc, processor, [prompts[i] for i in keep], [splits[i][0] for i in keep],
-                      [splits[i][1] for i in keep], batch_size=batch_size, device=device)
-    idx = torch.tensor(keep, dtype=torch.long, device=device)
-    zeros = torch.zeros(len(responses), device=device, dtype=sub.cap.dtype)
-    valid = torch.zeros(len(responses), dtype=torch.bool, device=device)
-    valid[idx] = True
-    return SegmentScores(cap=zeros.index_copy(0, idx, sub.cap), reason=zeros.index_copy(0, idx, sub.reason),
-                         valid=valid, expert_load=sub.expert_load, aux_loss=sub.aux_loss)
+    n, idx = len(keep), torch.tensor(keep, dtype=torch.long, device=device)
+    zeros = zeros.to(scores.dtype)
+    return SegmentScores(cap=zeros.index_copy(0, idx, scores[:n]), reason=zeros.index_copy(0, idx, scores[n:]),
+                         valid=valid, expert_load=load, aux_loss=aux)

@@ -2,15 +2,19 @@
 
 One step:
 1. sample ``n`` rollouts for each of ``prompts_per_step`` prompts (temperature 1.0);
-2. score each rollout's caption and reasoning segments with the discriminator as it is
-   *before* this step's update (no grad) - these scores are the reward;
+2. score each rollout's caption and reasoning segments - cut in the token ids it sampled
+   (``models.segments``) - with the discriminator as it is *before* this step's update
+   (no grad): these scores are the reward;
 3. recompute the old log-probs;
 4. A = alpha GN(cap) + (1 - alpha) GN(reason) - format_penalty F, with invalid rollouts'
    scores replaced by (lowest valid score in the group - 1), or -1 if none is valid;
-5. update the discriminator: the prompt's teacher demonstration is the positive for each of
-   its rollouts; L_D = mean_valid -log sigma(T_cap - S_cap) + mean_valid -log sigma(T_reason -
-   S_reason) + reg_coef mean(score^2); computed group by group (one prompt and its rollouts
-   per backward) with weights v_g / V, which gives exactly the full-batch gradient;
+5. update the discriminator: the prompt's teacher demonstration (tokenised once as a whole
+   response, cut by the same rule) is the positive for each of its rollouts;
+   L_D = mean_valid -log sigma(T_cap - S_cap) + mean_valid -log sigma(T_reason - S_reason)
+   + reg_coef mean over every row of the squared scores (``algorithms.discriminator_loss``);
+   computed group by group (one prompt and its rollouts per backward) with the step's totals
+   as normalisers, which gives exactly the full-batch gradient. A step with no valid rollout
+   still updates, on the regulariser alone (as the reference does);
 6. update the policy with PPO-clip (no KL, no entropy bonus).
 Health: the teacher-minus-student gap per segment (the reference run settles near 4.5).
 """
@@ -24,11 +28,12 @@ import torch
 from .. import algorithms as A
 from ..actor import NonfiniteGuard, ppo_update, sequence_logprobs
 from ..config import AlignConfig
-from ..data.records import BadRecords
+from ..data.records import BadRecords, DataError
 from ..data.stream import PromptStream, prompt_pool
-from ..models.discriminator import Discriminator, SegmentScores, score_segments, score_texts
+from ..models.discriminator import Discriminator, SegmentScores, score_segments
+from ..models.segments import Segments, rollout_segments, text_segments
 from ..reward import batch_scores
-from ..rollout.base import Rollouts, SamplingParams
+from ..rollout.base import SamplingParams
 from ..rollout.hf import HFEngine
 from .checkpoint import save_final
 from .optim import build_optimizer, build_scheduler
@@ -41,56 +46,61 @@ def row_prompts(prompts, n: int):
 
 
 @torch.no_grad()
-def reward_scores(disc: Discriminator, processor, prompts, ro: Rollouts, n: int, batch_size: int) -> SegmentScores:
+def reward_scores(disc: Discriminator, processor, prompts, segs: list[Segments | None], n: int,
+                  batch_size: int) -> SegmentScores:
     """Segment scores of every rollout from the frozen (eval-mode) discriminator."""
     was = disc.training
     disc.eval()
-    sc = score_segments(disc, processor, row_prompts(prompts, n), ro.texts, batch_size=batch_size)
+    sc = score_segments(disc, processor, row_prompts(prompts, n), segs, batch_size=batch_size)
     disc.train(was)
     return sc
 
 
-def discriminator_step(disc: Discriminator, opt, sched, processor, prompts, ro: Rollouts, valid: torch.Tensor,
-                       n: int, cfg: AlignConfig) -> dict[str, float]:
+def discriminator_step(disc: Discriminator, opt, sched, processor, prompts, segs: list[Segments | None],
+                       teachers: Teachers, n: int, cfg: AlignConfig) -> dict[str, float]:
     """One discriminator update against the teachers of this step's prompts (step 5 above);
-    returns ``disc/`` metrics."""
-    V = int(valid.sum())
-    if V == 0:
-        return {"disc/skipped": 1.0}
+    returns ``disc/`` metrics (of the whole step)."""
+    B, V = len(segs), sum(s is not None for s in segs)
     params = [p for p in disc.parameters() if p.requires_grad]
-    sums: dict[str, float] = {}
+    kept = []
     for gi, prompt in enumerate(prompts):
-        rows = [r for r in range(gi * n, (gi + 1) * n) if bool(valid[r])]
-        if not rows:
-            continue
-        rec = prompt.record
-        t = score_texts(disc, processor, [prompt], [rec.extra["teacher_caption"]], [rec.extra["teacher_cot"]],
-                        batch_size=cfg.disc.batch_size)
-        s = score_segments(disc, processor, [prompt] * len(rows), [ro.texts[r] for r in rows],
-                           batch_size=cfg.disc.batch_size)
-        k = len(rows)
-        loss, m = A.discriminator_loss(t.cap.expand(k), s.cap, t.reason.expand(k), s.reason,
-                                       torch.ones(k, dtype=torch.bool, device=s.cap.device),
-                                       reg_coef=cfg.align.reg_coef)
-        w = k / V
-        (loss * w).backward()
-        for key, val in m.items():
-            if key != "num_valid":
-                sums[f"disc/{key}"] = sums.get(f"disc/{key}", 0.0) + float(val) * w
-        sums["disc/loss"] = sums.get("disc/loss", 0.0) + float(loss.detach()) * w
-    sums["disc/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.disc_optim.grad_clip))
+        group = segs[gi * n:(gi + 1) * n]
+        t = score_segments(disc, processor, [prompt], [teachers[prompt.record]], batch_size=cfg.disc.batch_size)
+        s = score_segments(disc, processor, [prompt] * n, group, batch_size=cfg.disc.batch_size)
+        scores = (t.cap.expand(n), s.cap, t.reason.expand(n), s.reason)
+        loss, _ = A.discriminator_loss(*scores, s.valid, reg_coef=cfg.align.reg_coef, num_valid=V, num_rows=B)
+        loss.backward()
+        kept.append([x.detach() for x in scores] + [s.valid])
+    full = [torch.cat(col) for col in zip(*kept)]
+    loss, m = A.discriminator_loss(*full[:4], full[4], reg_coef=cfg.align.reg_coef)
+    out = {f"disc/{k}": v for k, v in m.items() if k != "num_valid"}
+    out["disc/loss"] = float(loss)
+    out["disc/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.disc_optim.grad_clip))
     opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)
-    sums["disc/lr"] = sched.get_last_lr()[0]
-    return sums
+    out["disc/lr"] = sched.get_last_lr()[0]
+    return out
 
 
-def check_teacher_fields(records) -> None:
-    for rec in records:
-        for key in ("teacher_caption", "teacher_cot"):
-            if not rec.extra.get(key):
-                raise ValueError(f"{rec.where(key)}: the alignment set needs teacher demonstrations")
+class Teachers:
+    """Each alignment prompt's teacher demonstration as token segments, tokenised once.
+
+    Built up front from every record, so a missing or malformed demonstration stops the run
+    before training starts, naming the record and field.
+    """
+
+    def __init__(self, records, processor):
+        self._segs: dict[int, Segments] = {}
+        for rec in records:
+            for key in ("teacher_caption", "teacher_cot"):
+                if not isinstance(rec.extra.get(key), str) or not rec.extra[key]:
+                    raise DataError(f"{rec.where(key)}: the alignment set needs teacher demonstrations")
+            self._segs[id(rec)] = text_segments(processor, rec.extra["teacher_caption"], rec.extra["teacher_cot"],
+                                                where=rec.where("teacher_cot"))
+
+    def __getitem__(self, record) -> Segments:
+        return self._segs[id(record)]
 
 
 def train_align(cfg: AlignConfig, resume: bool = False, halt_at_step: int | None = None) -> Path:
@@ -106,7 +116,7 @@ def train_align(cfg: AlignConfig, resume: bool = False, halt_at_step: int | None
     d = cfg.data
     prompts = prompt_pool(d.train, processor, max_prompt_length=d.max_prompt_length, limit=d.limit,
                           skip_bad=d.skip_bad, bad=bad)
-    check_teacher_fields(prompts.records)
+    teachers = Teachers(prompts.records, processor)
     opt = build_optimizer(model.parameters(), cfg.optim)
     sched = build_scheduler(opt, cfg.optim, cfg.train.steps * cfg.ppo.ppo_epochs * cfg.ppo.mini_batches)
     d_opt = build_optimizer(disc.parameters(), cfg.disc_optim)
@@ -121,8 +131,8 @@ def train_align(cfg: AlignConfig, resume: bool = False, halt_at_step: int | None
     with run:
         for step in run.steps():
             with run.timer("step"):
-                metrics = align_step(run, step, model, disc, processor, engine, stream, cfg, opt, sched, d_opt,
-                                     d_sched, guard)
+                metrics = align_step(run, step, model, disc, processor, engine, stream, teachers, cfg, opt, sched,
+                                     d_opt, d_sched, guard)
             run.show(cap_gap=metrics.get("disc/cap_gap", 0.0), reason_gap=metrics.get("disc/reason_gap", 0.0),
                      fmt=metrics["rollout/format"])
             run.log(step, metrics | run.timings())
@@ -136,7 +146,7 @@ def train_align(cfg: AlignConfig, resume: bool = False, halt_at_step: int | None
 
 
 def align_step(run: Run, step: int, model, disc: Discriminator, processor, engine: HFEngine, stream: PromptStream,
-               cfg: AlignConfig, opt, sched, d_opt, d_sched, guard: NonfiniteGuard) -> dict:
+               teachers: Teachers, cfg: AlignConfig, opt, sched, d_opt, d_sched, guard: NonfiniteGuard) -> dict:
     """One step of the game (steps 1-6 above); returns its metrics."""
     r = cfg.rollout
     params = SamplingParams(n=r.n, max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p)
@@ -144,15 +154,16 @@ def align_step(run: Run, step: int, model, disc: Discriminator, processor, engin
     with run.timer("rollout"):
         ro = engine.generate(batch_prompts, params)
     with run.timer("score"):
-        sc = reward_scores(disc, processor, batch_prompts, ro, r.n, cfg.disc.batch_size)
+        segs = rollout_segments(ro.response_ids, ro.response_mask, processor.tokenizer)
+        sc = reward_scores(disc, processor, batch_prompts, segs, r.n, cfg.disc.batch_size)
         adv, _ = A.align_advantages(sc.cap.cpu(), sc.reason.cpu(), sc.valid.cpu(), ro.group_ids,
                                     alpha=cfg.align.alpha, format_penalty=cfg.align.format_penalty)
     with run.timer("logprob"):
         old_lp, ent = sequence_logprobs(model, ro, cfg.ppo.micro_batch_size, run.device, temperature=r.temperature,
                                         with_entropy=True, chunk=cfg.train.logprob_chunk)
     with run.timer("disc"):
-        d_metrics = discriminator_step(disc, d_opt, d_sched, processor, batch_prompts, ro, sc.valid.cpu(),
-                                       r.n, cfg) if cfg.align.disc_update else {}
+        d_metrics = discriminator_step(disc, d_opt, d_sched, processor, batch_prompts, segs, teachers, r.n,
+                                       cfg) if cfg.align.disc_update else {}
     with run.timer("update"):
         upd = ppo_update(model, opt, sched, ro, adv, old_lp, cfg.ppo, cfg.optim.grad_clip, run.device,
                          temperature=r.temperature, seed=cfg.train.seed + step - 1, chunk=cfg.train.logprob_chunk)

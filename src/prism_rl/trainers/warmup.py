@@ -1,10 +1,16 @@
 """Discriminator warm-up: teach the MoE discriminator to prefer teacher segments.
 
 Each pair gives a caption pair and a reasoning pair (teacher vs student, same prompt). Loss
-per optimizer step (spec section 5):
+per optimizer step of B pairs (METHOD.md section 5), one Bradley-Terry mean over all 2B
+segment pairs plus the router's load-balancing loss:
 
-    L = mean -log sigma(s_T^cap - s_S^cap) + mean -log sigma(s_T^reason - s_S^reason)
+    L = (1/2B) sum_i [-log sigma(T_i^cap - S_i^cap) - log sigma(T_i^reason - S_i^reason)]
         + aux_coef * load_balancing_loss
+
+computed in chunks of pairs, each chunk's share backpropagated at once, so a batch of 128
+pairs never holds 512 sequences' activations. Both sides of a pair are turned into token
+segments by ``models.segments.text_segments``, the form alignment feeds for a teacher and for
+a rollout that sampled the same text, so warm-up trains on the inputs alignment scores.
 
 Pairs come from a JSONL in the reference layout, or are built here by sampling the SFT policy
 on the alignment prompts (``sample_pairs``). A held-out split reports pair accuracy and the
@@ -16,19 +22,22 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from .. import algorithms as A
-from ..config import ModelConfig, WarmupConfig
+from ..config import ModelConfig, WarmupConfig, WarmupDataConfig
 from ..data.layouts import PairRecord, read_pairs, write_pairs
-from ..data.processing import Encoded, encode_all, load_prompts
-from ..data.records import BadRecords
+from ..data.processing import Encoded, encode_prompt_checked, load_prompts, skip_or_raise
+from ..data.records import BadRecords, DataError
 from ..format import split_text
-from ..models.discriminator import Discriminator, score_texts
+from ..models.discriminator import Discriminator, SegmentScores, score_segments
 from ..models.loading import load_policy, load_processor, pick_device, special_ids
+from ..models.segments import Segments, text_segments
 from ..rollout.base import SamplingParams
 from ..rollout.hf import HFEngine
 from .optim import build_optimizer, build_scheduler
@@ -70,39 +79,91 @@ def sample_pairs(policy_dir: str, data: str, out: str, *, n: int = 1, max_new_to
     return stats
 
 
-def pair_batch_loss(disc: Discriminator, processor, prompts: list[Encoded], pairs: list[PairRecord],
-                    aux_coef: float, batch_size: int) -> tuple[torch.Tensor, dict]:
-    """Bradley-Terry loss of one batch of pairs (+ aux), with accuracy and gap metrics."""
-    t = score_texts(disc, processor, prompts, [p.teacher_caption for p in pairs],
-                    [p.teacher_cot for p in pairs], batch_size=batch_size)
-    s = score_texts(disc, processor, prompts, [p.student_caption for p in pairs],
-                    [p.student_cot for p in pairs], batch_size=batch_size)
-    bt_cap = A.bradley_terry_loss(t.cap, s.cap)
-    bt_reason = A.bradley_terry_loss(t.reason, s.reason)
-    aux = 0.5 * (t.aux_loss + s.aux_loss)
-    loss = bt_cap + bt_reason + aux_coef * aux
+@dataclass
+class PairInput:
+    """A warm-up pair as the discriminator sees it: the encoded prompt and both token segments."""
+
+    prompt: Encoded
+    teacher: Segments
+    student: Segments
+
+    def longest(self) -> int:
+        segs = (self.teacher.caption, self.teacher.reasoning, self.student.caption, self.student.reasoning)
+        return len(self.prompt) + max(int(x.numel()) for x in segs)
+
+
+def pair_inputs(processor, pairs: list[PairRecord], data: WarmupDataConfig, eos_id: int,
+                bad: BadRecords) -> list[PairInput]:
+    """Encode every pair; one over ``data.max_prompt_length`` (prompt) or ``data.max_length``
+    (prompt + a segment), or whose parts are not a format-valid response, raises ``DataError``
+    naming it, or is skipped and counted under ``data.skip_bad``."""
+    out = []
+    for p in pairs:
+        try:
+            prompt = encode_prompt_checked(processor, p.record, data.max_prompt_length)
+            item = PairInput(prompt, text_segments(processor, p.teacher_caption, p.teacher_cot, p.record.where("teacher_cot")),
+                             text_segments(processor, p.student_caption, p.student_cot, p.record.where("student_cot")))
+            if item.longest() > data.max_length:
+                raise DataError(f"{p.record.where()}: prompt + segment is {item.longest()} tokens, over "
+                                f"data.max_length={data.max_length}")
+            out.append(item)
+        except DataError as e:
+            skip_or_raise(p.record, e, data.skip_bad, bad)
+    return out
+
+
+def warmup_loss(t: SegmentScores, s: SegmentScores, aux: torch.Tensor, aux_coef: float, total_pairs: int) -> torch.Tensor:
+    """This chunk's share of the step loss: ``(1/2B) sum_chunk [bt_cap + bt_reason] + aux_coef *
+    (b/B) * aux``, with ``B = total_pairs`` the step's pairs and ``b`` the chunk's (chunk
+    shares sum to the loss in the module docstring, the aux term weighted by pairs)."""
+    nll = -F.logsigmoid(t.cap - s.cap) - F.logsigmoid(t.reason - s.reason)
+    return nll.sum() / (2 * total_pairs) + aux_coef * aux * (len(nll) / total_pairs)
+
+
+def pair_metrics(t_cap, s_cap, t_reason, s_reason, aux: float, loads: list) -> dict:
+    """Per-segment Bradley-Terry means, accuracies (T > S) and mean gaps T - S over the pairs given."""
     with torch.no_grad():
-        m = {"bt_cap": float(bt_cap), "bt_reason": float(bt_reason), "aux_loss": float(aux),
-             "cap_acc": float((t.cap > s.cap).float().mean()), "reason_acc": float((t.reason > s.reason).float().mean()),
-             "cap_gap": float((t.cap - s.cap).mean()), "reason_gap": float((t.reason - s.reason).mean()),
-             "expert_load": (0.5 * (t.expert_load + s.expert_load)).tolist()}
-    return loss, m
+        return {"bt_cap": float(A.bradley_terry_loss(t_cap, s_cap)), "bt_reason": float(A.bradley_terry_loss(t_reason, s_reason)),
+                "aux_loss": aux, "cap_acc": float((t_cap > s_cap).float().mean()),
+                "reason_acc": float((t_reason > s_reason).float().mean()), "cap_gap": float((t_cap - s_cap).mean()),
+                "reason_gap": float((t_reason - s_reason).mean()),
+                "expert_load": torch.stack(loads).mean(0).tolist() if loads else []}
+
+
+def pair_batch_step(disc: Discriminator, processor, items: list[PairInput], aux_coef: float, batch_size: int,
+                    backward: bool) -> tuple[float, dict]:
+    """Score a batch of pairs chunk by chunk (``batch_size`` sequences per forward), and
+    backpropagate each chunk's share of the loss when ``backward``; returns (loss, metrics)."""
+    items = sorted(items, key=PairInput.longest)
+    per_chunk = max(1, batch_size // 2)     # each pair feeds 2 teacher and 2 student sequences
+    cols, loads, total, auxes = [[], [], [], []], [], 0.0, []
+    for c in range(0, len(items), per_chunk):
+        chunk = items[c:c + per_chunk]
+        prompts = [it.prompt for it in chunk]
+        t = score_segments(disc, processor, prompts, [it.teacher for it in chunk], batch_size=batch_size)
+        s = score_segments(disc, processor, prompts, [it.student for it in chunk], batch_size=batch_size)
+        aux = 0.5 * (t.aux_loss + s.aux_loss)
+        loss = warmup_loss(t, s, aux, aux_coef, len(items))
+        if backward:
+            loss.backward()
+        total += float(loss.detach())
+        for col, x in zip(cols, (t.cap, s.cap, t.reason, s.reason)):
+            col.append(x.detach())
+        auxes.append(float(aux.detach()) * len(chunk) / len(items))
+        loads += [t.expert_load, s.expert_load]
+    full = [torch.cat(col) for col in cols]
+    return total, pair_metrics(*full, aux=sum(auxes), loads=loads)
 
 
 @torch.no_grad()
-def evaluate_pairs(disc: Discriminator, processor, prompts: list[Encoded], pairs: list[PairRecord],
-                   batch_size: int) -> dict:
+def evaluate_pairs(disc: Discriminator, processor, items: list[PairInput], batch_size: int) -> dict:
     """Held-out pair accuracy and mean teacher-minus-student gap per segment (dropout off)."""
     was = disc.training
     disc.eval()
-    rows = []
-    for s in range(0, len(pairs), batch_size):
-        _, m = pair_batch_loss(disc, processor, prompts[s:s + batch_size], pairs[s:s + batch_size], 0.0, batch_size)
-        rows.append((len(pairs[s:s + batch_size]), m))
+    _, m = pair_batch_step(disc, processor, items, 0.0, batch_size, backward=False)
     disc.train(was)
-    n = sum(k for k, _ in rows)
     keys = ("cap_acc", "reason_acc", "cap_gap", "reason_gap", "bt_cap", "bt_reason")
-    return {f"heldout_{k}": sum(k_ * m[k] for k_, m in rows) / max(n, 1) for k in keys} | {"heldout_pairs": n}
+    return {f"heldout_{k}": m[k] for k in keys} | {"heldout_pairs": len(items)}
 
 
 def _disc_metrics(m: dict) -> dict:
@@ -120,9 +181,7 @@ def train_warmup(cfg: WarmupConfig, resume: bool = False, halt_at_step: int | No
     eos, _ = special_ids(processor)
     bad = BadRecords()
     pairs = read_pairs(cfg.data.train, skip_bad=cfg.data.skip_bad, bad=bad)
-    pairs = pairs[: cfg.data.limit] if cfg.data.limit else pairs
-    prompts = encode_all(processor, [p.record for p in pairs], eos_id=eos, max_length=cfg.data.max_prompt_length,
-                         with_response=False)
+    pairs = pair_inputs(processor, pairs[: cfg.data.limit] if cfg.data.limit else pairs, cfg.data, eos, bad)
     g = torch.Generator().manual_seed(cfg.train.seed)
     order = torch.randperm(len(pairs), generator=g).tolist()
     n_held = int(round(cfg.train.heldout_frac * len(pairs)))
@@ -137,13 +196,13 @@ def train_warmup(cfg: WarmupConfig, resume: bool = False, halt_at_step: int | No
     params = [p for p in disc.parameters() if p.requires_grad]
     opt = build_optimizer(params, cfg.optim)
     sched = build_scheduler(opt, cfg.optim, steps)
-    hp, hpr = [pairs[i] for i in held], [prompts[i] for i in held]
+    held_pairs = [pairs[i] for i in held]
     kept = {"before": {}}   # the held-out scores before training, carried through resumes
     saved = run.track({"": disc}, processor, {"optimizer": opt, "scheduler": sched}, extra=lambda: dict(kept))
     if saved:
         kept["before"] = saved["before"]
     elif held:
-        kept["before"] = evaluate_pairs(disc, processor, hpr, hp, cfg.disc.batch_size)
+        kept["before"] = evaluate_pairs(disc, processor, held_pairs, cfg.disc.batch_size)
     before = kept["before"]
     run.begin(steps, halt_at_step, pairs=len(pairs), train_pairs=len(train), bad_records=bad.count,
               **{f"{k}_before": v for k, v in before.items()})
@@ -151,21 +210,20 @@ def train_warmup(cfg: WarmupConfig, resume: bool = False, halt_at_step: int | No
     with run:
         for step in run.steps():
             idx = [train[i] for i in stream[(step - 1) * bs: step * bs]]
-            loss, m = pair_batch_loss(disc, processor, [prompts[i] for i in idx], [pairs[i] for i in idx],
-                                      cfg.train.aux_coef, cfg.disc.batch_size)
-            loss.backward()
+            loss, m = pair_batch_step(disc, processor, [pairs[i] for i in idx], cfg.train.aux_coef,
+                                      cfg.disc.batch_size, backward=True)
             gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
             if run.log_due(step):
-                m.update(loss=float(loss.detach()), grad_norm=float(gnorm), lr=sched.get_last_lr()[0])
+                m.update(loss=loss, grad_norm=float(gnorm), lr=sched.get_last_lr()[0])
                 if held and cfg.train.eval_every and step % cfg.train.eval_every == 0:
-                    m.update(evaluate_pairs(disc, processor, hpr, hp, cfg.disc.batch_size))
+                    m.update(evaluate_pairs(disc, processor, held_pairs, cfg.disc.batch_size))
                 run.log(step, _disc_metrics(m) | {"timing/elapsed_s": time.time() - t0})
         after = {}
         if run.step == steps:
-            after = evaluate_pairs(disc, processor, hpr, hp, cfg.disc.batch_size) if held else {}
+            after = evaluate_pairs(disc, processor, held_pairs, cfg.disc.batch_size) if held else {}
             run.log(steps, {"event": "end", **_disc_metrics(after)}, force=True)
     return run.finish(lambda folder: disc.save(folder, processor),
                       {"steps": steps, "before": before, "after": after, "wall_s": time.time() - t0})
