@@ -188,8 +188,9 @@ class RLTrainConfig(AlignTrainConfig):
 
 ALGO_PRESETS: dict[str, dict] = {
     # spec section 7 table
+    # (the spec gives no weight decay for GRPO; 0.01 is the reference's, verl's actor default)
     "grpo": {"algo": {"name": "grpo", "clip_low": 0.2, "clip_high": 0.2, "agg": "token-mean"},
-             "optim": {"lr": 1e-6, "schedule": "constant", "warmup_ratio": 0.0, "weight_decay": 0.0}},
+             "optim": {"lr": 1e-6, "schedule": "constant", "warmup_ratio": 0.0, "weight_decay": 0.01}},
     "dapo": {"algo": {"name": "dapo", "clip_low": 0.2, "clip_high": 0.28, "clip_c": 10.0, "agg": "token-mean",
                       "dynamic_sampling": True, "overlong_buffer": 4096, "overlong_factor": 1.0},
              "rollout": {"gen_batch_prompts": 96},
@@ -203,7 +204,7 @@ ALGO_PRESETS: dict[str, dict] = {
 class RLConfig(Section):
     model: ModelConfig = ModelConfig()
     data: RLDataConfig = RLDataConfig()
-    optim: OptimConfig = OptimConfig(lr=1e-6, schedule="constant", warmup_ratio=0.0)
+    optim: OptimConfig = OptimConfig(lr=1e-6, weight_decay=0.01, schedule="constant", warmup_ratio=0.0)
     rollout: RolloutConfig = RolloutConfig()
     algo: AlgoConfig = AlgoConfig()
     reward: RewardConfig = RewardConfig()
