@@ -52,7 +52,11 @@ class DataConfig(Section):
 
 class SFTDataConfig(DataConfig):
     train: str = Field("", description="Training file (.parquet, .json, .jsonl).")
-    max_length: int = Field(1024, gt=0, description="Prompt + response token limit.")
+    max_length: int = Field(8192, gt=0, description="Prompt + response token limit (spec section 4: 8192).")
+    overlong: Literal["truncate", "skip", "error"] = Field(
+        "truncate", description="An example over max_length: truncate its response (LLaMA-Factory's "
+        "behaviour; never the prompt or its image tokens), skip it, or stop with an error naming it. "
+        "Truncated and skipped examples are counted in the run's start event and summary.json.")
 
 
 class PromptDataConfig(DataConfig):
