@@ -13,6 +13,7 @@ from prism_rl.config import (
     WarmupConfig,
     load_config,
     parse_overrides,
+    rl_response_limit,
     save_config,
 )
 
@@ -150,6 +151,21 @@ def test_presets_are_the_spec_rows(name):
 def test_rl_default_is_the_grpo_row():
     plain, grpo = RLConfig(), load_config(RLConfig, None, [], defaults=ALGO_PRESETS["grpo"])
     assert plain.optim == grpo.optim and plain.algo == grpo.algo
+
+
+def test_rl_response_limit_default_and_from_file(tmp_path):
+    assert rl_response_limit() == RLConfig().rollout.max_new_tokens == 8192
+    f = tmp_path / "rl.yaml"
+    # only the rollout section is read: a DAPO-only key that needs the --algo preset does not trip it
+    f.write_text("rollout:\n  max_new_tokens: 4096\n  gen_batch_prompts: 96\n")
+    assert rl_response_limit(f) == 4096
+    f.write_text("algo:\n  name: dapo\n")
+    assert rl_response_limit(f) == 8192
+    f.write_text("rollout:\n  max_new_tokens: -3\n")
+    with pytest.raises(ConfigError, match=f"{f}, section 'rollout': bad value for 'max_new_tokens'"):
+        rl_response_limit(f)
+    with pytest.raises(ConfigError, match="config file not found"):
+        rl_response_limit(tmp_path / "none.yaml")
 
 
 def test_cli_rejects_bad_override_naming_key(tmp_path, capsys):

@@ -374,15 +374,7 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
     origin = "defaults"
     if path:
         origin = str(path)
-        try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of sections")
-        data = loaded or {}
+        data = _read_yaml(path)
     if defaults:
         data = _merge(defaults, data)
     if overrides:
@@ -392,6 +384,38 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
         return cls.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_describe(e, cls, origin)) from None
+
+
+def _read_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping of sections in a YAML config file; a missing or malformed file is a ConfigError."""
+    try:
+        loaded = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return loaded or {}
+
+
+def rl_response_limit(rl_config: str | Path | None = None) -> int:
+    """RLVR's response limit ``rollout.max_new_tokens``: the RL config file's, else RLConfig's default.
+
+    Jobs that sample responses for later stages (the difficulty filter, warm-up pairs) use
+    it: at a lower limit a long correct answer is cut off and scored wrong, which skews what
+    they keep toward short, easy problems. Only the ``rollout`` section of the file is read
+    (and checked), so a config that leans on an ``--algo`` preset still works here.
+    """
+    if not rl_config:
+        return RolloutConfig.model_fields["max_new_tokens"].default
+    section = _read_yaml(rl_config).get("rollout") or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{rl_config}: 'rollout' must be a mapping of keys")
+    try:
+        return RolloutConfig.model_validate(section).max_new_tokens
+    except ValidationError as e:
+        raise ConfigError(_describe(e, RolloutConfig, f"{rl_config}, section 'rollout'")) from None
 
 
 def save_config(cfg: BaseModel, out_dir: str | Path, name: str = "config.yaml") -> Path:
