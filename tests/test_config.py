@@ -13,6 +13,7 @@ from prism_rl.config import (
     WarmupConfig,
     load_config,
     parse_overrides,
+    rl_response_limit,
     save_config,
 )
 
@@ -115,6 +116,56 @@ def test_presets_pass_the_combination_checks():
         assert cfg.algo.name == name
     gspo = load_config(RLConfig, None, [], defaults=ALGO_PRESETS["gspo"])
     assert (gspo.algo.ratio_level, gspo.algo.agg) == ("sequence", "seq-mean-token-mean")
+
+
+# Spec section 7's table (the GRPO weight decay, which the spec leaves out, is the reference's 0.01).
+SPEC_ROWS = {
+    "grpo": {"clip_low": 0.2, "clip_high": 0.2, "clip_c": None, "agg": "token-mean", "ratio_level": "token",
+             "kl_coef": 0.0, "dynamic_sampling": False, "overlong_buffer": 0,
+             "lr": 1e-6, "schedule": "constant", "warmup": 0, "weight_decay": 0.01},
+    "dapo": {"clip_low": 0.2, "clip_high": 0.28, "clip_c": 10.0, "agg": "token-mean", "ratio_level": "token",
+             "kl_coef": 0.0, "dynamic_sampling": True, "overlong_buffer": 4096, "overlong_factor": 1.0,
+             "gen_batch_prompts": 96, "max_num_gen_batches": 10,
+             "lr": 1e-6, "schedule": "constant", "warmup": 10, "weight_decay": 0.1},
+    "gspo": {"clip_low": 3e-4, "clip_high": 4e-4, "clip_c": None, "agg": "seq-mean-token-mean",
+             "ratio_level": "sequence", "kl_coef": 0.0, "dynamic_sampling": False, "overlong_buffer": 0,
+             "lr": 1e-6, "schedule": "constant", "warmup": 0.05, "weight_decay": 0.1},
+}
+
+
+@pytest.mark.parametrize("name", ["grpo", "dapo", "gspo"])
+def test_presets_are_the_spec_rows(name):
+    cfg = load_config(RLConfig, None, [], defaults=ALGO_PRESETS[name])
+    row = dict(SPEC_ROWS[name])
+    warmup = row.pop("warmup")
+    assert (cfg.optim.warmup_steps if isinstance(warmup, int) and warmup else cfg.optim.warmup_ratio) == warmup
+    for key, want in row.items():
+        section = cfg.optim if key in ("lr", "schedule", "weight_decay") else \
+            cfg.rollout if key == "gen_batch_prompts" else cfg.algo
+        assert getattr(section, key) == want, (name, key)
+    # common to all three: 32 prompts x 16 rollouts, 2048 / 8192 tokens, temperature 1, grad clip 1, 1500 steps
+    assert (cfg.rollout.prompts_per_step, cfg.rollout.n, cfg.data.max_prompt_length, cfg.rollout.max_new_tokens,
+            cfg.rollout.temperature, cfg.optim.grad_clip, cfg.train.steps) == (32, 16, 2048, 8192, 1.0, 1.0, 1500)
+
+
+def test_rl_default_is_the_grpo_row():
+    plain, grpo = RLConfig(), load_config(RLConfig, None, [], defaults=ALGO_PRESETS["grpo"])
+    assert plain.optim == grpo.optim and plain.algo == grpo.algo
+
+
+def test_rl_response_limit_default_and_from_file(tmp_path):
+    assert rl_response_limit() == RLConfig().rollout.max_new_tokens == 8192
+    f = tmp_path / "rl.yaml"
+    # only the rollout section is read: a DAPO-only key that needs the --algo preset does not trip it
+    f.write_text("rollout:\n  max_new_tokens: 4096\n  gen_batch_prompts: 96\n")
+    assert rl_response_limit(f) == 4096
+    f.write_text("algo:\n  name: dapo\n")
+    assert rl_response_limit(f) == 8192
+    f.write_text("rollout:\n  max_new_tokens: -3\n")
+    with pytest.raises(ConfigError, match=f"{f}, section 'rollout': bad value for 'max_new_tokens'"):
+        rl_response_limit(f)
+    with pytest.raises(ConfigError, match="config file not found"):
+        rl_response_limit(tmp_path / "none.yaml")
 
 
 def test_cli_rejects_bad_override_naming_key(tmp_path, capsys):

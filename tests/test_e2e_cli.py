@@ -112,6 +112,7 @@ def test_prism_stage_end_to_end_and_resume(workdir, straight_sft):
                  "--max-new-tokens", "48", "--limit", "12"]) == 0
     stats = json.loads((disc / "pairs.stats.json").read_text())
     assert stats["samples"] == 12 and stats["pairs"] + stats["invalid_student_skipped"] == 12
+    assert stats["max_new_tokens"] == 48 and 0 <= stats["student_truncated"] <= 12
     # A policy trained for 12 steps rarely closes the format within 48 tokens, so the warm-up
     # gets deterministic students instead: teacher demonstrations with a wrong final answer,
     # paired through `prism data build-pairs` (which joins samples to demonstrations by id).

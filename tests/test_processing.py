@@ -108,3 +108,56 @@ def test_data_show_cli_writes_contact_sheet(tmp_path, capsys):
     from PIL import Image
     assert Image.open(out).size[0] > 96
     assert "contact sheet" in capsys.readouterr().out
+
+
+# ---- data.overlong: an SFT example over data.max_length
+
+
+LONG = make_response("- a red circle " * 20, "count them " * 30, "1")
+
+
+def _limit(proc, extra_response_tokens: int) -> tuple[int, int]:
+    """(prompt tokens of _rec(), a max_length leaving ``extra_response_tokens`` for the response)."""
+    from prism_rl.data.processing import encode_prompt
+    p = encode_prompt(proc, _rec()).prompt_len
+    return p, p + extra_response_tokens
+
+
+def test_overlong_truncate_cuts_only_the_response_and_drops_its_eos(proc):
+    eos, _ = special_ids(proc)
+    p, limit = _limit(proc, 10)
+    full = encode_sft(proc, _rec(response=LONG), eos, 100_000)
+    enc = encode_sft(proc, _rec(response=LONG), eos, limit, overlong="truncate")
+    assert len(enc) == limit and enc.prompt_len == p
+    assert enc.truncated == len(full) - limit > 0
+    # the prompt (with all 9 image tokens) is whole; the response is the full one's first 10 tokens
+    assert enc.input_ids.tolist() == full.input_ids[:limit].tolist()
+    assert int(enc.mm_token_type_ids.sum()) == 9
+    assert enc.labels[p:].tolist() == full.input_ids[p:limit].tolist()
+    assert (enc.labels[:p] == IGNORE_INDEX).all()
+    assert eos not in enc.input_ids[p:].tolist()      # a cut answer must not teach stopping there
+    # an example that fits is untouched in every mode
+    for mode in ("truncate", "skip", "error"):
+        short = encode_sft(proc, _rec(), eos, 4096, overlong=mode)
+        assert short.truncated == 0 and short.input_ids[-1].item() == eos
+
+
+@pytest.mark.parametrize("mode", ["skip", "error"])
+def test_overlong_skip_and_error_raise_naming_the_record(proc, mode):
+    from prism_rl.data.processing import OverlongError
+    eos, _ = special_ids(proc)
+    _, limit = _limit(proc, 10)
+    with pytest.raises(OverlongError, match=rf"mem.json, record 7: prompt\+response is \d+ tokens, over "
+                                             rf"data.max_length={limit} \(data.overlong={mode}\)"):
+        encode_sft(proc, _rec(7, response=LONG), eos, limit, overlong=mode)
+
+
+def test_overlong_prompt_alone_is_never_truncated(proc):
+    from prism_rl.data.processing import OverlongError
+    eos, _ = special_ids(proc)
+    p, _ = _limit(proc, 0)
+    for limit in (p - 1, p):     # no room for one response token
+        with pytest.raises(OverlongError, match=f"mem.json, record 2: the prompt alone is {p} tokens"):
+            encode_sft(proc, _rec(2), eos, limit, overlong="truncate")
+    with pytest.raises(ValueError, match="overlong must be one of"):
+        encode_sft(proc, _rec(), eos, 4096, overlong="cut")

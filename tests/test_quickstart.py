@@ -26,6 +26,9 @@ def test_every_planned_command_parses_and_stages_are_ordered(tmp_path):
             args = parser.parse_args(argv[3:])          # flags and subcommands exist
             assert args.fn is not None, label
             assert str(done).startswith(str(tmp_path))
+            if label in ("filter", "disc-pairs"):
+                # the CLI defaults to RLVR's 8192-token limit; the CPU quick start keeps its small one
+                assert args.max_new_tokens == 200, label
 
 
 def test_lane_scheduler_respects_dependencies(tmp_path):

@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import ConfigError, EvalConfig, SFTConfig, load_config
+from .config import ConfigError, EvalConfig, SFTConfig, load_config, rl_response_limit
 from .data.records import DataError
 
 
@@ -25,6 +25,15 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 def _add_resume_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     p.add_argument("--halt-at-step", type=int, default=None, help="stop (with a checkpoint) at this step")
+
+
+def _add_response_limit_args(p: argparse.ArgumentParser) -> None:
+    """Sampling jobs that feed later stages default to RLVR's response limit (a lower cap cuts long
+    correct answers short, and they count as wrong)."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--max-new-tokens", type=int, default=None,
+                   help=f"response token limit (default: RLVR's rollout.max_new_tokens, {rl_response_limit()})")
+    g.add_argument("--rl-config", default=None, help="read the limit from this RL config's rollout.max_new_tokens")
 
 
 def cmd_data_synth(a) -> None:
@@ -46,8 +55,14 @@ def cmd_data_show(a) -> None:
 def cmd_data_filter(a) -> None:
     from .jobs.difficulty import filter_difficulty
     stats = filter_difficulty(a.model, a.data, a.out, n=a.n, low=a.low, high=a.high,
-                              max_new_tokens=a.max_new_tokens, limit=a.limit, seed=a.seed)
+                              max_new_tokens=a.max_new_tokens, rl_config=a.rl_config, limit=a.limit,
+                              seed=a.seed, batch_prompts=a.batch_prompts)
     print(json.dumps(stats, indent=2))
+    cut = stats["truncation"]
+    if cut["truncated"]:
+        print(f"{cut['truncated']} of {cut['samples']} samples hit max_new_tokens={stats['max_new_tokens']} "
+              f"({cut['truncated_wrong']} of them scored wrong; {cut['below_low_with_truncation']} problems "
+              "dropped as too hard had a truncated sample)", file=sys.stderr)
 
 
 def cmd_data_curate(a) -> None:
@@ -134,7 +149,8 @@ def cmd_disc_init(a) -> None:
 
 def cmd_disc_pairs(a) -> None:
     from .trainers.warmup import sample_pairs
-    print(json.dumps(sample_pairs(a.policy, a.data, a.out, n=a.n, max_new_tokens=a.max_new_tokens,
+    max_new_tokens = a.max_new_tokens if a.max_new_tokens is not None else rl_response_limit(a.rl_config)
+    print(json.dumps(sample_pairs(a.policy, a.data, a.out, n=a.n, max_new_tokens=max_new_tokens,
                                   limit=a.limit, seed=a.seed), indent=2))
 
 
@@ -200,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=16)
     p.add_argument("--low", type=float, default=0.2)
     p.add_argument("--high", type=float, default=0.8)
-    p.add_argument("--max-new-tokens", type=int, default=1024)
+    _add_response_limit_args(p)
+    p.add_argument("--batch-prompts", type=int, default=16, help="prompts per generate call (x n sequences)")
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_data_filter)
@@ -266,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--n", type=int, default=1)
-    p.add_argument("--max-new-tokens", type=int, default=1024)
+    _add_response_limit_args(p)
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_disc_pairs)

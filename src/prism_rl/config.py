@@ -52,7 +52,11 @@ class DataConfig(Section):
 
 class SFTDataConfig(DataConfig):
     train: str = Field("", description="Training file (.parquet, .json, .jsonl).")
-    max_length: int = Field(1024, gt=0, description="Prompt + response token limit.")
+    max_length: int = Field(8192, gt=0, description="Prompt + response token limit (spec section 4: 8192).")
+    overlong: Literal["truncate", "skip", "error"] = Field(
+        "truncate", description="An example over max_length: truncate its response (LLaMA-Factory's "
+        "behaviour; never the prompt or its image tokens), skip it, or stop with an error naming it. "
+        "Truncated and skipped examples are counted in the run's start event and summary.json.")
 
 
 class PromptDataConfig(DataConfig):
@@ -200,8 +204,9 @@ class RLTrainConfig(AlignTrainConfig):
 
 ALGO_PRESETS: dict[str, dict] = {
     # spec section 7 table
+    # (the spec gives no weight decay for GRPO; 0.01 is the reference's, verl's actor default)
     "grpo": {"algo": {"name": "grpo", "clip_low": 0.2, "clip_high": 0.2, "agg": "token-mean"},
-             "optim": {"lr": 1e-6, "schedule": "constant", "warmup_ratio": 0.0, "weight_decay": 0.0}},
+             "optim": {"lr": 1e-6, "schedule": "constant", "warmup_ratio": 0.0, "weight_decay": 0.01}},
     "dapo": {"algo": {"name": "dapo", "clip_low": 0.2, "clip_high": 0.28, "clip_c": 10.0, "agg": "token-mean",
                       "dynamic_sampling": True, "overlong_buffer": 4096, "overlong_factor": 1.0},
              "rollout": {"gen_batch_prompts": 96},
@@ -215,7 +220,7 @@ ALGO_PRESETS: dict[str, dict] = {
 class RLConfig(Section):
     model: ModelConfig = ModelConfig()
     data: RLDataConfig = RLDataConfig()
-    optim: OptimConfig = OptimConfig(lr=1e-6, schedule="constant", warmup_ratio=0.0)
+    optim: OptimConfig = OptimConfig(lr=1e-6, weight_decay=0.01, schedule="constant", warmup_ratio=0.0)
     rollout: RolloutConfig = RolloutConfig()
     algo: AlgoConfig = AlgoConfig()
     reward: RewardConfig = RewardConfig()
@@ -382,15 +387,7 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
     origin = "defaults"
     if path:
         origin = str(path)
-        try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of sections")
-        data = loaded or {}
+        data = _read_yaml(path)
     if defaults:
         data = _merge(defaults, data)
     if overrides:
@@ -400,6 +397,38 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
         return cls.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_describe(e, cls, origin)) from None
+
+
+def _read_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping of sections in a YAML config file; a missing or malformed file is a ConfigError."""
+    try:
+        loaded = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return loaded or {}
+
+
+def rl_response_limit(rl_config: str | Path | None = None) -> int:
+    """RLVR's response limit ``rollout.max_new_tokens``: the RL config file's, else RLConfig's default.
+
+    Jobs that sample responses for later stages (the difficulty filter, warm-up pairs) use
+    it: at a lower limit a long correct answer is cut off and scored wrong, which skews what
+    they keep toward short, easy problems. Only the ``rollout`` section of the file is read
+    (and checked), so a config that leans on an ``--algo`` preset still works here.
+    """
+    if not rl_config:
+        return RolloutConfig.model_fields["max_new_tokens"].default
+    section = _read_yaml(rl_config).get("rollout") or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{rl_config}: 'rollout' must be a mapping of keys")
+    try:
+        return RolloutConfig.model_validate(section).max_new_tokens
+    except ValidationError as e:
+        raise ConfigError(_describe(e, RolloutConfig, f"{rl_config}, section 'rollout'")) from None
 
 
 def save_config(cfg: BaseModel, out_dir: str | Path, name: str = "config.yaml") -> Path:

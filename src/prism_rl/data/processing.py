@@ -3,7 +3,8 @@
 ``encode_prompt`` renders a record's messages with the model's own chat template and runs
 the real processor (which expands each image placeholder into its visual tokens).
 ``encode_sft`` appends the assistant response and builds labels that are ``-100`` everywhere
-except the response tokens and the closing ``<|im_end|>`` (loss on assistant tokens only).
+except the response tokens and the closing ``<|im_end|>`` (loss on assistant tokens only); an
+example over the length limit is truncated (response only), or raises ``OverlongError``.
 ``collate`` pads a list of encoded examples on either side; ``mm_token_type_ids`` are padded
 with zeros (Qwen3-VL's M-RoPE code needs them beside ``image_grid_thw``).
 """
@@ -31,6 +32,7 @@ class Encoded:
     image_grid_thw: torch.Tensor | None = None
     labels: torch.Tensor | None = None
     record: Record | None = field(default=None, repr=False)
+    truncated: int = 0   # response tokens cut off to fit the length limit (encode_sft, overlong="truncate")
 
     def __len__(self) -> int:
         return int(self.input_ids.numel())
@@ -89,16 +91,39 @@ def response_ids(processor, response: str, eos_id: int) -> torch.Tensor:
     return torch.tensor(list(ids) + [eos_id], dtype=torch.long)
 
 
-def encode_sft(processor, record: Record, eos_id: int, max_length: int) -> Encoded:
-    """Prompt + response with labels on the response tokens (and the closing EOS) only."""
+class OverlongError(DataError):
+    """An SFT example over ``data.max_length`` that was not truncated (``data.overlong`` decides)."""
+
+
+OVERLONG_MODES = ("truncate", "skip", "error")
+
+
+def encode_sft(processor, record: Record, eos_id: int, max_length: int, overlong: str = "error") -> Encoded:
+    """Prompt + response with labels on the response tokens (and the closing EOS) only.
+
+    With ``P`` prompt and ``R`` response tokens (EOS included) and ``P + R > max_length``:
+    ``overlong="truncate"`` keeps the first ``max_length - P`` response tokens (the closing EOS
+    goes with the cut, so a cut-off answer does not teach stopping there; ``Encoded.truncated``
+    is ``P + R - max_length``), as LLaMA-Factory cuts its targets. The prompt is never cut (it
+    holds the image tokens, which must match the pixels), so ``P >= max_length`` raises
+    ``OverlongError`` in every mode, as does any over-long example under "skip" and "error".
+    """
+    if overlong not in OVERLONG_MODES:
+        raise ValueError(f"overlong must be one of {OVERLONG_MODES}, not {overlong!r}")
     if record.response is None:
         raise DataError(f"{record.where('response')}: SFT needs an assistant response")
     enc = encode_prompt(processor, record)
     resp = response_ids(processor, record.response, eos_id)
     total = enc.prompt_len + int(resp.numel())
     if total > max_length:
-        raise DataError(f"{record.where()}: prompt+response is {total} tokens, over "
-                        f"data.max_length={max_length}")
+        if enc.prompt_len >= max_length:
+            raise OverlongError(f"{record.where()}: the prompt alone is {enc.prompt_len} tokens, at or over "
+                                f"data.max_length={max_length} (only the response can be truncated)")
+        if overlong != "truncate":
+            raise OverlongError(f"{record.where()}: prompt+response is {total} tokens, over "
+                                f"data.max_length={max_length} (data.overlong={overlong})")
+        enc.truncated = total - max_length
+        resp = resp[:max_length - enc.prompt_len]
     enc.input_ids = torch.cat([enc.input_ids, resp])
     enc.mm_token_type_ids = torch.cat([enc.mm_token_type_ids, torch.zeros_like(resp)])
     enc.labels = torch.cat([torch.full((enc.prompt_len,), IGNORE_INDEX, dtype=torch.long), resp])

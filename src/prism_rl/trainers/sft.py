@@ -18,8 +18,8 @@ import torch
 
 from ..config import SFTConfig
 from ..data.layouts import read_records
-from ..data.processing import Encoded, collate, encode_all, length_grouped_batches
-from ..data.records import BadRecords
+from ..data.processing import Encoded, OverlongError, collate, encode_sft, length_grouped_batches, skip_or_raise
+from ..data.records import BadRecords, DataError
 from ..models.loading import autocast_for, count_parameters, special_ids
 from ..models.logprobs import sft_loss
 from .checkpoint import save_final
@@ -29,15 +29,42 @@ from .run import Run, load_stage_policy
 log = logging.getLogger(__name__)
 
 
-def load_examples(cfg: SFTConfig, processor, eos: int, bad: BadRecords) -> list[Encoded]:
-    records = read_records(cfg.data.train, skip_bad=cfg.data.skip_bad, bad=bad)
-    if cfg.data.limit:
-        records = records[: cfg.data.limit]
-    examples = encode_all(processor, records, eos_id=eos, max_length=cfg.data.max_length,
-                          with_response=True, skip_bad=cfg.data.skip_bad, bad=bad)
+def load_examples(cfg: SFTConfig, processor, eos: int, bad: BadRecords,
+                  overlong_skipped: BadRecords | None = None) -> list[Encoded]:
+    """Encode the training records. Over ``data.max_length``, ``data.overlong`` decides: truncate
+    (``Encoded.truncated``), skip (noted in ``overlong_skipped``) or raise; other bad records
+    follow ``data.skip_bad``."""
+    d = cfg.data
+    records = read_records(d.train, skip_bad=d.skip_bad, bad=bad)
+    if d.limit:
+        records = records[: d.limit]
+    examples = []
+    for rec in records:
+        try:
+            examples.append(encode_sft(processor, rec, eos, d.max_length, overlong=d.overlong))
+        except OverlongError as e:
+            if d.overlong != "skip":
+                skip_or_raise(rec, e, d.skip_bad, bad)
+            elif overlong_skipped is not None:
+                overlong_skipped.add(rec.where(), str(e).split(": ", 1)[-1])
+        except DataError as e:
+            skip_or_raise(rec, e, d.skip_bad, bad)
     if not examples:
-        raise ValueError(f"{cfg.data.train}: no usable training records ({bad.summary()})")
+        raise ValueError(f"{d.train}: no usable training records ({bad.summary()}; "
+                         f"{overlong_skipped.count if overlong_skipped else 0} over data.max_length skipped)")
     return examples
+
+
+def overlong_report(cfg: SFTConfig, examples: list[Encoded], skipped: BadRecords) -> dict:
+    """What ``data.overlong`` did, for the run's start event and summary (nothing is lost silently)."""
+    cut = [e for e in examples if e.truncated]
+    report = {"mode": cfg.data.overlong, "max_length": cfg.data.max_length, "truncated": len(cut),
+              "tokens_cut": sum(e.truncated for e in cut), "skipped": skipped.count,
+              "records": [e.record.where() for e in cut[:20] if e.record is not None] + skipped.reasons[:20]}
+    if cut or skipped.count:
+        log.warning("data.max_length=%d: %d examples truncated (%d response tokens cut), %d skipped; e.g. %s",
+                    cfg.data.max_length, len(cut), report["tokens_cut"], skipped.count, report["records"][:3])
+    return report
 
 
 class BatchStream:
@@ -91,10 +118,11 @@ def train_sft(cfg: SFTConfig, resume: bool = False, halt_at_step: int | None = N
     run = Run(cfg, "sft", resume=resume)
     model, processor = load_stage_policy(cfg, run.device, run.ckpt)
     eos, pad = special_ids(processor)
-    bad = BadRecords()
-    examples = load_examples(cfg, processor, eos, bad)
+    bad, overlong_skipped = BadRecords(), BadRecords()
+    examples = load_examples(cfg, processor, eos, bad, overlong_skipped)
     if bad.count:
         log.warning("%s", bad.summary())
+    overlong = overlong_report(cfg, examples, overlong_skipped)
     steps = total_steps(cfg, len(examples))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(params, cfg.optim)
@@ -106,7 +134,7 @@ def train_sft(cfg: SFTConfig, resume: bool = False, halt_at_step: int | None = N
     progress["tokens_seen"] = saved.get("tokens_seen", 0)
     total, trainable = count_parameters(model)
     run.begin(steps, halt_at_step, params=total, trainable_params=trainable, examples=len(examples),
-              bad_records=bad.count, total_steps=steps)
+              bad_records=bad.count, total_steps=steps, overlong=overlong)
     t0, tok_window, t_window = time.time(), 0, time.time()
     with run:
         for step in run.steps():
@@ -128,7 +156,8 @@ def train_sft(cfg: SFTConfig, resume: bool = False, halt_at_step: int | None = N
                 tok_window, t_window = 0, now
     return run.finish(lambda folder: save_final(folder, model, processor),
                       {"steps": run.step, "examples": len(examples), "bad_records": bad.count,
-                       "wall_s": time.time() - t0, "bad_record_reasons": bad.reasons[:50]})
+                       "wall_s": time.time() - t0, "bad_record_reasons": bad.reasons[:50],
+                       "overlong": overlong})
 
 
 def sft_step(model, group: list[list[Encoded]], pad: int, device: torch.device) -> tuple[float, int]:

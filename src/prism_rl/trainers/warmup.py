@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .. import algorithms as A
-from ..config import ModelConfig, WarmupConfig, WarmupDataConfig
+from ..config import ModelConfig, WarmupConfig, WarmupDataConfig, rl_response_limit
 from ..data.layouts import PairRecord, read_pairs, write_pairs
 from ..data.processing import Encoded, encode_prompt_checked, load_prompts, skip_or_raise
 from ..data.records import BadRecords, DataError
@@ -44,14 +44,17 @@ from .optim import build_optimizer, build_scheduler
 from .run import Run
 
 
-def sample_pairs(policy_dir: str, data: str, out: str, *, n: int = 1, max_new_tokens: int = 1024,
+def sample_pairs(policy_dir: str, data: str, out: str, *, n: int = 1, max_new_tokens: int | None = None,
                  temperature: float = 1.0, limit: int | None = None, seed: int = 0,
                  batch_prompts: int = 32) -> dict:
     """Sample the policy on ``data`` (which carries teacher fields) and write warm-up pairs.
 
     Format-invalid student responses cannot be split into segments: they are skipped and
-    counted in the returned stats (and never silently dropped).
+    counted in the returned stats (and never silently dropped); ``student_truncated`` counts
+    the samples that hit ``max_new_tokens`` (default RLVR's response limit, so long students
+    are not cut into invalid ones).
     """
+    max_new_tokens = max_new_tokens if max_new_tokens is not None else rl_response_limit()
     torch.manual_seed(seed)
     model, processor = load_policy(ModelConfig(path=policy_dir), pick_device(), trainable=False)
     eos, _ = special_ids(processor)
@@ -61,9 +64,10 @@ def sample_pairs(policy_dir: str, data: str, out: str, *, n: int = 1, max_new_to
         raise ValueError(f"{missing[0]}: warm-up pairs need teacher_caption/teacher_cot fields")
     engine = HFEngine(model, processor)
     params = SamplingParams(n=n, max_new_tokens=max_new_tokens, temperature=temperature)
-    pairs, invalid = [], 0
+    pairs, invalid, truncated = [], 0, 0
     for s in tqdm(range(0, len(prompts), batch_prompts), desc="pairs", dynamic_ncols=True):
         ro = engine.generate(prompts[s:s + batch_prompts], params)
+        truncated += ro.finish_reasons.count("length")
         for text, rec in zip(ro.texts, ro.records):
             seg = split_text(text)
             if seg is None:
@@ -74,7 +78,7 @@ def sample_pairs(policy_dir: str, data: str, out: str, *, n: int = 1, max_new_to
                                     student_cot=seg[1].lstrip()))
     write_pairs(pairs, out)
     stats = {"prompts": len(prompts), "samples": len(prompts) * n, "pairs": len(pairs),
-             "invalid_student_skipped": invalid}
+             "invalid_student_skipped": invalid, "student_truncated": truncated, "max_new_tokens": max_new_tokens}
     Path(out).with_suffix(".stats.json").write_text(json.dumps(stats, indent=2))
     return stats
 
