@@ -143,8 +143,11 @@ class RolloutConfig(Section):
     top_p: float = Field(1.0, gt=0, le=1)
     gen_batch_prompts: int | None = Field(None, gt=0, description="Prompts per generation round "
                                           "(DAPO's gen batch); default prompts_per_step.")
+    engine: Literal["auto", "hf", "graph"] = Field(
+        "auto", description="auto: graph on CUDA (static KV cache, CUDA-graph decode, one prefill per prompt), "
+        "hf (transformers generate) elsewhere.")
     cache_implementation: Literal["dynamic", "static"] = Field(
-        "dynamic", description="KV cache of transformers' generate; static compiles the decode step (GPU).")
+        "dynamic", description="KV cache of transformers' generate (engine hf); static compiles the decode step.")
 
 
 class PPOConfig(Section):

@@ -33,8 +33,8 @@ from ..data.stream import PromptStream, prompt_pool
 from ..models.discriminator import Discriminator, SegmentScores, score_segments
 from ..models.segments import Segments, rollout_segments, text_segments
 from ..reward import batch_scores
-from ..rollout.base import SamplingParams
-from ..rollout.hf import HFEngine
+from ..rollout import make_engine
+from ..rollout.base import RolloutEngine, SamplingParams
 from .checkpoint import save_final
 from .optim import build_optimizer, build_scheduler
 from .run import Run, load_stage_policy
@@ -125,7 +125,8 @@ def train_align(cfg: AlignConfig, resume: bool = False, halt_at_step: int | None
     run.track({"policy": model, "disc": disc}, processor,
               {"optimizer": opt, "scheduler": sched, "disc_optimizer": d_opt, "disc_scheduler": d_sched,
                "stream": stream})
-    engine = HFEngine(model, processor, run.device, cache_implementation=cfg.rollout.cache_implementation)
+    engine = make_engine(cfg.rollout.engine, model, processor, run.device,
+                         cache_implementation=cfg.rollout.cache_implementation)
     run.begin(cfg.train.steps, halt_at_step, prompts=len(prompts), bad_records=bad.count, disc_variant=disc.variant)
     guard = NonfiniteGuard(run.out)
     with run:
@@ -145,7 +146,7 @@ def train_align(cfg: AlignConfig, resume: bool = False, halt_at_step: int | None
     return run.finish(save_both, {"steps": run.step}) / "policy"
 
 
-def align_step(run: Run, step: int, model, disc: Discriminator, processor, engine: HFEngine, stream: PromptStream,
+def align_step(run: Run, step: int, model, disc: Discriminator, processor, engine: RolloutEngine, stream: PromptStream,
                teachers: Teachers, cfg: AlignConfig, opt, sched, d_opt, d_sched, guard: NonfiniteGuard) -> dict:
     """One step of the game (steps 1-6 above); returns its metrics."""
     r = cfg.rollout

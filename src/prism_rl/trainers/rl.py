@@ -23,8 +23,8 @@ from ..eval.evaluate import score_samples, summarize
 from ..models.loading import load_policy, special_ids
 from ..reward import batch_scores, load_reward_fn
 from ..reward.plugins import RewardFn
+from ..rollout import make_engine
 from ..rollout.base import RolloutEngine, Rollouts, SamplingParams, concat_rollouts
-from ..rollout.hf import HFEngine
 from .checkpoint import save_final
 from .optim import build_optimizer, build_scheduler
 from .run import Run, load_stage_policy
@@ -106,10 +106,10 @@ def rollout_metrics(ro: Rollouts, sc: dict[str, torch.Tensor]) -> dict[str, floa
             "rollout/truncated_frac": sum(f == "length" for f in ro.finish_reasons) / len(ro)}
 
 
-def greedy_eval(model, processor, prompts: list[Encoded], max_new_tokens: int, batch_size: int = 64) -> dict:
+def greedy_eval(engine: RolloutEngine, prompts: list[Encoded], max_new_tokens: int, batch_size: int = 64) -> dict:
     """Greedy accuracy / format / length on ``prompts`` with the built-in reward."""
     params = SamplingParams(n=1, max_new_tokens=max_new_tokens, temperature=0.0)
-    return summarize(score_samples(HFEngine(model, processor), prompts, params, batch_size))
+    return summarize(score_samples(engine, prompts, params, batch_size))
 
 
 def train_rl(cfg: RLConfig, resume: bool = False, halt_at_step: int | None = None) -> Path:
@@ -130,7 +130,8 @@ def train_rl(cfg: RLConfig, resume: bool = False, halt_at_step: int | None = Non
     sched = build_scheduler(opt, cfg.optim, cfg.train.steps * cfg.algo.ppo_epochs * cfg.algo.mini_batches)
     stream = PromptStream(prompts, cfg.train.seed, bad=bad if d.skip_bad else None)
     run.track({"": model}, processor, {"optimizer": opt, "scheduler": sched, "stream": stream})
-    engine = HFEngine(model, processor, run.device, cache_implementation=cfg.rollout.cache_implementation)
+    engine = make_engine(cfg.rollout.engine, model, processor, run.device,
+                         cache_implementation=cfg.rollout.cache_implementation)
     reward_fn = load_reward_fn(cfg.reward.function) if cfg.reward.function else None
     run.begin(cfg.train.steps, halt_at_step, algo=cfg.algo.name, prompts=len(prompts), bad_records=bad.count)
     guard = NonfiniteGuard(run.out)
@@ -145,7 +146,7 @@ def train_rl(cfg: RLConfig, resume: bool = False, halt_at_step: int | None = Non
             tokens = float(ro.response_mask.sum() + ro.prompt_mask.sum())
             metrics["timing/tokens_per_s"] = tokens / max(metrics["timing/step_s"], 1e-9)
             if eval_prompts and step % cfg.train.eval_every == 0:
-                ev = greedy_eval(model, processor, eval_prompts, cfg.rollout.max_new_tokens)
+                ev = greedy_eval(engine, eval_prompts, cfg.rollout.max_new_tokens)
                 metrics.update({"eval/acc": ev["overall"]["accuracy"], "eval/format": ev["overall"]["format_rate"]})
             run.show(reward=metrics["rollout/reward"], acc=metrics["rollout/acc"])
             run.log(step, metrics)
