@@ -65,9 +65,20 @@ def main():
     ra, rb = hf.generate(ps[:4], g), graph.generate(ps[:4], g)
     agree = (ra.response_ids == rb.response_ids).float().mean().item()
     first_diff = [int((x != y).nonzero()[0]) if bool((x != y).any()) else -1 for x, y in zip(ra.response_ids, rb.response_ids)]
-    lpd = (ra.logprobs - rb.logprobs).abs()
-    print(f"greedy bf16 token agreement {agree:.3f}; first differing step per row {first_diff}; "
-          f"logprob |diff| mean {lpd.mean():.2e} max {lpd.max():.2e} (before the first difference it is what matters)")
+    before = torch.zeros_like(ra.logprobs, dtype=torch.bool)
+    for i, d in enumerate(first_diff):
+        before[i, :d if d >= 0 else before.shape[1]] = True
+    lpd = (ra.logprobs - rb.logprobs).abs()[before & ra.response_mask.bool()]
+    print(f"greedy bf16 token agreement {agree:.3f} (random-init logits are near-flat: bf16 ties flip argmax); "
+          f"first differing step per row {first_diff}; logprob |diff| before it: mean {lpd.mean():.2e} max {lpd.max():.2e}")
+    from prism_rl.actor import sequence_logprobs
+    torch.manual_seed(0)
+    ro = graph.generate(ps[:4], SamplingParams(n=4, max_new_tokens=128, temperature=1.0, return_logprobs=True))
+    forced = sequence_logprobs(model, ro, 16, torch.device("cuda"), temperature=1.0)
+    m = ro.response_mask.bool()
+    d = (forced - ro.logprobs).abs()[m]
+    print(f"engine bf16 sampled log-probs vs training forward: mean |diff| {d.mean():.3e} max {d.max():.3e} "
+          f"over {int(m.sum())} tokens")
     rows = []
     for R in a.rows:
         n = a.n

@@ -193,8 +193,8 @@ class GraphEngine:
         """Reuse the buffers (and so the captured graphs) when the shape is the same."""
         st = self.state
         if st is None or st.rows != rows or st.length != length:
-            self.graphs.clear()
-            self.state = None
+            self.graphs.clear()     # graphs point into the old buffers and their memory pool
+            self.pool, self.state = None, None
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             vocab = self.head.out_features
