@@ -49,6 +49,7 @@ def main():
     ap.add_argument("--rows", type=int, nargs="+", default=[64])
     ap.add_argument("--new", type=int, default=512)
     ap.add_argument("--n", type=int, default=8)
+    ap.add_argument("--profile", action="store_true", help="profile 128 decode steps at the first --rows and stop")
     a = ap.parse_args()
     bw = copy_bandwidth()
     model, proc = build(Path(a.tiny_dir), "cuda")
@@ -60,6 +61,23 @@ def main():
     graph = GraphEngine(model, proc)
     hf = HFEngine(model, proc)
     ps = prompts(proc, 8, 300, 448)
+    if a.profile:
+        pp = ps[:max(1, a.rows[0] // a.n)]
+        sp = SamplingParams(n=a.n, max_new_tokens=128, temperature=1.0)
+        graph.generate(pp, sp)
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            _, t = timed(lambda: graph.generate(pp, sp))
+        print(f"{a.rows[0]} rows x 128 tokens: {t:.3f} s")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60))
+        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=12, max_name_column_width=60))
+        eager = GraphEngine(model, proc, use_graphs=False)
+        eager.generate(pp, sp)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            _, t = timed(lambda: eager.generate(pp, sp))
+        print(f"eager: {t:.3f} s")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=80))
+        return
     # greedy agreement, short
     g = SamplingParams(n=2, max_new_tokens=64, temperature=0.0, return_logprobs=True)
     ra, rb = hf.generate(ps[:4], g), graph.generate(ps[:4], g)
