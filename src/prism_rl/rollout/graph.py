@@ -39,7 +39,7 @@ from ..models.loading import special_ids, vision_token_ids
 from ..models.mrope import mrope_position_ids
 from .base import Rollouts, SamplingParams
 
-ATTN_BUCKET = 512   # attention lengths are rounded up to a multiple of this (one graph each)
+ATTN_BUCKET = 256   # attention lengths are rounded up to a multiple of this (one graph each)
 
 
 def _bucket(n: int, step: int) -> int:
@@ -108,15 +108,20 @@ class GraphEngine:
     """``RolloutEngine`` with a static KV cache and a CUDA-graph decode step (eager on CPU)."""
 
     def __init__(self, model, processor, device: torch.device | None = None, *, use_graphs: bool | None = None,
-                 check_every: int = 16):
+                 check_every: int = 16, compile_step: bool = False):
+        """``compile_step``: run the decode step through ``torch.compile`` (fused elementwise
+        kernels; one compile with dynamic batch and length, before the graphs are captured)."""
         self.model, self.processor = model, processor
         self.device = device or next(model.parameters()).device
         self.lm = model.model.language_model
         self.head = model.get_output_embeddings()
         self.eos_id, self.pad_id = special_ids(processor)
-        self.suppress_ids = torch.tensor(vision_token_ids(processor.tokenizer), dtype=torch.long, device=self.device)
+        vocab = self.head.out_features
+        self.suppress_bias = torch.zeros(vocab, dtype=torch.float32, device=self.device)
+        self.suppress_bias[[i for i in vision_token_ids(processor.tokenizer) if i < vocab]] = float("-inf")
         self.use_graphs = (self.device.type == "cuda") if use_graphs is None else use_graphs
         self.check_every = check_every
+        self._step_fn = torch.compile(self._step, dynamic=True) if compile_step else self._step
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.state: DecodeState | None = None
         self.pool = None
@@ -157,7 +162,7 @@ class GraphEngine:
 
     def _run_step(self, rows: int, attn_len: int) -> None:
         if not self.use_graphs:
-            self._step(rows, attn_len)
+            self._step_fn(rows, attn_len)
             return
         key = (rows, attn_len)
         graph = self.graphs.get(key)
@@ -174,13 +179,13 @@ class GraphEngine:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            self._step(rows, attn_len)
+            self._step_fn(rows, attn_len)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         with torch.cuda.graph(graph, pool=self.pool):
-            self._step(rows, attn_len)
+            self._step_fn(rows, attn_len)
         for buf, old in zip((self.state.tokens, self.state.cache_pos, self.state.rope_pos), saved):
             buf.copy_(old)
         self.graphs[(rows, attn_len)] = graph
@@ -237,10 +242,12 @@ class GraphEngine:
     # ---------------------------------------------------------------- sampling
 
     def _sample(self, logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None):
-        """(token, log-prob of it under softmax(logits / T)) per row, all on the device."""
-        scores = logits.clone()
-        if self.suppress_ids.numel():
-            scores[:, self.suppress_ids] = float("-inf")
+        """(token, log-prob of it under softmax(logits / T)) per row, all on the device, no sync.
+
+        Sampling is the exponential race ``argmax_v p_v / E_v`` with ``E_v ~ Exp(1)`` i.i.d.,
+        which draws ``v`` with probability ``p_v`` (``torch.multinomial`` would sync the host).
+        """
+        scores = logits + self.suppress_bias
         greedy = params.temperature == 0
         if greedy:
             tok = scores.argmax(-1)
@@ -248,7 +255,8 @@ class GraphEngine:
             scores = scores / params.temperature
             if params.top_p < 1.0:
                 scores = _top_p(scores, params.top_p)
-            tok = torch.multinomial(torch.softmax(scores, -1), 1, generator=gen)[:, 0]
+            probs = torch.softmax(scores, -1)
+            tok = (probs / torch.empty_like(probs).exponential_(generator=gen)).argmax(-1)
         lp = None
         if params.return_logprobs:
             z = logits if greedy else logits / params.temperature
@@ -275,33 +283,28 @@ class GraphEngine:
     def _decode(self, logits: torch.Tensor, B: int, longest: int, params: SamplingParams):
         """The decode loop: sample, record, stop finished rows, compact, step.
 
-        Every slot's cache index is its prompt length plus the step, so the longest attended
-        length is known on the host (``longest + t + 1``) and picks the attention bucket
-        without a device sync.
+        Per step the loop touches only slot-ordered buffers with plain slices (no indexed
+        writes, which sync the host): ``slots.tokens[:rows, t]``, ``slots.done[:rows]``. Every
+        slot's cache index is its prompt length plus the step, so the longest attended length
+        (``longest + t + 1``) picks the attention bucket on the host without a sync.
         """
         st = self.state
         seed = int(torch.randint(0, 2**62, (1,)).item())   # from the global RNG: seeded runs repeat
         gen = torch.Generator(device=self.device).manual_seed(seed)
-        # one extra row (index B, always done) absorbs the writes of a bucket's filler slots
-        out = torch.full((B + 1, params.max_new_tokens), self.pad_id, dtype=torch.long, device=self.device)
-        lps = torch.zeros(B + 1, params.max_new_tokens, dtype=torch.float32, device=self.device)
-        slot_row = torch.arange(B, device=self.device)   # original row of each slot
-        done = torch.zeros(B + 1, dtype=torch.bool, device=self.device)
-        done[B] = True
+        slots = _Slots(B, params.max_new_tokens, self.pad_id, self.device)
         rows, buckets = B, batch_buckets(B)
         for t in range(params.max_new_tokens):
             tok, lp = self._sample(logits[:rows], params, gen)
-            here = slot_row[:rows]
-            live = ~done[here]
-            out[here, t] = torch.where(live, tok, self.pad_id)
+            live = ~slots.done[:rows]
+            slots.tokens[:rows, t] = torch.where(live, tok, self.pad_id)
             if lp is not None:
-                lps[here, t] = torch.where(live, lp, 0.0)
-            done[here] |= tok == self.eos_id
+                slots.logprobs[:rows, t] = torch.where(live, lp, 0.0)
+            slots.done[:rows] |= tok == self.eos_id
             if t + 1 == params.max_new_tokens:
                 break
             st.tokens[:rows] = tok
             if (t + 1) % self.check_every == 0:
-                rows = self._maybe_compact(rows, slot_row, done, buckets)
+                rows = self._maybe_compact(rows, slots, buckets)
                 if rows == 0:
                     break
             attn_len = min(_bucket(longest + t + 1, ATTN_BUCKET), st.length)
@@ -309,20 +312,19 @@ class GraphEngine:
             st.cache_pos[:rows] += 1
             st.rope_pos[:rows] += 1
             logits = st.logits
-        return out[:B], lps[:B]
+        return slots.result(rows)
 
-    def _maybe_compact(self, rows: int, slot_row: torch.Tensor, done: torch.Tensor, buckets: list[int]) -> int:
+    def _maybe_compact(self, rows: int, slots: _Slots, buckets: list[int]) -> int:
         """At a host sync: the number of slots to keep stepping (0 = all rows ended)."""
-        live = (~done[slot_row[:rows]]).nonzero()[:, 0]
+        live = (~slots.done[:rows]).nonzero()[:, 0]
         k = int(live.numel())
         if k == 0:
             return 0
         target = next(b for b in buckets if b >= k)
         if target > rows // 2 or target == rows:
             return rows
+        slots.compact(rows, live, target)
         self.state.compact(live)
-        slot_row[:k] = slot_row[live].clone()
-        slot_row[k:target] = done.numel() - 1      # filler slots write to the spare, finished row
         return target
 
     def _rollouts(self, prompts: list[Encoded], params: SamplingParams, resp: torch.Tensor, lps: torch.Tensor,
@@ -349,6 +351,40 @@ class GraphEngine:
             image_grid_thw=batch.get("image_grid_thw"),
             logprobs=lps * mask if params.return_logprobs else None, extras=extras,
         )
+
+
+class _Slots:
+    """The decode loop's per-slot record: tokens, log-probs, done flags and the original row of
+    each slot. Rows leave the slots at compaction; ``out`` (one spare row at index ``B`` for the
+    filler slots of a bucket) holds every row's record once it has been flushed."""
+
+    def __init__(self, B: int, steps: int, pad_id: int, device):
+        self.tokens = torch.full((B, steps), pad_id, dtype=torch.long, device=device)
+        self.logprobs = torch.zeros(B, steps, dtype=torch.float32, device=device)
+        self.done = torch.zeros(B, dtype=torch.bool, device=device)
+        self.row = torch.arange(B, device=device)
+        self.out_tokens = torch.full((B + 1, steps), pad_id, dtype=torch.long, device=device)
+        self.out_logprobs = torch.zeros(B + 1, steps, dtype=torch.float32, device=device)
+        self.spare = B
+
+    def flush(self, rows: int) -> None:
+        self.out_tokens[self.row[:rows]] = self.tokens[:rows]
+        self.out_logprobs[self.row[:rows]] = self.logprobs[:rows]
+
+    def compact(self, rows: int, live: torch.Tensor, target: int) -> None:
+        """Flush every slot, move the ``live`` ones to the front, mark ``[k, target)`` as
+        finished filler slots that write to the spare row."""
+        self.flush(rows)
+        k = int(live.numel())
+        for buf in (self.tokens, self.logprobs, self.row):
+            buf[:k] = buf[live].clone()
+        self.done[:k] = False
+        self.done[k:target] = True
+        self.row[k:target] = self.spare
+
+    def result(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self.flush(rows)
+        return self.out_tokens[:self.spare], self.out_logprobs[:self.spare]
 
 
 def _top_p(scores: torch.Tensor, top_p: float) -> torch.Tensor:
