@@ -49,7 +49,6 @@ def main():
     ap.add_argument("--rows", type=int, nargs="+", default=[64])
     ap.add_argument("--new", type=int, default=512)
     ap.add_argument("--n", type=int, default=8)
-    ap.add_argument("--compile", action="store_true", help="also measure the engine with compile_step=True")
     ap.add_argument("--profile", action="store_true", help="profile 128 decode steps at the first --rows and stop")
     a = ap.parse_args()
     bw = copy_bandwidth()
@@ -99,9 +98,7 @@ def main():
     print(f"engine bf16 sampled log-probs vs training forward: mean |diff| {d.mean():.3e} max {d.max():.3e} "
           f"over {int(m.sum())} tokens")
     rows = []
-    if a.compile:
-        comp = GraphEngine(model, proc, compile_step=True)
-        for R in a.rows:
+    for R in a.rows:
             pp = (ps * 64)[:max(1, R // a.n)]
             _, tc = timed(lambda: comp.generate(pp, SamplingParams(n=a.n, max_new_tokens=32, temperature=1.0)))  # noqa: B023 (called at once)
             ro, tg = timed(lambda: comp.generate(pp, SamplingParams(n=a.n, max_new_tokens=a.new, temperature=1.0)))  # noqa: B023 (called at once)

@@ -108,9 +108,7 @@ class GraphEngine:
     """``RolloutEngine`` with a static KV cache and a CUDA-graph decode step (eager on CPU)."""
 
     def __init__(self, model, processor, device: torch.device | None = None, *, use_graphs: bool | None = None,
-                 check_every: int = 16, compile_step: bool = False):
-        """``compile_step``: run the decode step through ``torch.compile`` (fused elementwise
-        kernels; one compile with dynamic batch and length, before the graphs are captured)."""
+                 check_every: int = 16):
         self.model, self.processor = model, processor
         self.device = device or next(model.parameters()).device
         self.lm = model.model.language_model
@@ -121,7 +119,6 @@ class GraphEngine:
         self.suppress_bias[[i for i in vision_token_ids(processor.tokenizer) if i < vocab]] = float("-inf")
         self.use_graphs = (self.device.type == "cuda") if use_graphs is None else use_graphs
         self.check_every = check_every
-        self._step_fn = torch.compile(self._step, dynamic=True) if compile_step else self._step
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.state: DecodeState | None = None
         self.pool = None
@@ -162,7 +159,7 @@ class GraphEngine:
 
     def _run_step(self, rows: int, attn_len: int) -> None:
         if not self.use_graphs:
-            self._step_fn(rows, attn_len)
+            self._step(rows, attn_len)
             return
         key = (rows, attn_len)
         graph = self.graphs.get(key)
@@ -179,13 +176,13 @@ class GraphEngine:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            self._step_fn(rows, attn_len)
+            self._step(rows, attn_len)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         with torch.cuda.graph(graph, pool=self.pool):
-            self._step_fn(rows, attn_len)
+            self._step(rows, attn_len)
         for buf, old in zip((self.state.tokens, self.state.cache_pos, self.state.rope_pos), saved):
             buf.copy_(old)
         self.graphs[(rows, attn_len)] = graph
