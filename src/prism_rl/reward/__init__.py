@@ -9,28 +9,36 @@ Score of one rollout::
 Accuracy (0 or 1) is rule-based on the ``<answer>`` content. The rules run in this order and
 the first one that can decide does:
 
-1. multiple-choice letters (``B``, ``(B)``, ``B.``, ``The answer is B``, ``Answer: (B) 30``);
+1. multiple-choice letters (``B``, ``(B)``, ``b``, ``\\text{B}``, ``The answer is B``,
+   ``Answer: (B) 30``, ``C because ...``; ``C and D`` or ``A triangle ...`` are no letter);
 2. exact match after light normalisation (wrappers, white space, case, final period);
 3. numbers within relative error 1e-6 (thousands separators, unicode minus, currency,
    trailing units and percent handled);
 4. normalised text and LaTeX (``\\frac``, ``\\text``, ``^\\circ``, delimiters, ``\\boxed`` ...);
-5. multi-value answers, compared as unordered multisets;
-6. coordinate tuples, compared in order with numeric tolerance;
+5. multi-value answers, item by item: in order (lists ``3, 4``, points ``(3, 4)``), by label
+   (parts ``(1) 5 (2) 3``, names ``x = 1, y = 2``), or in any order only when the ground
+   truth is a set (``\\{3, 4\\}``, ``3 or 4``, ``x = 3, x = 4``, ``\\pm 2``); each pair of
+   items goes through rules 2-7, so the fallback never sees a whole list;
+6. two different plain-word answers (``yes`` vs ``no``) are wrong;
 7. ``math_verify`` (symbolic equivalence) as the fallback.
 
-Every check is bounded in time. Rules 1-6 are linear-time string work on an answer capped
-at ``max_answer_chars``. The fallback never runs in the calling process: it runs in a small,
-lazily started pool of reusable worker processes (``python -P math_verify_worker.py``
-children that import only ``math_verify``), each call under a soft deadline (``setitimer``
-inside the worker, whose main thread owns the signal) and a hard one (the caller stops
-waiting and kills the worker; a fresh one is started in the background). So it is safe from
-any thread, and a pathological answer costs at most ``timeout_s`` (+ a 1 s grace) and scores
-accuracy 0 with ``reason="timeout"``. Answers that rules settle never touch the pool.
+Every check is bounded in time. Rules 1-6 are string work on an answer capped at
+``max_answer_chars`` (at most ``MAX_ITEMS`` = 64 items a list). The fallback never runs in the
+calling process: it runs in a small, lazily started pool of reusable worker processes
+(``python -P math_verify_worker.py`` children that import only ``math_verify``), each call
+under a soft deadline (``setitimer`` inside the worker, whose main thread owns the signal)
+and a hard one (the caller stops waiting and kills the worker; a fresh one is started in
+the background). So it is safe from any thread, and a pathological answer costs at most
+``timeout_s`` (+ a 1 s grace) and scores accuracy 0 with ``reason="timeout"``; the calls
+for the items of one multi-value answer share that budget once the first has returned (at
+most about ``2 * timeout_s`` in all). Answers that rules settle never touch the pool.
 
 Modules, one layer each (each imports only the ones above it):
 
 - :mod:`~prism_rl.reward.math_verify_pool` -- the worker pool behind the fallback
   (worker script: :mod:`~prism_rl.reward.math_verify_worker`);
+- :mod:`~prism_rl.reward.normalize` -- text and LaTeX normalisation;
+- :mod:`~prism_rl.reward.multivalue` -- multi-value answers: which kind, how compared;
 - :mod:`~prism_rl.reward.matching` -- the rules: :func:`check_answer`, :func:`is_correct`;
 - :mod:`~prism_rl.reward.scoring` -- the score policy: :class:`RewardResult`,
   :func:`compute_score`;
