@@ -99,15 +99,6 @@ def main():
           f"over {int(m.sum())} tokens")
     rows = []
     for R in a.rows:
-            pp = (ps * 64)[:max(1, R // a.n)]
-            _, tc = timed(lambda: comp.generate(pp, SamplingParams(n=a.n, max_new_tokens=32, temperature=1.0)))  # noqa: B023 (called at once)
-            ro, tg = timed(lambda: comp.generate(pp, SamplingParams(n=a.n, max_new_tokens=a.new, temperature=1.0)))  # noqa: B023 (called at once)
-            print(f"compiled step, {R} rows: first call (compile+capture) {tc:.1f} s; "
-                  f"{int(ro.response_mask.sum()) / tg:.0f} tok/s", flush=True)
-            comp.state, ro = None, None
-            comp.graphs.clear()
-            torch.cuda.empty_cache()
-    for R in a.rows:
         n = a.n
         k = max(1, R // n)
         pp = (ps * ((k + len(ps) - 1) // len(ps)))[:k]
