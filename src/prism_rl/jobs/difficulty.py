@@ -16,25 +16,30 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from ..config import ModelConfig  # noqa: E402
+from ..config import ConfigError, ModelConfig  # noqa: E402
 from ..data.layouts import read_records, write_verl_parquet  # noqa: E402
 from ..data.processing import encode_all  # noqa: E402
-from ..data.records import BadRecords  # noqa: E402
+from ..data.prompt_format import check_prompts  # noqa: E402
+from ..data.records import BadRecords, DataError  # noqa: E402
 from ..eval.sampling import generate_and_score  # noqa: E402
 from ..models.loading import load_policy, pick_device, special_ids  # noqa: E402
 from ..reward import compute_score  # noqa: E402
+from ..reward.builtins import builtin_reward  # noqa: E402
+from ..reward.plugins import RewardFn, load_reward_option  # noqa: E402
 from ..rollout.base import SamplingParams  # noqa: E402
 from ..rollout.hf import HFEngine  # noqa: E402
 
 
 def pass_rates(model, processor, records, *, n: int, max_new_tokens: int, temperature: float = 1.0,
-               batch_prompts: int = 16, max_prompt_length: int = 2048) -> list[float]:
-    """Fraction of ``n`` sampled responses per record that the verifiable reward marks correct."""
+               batch_prompts: int = 16, max_prompt_length: int = 2048, reward_fn: RewardFn | None = None) -> list[float]:
+    """Fraction of ``n`` sampled responses per record that the verifiable reward (``reward_fn``,
+    default the built-in PRISM reward) marks correct."""
+    score = reward_fn or compute_score
     eos, _ = special_ids(processor)
     prompts = encode_all(processor, records, eos_id=eos, max_length=max_prompt_length, with_response=False)
     params = SamplingParams(n=n, max_new_tokens=max_new_tokens, temperature=temperature)
     accs = generate_and_score(HFEngine(model, processor), prompts, params, batch_prompts,
-                              lambda rec, text, _tokens, _finish: compute_score(text, rec.ground_truth or "").acc,
+                              lambda rec, text, _tokens, _finish: score(text, rec.ground_truth or "").acc,
                               desc="filter")
     # rows come prompt by prompt, n each; a float32 mean as before keeps the written rates identical
     return torch.tensor(accs).view(-1, n).mean(1).tolist()
@@ -42,16 +47,30 @@ def pass_rates(model, processor, records, *, n: int, max_new_tokens: int, temper
 
 def filter_difficulty(model_dir: str, data: str, out: str, *, n: int = 16, low: float = 0.2, high: float = 0.8,
                       max_new_tokens: int = 1024, temperature: float = 1.0, limit: int | None = None,
-                      seed: int = 0, skip_bad: bool = False) -> dict:
-    """Write the kept problems to ``out`` (verl parquet), a histogram PNG and stats JSON beside it."""
+                      seed: int = 0, skip_bad: bool = False, reward: str = "", check_prompt_format: bool = True) -> dict:
+    """Write the kept problems to ``out`` (verl parquet), a histogram PNG and stats JSON beside it.
+
+    ``reward`` names the reward whose accuracy is the pass rate (a built-in such as ``boxed``
+    or ``path/to/file.py:function``; default the PRISM reward). The records are read and, with
+    ``check_prompt_format``, their prompts checked against the reward's response format
+    before the model is loaded, so bad input fails at once."""
     if not 0.0 <= low <= high <= 1.0:
-        raise ValueError(f"need 0 <= low <= high <= 1, got low={low}, high={high}")
-    torch.manual_seed(seed)
-    model, processor = load_policy(ModelConfig(path=model_dir), pick_device(), trainable=False)
+        raise ConfigError(f"need 0 <= --low <= --high <= 1, got low={low}, high={high}")
+    reward_fn = load_reward_option(reward, "--reward")
     bad = BadRecords()
     records = read_records(data, skip_bad=skip_bad, bad=bad)
     records = records[:limit] if limit else records
-    rates = pass_rates(model, processor, records, n=n, max_new_tokens=max_new_tokens, temperature=temperature)
+    if not records:
+        raise DataError(f"{data}: no problems to filter ({bad.summary()})")
+    builtin = builtin_reward(reward)
+    if check_prompt_format and builtin is not None:
+        check_prompts(records, builtin.convention, f"--reward {builtin.name}",
+                      ["pass --reward with the reward that scores the prompts' format (boxed for \\boxed{} answers, "
+                       "or path/to/file.py:function)", "pass --no-prompt-check to filter anyway"])
+    torch.manual_seed(seed)
+    model, processor = load_policy(ModelConfig(path=model_dir), pick_device(), trainable=False)
+    rates = pass_rates(model, processor, records, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
+                       reward_fn=reward_fn)
     kept = [r for r, p in zip(records, rates) if low <= p <= high]
     for r, p in zip(records, rates):
         r.extra["pass_rate"] = p

@@ -19,7 +19,7 @@ import torch
 from ..config import SFTConfig
 from ..data.layouts import read_records
 from ..data.processing import Encoded, collate, encode_all, length_grouped_batches
-from ..data.records import BadRecords
+from ..data.records import BadRecords, DataError
 from ..models.loading import autocast_for, count_parameters, special_ids
 from ..models.logprobs import sft_loss
 from .checkpoint import save_final
@@ -36,7 +36,7 @@ def load_examples(cfg: SFTConfig, processor, eos: int, bad: BadRecords) -> list[
     examples = encode_all(processor, records, eos_id=eos, max_length=cfg.data.max_length,
                           with_response=True, skip_bad=cfg.data.skip_bad, bad=bad)
     if not examples:
-        raise ValueError(f"{cfg.data.train}: no usable training records ({bad.summary()})")
+        raise DataError(f"{cfg.data.train}: no usable training records ({bad.summary()})")
     return examples
 
 
