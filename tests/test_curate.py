@@ -435,4 +435,4 @@ def test_prism_data_curate_cli_takes_every_option(tmp_path, monkeypatch, capsys)
         monkeypatch.setenv("PRISM_TEST_CLI_KEY", "sk-wrong")
         assert main(common + ["--out", str(tmp_path / "bad")]) == 2
         err = capsys.readouterr().err
-        assert err.startswith("prism data: error:") and "401" in err and "Traceback" not in err
+        assert err.startswith("prism data curate: error:") and "401" in err and "Traceback" not in err

@@ -9,7 +9,7 @@ from pydantic import BaseModel
 from safetensors.torch import load_file, save_file
 
 from prism_rl.trainers.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
-from prism_rl.trainers.run import Run, read_metrics
+from prism_rl.trainers.run import Run, outcome, read_metrics
 
 
 class _Train(BaseModel):
@@ -117,7 +117,9 @@ def test_halt_then_resume_equals_uninterrupted(tmp_path):
     _, straight, _ = _train(tmp_path / "straight", steps=7)
     ckpt, _, _ = _train(tmp_path / "halted", steps=7, halt=3)
     assert ckpt.name == "checkpoint-3" and not (tmp_path / "halted" / "final").exists()
+    assert outcome(ckpt, "final model") == f"stopped at step 3, checkpoint: {ckpt} (continue with --resume)"
     final, resumed, n = _train(tmp_path / "halted", steps=7, resume=True)
+    assert outcome(final, "final model") == f"final model: {final}"
     assert final.name == "final" and n == 7                     # the counter's state came back too
     assert torch.equal(resumed, straight)
     steps = [r["step"] for r in read_metrics(tmp_path / "halted" / "metrics.jsonl") if "actor/loss" in r]
@@ -131,3 +133,11 @@ def test_ctrl_c_saves_the_completed_steps_and_reraises(tmp_path):
     _, resumed, n = _train(tmp_path, steps=7, resume=True, save_every=None)
     _, straight, _ = _train(tmp_path / "straight", steps=7, save_every=None)
     assert n == 7 and torch.equal(resumed, straight)
+
+
+def test_outcome_of_a_two_model_stage(tmp_path):
+    """Alignment returns its policy's sub-folder: of a checkpoint when halted, of final/ when done."""
+    halted = tmp_path / "checkpoint-12" / "policy"
+    assert outcome(halted, "aligned policy") == f"stopped at step 12, checkpoint: {halted} (continue with --resume)"
+    assert outcome(tmp_path / "final" / "policy", "aligned policy") == f"aligned policy: {tmp_path / 'final' / 'policy'}"
+    assert outcome(tmp_path / "checkpoint-3" / "final", "x").startswith("x: ")  # a run folder named like one

@@ -24,6 +24,7 @@ from prism_rl.jobs.serve import (
     GenKey,
     Job,
     create_app,
+    default_model_name,
     first_stop,
     group_jobs,
     tokens_reaching,
@@ -131,6 +132,16 @@ def test_a_failing_batch_fails_only_its_requests(tiny_model_dir, monkeypatch):
         assert r.json()["error"]["type"] == "server_error" and r.json()["error"]["code"] == "generation_failed"
         assert tc.post("/v1/chat/completions", json=body).status_code == 200
         assert tc.get("/v1/stats").json()["failed_calls"] == 1
+
+
+def test_default_model_name_says_which_run(tmp_path, tiny_model_dir):
+    assert default_model_name(tmp_path / "runs" / "rl" / "final") == "rl/final"
+    assert default_model_name(tmp_path / "runs" / "align" / "checkpoint-40" / "policy") == "align/checkpoint-40/policy"
+    assert default_model_name(tmp_path / "Qwen3-VL-4B-Instruct") == "Qwen3-VL-4B-Instruct"
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "sft" / "final").symlink_to(tiny_model_dir)  # the path given names it, not the link's target
+    with TestClient(create_app(tmp_path / "sft" / "final")) as tc:
+        assert [m["id"] for m in tc.get("/v1/models").json()["data"]] == ["sft/final"]
 
 
 def test_group_jobs_by_settings_rows_and_seed():
@@ -358,3 +369,9 @@ def test_api_key_is_required_and_never_logged(server, name):
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     assert httpx.get(f"{server.base_url}/health").status_code == 200  # readiness needs no key
     assert API_KEY not in Path(server.log_path).read_text(errors="replace")
+
+
+def test_an_unknown_model_is_answered_with_the_served_name(client, name):
+    with pytest.raises(openai.NotFoundError) as err:
+        client.chat.completions.create(model="final", messages=[{"role": "user", "content": "hi"}], max_tokens=1)
+    assert f"The model 'final' does not exist; this server serves one model, '{name}'" in err.value.message

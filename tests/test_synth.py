@@ -1,5 +1,6 @@
 """The procedural visual-reasoning dataset (prism_rl.data.synth): determinism, splits,
-teacher correctness, the public set's error rate, image sizes and the ``show`` helper."""
+teacher correctness, the public set's error rate and image sizes (``prism data show`` is
+tested in test_show.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 from PIL import Image
 
 from prism_rl.data.layouts import read_records
-from prism_rl.data.synth import FAMILIES, make_problem, show, synthesize, teacher_response
+from prism_rl.data.synth import FAMILIES, make_problem, synthesize, teacher_response
 from prism_rl.format import extract_answer, is_format_valid, parse_response
 
 N = 300
@@ -175,16 +176,3 @@ def test_bad_arguments(tmp_path):
         synthesize(tmp_path, 10, seed=0, families=("count", "maze"))
     with pytest.raises(ValueError, match="public_error_rate"):
         synthesize(tmp_path, 10, seed=0, public_error_rate=1.5)
-
-
-def test_show_prints_and_saves_contact_sheet(data, tmp_path, capsys):
-    out = tmp_path / "sheet.png"
-    blocks = show(data["dir"] / "test.parquet", out, k=5)
-    assert len(blocks) == 5
-    printed = capsys.readouterr().out
-    for block, rec in zip(blocks, data["test"]):
-        assert f"Q: {rec.question}" in block and f"GT: {rec.ground_truth}" in block
-        assert rec.extra["teacher_response"] in block and block in printed
-    with Image.open(out) as im:
-        assert im.size[0] > 300 and im.size[1] > 200
-    assert len(show(data["dir"] / "sft.json", None, k=3)) == 3

@@ -2,6 +2,9 @@
 
 Training and evaluation commands take ``--config FILE.yaml`` plus dotted overrides
 (``train.lr=2e-4 data.skip_bad=true``); bad keys or values exit with a message naming them.
+Every user error (a bad option, config key, data file, record or field) ends the command with
+``prism <command>: error: ...`` on stderr and exit status 2, without a traceback (``-v``
+shows one).
 """
 
 from __future__ import annotations
@@ -11,15 +14,59 @@ import json
 import logging
 import os
 import sys
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 from .config import ConfigError, EvalConfig, SFTConfig, load_config, rl_response_limit
 from .data.records import DataError
+from .reward.batch import RewardInputError
 
+# What a user can get wrong (options, config, files, records, fields); anything else is a bug
+# and keeps its traceback.
+USER_ERRORS = (ConfigError, DataError, RewardInputError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+               PermissionError)
+
+REWARD_HELP = """\
+Input: JSONL, one object per line:
+  response      (string, required) the model's full response text
+  ground_truth  (string, number or list of them, required) the reference answer; a list is
+                one multi-value answer, compared without regard to order
+  any other field is copied to the output unchanged
+Output: every line with "score", "acc" (0/1) and "format" (0/1) added, to --output or stdout;
+a summary {n, mean_score, mean_acc, format_rate} on stderr. A bad line stops the command before
+anything is written, naming the file, line and field.
+
+Rewards (--reward-fn):
+  prism (default)  score = 0.8 acc + 0.2 when the whole response is
+                   <caption>...</caption><think>...</think><answer>...</answer>, else 0;
+                   acc from <answer>
+  boxed            score = 0.8 acc + 0.2 format; format = <think>...</think> then \\boxed{...};
+                   acc from the last \\boxed{...} (verl geo3k style data)
+  FILE.py:FN       your function (response, ground_truth, **kw) -> float | dict | RewardResult
+"""
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config file (see configs/)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=2e-4")
+
+
+def _number(kind: type, low: float | None = None, high: float | None = None) -> Callable[[str], float]:
+    """An argparse type: ``kind`` of the text, within ``[low, high]`` (argparse names the option)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if (low is not None and value < low) or (high is not None and value > high):
+            bounds = f"in [{low}, {high}]" if high is not None else f"at least {low}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
+        return value
+    return parse
+
+
+POSITIVE, NON_NEGATIVE, FRACTION = _number(int, 1), _number(int, 0), _number(float, 0.0, 1.0)
 
 
 def _add_resume_args(p: argparse.ArgumentParser) -> None:
@@ -31,32 +78,45 @@ def _add_response_limit_args(p: argparse.ArgumentParser) -> None:
     """Sampling jobs that feed later stages default to RLVR's response limit (a lower cap cuts long
     correct answers short, and they count as wrong)."""
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--max-new-tokens", type=int, default=None,
+    g.add_argument("--max-new-tokens", type=POSITIVE, default=None,
                    help=f"response token limit (default: RLVR's rollout.max_new_tokens, {rl_response_limit()})")
     g.add_argument("--rl-config", default=None, help="read the limit from this RL config's rollout.max_new_tokens")
 
 
 def cmd_data_synth(a) -> None:
-    from .data.synth import synthesize
+    from .data.synth import FAMILIES, synthesize
     kwargs = {"image_size": a.image_size, "public_error_rate": a.public_error_rate}
     if a.families:
         kwargs["families"] = a.families.split(",")
+        unknown = [f for f in kwargs["families"] if f not in FAMILIES]
+        if unknown:
+            raise ConfigError(f"--families: unknown {', '.join(unknown)} (choose from {', '.join(FAMILIES)})")
     stats = synthesize(a.out, a.n, a.seed, **kwargs)
     print(json.dumps(stats, indent=2))
 
 
 def cmd_data_show(a) -> None:
-    from .data.synth import show
+    from .data.show import show
+    from .eval.loaders import load_benchmark
     out = a.out or str(Path(a.file).with_suffix("")) + "_sheet.png"
-    show(a.file, out, k=a.k)
-    print(f"contact sheet: {out}")
+    blocks = show(a.file, out, k=a.k, benchmark_reader=lambda name, path, k: load_benchmark(name, path, limit=k))
+    if len(blocks) > 1:  # the first block is the layout line
+        print(f"contact sheet: {out}")
+
+
+def cmd_data_convert(a) -> None:
+    from .data.prompt_format import convert_file
+    print(json.dumps(convert_file(a.file, a.out, prism_format=a.prism_format)))
 
 
 def cmd_data_filter(a) -> None:
     from .jobs.difficulty import filter_difficulty
+    if a.low > a.high:
+        raise ConfigError(f"--low {a.low} is above --high {a.high}")
     stats = filter_difficulty(a.model, a.data, a.out, n=a.n, low=a.low, high=a.high,
                               max_new_tokens=a.max_new_tokens, rl_config=a.rl_config, limit=a.limit,
-                              seed=a.seed, batch_prompts=a.batch_prompts)
+                              seed=a.seed, batch_prompts=a.batch_prompts, reward=a.reward,
+                              check_prompt_format=not a.no_prompt_check)
     print(json.dumps(stats, indent=2))
     cut = stats["truncation"]
     if cut["truncated"]:
@@ -93,17 +153,36 @@ def cmd_data_build_pairs(a) -> None:
     print(json.dumps({"pairs": n, "skipped": bad.count, "skipped_reasons": bad.reasons[:10]}, indent=2))
 
 
+def _tiny_spec(text: str):
+    """``--spec`` JSON as a ``TinySpec``; a bad document or key is a ``ConfigError`` naming it."""
+    from dataclasses import fields
+
+    from .models.tiny import TinySpec
+    try:
+        values = json.loads(text) if text else {}
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--spec: not valid JSON ({e.msg})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"--spec: expected a JSON object of TinySpec fields, got {type(values).__name__}")
+    known = [f.name for f in fields(TinySpec)]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"--spec: unknown TinySpec field {', '.join(unknown)} (fields: {', '.join(known)})")
+    return TinySpec(**values)
+
+
 def cmd_model_tiny(a) -> None:
-    from .models.tiny import TinySpec, build_tiny, corpus_from_data
-    spec = TinySpec(**json.loads(a.spec)) if a.spec else TinySpec()
+    from .models.tiny import build_tiny, corpus_from_data
+    spec = _tiny_spec(a.spec)
     out = build_tiny(a.out, corpus_from_data(a.data), spec)
     print(f"tiny model saved to {out}")
 
 
 def cmd_sft(a) -> None:
+    from .trainers.run import outcome
     from .trainers.sft import train_sft
     cfg = load_config(SFTConfig, a.config, a.overrides)
-    print(f"final model: {train_sft(cfg, resume=a.resume, halt_at_step=a.halt_at_step)}")
+    print(outcome(train_sft(cfg, resume=a.resume, halt_at_step=a.halt_at_step), "final model"))
 
 
 def cmd_serve(a) -> None:
@@ -136,12 +215,18 @@ def cmd_eval(a) -> None:
 def cmd_rl(a) -> None:
     from .config import ALGO_PRESETS, RLConfig
     from .trainers.rl import train_rl
+    from .trainers.run import outcome
     cfg = load_config(RLConfig, a.config, a.overrides, defaults=ALGO_PRESETS[a.algo])
-    print(f"final policy: {train_rl(cfg, resume=a.resume, halt_at_step=a.halt_at_step)}")
+    print(outcome(train_rl(cfg, resume=a.resume, halt_at_step=a.halt_at_step), "final policy"))
 
 
 def cmd_disc_init(a) -> None:
     from .models.discriminator import init_discriminator
+    if not Path(a.from_dir).is_dir():
+        raise FileNotFoundError(f"--from {a.from_dir}: not a folder (a local Hugging Face checkpoint, e.g. the SFT "
+                                "run's final/)")
+    if a.top_k > a.experts:
+        raise ConfigError(f"--top-k {a.top_k} is more than --experts {a.experts}")
     out = init_discriminator(a.from_dir, a.out, experts=a.experts, top_k=a.top_k, dense=a.dense,
                              text_only=a.text_only, noise_std=a.noise_std, routing=a.routing, seed=a.seed)
     print(f"discriminator saved to {out}")
@@ -156,16 +241,18 @@ def cmd_disc_pairs(a) -> None:
 
 def cmd_disc_warmup(a) -> None:
     from .config import WarmupConfig
+    from .trainers.run import outcome
     from .trainers.warmup import train_warmup
     cfg = load_config(WarmupConfig, a.config, a.overrides)
-    print(f"warmed-up discriminator: {train_warmup(cfg, resume=a.resume, halt_at_step=a.halt_at_step)}")
+    print(outcome(train_warmup(cfg, resume=a.resume, halt_at_step=a.halt_at_step), "warmed-up discriminator"))
 
 
 def cmd_align(a) -> None:
     from .config import AlignConfig
     from .trainers.align import train_align
+    from .trainers.run import outcome
     cfg = load_config(AlignConfig, a.config, a.overrides)
-    print(f"aligned policy: {train_align(cfg, resume=a.resume, halt_at_step=a.halt_at_step)}")
+    print(outcome(train_align(cfg, resume=a.resume, halt_at_step=a.halt_at_step), "aligned policy"))
 
 
 def cmd_plot(a) -> None:
@@ -175,8 +262,9 @@ def cmd_plot(a) -> None:
 
 
 def cmd_reward(a) -> None:
-    from .reward import load_reward_fn, score_jsonl
-    fn = load_reward_fn(a.reward_fn) if a.reward_fn else None
+    from .reward import score_jsonl
+    from .reward.plugins import load_reward_option
+    fn = load_reward_option(a.reward_fn or "", "--reward-fn")
     stats = score_jsonl(a.input, a.output, reward_fn=fn)
     print(json.dumps(stats), file=sys.stderr)
 
@@ -197,29 +285,45 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("synth", help="write the procedural visual-reasoning dataset")
     p.add_argument("--out", required=True)
-    p.add_argument("--n", type=int, default=2000, help="number of problems")
+    p.add_argument("--n", type=POSITIVE, default=2000, help="number of problems")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--image-size", type=int, default=96)
-    p.add_argument("--public-error-rate", type=float, default=0.15)
+    p.add_argument("--image-size", type=_number(int, 24), default=96)
+    p.add_argument("--public-error-rate", type=FRACTION, default=0.15)
     p.add_argument("--families", default="", help="comma-separated subset of task families")
     p.set_defaults(fn=cmd_data_synth)
-    p = data.add_parser("show", help="print records and save a PNG contact sheet")
+    p = data.add_parser("show", help="print a file's layout and first records, turn by turn; save a PNG contact sheet",
+                        description="Detects the layout (verl parquet, ShareGPT JSON/JSONL, warm-up pairs, or a "
+                        "benchmark release such as MathVista's parquet) and prints every turn of the first K records.")
     p.add_argument("file")
-    p.add_argument("--out", default="")
-    p.add_argument("-k", type=int, default=8)
+    p.add_argument("--out", default="", help="contact sheet PNG (default: FILE_sheet.png beside the file)")
+    p.add_argument("-k", type=POSITIVE, default=8, help="records to show")
     p.set_defaults(fn=cmd_data_show)
+    p = data.add_parser("convert", help="rewrite a data file in another layout, optionally asking for the PRISM format",
+                        description="Reads any layout prism reads and writes the one --out's suffix names (.parquet: "
+                        "verl; .json/.jsonl: ShareGPT, SFT data with responses only). --prism-format replaces each "
+                        "prompt's system turn with the PRISM system prompt and removes the dataset's own format "
+                        "instruction (the sentences naming <think>, <answer>, \\boxed, ..., and the lead-ins of "
+                        "verl/EasyR1 templates); a prompt where that cannot be done is named, and nothing is written.")
+    p.add_argument("file")
+    p.add_argument("--out", required=True)
+    p.add_argument("--prism-format", action="store_true", help="make every prompt ask for <caption>/<think>/<answer>")
+    p.set_defaults(fn=cmd_data_convert)
 
     p = data.add_parser("filter-difficulty", help="keep problems with pass rate in [low, high]")
     p.add_argument("--model", required=True)
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True, help="output parquet (histogram PNG and stats beside it)")
-    p.add_argument("--n", type=int, default=16)
-    p.add_argument("--low", type=float, default=0.2)
-    p.add_argument("--high", type=float, default=0.8)
+    p.add_argument("--n", type=POSITIVE, default=16)
+    p.add_argument("--low", type=FRACTION, default=0.2)
+    p.add_argument("--high", type=FRACTION, default=0.8)
     _add_response_limit_args(p)
-    p.add_argument("--batch-prompts", type=int, default=16, help="prompts per generate call (x n sequences)")
-    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--batch-prompts", type=POSITIVE, default=16, help="prompts per generate call (x n sequences)")
+    p.add_argument("--limit", type=POSITIVE, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reward", default="", help="reward whose accuracy is the pass rate: prism (default), boxed "
+                   "(<think> + \\boxed{} answers) or path/to/file.py:function")
+    p.add_argument("--no-prompt-check", action="store_true",
+                   help="filter even when the prompts ask for another format than the reward scores")
     p.set_defaults(fn=cmd_data_filter)
 
     p = data.add_parser("curate", help="teacher demonstrations through an OpenAI-compatible endpoint")
@@ -232,13 +336,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--judge-model", default=None)
     p.add_argument("--judge-key-env", default=None, help="env var holding the judge key")
     p.add_argument("--disambiguate", action="store_true", help="split multi-question images first")
-    p.add_argument("--max-attempts", type=int, default=3)
-    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--max-attempts", type=POSITIVE, default=3)
+    p.add_argument("--concurrency", type=POSITIVE, default=8)
     p.add_argument("--timeout", type=float, default=60.0, help="per-request timeout, seconds")
-    p.add_argument("--max-retries", type=int, default=5)
+    p.add_argument("--max-retries", type=NON_NEGATIVE, default=5)
     p.add_argument("--backoff-base", type=float, default=0.5)
-    p.add_argument("--max-tokens", type=int, default=2048)
-    p.add_argument("--alignment-share", type=float, default=0.05)
+    p.add_argument("--max-tokens", type=POSITIVE, default=2048)
+    p.add_argument("--alignment-share", type=FRACTION, default=0.05)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_data_curate)
     p = data.add_parser("build-pairs", help="curated demonstrations + policy samples -> warm-up pairs JSONL")
@@ -270,8 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = disc.add_parser("init", help="upcycle a dense checkpoint into an MoE discriminator")
     p.add_argument("--from", dest="from_dir", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--experts", type=int, default=4)
-    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--experts", type=POSITIVE, default=4)
+    p.add_argument("--top-k", type=POSITIVE, default=2)
     p.add_argument("--dense", action="store_true", help="ablation: no upcycling")
     p.add_argument("--text-only", action="store_true", help="ablation: never sees the image")
     p.add_argument("--noise-std", type=float, default=0.01)
@@ -282,9 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", required=True)
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--n", type=int, default=1)
+    p.add_argument("--n", type=POSITIVE, default=1)
     _add_response_limit_args(p)
-    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--limit", type=POSITIVE, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_disc_pairs)
     p = disc.add_parser("warmup", help="Bradley-Terry warm-up on teacher/student pairs")
@@ -319,20 +423,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: env PRISM_API_KEY)")
-    p.add_argument("--model-name", default=None, help="model id clients use (default: the folder name)")
-    p.add_argument("--max-batch", type=int, default=32, help="requests batched into one generate call")
-    p.add_argument("--batch-wait-ms", type=float, default=10, help="how long a batch waits to fill")
-    p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask")
-    p.add_argument("--max-context", type=int, default=None, help="prompt + completion token limit")
+    p.add_argument("--model-name", default=None, help="model id clients send (default: the checkpoint folder's "
+                   "name, with its run folder's name before a stage output's: runs/rl/final is served as rl/final)")
+    p.add_argument("--max-batch", type=POSITIVE, default=32, help="requests batched into one generate call")
+    p.add_argument("--batch-wait-ms", type=_number(float, 0.0), default=10, help="how long a batch waits to fill")
+    p.add_argument("--max-tokens-limit", type=POSITIVE, default=4096, help="largest max_tokens a request may ask")
+    p.add_argument("--max-context", type=POSITIVE, default=None, help="prompt + completion token limit")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"])
     p.set_defaults(fn=cmd_serve)
 
-    p = sub.add_parser("reward", help="score responses in a JSONL file with the verifiable reward")
-    p.add_argument("--input", required=True)
-    p.add_argument("--output", default=None)
-    p.add_argument("--reward-fn", default=None, help="custom reward as path/to/file.py:function")
+    p = sub.add_parser("reward", help="score responses in a JSONL file with the verifiable reward",
+                       epilog=REWARD_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", required=True, help="JSONL with response and ground_truth per line (below)")
+    p.add_argument("--output", default=None, help="scored JSONL (default: stdout)")
+    p.add_argument("--reward-fn", default=None, help="prism (default), boxed, or a custom reward as "
+                   "path/to/file.py:function")
     p.set_defaults(fn=cmd_reward)
 
     p = sub.add_parser("quickstart", help="the whole recipe on the embedded default (CPU)")
@@ -342,6 +449,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides of the quick start's settings")
     p.set_defaults(fn=cmd_quickstart)
     return parser
+
+
+def _command(args) -> str:
+    """The command as typed: ``rl``, ``data show``, ``disc pairs``..."""
+    sub = next((getattr(args, k) for k in ("data_command", "model_command", "disc_command") if getattr(args, k, None)),
+               None)
+    return f"{args.command} {sub}" if sub else args.command
+
+
+def _message(e: Exception) -> str:
+    """The error's text; an OS error that names a file as ``FILE: reason``."""
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        return f"{e.filename}: {e.strerror.lower()}"
+    return str(e)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -354,8 +475,10 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         args.fn(args)
-    except (ConfigError, DataError, FileNotFoundError) as e:
-        print(f"prism {args.command}: error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"prism {_command(args)}: error: {_message(e)}", file=sys.stderr)
         return 2
     return 0
 

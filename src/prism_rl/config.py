@@ -78,7 +78,14 @@ class WarmupDataConfig(PromptDataConfig):
                             "(or skipped and counted with skip_bad).")
 
 
-class RLDataConfig(PromptDataConfig):
+class CheckedPromptDataConfig(PromptDataConfig):
+    """Prompts whose responses a fixed format is scored on (alignment, RLVR)."""
+
+    check_prompt_format: bool = Field(True, description="Stop when a prompt asks for another response "
+                                      "format than the one scored (e.g. \\boxed{} answers under the PRISM reward).")
+
+
+class RLDataConfig(CheckedPromptDataConfig):
     eval: str = Field("", description="Held-out file for periodic evaluation (optional).")
 
 
@@ -187,7 +194,9 @@ class AlgoConfig(PPOConfig):
 
 
 class RewardConfig(Section):
-    function: str = Field("", description="Custom reward as path/to/file.py:function; default the built-in.")
+    function: str = Field("", description="'' or 'prism': the built-in PRISM reward (<caption>/<think>/<answer>); "
+                          "'boxed': the built-in reward for <think> + \\boxed{} answers (verl geo3k style); "
+                          "or a custom reward as path/to/file.py:function.")
     acc_weight: float = 0.8
     format_weight: float = 0.2
 
@@ -282,7 +291,7 @@ class AlignParams(Section):
 class AlignConfig(Section):
     model: ModelConfig = ModelConfig()
     disc: DiscConfig = DiscConfig()
-    data: PromptDataConfig = PromptDataConfig()
+    data: CheckedPromptDataConfig = CheckedPromptDataConfig()
     optim: OptimConfig = OptimConfig(lr=1e-6, weight_decay=0.01, schedule="constant", warmup_ratio=0.0)
     disc_optim: OptimConfig = OptimConfig(lr=1e-6, weight_decay=0.01, schedule="constant", warmup_ratio=0.0)
     rollout: RolloutConfig = RolloutConfig(n=16, prompts_per_step=4, max_new_tokens=6144)

@@ -20,6 +20,9 @@ Layouts (PRISM_SPEC.md section 3):
   ``teacher_caption``, ``student_caption``, ``teacher_cot``, ``student_cot``; read into
   :class:`PairRecord`.
 
+:func:`detect_layout` says which of these a file is, or which benchmark release (read by
+``prism_rl.eval.loaders``, not here) it looks like, from its columns or keys alone.
+
 Every record read gets ``source=str(path)`` and ``index`` = its position in the file, so any
 later error can point back at it. Bad records raise :class:`DataError` naming the file, the
 record index and the field; with ``skip_bad=True`` they are skipped and noted in a
@@ -46,12 +49,15 @@ from prism_rl.data.records import IMAGE_PLACEHOLDER, BadField, BadRecords, DataE
 from prism_rl.format import SYSTEM_PROMPT
 
 __all__ = [
+    "Layout",
     "PairRecord",
+    "detect_layout",
     "read_records",
     "read_verl_parquet",
     "read_sharegpt_json",
     "read_jsonl",
     "read_pairs",
+    "write_records",
     "write_verl_parquet",
     "write_sharegpt_json",
     "write_jsonl",
@@ -89,7 +95,94 @@ class PairRecord:
     student_cot: str
 
 
+@dataclass(frozen=True)
+class Layout:
+    """What a data file is. ``kind``: ``records`` (:func:`read_records` reads it), ``pairs``
+    (:func:`read_pairs`) or ``benchmark`` (a benchmark's public release, ``benchmark`` naming
+    it as ``prism eval --benchmark`` does); ``name`` says it in words."""
+
+    kind: str
+    name: str
+    benchmark: str | None = None
+
+
+# Benchmark releases by the columns that set each apart (first match wins; the loaders in
+# prism_rl.eval.loaders list every column they read).
+_BENCHMARK_COLUMNS = (
+    ("hallusionbench", {"gt_answer"}),
+    ("mathverse", {"problem_version"}),
+    ("mathvista", {"pid", "choices"}),
+    ("wemath", {"knowledge concept"}),
+    ("mathvision", {"options", "level"}),
+    ("mmmu", {"image_1", "options"}),
+    ("mmmu_pro", {"image", "options", "answer"}),
+)
+
+
 # --------------------------------------------------------------------------- public API
+
+
+def detect_layout(path: str | Path) -> Layout:
+    """Which layout ``path`` holds, from its suffix and its first record's keys (a parquet
+    file's columns): verl parquet (``prompt``), ShareGPT (``messages`` or ``conversations``),
+    warm-up pairs (``teacher_caption`` and ``student_caption``) or a benchmark release (see
+    ``_BENCHMARK_COLUMNS``). A file that is none of them raises :class:`DataError` listing its
+    keys; an empty JSON list or JSONL file is ShareGPT with no records."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".parquet", ".json", ".jsonl"):
+        raise DataError(f"{path}: unknown data file type (expected .parquet, .json or .jsonl)")
+    keys = _first_keys(path, suffix)
+    fmt = {".parquet": "parquet", ".json": "JSON", ".jsonl": "JSONL"}[suffix]
+    if keys is None:
+        return Layout("records", f"{fmt} with no records")
+    if suffix == ".parquet" and "prompt" in keys:
+        return Layout("records", "verl parquet")
+    if suffix == ".jsonl" and {"teacher_caption", "student_caption"} <= keys:
+        return Layout("pairs", "discriminator warm-up pairs (JSONL)")
+    for shape in ("messages", "conversations"):
+        if suffix != ".parquet" and shape in keys:
+            return Layout("records", f"ShareGPT {fmt} ({shape})")
+    for name, columns in _BENCHMARK_COLUMNS:
+        if columns <= keys:
+            return Layout("benchmark", f"{name} benchmark release ({fmt})", benchmark=name)
+    raise DataError(f"{path}: not a layout prism reads (its {'columns' if fmt == 'parquet' else 'keys'}: "
+                    f"{', '.join(sorted(keys)[:15])}); expected verl parquet (prompt, images, reward_model), "
+                    "ShareGPT JSON/JSONL (messages or conversations), warm-up pairs or a benchmark release")
+
+
+def _first_keys(path: Path, suffix: str) -> set[str] | None:
+    """A parquet file's columns, or the keys of the first record of a JSON/JSONL file (a JSON
+    dict of records, as MathVista's GitHub release, counts as a list); ``None`` when empty."""
+    if suffix == ".parquet":
+        _require_file(path)
+        try:
+            pf = pq.ParquetFile(path)
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"{path}: cannot read parquet file: {e}") from e
+        return set(pf.schema_arrow.names) if pf.metadata.num_rows else None
+    if suffix == ".json":
+        data = _load_json(path)
+        if isinstance(data, dict) and data and all(isinstance(v, dict) for v in data.values()):
+            data = list(data.values())
+        if not isinstance(data, list):
+            raise DataError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+        first = data[0] if data else None
+    else:
+        lines = _jsonl_lines(path)
+        first = _parse_json_line(path, lines[0]) if lines else None
+    if first is None:
+        return None
+    if not isinstance(first, dict):
+        raise DataError(f"{path}, record 0: expected a JSON object, got {type(first).__name__}")
+    return set(first)
+
+
+def _parse_json_line(path: Path, item: tuple[int, str]) -> Any:
+    try:
+        return json.loads(item[1])
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}, record {item[0]}: invalid JSON: {e}") from None
 
 
 def read_records(path: str | Path, *, skip_bad: bool = False,
@@ -139,6 +232,17 @@ def read_pairs(path: str | Path, *, skip_bad: bool = False,
     path = Path(path)
     return _collect(_jsonl_lines(path), path,
                     lambda line, i: _pair_obj(_parse_line(line), i, path), skip_bad, bad)
+
+
+def write_records(records: Sequence[Record], path: str | Path) -> None:
+    """Write records in the layout ``path``'s suffix names: ``.parquet`` (verl), ``.json``
+    (ShareGPT, images as files beside it) or ``.jsonl`` (images as data URLs). The ShareGPT
+    layouts hold SFT data: a record without a response raises :class:`DataError` naming it."""
+    writers = {".parquet": write_verl_parquet, ".json": write_sharegpt_json, ".jsonl": write_jsonl}
+    writer = writers.get(Path(path).suffix.lower())
+    if writer is None:
+        raise DataError(f"{path}: unknown data file type (expected .parquet, .json or .jsonl)")
+    writer(records, path)
 
 
 def write_verl_parquet(records: Sequence[Record], path: str | Path) -> None:
@@ -548,7 +652,8 @@ def _extra_columns(records: Sequence[Record]) -> list[str]:
 
 def _sharegpt_out(rec: Record, folder: Path, image_dir: str | None) -> dict[str, Any]:
     if rec.response is None:
-        raise DataError(f"{rec.where('response')}: SFT layouts need a response")
+        raise DataError(f"{rec.where('response')}: ShareGPT layouts hold SFT data, which needs a response "
+                        "(write prompt-only records as .parquet)")
     obj: dict[str, Any] = {
         "id": rec.id,
         "messages": [*({"role": m["role"], "content": m["content"]} for m in rec.messages),

@@ -59,7 +59,7 @@ class PromptStream:
             self.bad.add(where, why)
             log.warning("skipping bad record (data.skip_bad): %s", e)
             if len(self._skip) == len(self.prompts):
-                raise ValueError(f"no usable prompts: {self.bad.summary()}") from e
+                raise DataError(f"no usable prompts: {self.bad.summary()}") from e
             return []
 
     def state_dict(self) -> dict:
@@ -77,6 +77,6 @@ def prompt_pool(path: str, processor, *, max_prompt_length: int, limit: int | No
     records = read_limited(path, limit, skip_bad, bad)
     pool = LazyPrompts(records, processor, max_prompt_length).check_images(skip_bad, bad)
     if not len(pool):
-        raise ValueError(f"{path}: no usable prompts ({bad.summary()})")
+        raise DataError(f"{path}: no usable prompts ({bad.summary()})")
     return pool
 

@@ -35,18 +35,17 @@ from __future__ import annotations
 import io
 import json
 import random
-import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from prism_rl.data.layouts import read_records, write_sharegpt_json, write_verl_parquet
+from prism_rl.data.layouts import write_sharegpt_json, write_verl_parquet
 from prism_rl.data.records import IMAGE_PLACEHOLDER, ImageRef, Record
-from prism_rl.format import SYSTEM_PROMPT, extract_answer, make_response, split_text
+from prism_rl.format import SYSTEM_PROMPT, make_response, split_text
 
-__all__ = ["FAMILIES", "Problem", "make_problem", "synthesize", "show"]
+__all__ = ["FAMILIES", "Problem", "make_problem", "synthesize"]
 
 FAMILIES = ("count", "arith", "chart", "digits")
 SHAPES = ("circle", "square", "triangle")
@@ -742,52 +741,3 @@ def _query_counts(problems: list[Problem]) -> dict[str, int]:
         kind = p.query.kind + ("_mc" if p.query.options else "")
         counts[kind] = counts.get(kind, 0) + 1
     return dict(sorted(counts.items()))
-
-
-# --------------------------------------------------------------------------- show
-
-
-def show(path: str | Path, out_png: str | Path | None = None, k: int = 8) -> list[str]:
-    """Print the first ``k`` records of a data file; save a contact sheet if ``out_png``.
-
-    Each printed block has the task, question, ground truth and the response (the SFT
-    target, else the teacher response). Returns the printed blocks.
-    """
-    records = read_records(path)[:k]
-    blocks = []
-    for r in records:
-        response = r.response if r.response is not None else r.extra.get("teacher_response", "")
-        got = extract_answer(response or "")
-        mark = "" if got is None or r.ground_truth is None else \
-            ("  [answer matches]" if got == r.ground_truth else f"  [answer {got} != truth]")
-        block = (f"[{r.index}] id={r.id} task={r.task}\nQ: {r.question}\n"
-                 f"GT: {r.ground_truth}{mark}\n{response}")
-        print(block + "\n")
-        blocks.append(block)
-    if out_png is not None and records:
-        _contact_sheet(records, Path(out_png))
-    return blocks
-
-
-def _contact_sheet(records: list[Record], out_png: Path) -> None:
-    # The object-oriented Agg API touches no global pyplot state or backend setting.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    cols = min(4, len(records))
-    rows = (len(records) + cols - 1) // cols
-    fig = Figure(figsize=(3.2 * cols, 3.9 * rows))
-    FigureCanvasAgg(fig)
-    for n, r in enumerate(records):
-        ax = fig.add_subplot(rows, cols, n + 1)
-        images = r.load_images()
-        if images:
-            ax.imshow(images[0], interpolation="nearest")
-        ax.set_xticks([])
-        ax.set_yticks([])
-        text = textwrap.fill(r.question.replace("\n", " "), 38)
-        ax.set_xlabel(f"{text}\nanswer: {r.ground_truth}", fontsize=7)
-        ax.set_title(f"{r.task} / {r.id}", fontsize=7)
-    fig.tight_layout()
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=100)

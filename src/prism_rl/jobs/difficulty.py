@@ -23,14 +23,17 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from ..config import ModelConfig, rl_response_limit  # noqa: E402
+from ..config import ConfigError, ModelConfig, rl_response_limit  # noqa: E402
 from ..data.layouts import read_records  # noqa: E402
 from ..data.processing import encode_all  # noqa: E402
-from ..data.records import BadRecords  # noqa: E402
+from ..data.prompt_format import check_prompts  # noqa: E402
+from ..data.records import BadRecords, DataError  # noqa: E402
 from ..data.subset import write_subset  # noqa: E402
 from ..eval.sampling import generate_and_score  # noqa: E402
 from ..models.loading import load_policy, pick_device, special_ids  # noqa: E402
 from ..reward import compute_score  # noqa: E402
+from ..reward.builtins import builtin_reward  # noqa: E402
+from ..reward.plugins import RewardFn, load_reward_option  # noqa: E402
 from ..rollout.base import SamplingParams  # noqa: E402
 from ..rollout.hf import HFEngine  # noqa: E402
 
@@ -45,18 +48,21 @@ class ProblemScore:
 
 
 def score_problems(model, processor, records, *, n: int, max_new_tokens: int, temperature: float = 1.0,
-                   batch_prompts: int = 16, max_prompt_length: int = 2048) -> list[ProblemScore]:
-    """Sample ``n`` responses per record; pass rate = (correct samples) / n under the verifiable reward.
+                   batch_prompts: int = 16, max_prompt_length: int = 2048,
+                   reward_fn: RewardFn | None = None) -> list[ProblemScore]:
+    """Sample ``n`` responses per record; pass rate = (correct samples) / n under the verifiable
+    reward (``reward_fn``, default the built-in PRISM reward).
 
     A sample that ends without EOS hit ``max_new_tokens`` (truncated): it is scored as it is,
     almost always wrong, so truncations are counted apart to show how much of a low pass rate
     is the cap's doing rather than the problem's.
     """
+    score = reward_fn or compute_score
     eos, _ = special_ids(processor)
     prompts = encode_all(processor, records, eos_id=eos, max_length=max_prompt_length, with_response=False)
     params = SamplingParams(n=n, max_new_tokens=max_new_tokens, temperature=temperature)
     rows = generate_and_score(HFEngine(model, processor), prompts, params, batch_prompts,
-                              lambda rec, text, _tokens, finish: (compute_score(text, rec.ground_truth or "").acc,
+                              lambda rec, text, _tokens, finish: (score(text, rec.ground_truth or "").acc,
                                                                    finish == "length"),
                               desc="filter")
     acc = torch.tensor([a for a, _ in rows]).view(-1, n)
@@ -69,7 +75,7 @@ def score_problems(model, processor, records, *, n: int, max_new_tokens: int, te
 def filter_difficulty(model_dir: str, data: str, out: str, *, n: int = 16, low: float = 0.2, high: float = 0.8,
                       max_new_tokens: int | None = None, rl_config: str | None = None, temperature: float = 1.0,
                       limit: int | None = None, seed: int = 0, skip_bad: bool = False,
-                      batch_prompts: int = 16) -> dict:
+                      batch_prompts: int = 16, reward: str = "", check_prompt_format: bool = True) -> dict:
     """Write the kept problems to ``out``, a histogram PNG and stats JSON beside it.
 
     Kept: the problems with ``low <= pass rate <= high``. ``out`` holds their input rows as
@@ -77,20 +83,32 @@ def filter_difficulty(model_dir: str, data: str, out: str, *, n: int = 16, low: 
     ``truncated_samples``. ``max_new_tokens`` defaults to RLVR's response limit
     (``rl_response_limit``: ``rl_config``'s ``rollout.max_new_tokens``, else RLConfig's
     default), so a response RL would accept is not cut short and scored wrong here.
+    ``reward`` names the reward whose accuracy is the pass rate (a built-in such as ``boxed``
+    or ``path/to/file.py:function``; default the PRISM reward). The records are read and, with
+    ``check_prompt_format``, their prompts checked against the reward's response format
+    before the model is loaded, so bad input fails at once.
     """
     if not 0.0 <= low <= high <= 1.0:
-        raise ValueError(f"need 0 <= low <= high <= 1, got low={low}, high={high}")
+        raise ConfigError(f"need 0 <= --low <= --high <= 1, got low={low}, high={high}")
     if max_new_tokens is not None and rl_config:
-        raise ValueError("give max_new_tokens or rl_config, not both")
+        raise ConfigError("give --max-new-tokens or --rl-config, not both")
     limit_from = "max_new_tokens" if max_new_tokens is not None else (rl_config or "RLConfig default")
     max_new_tokens = max_new_tokens if max_new_tokens is not None else rl_response_limit(rl_config)
-    torch.manual_seed(seed)
-    model, processor = load_policy(ModelConfig(path=model_dir), pick_device(), trainable=False)
+    reward_fn = load_reward_option(reward, "--reward")
     bad = BadRecords()
     records = read_records(data, skip_bad=skip_bad, bad=bad)
     records = records[:limit] if limit else records
+    if not records:
+        raise DataError(f"{data}: no problems to filter ({bad.summary()})")
+    builtin = builtin_reward(reward)
+    if check_prompt_format and builtin is not None:
+        check_prompts(records, builtin.convention, f"--reward {builtin.name}",
+                      ["pass --reward with the reward that scores the prompts' format (boxed for \\boxed{} answers, "
+                       "or path/to/file.py:function)", "pass --no-prompt-check to filter anyway"])
+    torch.manual_seed(seed)
+    model, processor = load_policy(ModelConfig(path=model_dir), pick_device(), trainable=False)
     scores = score_problems(model, processor, records, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
-                            batch_prompts=batch_prompts)
+                            batch_prompts=batch_prompts, reward_fn=reward_fn)
     kept = [(r, s) for r, s in zip(records, scores) if low <= s.pass_rate <= high]
     out_path = Path(out)
     write_subset(data, out_path, [r.index for r, _ in kept],

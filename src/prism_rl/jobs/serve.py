@@ -27,6 +27,8 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import os
+import re
 import threading
 import time
 import uuid
@@ -549,6 +551,23 @@ def _install_auth(app: FastAPI, api_key: str | None) -> None:
         return await call_next(request)
 
 
+# Folder names a training run gives its outputs: alone they do not say which model it is.
+_STAGE_OUTPUT = re.compile(r"final|checkpoint-\d+|policy|disc")
+
+
+def default_model_name(model_dir: str | Path) -> str:
+    """The model id served when ``--model-name`` is not given: the checkpoint folder's name,
+    with the names of the folders above it while the name is one a run gives its outputs
+    (``final``, ``checkpoint-N``, ``policy``, ``disc``), so ``runs/rl/final`` is served as
+    ``rl/final`` and ``runs/align/checkpoint-40/policy`` as ``align/checkpoint-40/policy``,
+    not as ``final`` or ``policy``. Symbolic links are not followed: the name is the path given."""
+    parts = Path(os.path.abspath(model_dir)).parts
+    k = len(parts) - 1
+    while k > 1 and _STAGE_OUTPUT.fullmatch(parts[k]):
+        k -= 1
+    return "/".join(parts[k:])
+
+
 def create_app(model_dir: str | Path, *, model_name: str | None = None, api_key: str | None = None,
                max_batch: int = 32, batch_wait_ms: float = 10, max_tokens_limit: int = 4096,
                max_context: int | None = None, dtype: str = "auto", allow_file_urls: bool = True) -> FastAPI:
@@ -564,7 +583,7 @@ def create_app(model_dir: str | Path, *, model_name: str | None = None, api_key:
     model, processor = load_policy(ModelConfig(path=str(model_dir), dtype=dtype), trainable=False)
     engine = HFEngine(model, processor)
     state = ServerState(
-        name=model_name or Path(model_dir).resolve().name, engine=engine,
+        name=model_name or default_model_name(model_dir), engine=engine,
         worker=BatchWorker(engine, max_batch, batch_wait_ms),
         max_context=max_context or context_limit(model), max_tokens_limit=max_tokens_limit,
         allow_file_urls=allow_file_urls,
@@ -600,8 +619,9 @@ def create_app(model_dir: str | Path, *, model_name: str | None = None, api_key:
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest):
         if req.model != state.name:
-            raise APIError(404, f"The model '{req.model}' does not exist; this server serves "
-                                f"'{state.name}'.", param="model", code="model_not_found")
+            raise APIError(404, f"The model '{req.model}' does not exist; this server serves one model, "
+                                f"'{state.name}' (prism serve --model-name sets it).", param="model",
+                           code="model_not_found")
         _check_supported(req)
         stops = _stop_strings(req.stop)
         prompt = await asyncio.to_thread(state.encode, req.messages)

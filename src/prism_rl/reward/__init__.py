@@ -42,11 +42,16 @@ Modules, one layer each (each imports only the ones above it):
 - :mod:`~prism_rl.reward.matching` -- the rules: :func:`check_answer`, :func:`is_correct`;
 - :mod:`~prism_rl.reward.scoring` -- the score policy: :class:`RewardResult`,
   :func:`compute_score`;
+- :mod:`~prism_rl.reward.boxed` -- the ``\\boxed{}`` convention of verl's example data:
+  :func:`boxed_score`;
+- :mod:`~prism_rl.reward.builtins` -- the built-in rewards by name (``prism``, ``boxed``) and
+  the response format each scores;
 - :mod:`~prism_rl.reward.plugins` -- user reward functions: :func:`load_reward_fn`;
 - :mod:`~prism_rl.reward.batch` -- :func:`batch_scores` and the JSONL CLI :func:`score_jsonl`.
 """
 
 from prism_rl.reward.batch import RewardInputError, batch_scores, score_jsonl
+from prism_rl.reward.boxed import boxed_score
 from prism_rl.reward.matching import DEFAULT_TIMEOUT_S, MAX_ANSWER_CHARS, Verdict, check_answer, is_correct
 from prism_rl.reward.math_verify_pool import close_math_verify_workers
 from prism_rl.reward.plugins import load_reward_fn
@@ -59,6 +64,7 @@ __all__ = [
     "RewardResult",
     "Verdict",
     "batch_scores",
+    "boxed_score",
     "check_answer",
     "close_math_verify_workers",
     "compute_score",

@@ -15,9 +15,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TextIO
 
+from prism_rl.reward.builtins import is_builtin
 from prism_rl.reward.math_verify_pool import MAX_MATH_VERIFY_WORKERS
 from prism_rl.reward.plugins import RewardFn, _call, _resolve
-from prism_rl.reward.scoring import RewardResult, compute_score
+from prism_rl.reward.scoring import RewardResult
 
 __all__ = ["RewardInputError", "batch_scores", "score_jsonl"]
 
@@ -36,7 +37,7 @@ def batch_scores(
 ) -> list[RewardResult]:
     """Score a batch (results in input order); ``kwargs`` go to the reward function.
 
-    With the built-in reward, items run on up to ``MAX_MATH_VERIFY_WORKERS`` threads so that
+    With a built-in reward, items run on up to ``MAX_MATH_VERIFY_WORKERS`` threads so that
     fallback calls use the worker pool in parallel; a plug-in runs sequentially unless
     ``num_threads`` is given.
     """
@@ -44,7 +45,7 @@ def batch_scores(
         raise ValueError(f"{len(responses)} responses but {len(ground_truths)} ground truths")
     fn = _resolve(reward_fn)
     if num_threads is None:
-        num_threads = MAX_MATH_VERIFY_WORKERS if fn is compute_score else 1
+        num_threads = MAX_MATH_VERIFY_WORKERS if is_builtin(fn) else 1
     pairs = list(zip(responses, ground_truths))
     if num_threads <= 1 or len(pairs) <= 1:
         return [_call(fn, r, g, kwargs) for r, g in pairs]

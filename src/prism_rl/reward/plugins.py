@@ -1,6 +1,7 @@
 """User reward functions: :func:`load_reward_fn` and coercion of their results.
 
-A plug-in is named ``"path/to/file.py:function"``, is called like
+A plug-in is named ``"path/to/file.py:function"`` (a bare name such as ``boxed`` is a built-in
+reward, :mod:`prism_rl.reward.builtins`), is called like
 :func:`prism_rl.reward.scoring.compute_score` (``response, ground_truth, **kwargs``) and
 may return a float, a :class:`~prism_rl.reward.scoring.RewardResult` or a dict with a
 ``"score"`` key; whatever it returns is coerced to a ``RewardResult``.
@@ -14,10 +15,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from prism_rl.config import ConfigError
 from prism_rl.format import extract_answer, is_format_valid
+from prism_rl.reward.builtins import BUILTIN_REWARDS, builtin_reward
 from prism_rl.reward.scoring import RewardResult, compute_score
 
-__all__ = ["RewardFn", "load_reward_fn"]
+__all__ = ["RewardFn", "load_reward_fn", "load_reward_option"]
 
 RewardFn = Callable[..., RewardResult]
 
@@ -70,7 +73,8 @@ def _user_function(spec: str) -> tuple[Callable[..., Any], str, str]:
     """``(callable, its name, its origin for messages)`` for ``"path/to/file.py:function"``."""
     path_str, sep, name = str(spec).rpartition(":")
     if not sep or not path_str or not name.isidentifier():
-        raise ValueError(f"reward function spec {spec!r} must look like 'path/to/file.py:function'")
+        raise ValueError(f"reward function spec {spec!r} must look like 'path/to/file.py:function' "
+                         f"or name a built-in reward ({', '.join(BUILTIN_REWARDS)})")
     path = Path(path_str).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"reward function file {str(path)!r} not found (wanted function {name!r})")
@@ -83,7 +87,8 @@ def _user_function(spec: str) -> tuple[Callable[..., Any], str, str]:
 
 
 def load_reward_fn(spec: str) -> RewardFn:
-    """Load ``"path/to/file.py:function"`` and wrap it to always return a :class:`RewardResult`.
+    """Load ``"path/to/file.py:function"`` and wrap it to always return a :class:`RewardResult`;
+    a built-in's name (``prism``, ``boxed``) gives that built-in's scoring function.
 
     The function is called like :func:`compute_score` (``response, ground_truth, **kwargs``)
     and may return a float, a ``RewardResult`` or a dict with a ``"score"`` key. Errors name
@@ -91,6 +96,9 @@ def load_reward_fn(spec: str) -> RewardFn:
     ``ImportError`` when the file fails to run, ``AttributeError``/``TypeError`` for a missing
     or non-callable function.
     """
+    builtin = BUILTIN_REWARDS.get(spec)
+    if builtin is not None:
+        return builtin.fn
     fn, name, origin = _user_function(spec)
 
     def reward_fn(response: str, ground_truth: str, **kwargs: Any) -> RewardResult:
@@ -100,6 +108,19 @@ def load_reward_fn(spec: str) -> RewardFn:
     reward_fn.__name__ = name
     reward_fn.__doc__ = f"User reward {origin}, wrapped to return a RewardResult."
     return reward_fn
+
+
+def load_reward_option(spec: str, option: str) -> RewardFn | None:
+    """The reward a command-line option or config key names: ``None`` for the default
+    (``""`` or ``prism``: the caller's built-in path), else :func:`load_reward_fn`'s result.
+    Whatever keeps it from loading is a :class:`ConfigError` naming ``option``."""
+    builtin = builtin_reward(spec)
+    if builtin is not None and builtin.fn is compute_score:
+        return None
+    try:
+        return load_reward_fn(spec)
+    except (ValueError, OSError, ImportError, AttributeError, TypeError) as e:
+        raise ConfigError(f"{option}={spec}: {e}") from None
 
 
 def _resolve(reward_fn: RewardFn | str | None) -> RewardFn:

@@ -28,6 +28,7 @@ import torch
 from .. import algorithms as A
 from ..actor import NonfiniteGuard, ppo_update, sequence_logprobs
 from ..config import AlignConfig
+from ..data.prompt_format import check_prompts
 from ..data.records import BadRecords, DataError
 from ..data.stream import PromptStream, prompt_pool
 from ..models.discriminator import Discriminator, SegmentScores, score_segments
@@ -103,6 +104,16 @@ class Teachers:
         return self._segs[id(record)]
 
 
+def check_align_prompts(records, cfg: AlignConfig) -> None:
+    """Stop when the prompts ask for another response format than PRISM's: the format penalty
+    punishes every rollout that follows such a prompt, and the teacher it is compared with
+    answers in the PRISM format (:func:`~prism_rl.data.prompt_format.check_prompts`)."""
+    if cfg.data.check_prompt_format:
+        fixes = [f"rewrite the prompts to ask for the PRISM format: prism data convert {cfg.data.train} "
+                 "--out NEW_FILE --prism-format", "set data.check_prompt_format=false to train on them anyway"]
+        check_prompts(records, "prism", "alignment's format penalty", fixes)
+
+
 def train_align(cfg: AlignConfig, resume: bool = False, halt_at_step: int | None = None) -> Path:
     """Run the adversarial alignment game; returns the folder of the final policy (or, when
     halted early, of the checkpoint's policy to resume from)."""
@@ -116,6 +127,7 @@ def train_align(cfg: AlignConfig, resume: bool = False, halt_at_step: int | None
     d = cfg.data
     prompts = prompt_pool(d.train, processor, max_prompt_length=d.max_prompt_length, limit=d.limit,
                           skip_bad=d.skip_bad, bad=bad)
+    check_align_prompts(prompts.records, cfg)
     teachers = Teachers(prompts.records, processor)
     opt = build_optimizer(model.parameters(), cfg.optim)
     sched = build_scheduler(opt, cfg.optim, cfg.train.steps * cfg.ppo.ppo_epochs * cfg.ppo.mini_batches)

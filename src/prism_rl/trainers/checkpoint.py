@@ -61,10 +61,16 @@ def save_checkpoint(out_dir: str | Path, step: int, models: dict[str, Any], proc
     return final
 
 
+def checkpoint_step(folder: str | Path) -> int | None:
+    """The step of a ``checkpoint-<step>`` folder; ``None`` for any other folder."""
+    m = re.fullmatch(r"checkpoint-(\d+)", Path(folder).name)
+    return int(m.group(1)) if m else None
+
+
 def list_checkpoints(out_dir: str | Path) -> list[Path]:
     """Complete checkpoints of a run folder, oldest first."""
-    found = [(int(m.group(1)), p) for p in Path(out_dir).glob("checkpoint-*")
-             if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and (p / STATE_FILE).exists()]
+    found = [(step, p) for p in Path(out_dir).glob("checkpoint-*")
+             if (step := checkpoint_step(p)) is not None and (p / STATE_FILE).exists()]
     return [p for _, p in sorted(found)]
 
 

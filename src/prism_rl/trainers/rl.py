@@ -17,12 +17,15 @@ from .. import algorithms as A
 from ..actor import NonfiniteGuard, ppo_update, sequence_logprobs
 from ..config import RLConfig
 from ..data.processing import Encoded, load_prompts
-from ..data.records import BadRecords
+from ..data.prompt_format import check_prompts
+from ..data.records import BadRecords, Record
 from ..data.stream import PromptStream, prompt_pool
-from ..eval.evaluate import score_samples, summarize
+from ..eval.evaluate import summarize
+from ..eval.sampling import generate_and_score
 from ..models.loading import load_policy, special_ids
-from ..reward import batch_scores, load_reward_fn
-from ..reward.plugins import RewardFn
+from ..reward import batch_scores, compute_score
+from ..reward.builtins import builtin_reward, is_builtin
+from ..reward.plugins import RewardFn, load_reward_option
 from ..rollout import make_engine
 from ..rollout.base import RolloutEngine, Rollouts, SamplingParams, concat_rollouts
 from .checkpoint import save_final
@@ -33,9 +36,10 @@ from .run import Run, load_stage_policy
 def score(ro: Rollouts, cfg: RLConfig, reward_fn: RewardFn | None) -> dict[str, torch.Tensor]:
     """Rewards (B,), accuracy and format flags; DAPO overlong shaping added to the reward.
 
-    Scored through ``batch_scores``, the path ``prism reward`` takes: the built-in reward with
+    Scored through ``batch_scores``, the path ``prism reward`` takes: a built-in reward with
     the configured weights, or the plug-in ``reward.function``."""
-    weights = {} if reward_fn else {"acc_weight": cfg.reward.acc_weight, "format_weight": cfg.reward.format_weight}
+    builtin = reward_fn is None or is_builtin(reward_fn)
+    weights = {"acc_weight": cfg.reward.acc_weight, "format_weight": cfg.reward.format_weight} if builtin else {}
     results = batch_scores(ro.texts, [r.ground_truth or "" for r in ro.records], reward_fn=reward_fn, **weights)
     reward = torch.tensor([r.score for r in results], dtype=torch.float32)
     out = {"reward": reward, "acc": torch.tensor([r.acc for r in results], dtype=torch.float32),
@@ -106,15 +110,41 @@ def rollout_metrics(ro: Rollouts, sc: dict[str, torch.Tensor]) -> dict[str, floa
             "rollout/truncated_frac": sum(f == "length" for f in ro.finish_reasons) / len(ro)}
 
 
-def greedy_eval(engine: RolloutEngine, prompts: list[Encoded], max_new_tokens: int, batch_size: int = 64) -> dict:
-    """Greedy accuracy / format / length on ``prompts`` with the built-in reward."""
+def greedy_eval(engine: RolloutEngine, prompts: list[Encoded], max_new_tokens: int,
+                reward_fn: RewardFn | None = None, batch_size: int = 64) -> dict:
+    """Greedy accuracy / format / length on ``prompts`` with the run's reward (default the
+    built-in PRISM reward), summarised as ``prism eval`` does."""
     params = SamplingParams(n=1, max_new_tokens=max_new_tokens, temperature=0.0)
-    return summarize(score_samples(engine, prompts, params, batch_size))
+    fn = reward_fn or compute_score
+
+    def row(rec: Record, text: str, n_tok: int, finish: str) -> dict:
+        res = fn(text, rec.ground_truth or "")
+        return {"id": rec.id, "task": rec.task, "acc": res.acc, "format": res.format, "tokens": n_tok,
+                "finish": finish}
+
+    return summarize(generate_and_score(engine, prompts, params, batch_size, row, desc="eval"))
+
+
+def check_rl_prompts(records: list[Record], cfg: RLConfig) -> None:
+    """Stop before training when the prompts ask for a response format that ``reward.function``
+    does not score (:func:`~prism_rl.data.prompt_format.check_prompts`); a plug-in reward's
+    format is unknown, so its prompts are not checked."""
+    builtin = builtin_reward(cfg.reward.function)
+    if builtin is None or not cfg.data.check_prompt_format:
+        return
+    fixes = ["set reward.function to the reward that scores the prompts' format (boxed for \\boxed{} answers, "
+             "or a plug-in path/to/file.py:function)"]
+    if builtin.convention == "prism":
+        fixes.append(f"rewrite the prompts to ask for the PRISM format: prism data convert {cfg.data.train} "
+                     "--out NEW_FILE --prism-format")
+    fixes.append("set data.check_prompt_format=false to train on them anyway")
+    check_prompts(records, builtin.convention, f"reward.function: {builtin.label}", fixes)
 
 
 def train_rl(cfg: RLConfig, resume: bool = False, halt_at_step: int | None = None) -> Path:
     """Run RLVR with ``cfg.algo``; returns the folder of the final policy (or, when halted
     early, of the checkpoint to resume from)."""
+    reward_fn = load_reward_option(cfg.reward.function, "reward.function")
     run = Run(cfg, "rl", resume=resume, desc=f"rl-{cfg.algo.name}")
     model, processor = load_stage_policy(cfg, run.device, run.ckpt)
     eos, _ = special_ids(processor)
@@ -122,6 +152,7 @@ def train_rl(cfg: RLConfig, resume: bool = False, halt_at_step: int | None = Non
     d = cfg.data
     prompts = prompt_pool(d.train, processor, max_prompt_length=d.max_prompt_length, limit=d.limit,
                           skip_bad=d.skip_bad, bad=bad)
+    check_rl_prompts(prompts.records, cfg)
     eval_prompts = load_prompts(d.eval, processor, eos_id=eos, max_length=d.max_prompt_length,
                                 limit=cfg.train.eval_limit, skip_bad=d.skip_bad, bad=bad) \
         if d.eval and cfg.train.eval_every else []
@@ -132,7 +163,6 @@ def train_rl(cfg: RLConfig, resume: bool = False, halt_at_step: int | None = Non
     run.track({"": model}, processor, {"optimizer": opt, "scheduler": sched, "stream": stream})
     engine = make_engine(cfg.rollout.engine, model, processor, run.device,
                          cache_implementation=cfg.rollout.cache_implementation)
-    reward_fn = load_reward_fn(cfg.reward.function) if cfg.reward.function else None
     run.begin(cfg.train.steps, halt_at_step, algo=cfg.algo.name, prompts=len(prompts), bad_records=bad.count)
     guard = NonfiniteGuard(run.out)
     with run:
@@ -146,7 +176,7 @@ def train_rl(cfg: RLConfig, resume: bool = False, halt_at_step: int | None = Non
             tokens = float(ro.response_mask.sum() + ro.prompt_mask.sum())
             metrics["timing/tokens_per_s"] = tokens / max(metrics["timing/step_s"], 1e-9)
             if eval_prompts and step % cfg.train.eval_every == 0:
-                ev = greedy_eval(engine, eval_prompts, cfg.rollout.max_new_tokens)
+                ev = greedy_eval(engine, eval_prompts, cfg.rollout.max_new_tokens, reward_fn)
                 metrics.update({"eval/acc": ev["overall"]["accuracy"], "eval/format": ev["overall"]["format_rate"]})
             run.show(reward=metrics["rollout/reward"], acc=metrics["rollout/acc"])
             run.log(step, metrics)

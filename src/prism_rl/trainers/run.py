@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from ..config import save_config
 from ..models.loading import load_policy, pick_device, set_pixel_limits
-from .checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
+from .checkpoint import checkpoint_step, latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,21 @@ def _plain(v: Any) -> Any:
 def read_metrics(path: str | Path) -> list[dict]:
     p = Path(path)
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.exists() else []
+
+
+def outcome(folder: Path, finished: str) -> str:
+    """The line a stage's command prints about the folder its run returned.
+
+    :meth:`Run.finish` returns a ``checkpoint-<N>`` folder when the run halted before its last
+    step (``--halt-at-step``) and the final folder otherwise; only the latter is a final model,
+    so a halted run says ``stopped at step N, checkpoint: ...`` and how to continue.
+    """
+    step = checkpoint_step(folder)
+    if step is None and folder.name == "policy":  # alignment returns the policy sub-folder
+        step = checkpoint_step(folder.parent)
+    if step is None:
+        return f"{finished}: {folder}"
+    return f"stopped at step {step}, checkpoint: {folder} (continue with --resume)"
 
 
 def load_stage_policy(cfg, device: torch.device, resume_from: Path | None = None):

@@ -50,8 +50,8 @@ def load_examples(cfg: SFTConfig, processor, eos: int, bad: BadRecords,
         except DataError as e:
             skip_or_raise(rec, e, d.skip_bad, bad)
     if not examples:
-        raise ValueError(f"{d.train}: no usable training records ({bad.summary()}; "
-                         f"{overlong_skipped.count if overlong_skipped else 0} over data.max_length skipped)")
+        raise DataError(f"{d.train}: no usable training records ({bad.summary()}; "
+                        f"{overlong_skipped.count if overlong_skipped else 0} over data.max_length skipped)")
     return examples
 
 

@@ -59,9 +59,14 @@ def sample_pairs(policy_dir: str, data: str, out: str, *, n: int = 1, max_new_to
     model, processor = load_policy(ModelConfig(path=policy_dir), pick_device(), trainable=False)
     eos, _ = special_ids(processor)
     prompts = load_prompts(data, processor, eos_id=eos, max_length=100_000, limit=limit)
-    missing = [p.record.where("teacher_caption") for p in prompts if "teacher_caption" not in p.record.extra]
+    missing = [(p.record, k) for p in prompts for k in ("teacher_caption", "teacher_cot")
+               if not isinstance(p.record.extra.get(k), str)]
     if missing:
-        raise ValueError(f"{missing[0]}: warm-up pairs need teacher_caption/teacher_cot fields")
+        rec, key = missing[0]
+        n_rec = len({id(r) for r, _ in missing})
+        raise DataError(f"{rec.where(key)}: missing; warm-up pairs pair the policy's segments with the teacher's "
+                        f"(teacher_caption and teacher_cot, as in the alignment set); {n_rec} of {len(prompts)} "
+                        "records lack them")
     engine = HFEngine(model, processor)
     params = SamplingParams(n=n, max_new_tokens=max_new_tokens, temperature=temperature)
     pairs, invalid, truncated = [], 0, 0
@@ -190,8 +195,11 @@ def train_warmup(cfg: WarmupConfig, resume: bool = False, halt_at_step: int | No
     order = torch.randperm(len(pairs), generator=g).tolist()
     n_held = int(round(cfg.train.heldout_frac * len(pairs)))
     held, train = order[:n_held], order[n_held:]
+    if not pairs:
+        raise DataError(f"{cfg.data.train}: no warm-up pairs ({bad.summary()})")
     if not train:
-        raise ValueError(f"{cfg.data.train}: no training pairs left after the held-out split")
+        raise DataError(f"{cfg.data.train}: no training pairs left after the held-out split "
+                        f"({len(pairs)} pairs read, train.heldout_frac={cfg.train.heldout_frac})")
     bs = cfg.train.batch_size
     steps = cfg.train.max_steps or max(1, math.ceil(len(train) * cfg.train.epochs / bs))
     # every step's pairs are a function of the seed alone, so a resumed run draws the same ones
