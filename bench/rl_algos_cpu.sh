@@ -14,7 +14,7 @@ run() {  # algo extra-overrides...
     data.train="$Q/data/rl.parquet" output_dir="$Q/sft_${algo}_s0" train.steps="$STEPS" train.seed=0 "$@" \
     > "$Q/logs/sft_${algo}_s0.log" 2>&1
   $P eval --config configs/quickstart/eval.yaml --model "$Q/sft_${algo}_s0/final" --data "$Q/data/test.parquet" \
-    output_dir="$Q/eval/sft_${algo}_s0" name="SFT+${algo^^} seed 0" data.limit="${EVAL_LIMIT:-448}" > "$Q/logs/eval-sft_${algo}_s0.log" 2>&1
+    --out "$Q/eval" --name "sft_${algo}_s0" data.limit="${EVAL_LIMIT:-448}" > "$Q/logs/eval-sft_${algo}_s0.log" 2>&1
   $P plot "$Q/sft_${algo}_s0" > /dev/null
 }
 # DAPO scaled like the rest of the quick start: gen batch 2x the train batch, at most 3 rounds,
@@ -28,7 +28,7 @@ from pathlib import Path
 q = Path(sys.argv[1])
 print("| run | avg acc | format | resp tokens | mean step s |\n|---|---|---|---|---|")
 for name in ("sft", "sft_grpo_s0", "sft_dapo_s0", "sft_gspo_s0"):
-    s = json.loads((q / "eval" / name / "summary.json").read_text())["overall"]
+    s = json.loads((q / "eval" / name / "heldout-test" / "summary.json").read_text())["overall"]
     m = [json.loads(l) for l in open(q / name / "metrics.jsonl")] if (q / name / "metrics.jsonl").exists() and name != "sft" else []
     t = [r["timing/step_s"] for r in m if "timing/step_s" in r]
     print(f"| {name} | {100 * s['accuracy']:.1f} | {100 * s['format_rate']:.1f} | {s['mean_response_tokens']:.0f} | "

@@ -21,7 +21,7 @@ common=(--algo grpo --config configs/quickstart/rl.yaml data.train=runs/pool/rl_
         optim.lr=1e-4 train.steps=$STEPS train.save_every=10 data.limit=${POOL_LIMIT:-5000})
 score() {  # policy_dir out_dir
   local ev="$P eval --config configs/quickstart/eval.yaml model.path=$1 generation.batch_size=512"
-  $ev data.eval=$TEST output_dir=$2/eval && $ev data.eval=$TEST2 output_dir=$2/eval2
+  $ev data.eval=$TEST output_dir=$2/eval name=policy && $ev data.eval=$TEST2 output_dir=$2/eval2 name=policy
 }
 arm() {  # gpu name overrides...
   local gpu=$1 name=$2; shift 2

@@ -21,15 +21,15 @@ arm() {  # name sft_dir overrides...
   [ -n "$policy" ] || return 1
   echo "$policy" > $OUT/$name/evaluated.txt
   $P eval --config configs/quickstart/eval.yaml model.path=$policy data.eval=$D/test.parquet \
-     output_dir=$OUT/$name/eval >> $OUT/$name.log 2>&1
+     output_dir=$OUT/$name/eval name=policy >> $OUT/$name.log 2>&1
 }
 SFT=runs/quickstart/sft/final  # runs/exp/sfte8 (ARMS=lr) is `prism sft` with train.epochs=8, its final/ folder
-$P eval --config configs/quickstart/eval.yaml model.path=$SFT output_dir=$OUT/sft_eval > $OUT/sft_eval.log 2>&1 &
+$P eval --config configs/quickstart/eval.yaml model.path=$SFT output_dir=$OUT/sft_eval name=policy > $OUT/sft_eval.log 2>&1 &
 if [ "${ARMS:-lr}" = lr ]; then  # learning rates, a random-reward control, a longer-SFT start
   arm grpo_1e4 $SFT optim.lr=1e-4 &
   arm grpo_3e5 $SFT optim.lr=3e-5 &
   arm random_1e4 $SFT optim.lr=1e-4 reward.function=bench/reward_random.py:score &
-  $P eval --config configs/quickstart/eval.yaml model.path=runs/exp/sfte8 output_dir=$OUT/sfte8_eval > $OUT/sfte8_eval.log 2>&1 &
+  $P eval --config configs/quickstart/eval.yaml model.path=runs/exp/sfte8 output_dir=$OUT/sfte8_eval name=policy > $OUT/sfte8_eval.log 2>&1 &
   arm e8_grpo_1e4 runs/exp/sfte8 optim.lr=1e-4 &
 else  # rollout temperature: sample near the greedy mode, with its random-reward control
   arm grpo_1e4_t1 $SFT optim.lr=1e-4 &
@@ -43,7 +43,8 @@ out = sys.argv[1]
 print("| run | policy | greedy acc | by task | train acc first5 -> last5 | s/step |\n|---|---|---|---|---|---|")
 for d in sorted(glob.glob(f"{out}/*/")):
     name = os.path.basename(d.rstrip("/"))
-    ev = f"{d}/eval/summary.json" if os.path.exists(f"{d}/eval/summary.json") else f"{d}/summary.json"
+    held = "policy/heldout-test/summary.json"  # prism eval's layout: <output_dir>/<name>/heldout-<file>/
+    ev = f"{d}/eval/{held}" if os.path.exists(f"{d}/eval/{held}") else f"{d}/{held}"
     if not os.path.exists(ev) or "overall" not in json.load(open(ev)):
         print(f"| {name} | | (no eval) | | | |"); continue
     pol = open(f"{d}/evaluated.txt").read().strip().split("/")[-1] if os.path.exists(f"{d}/evaluated.txt") else "sft"

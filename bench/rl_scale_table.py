@@ -9,6 +9,9 @@ import json
 import sys
 from pathlib import Path
 
+# where `prism eval ... output_dir=ARM/eval name=policy` puts an arm's results (see rl_gpu_scale.sh)
+EVAL, EVAL2 = Path("eval/policy/heldout-test"), Path("eval2/policy/heldout-test2")
+
 
 def accuracy(summary: Path) -> str:
     if not summary.exists():
@@ -51,13 +54,13 @@ def main(out: Path) -> None:
     print("| arm | step scored | test 900 | test2 4000 | test2 gain over SFT (paired, ± s.e.) "
           "| train acc (first 10 -> last 10 steps) | s/step |")
     print("|---|---|---|---|---|---|---|")
-    base = per_problem(out / "sft/eval2/samples.jsonl")
+    base = per_problem(out / "sft" / EVAL2 / "samples.jsonl")
     for d in sorted(p for p in out.iterdir() if p.is_dir()):
         evaluated = d / "evaluated.txt"
         step = evaluated.read_text().strip().rsplit("/", 1)[-1] if evaluated.exists() else "sft"
         curve, speed, _ = train_curve(d / "metrics.jsonl")
-        print(f"| {d.name} | {step} | {accuracy(d / 'eval/summary.json')} | {accuracy(d / 'eval2/summary.json')} "
-              f"| {paired_gain(per_problem(d / 'eval2/samples.jsonl'), base)} | {curve} | {speed} |")
+        print(f"| {d.name} | {step} | {accuracy(d / EVAL / 'summary.json')} | {accuracy(d / EVAL2 / 'summary.json')} "
+              f"| {paired_gain(per_problem(d / EVAL2 / 'samples.jsonl'), base)} | {curve} | {speed} |")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from prism_rl.config import ConfigError
 from prism_rl.data.records import IMAGE_PLACEHOLDER, BadRecords, DataError
 from prism_rl.eval import run_benchmark as R
 from prism_rl.eval.benchmark_scoring import judge_rows, score_response, summarize_benchmark
@@ -30,9 +31,10 @@ from prism_rl.eval.loaders import (
     VISION_INSTRUCTION,
     YES_NO_INSTRUCTION,
     load_benchmark,
+    mathvista_query,
     split_letter_options,
 )
-from prism_rl.eval.report import load_results, results_csv_rows, results_markdown, update_results
+from prism_rl.eval.report import collect_results, results_csv_rows, write_report
 from prism_rl.eval.run_benchmark import evaluate_benchmark
 from prism_rl.format import SYSTEM_PROMPT, make_response
 
@@ -116,42 +118,70 @@ def _src_env() -> dict:
 # --------------------------------------------------------------------------- loaders
 
 
-def test_mathvista_parquet_folder_and_github_json(tmp_path):
-    rows = [
-        {"pid": "1", "question": "Find m\\angle B.", "image": "images/1.jpg", "decoded_image": img(),
-         "choices": ["145°", "135°", "110°", "90°"], "unit": None, "precision": None, "answer": "135°",
-         "question_type": "multi_choice", "answer_type": "text", "metadata": {"task": "geometry problem solving"},
-         "query": "..."},
-        {"pid": "2", "question": "What is the slope at x = 1?", "image": "images/2.jpg", "decoded_image": img("blue"),
-         "choices": None, "unit": None, "precision": 2.0, "answer": "1.45", "question_type": "free_form",
-         "answer_type": "float", "metadata": {"task": "figure question answering"}, "query": "..."},
-        {"pid": "3", "question": "How many bars?", "image": "images/3.jpg", "decoded_image": img("green"),
-         "choices": None, "unit": None, "precision": None, "answer": "7", "question_type": "free_form",
-         "answer_type": "integer", "metadata": {"task": "figure question answering"}, "query": "..."},
-    ]
+# MathVista testmini rows as the release has them (GitHub data/testmini.json and, for the
+# query, data/query.json; the HF parquet carries the same fields plus ``query``)
+MV_HINT_MC = "Hint: Please answer the question and provide the correct option letter, e.g., A, B, C, D, at the end."
+MV_HINT_INT = ("Hint: Please answer the question requiring an integer answer and provide the final value, "
+               "e.g., 1, 2, 3, at the end.")
+MV_HINT_F1 = ("Hint: Please answer the question requiring a floating-point number with one decimal place and "
+              "provide the final value, e.g., 1.2, 1.3, 1.4, at the end.")
+MV_HINT_F2 = ("Hint: Please answer the question requiring a floating-point number with two decimal places and "
+              "provide the final value, e.g., 1.23, 1.34, 1.45, at the end.")
+MV_META = {"split": "testmini", "language": "english", "img_width": 322, "img_height": 245, "source": "Geometry3K",
+           "category": "math-targeted-vqa", "task": "geometry problem solving", "context": "geometry diagram",
+           "grade": "high school", "skills": ["geometry reasoning", "algebraic reasoning"]}
+MV_ROWS = [
+    {"pid": "2", "question": "what is the total volume of the measuring cup?", "image": "images/2.jpg",
+     "choices": None, "unit": "g", "precision": None, "answer": "1000", "question_type": "free_form",
+     "answer_type": "integer", "metadata": {**MV_META, "task": "visual question answering"},
+     "query": MV_HINT_INT + "\nQuestion: what is the total volume of the measuring cup? (Unit: g)"},
+    {"pid": "5", "question": "Find $m\\angle H$", "image": "images/5.jpg", "choices": ["97", "102", "107", "122"],
+     "unit": None, "precision": None, "answer": "97", "question_type": "multi_choice", "answer_type": "text",
+     "metadata": MV_META,
+     "query": MV_HINT_MC + "\nQuestion: Find $m\\angle H$\nChoices:\n(A) 97\n(B) 102\n(C) 107\n(D) 122"},
+    # free form with a unit and a precision: both must reach the prompt
+    {"pid": "901", "question": "What is the length of side AB?", "image": "images/901.jpg", "choices": None,
+     "unit": "cm", "precision": 1.0, "answer": "7.5", "question_type": "free_form", "answer_type": "float",
+     "metadata": MV_META, "query": MV_HINT_F1 + "\nQuestion: What is the length of side AB? (Unit: cm)"},
+    {"pid": "902", "question": "What is the slope at x = 1?", "image": "images/902.jpg", "choices": None,
+     "unit": None, "precision": 2.0, "answer": "1.45", "question_type": "free_form", "answer_type": "float",
+     "metadata": {**MV_META, "task": "figure question answering"},
+     "query": MV_HINT_F2 + "\nQuestion: What is the slope at x = 1?"},
+]
+
+
+def test_mathvista_prompt_is_the_release_query(tmp_path):
+    """The prompt is MathVista's own query (hint with precision, unit, choices), read from the
+    parquet's ``query`` or rebuilt in the same words where a file has none (the GitHub JSON)."""
+    colors = ["red", "blue", "green", "white"]
+    rows = [{**r, "decoded_image": img(c)} for r, c in zip(MV_ROWS, colors)]
     write_parquet(tmp_path / "MathVista" / "data" / "testmini-00000-of-00001.parquet", rows)
     write_parquet(tmp_path / "MathVista" / "data" / "test-00000-of-00002.parquet", rows[:1])  # not read
     recs = load_benchmark("mathvista", tmp_path / "MathVista")
-    assert [r.id for r in recs] == ["1", "2", "3"]
-    mc, fl, it = recs
-    assert user(mc) == ("<image>\nFind m\\angle B.\nOptions:\n(A) 145°\n(B) 135°\n(C) 110°\n(D) 90°\n"
-                        + MC_INSTRUCTION)
-    assert mc.ground_truth == "B" and mc.extra["accepted"] == ["(B) 135°"]
+    assert [r.id for r in recs] == ["2", "5", "901", "902"]
+    for rec, row in zip(recs, MV_ROWS):
+        assert user(rec) == "<image>\n" + row["query"]
+        check_common(rec)
+    assert "(Unit: cm)" in user(recs[2]) and "one decimal place" in user(recs[2])
+    integer, mc, cm, fl = recs
+    assert integer.ground_truth == "1000" and fl.ground_truth == "1.45" and cm.ground_truth == "7.5"
+    assert mc.ground_truth == "A" and mc.extra["accepted"] == ["(A) 97"] and mc.extra["options"] == MV_ROWS[1]["choices"]
     assert mc.task == "mathvista/geometry problem solving"
-    assert user(fl) == "<image>\nWhat is the slope at x = 1?\nAnswer with a number with 2 decimal places."
-    assert fl.ground_truth == "1.45"
-    assert user(it).endswith("How many bars?\nAnswer with an integer.") and it.ground_truth == "7"
-    for r in recs:
-        check_common(r)
-    # the GitHub release: a JSON dict keyed by pid, image paths relative to the file
+    # the GitHub release: a JSON dict keyed by pid without ``query``, image paths relative to the file
     (tmp_path / "gh" / "images").mkdir(parents=True)
-    (tmp_path / "gh" / "images" / "1.png").write_bytes(png_bytes())
-    (tmp_path / "gh" / "testmini.json").write_text(json.dumps(
-        {"1": {"question": "Find x.", "image": "images/1.png", "choices": ["3", "4"], "answer": "4",
-               "question_type": "multi_choice", "answer_type": "integer", "precision": None}}))
-    (gh,) = load_benchmark("mathvista", tmp_path / "gh" / "testmini.json")
-    assert gh.id == "1" and gh.ground_truth == "B" and gh.images[0].path == "images/1.png"
-    check_common(gh)
+    for r in MV_ROWS:
+        (tmp_path / "gh" / r["image"]).write_bytes(png_bytes())
+    no_query = {r["pid"]: {k: v for k, v in r.items() if k != "query"} for r in MV_ROWS}
+    (tmp_path / "gh" / "testmini.json").write_text(json.dumps(no_query))
+    gh = load_benchmark("mathvista", tmp_path / "gh" / "testmini.json")
+    assert [user(r) for r in gh] == ["<image>\n" + r["query"] for r in MV_ROWS]  # rebuilt word for word
+    assert gh[1].ground_truth == "A" and gh[0].images[0].path == "images/2.jpg"
+    for r in gh:
+        check_common(r)
+    # a precision the release never words (3) and a float without one still say what is asked
+    odd = mathvista_query({"question": "Q?", "answer_type": "float", "precision": 3, "unit": "kg"}, [])
+    assert odd.startswith("Hint: ") and "3 decimal places" in odd and odd.endswith("Question: Q? (Unit: kg)")
+    assert "floating-point number" in mathvista_query({"question": "Q?", "answer_type": "float"}, [])
 
 
 def test_mathverse_parquet_versions(tmp_path):
@@ -507,25 +537,41 @@ def test_mmmu_pro_accuracy_is_the_mean_of_its_settings():
     assert summarize_benchmark("mmmu_pro", rows)["accuracy"] == pytest.approx((0.25 + 1.0) / 2)
 
 
+def _write_summary(root, run, part, summary):
+    (root / run / part).mkdir(parents=True, exist_ok=True)
+    (root / run / part / "summary.json").write_text(json.dumps(summary))
+
+
 def test_report_tables(tmp_path):
     s = lambda acc, tok: {"accuracy": acc, "rule_accuracy": acc, "format_rate": 1.0, "mean_response_tokens": tok,
-                          "n_records": 10, "judged": 1, "judge_flipped": 1, "judge_failed": 0}
+                          "n_records": 10, "judged": 1, "judge_flipped": 1, "judge_failed": 0, "model": "/m/instruct"}
     for b, acc in [("mathvista", 0.749), ("mathverse", 0.59), ("mathvision", 0.365), ("wemath", 0.707),
                    ("mmmu", 0.636), ("mmmu_pro", 0.451), ("hallusionbench", 0.682)]:
-        files = update_results(tmp_path, "Instruct", b, s(acc, 1000))
-    update_results(tmp_path, "PRISM+GRPO", "mathvision", s(0.454, 2889))
-    update_results(tmp_path, "PRISM+GRPO", "mathvision", s(0.5, 2000))  # replaces, does not add
+        _write_summary(tmp_path, "Instruct", b, s(acc, 1000))
+    _write_summary(tmp_path, "PRISM+GRPO", "mathvision", s(0.5, 2000))
+    _write_summary(tmp_path, "PRISM+GRPO", "heldout-test", {  # a held-out file: a column, not in Avg
+        "overall": {"accuracy": 0.25, "format_rate": 0.9, "mean_response_tokens": 80.0, "n_prompts": 4},
+        "per_task": {}, "model": "/m/prism"})
+    (tmp_path / "PRISM+GRPO" / "run.json").write_text(json.dumps({"model": "/m/prism"}))
+    files = write_report(tmp_path)
     md = files["md"].read_text()
-    assert "| run | MVista | MVerse | MVision | WeMath | MMMU | MMMU-Pro | Hallu | Avg |" in md
-    assert "| Instruct | 74.9 | 59.0 | 36.5 | 70.7 | 63.6 | 45.1 | 68.2 | 59.7 |" in md  # spec section 9
-    assert "| PRISM+GRPO | - | - | 50.0 | - | - | - | - | 50.0* |" in md
-    rows = list(results_csv_rows(load_results(tmp_path)))
-    assert rows[0] == ["run", "MVista", "MVerse", "MVision", "WeMath", "MMMU", "MMMU-Pro", "Hallu", "Avg"]
+    assert "| run | MVista | MVerse | MVision | WeMath | MMMU | MMMU-Pro | Hallu | held-out test | Avg |" in md
+    assert "| Instruct | 74.9 | 59.0 | 36.5 | 70.7 | 63.6 | 45.1 | 68.2 | - | 59.7 |" in md  # spec section 9
+    assert "| PRISM+GRPO | - | - | 50.0 | - | - | - | - | 25.0 | 50.0* |" in md
+    assert "| PRISM+GRPO | - | - | 2000 | - | - | - | - | 80 | 2000 |" in md  # mean response tokens
+    assert "| PRISM+GRPO | /m/prism |" in md and "| Instruct | /m/instruct |" in md
+    rows = results_csv_rows(collect_results(tmp_path))
+    assert rows[0] == ["run", "MVista", "MVerse", "MVision", "WeMath", "MMMU", "MMMU-Pro", "Hallu", "held-out test", "Avg"]
     assert rows[1][0] == "Instruct" and rows[1][-1] == "59.71"
-    assert rows[2] == ["PRISM+GRPO", "", "", "50.00", "", "", "", "", "50.00"]
-    assert (tmp_path / "results.csv").read_text().splitlines()[2] == "PRISM+GRPO,,,50.00,,,,,50.00"
+    assert (tmp_path / "results.csv").read_text().splitlines()[2] == "PRISM+GRPO,,,50.00,,,,,25.00,50.00"
     assert files["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| PRISM+GRPO | - | - | 2000 |" in results_markdown(load_results(tmp_path))
+    assert json.loads(files["json"].read_text())["runs"]["PRISM+GRPO"]["mathvision"]["accuracy"] == 0.5
+    # the summaries are the source: a removed run leaves the table; held-out only has no paper columns
+    import shutil
+    shutil.rmtree(tmp_path / "Instruct")
+    (tmp_path / "PRISM+GRPO" / "mathvision" / "summary.json").unlink()
+    md = write_report(tmp_path)["md"].read_text()
+    assert "Instruct" not in md and "| run | held-out test |" in md and "| PRISM+GRPO | 25.0 |" in md
 
 
 # --------------------------------------------------------------------------- end to end
@@ -564,25 +610,21 @@ def test_evaluate_benchmark_interrupted_then_resumed(tiny_model_dir, tmp_path, m
     assert all(1 <= r["tokens"] <= 16 for r in lines)
     assert (summary["n_records"], summary["generated_now"], summary["resumed"]) == (3, 2, 1)
     assert summary["settings"]["max_new_tokens"] == 16 and summary["run"] == "tiny-run"
+    assert summary["model"] == str(Path(tiny_model_dir).resolve())
     assert summary["accuracy"] == pytest.approx(sum(r["acc"] for r in lines) / 3)
     assert json.loads((run / "mathvision" / "summary.json").read_text())["n_records"] == 3
-    # a finished benchmark re-summarises without loading the model; a second run name adds a row
+    # a finished benchmark re-summarises without loading the model; the table is beside the runs
     monkeypatch.setattr(R, "_load_model", lambda *a: pytest.fail("model loaded for nothing"))
-    again = evaluate_benchmark("mathvision", FIX / "mathvision", tiny_model_dir, run, run_name="other", **kw)
+    again = evaluate_benchmark("mathvision", FIX / "mathvision", tiny_model_dir, run, **kw)
     assert again["generated_now"] == 0 and again["accuracy"] == summary["accuracy"]
     results = tmp_path / "runs"
-    for f in ("results.md", "results.csv", "results.png"):
+    for f in ("results.md", "results.csv", "results.png", "results.json"):
         assert (results / f).stat().st_size > 0
-    csv_rows = (results / "results.csv").read_text().splitlines()
     acc = f"{100 * summary['accuracy']:.2f}"
-    assert csv_rows[1:] == [f"tiny-run,,,{acc},,,,,{acc}", f"other,,,{acc},,,,,{acc}"]
-    assert "| tiny-run | - | - |" in (results / "results.md").read_text()
-    printed: list[str] = []  # the CLI entry point: nothing left to generate, prints summary and table
-    cli = R.run_eval("mathvision", FIX / "mathvision", tiny_model_dir, out_dir=run, print_fn=printed.append, **kw)
-    assert cli["n_records"] == 3 and printed[0].startswith("MVision: accuracy ")
-    assert "| tiny-run | - | - |" in printed[1]
-    with pytest.raises(ValueError, match="--judge-model"):
-        R.run_eval("mathvision", FIX / "mathvision", tiny_model_dir, out_dir=run, judge_url="http://x/v1")
-    with pytest.raises(ValueError, match="other settings"):
+    assert (results / "results.csv").read_text().splitlines()[1:] == [f"tiny-run,,,{acc},,,,,{acc}"]
+    # other settings, or another model, are refused with a message; nothing is generated
+    with pytest.raises(ConfigError, match="other settings.*max_new_tokens 16 there, 8 now.*--fresh"):
         evaluate_benchmark("mathvision", FIX / "mathvision", tiny_model_dir, run, max_new_tokens=8, batch_size=1)
+    with pytest.raises(ConfigError, match="holds results of model"):
+        evaluate_benchmark("mathvision", FIX / "mathvision", tmp_path / "other-model", run, **kw)
     assert len(generated) == 3

@@ -53,8 +53,8 @@ def test_results_table_mean_and_std(tmp_path):
     ev = tmp_path / "eval"
     for name, acc in [("sft", 0.30), ("sft_grpo_s0", 0.40), ("sft_grpo_s1", 0.44), ("aligned", 0.33),
                       ("prism_grpo_s0", 0.50), ("prism_grpo_s1", 0.46)]:
-        (ev / name).mkdir(parents=True)
-        (ev / name / "summary.json").write_text(json.dumps(_summary(acc, {"count": acc, "chart": acc / 2})))
+        (ev / name / "heldout-test").mkdir(parents=True)
+        (ev / name / "heldout-test" / "summary.json").write_text(json.dumps(_summary(acc, {"count": acc, "chart": acc / 2})))
     table = results_table(tmp_path, [0, 1])
     rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()[2:]}
     assert set(rows) == {"SFT", "SFT+GRPO", "PRISM (aligned)", "PRISM+GRPO"}

@@ -18,7 +18,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from .config import ConfigError, EvalConfig, SFTConfig, load_config, rl_response_limit
+from .config import ConfigError, SFTConfig, load_config, rl_response_limit
 from .data.records import DataError
 from .reward.batch import RewardInputError
 
@@ -194,22 +194,8 @@ def cmd_serve(a) -> None:
 
 
 def cmd_eval(a) -> None:
-    if a.benchmark:
-        from .eval.run_benchmark import run_eval
-        kwargs = {k: v for k, v in (("limit", a.limit), ("max_new_tokens", a.max_new_tokens)) if v is not None}
-        run_eval(a.benchmark, a.data, a.model, out_dir=a.out or None, judge_url=a.judge_url or None,
-                 judge_model=a.judge_model or None, **kwargs)
-        return
-    from .eval.evaluate import evaluate, format_table
-    overrides = list(a.overrides)
-    if a.model:
-        overrides.append(f"model.path={a.model}")
-    if a.data:
-        overrides.append(f"data.eval={a.data}")
-    cfg = load_config(EvalConfig, a.config, overrides)
-    summary = evaluate(cfg)
-    print(format_table([summary]))
-    print(f"summary: {Path(cfg.output_dir) / 'summary.json'}")
+    from .eval.command import eval_command
+    eval_command(a)
 
 
 def cmd_rl(a) -> None:
@@ -405,17 +391,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.set_defaults(fn=cmd_plot)
 
-    p = sub.add_parser("eval", help="evaluate a checkpoint on a held-out file")
+    p = sub.add_parser("eval", help="evaluate a checkpoint on a held-out file or a benchmark; compare runs")
     _add_config_args(p)
-    p.add_argument("--model", default="")
-    p.add_argument("--data", default="")
+    p.add_argument("--model", default="", help="checkpoint folder (model.path)")
+    p.add_argument("--data", default="", help="held-out file, or with --benchmark its file or folder (data.eval)")
     p.add_argument("--benchmark", default="", help="MathVista, MathVerse, MathVision, WeMath, MMMU, "
                    "MMMU-Pro or HallusionBench (their release layouts; settings of spec section 8)")
-    p.add_argument("--out", default="", help="with --benchmark: output folder")
+    p.add_argument("--out", default="", help="root of every evaluation run (output_dir, default runs/eval): "
+                   "results in OUT/NAME/<benchmark or heldout-FILE>/, the comparison table in OUT/results.md")
+    p.add_argument("--name", default="", help="run name (name); default derived from the model path, "
+                   "e.g. runs/rl/final -> rl-final")
+    p.add_argument("--fresh", action="store_true", help="start this run's benchmark (or held-out file) over; "
+                   "without it a rerun resumes")
+    p.add_argument("--report", action="store_true", help="only rebuild and print the comparison table of --out")
     p.add_argument("--judge-url", default="", help="with --benchmark: OpenAI-compatible judge endpoint")
     p.add_argument("--judge-model", default="")
-    p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--limit", type=int, default=None, help="first N problems (data.limit)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="generation cap (generation.max_new_tokens); with --benchmark default the benchmark's")
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("serve", help="OpenAI-compatible chat-completions server for a checkpoint")

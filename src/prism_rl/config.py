@@ -134,12 +134,20 @@ class GenerationConfig(Section):
     seed: int = 0
 
 
+class EvalGenerationConfig(GenerationConfig):
+    # its own default, not a default instance: setting any generation key keeps greedy decoding
+    temperature: float = Field(0.0, ge=0, description="0 means greedy (the held-out default; a "
+                               "benchmark's own when --benchmark is given and this is not set).")
+
+
 class EvalConfig(Section):
     model: ModelConfig = ModelConfig()
     data: EvalDataConfig = EvalDataConfig()
-    generation: GenerationConfig = GenerationConfig(temperature=0.0)
-    output_dir: str = "runs/eval"
-    name: str = Field("", description="Row label in the summary table.")
+    generation: EvalGenerationConfig = EvalGenerationConfig()
+    output_dir: str = Field("runs/eval", description="Root of all evaluation runs: results go to "
+                            "<output_dir>/<name>/<benchmark or heldout-FILE>/, the comparison table to "
+                            "<output_dir>/results.md.")
+    name: str = Field("", description="Run name (folder and table row); default derived from model.path.")
 
 
 class RolloutConfig(Section):

@@ -110,12 +110,18 @@ def run_lanes(lanes: list[Lane], logs: Path, workers: int) -> None:
                 done.add(running.pop(fut))
 
 
-def _eval(label: str, model: Path, data: Path, out: Path, name: str, limit: int | None) -> tuple:
+def _eval(label: str, model: Path, data: Path, out: Path, limit: int | None) -> tuple:
+    """Held-out eval of ``model`` as run ``out.name`` under ``out.parent`` (eval/layout.py)."""
     args = ["eval", "--config", "configs/quickstart/eval.yaml", "--model", str(model), "--data", str(data),
-            f"output_dir={out}", f"name={name}"]
+            "--out", str(out.parent), "--name", out.name]
     if limit:
         args.append(f"data.limit={limit}")
-    return label, _prism(*args), out / "summary.json"
+    return label, _prism(*args), _heldout_summary(out, data)
+
+
+def _heldout_summary(run: Path, data: Path) -> Path:
+    from .eval.layout import heldout_part
+    return run / heldout_part(data) / "summary.json"
 
 
 def plan(out: Path, s: QuickstartSettings, seed: int) -> list[Lane]:
@@ -132,7 +138,7 @@ def plan(out: Path, s: QuickstartSettings, seed: int) -> list[Lane]:
     prep.add("sft", _prism("sft", "--config", "configs/quickstart/sft.yaml", f"model.path={tiny}",
                            f"data.train={d / 'sft.json'}", f"output_dir={out / 'sft'}",
                            f"train.epochs={s.sft_epochs}", f"train.seed={seed}", threads=2), sft / "config.json")
-    eval_sft = Lane("eval-sft", after=("prepare",)).add(*_eval("eval-sft", sft, test, out / "eval" / "sft", "SFT", s.eval_limit))
+    eval_sft = Lane("eval-sft", after=("prepare",)).add(*_eval("eval-sft", sft, test, out / "eval" / "sft", s.eval_limit))
     eval_sft.add("filter", _prism("data", "filter-difficulty", "--model", str(sft), "--data", str(d / "align.parquet"),
                                   "--out", str(rl_data), "--n", str(s.filter_n), "--low", str(s.filter_low),
                                   "--high", str(s.filter_high), "--max-new-tokens", "200",
@@ -151,10 +157,10 @@ def plan(out: Path, s: QuickstartSettings, seed: int) -> list[Lane]:
                              f"disc.path={disc / 'warmup' / 'final'}", f"data.train={d / 'align.parquet'}",
                              f"output_dir={out / 'align'}", f"train.steps={s.align_steps}", f"train.seed={seed}"),
              align_policy / "config.json")
-    warm.add(*_eval("eval-aligned", align_policy, test, out / "eval" / "aligned", "PRISM (aligned)", s.eval_limit))
+    warm.add(*_eval("eval-aligned", align_policy, test, out / "eval" / "aligned", s.eval_limit))
     rl_lanes = []
     for rs in s.rl_seeds:
-        for name, start, label in (("sft_grpo", sft, "SFT+GRPO"), ("prism_grpo", align_policy, "PRISM+GRPO")):
+        for name, start in (("sft_grpo", sft), ("prism_grpo", align_policy)):
             run = out / f"{name}_s{rs}"
             after = ("eval-sft",) if name == "sft_grpo" else ("eval-sft", "discriminator")
             lane = Lane(f"{name}-{rs}", after=after).add(
@@ -162,8 +168,7 @@ def plan(out: Path, s: QuickstartSettings, seed: int) -> list[Lane]:
                                         f"model.path={start}", f"data.train={rl_data}", f"output_dir={run}",
                                         f"train.steps={s.grpo_steps}", f"train.seed={rs}"),
                 run / "final" / "config.json")
-            lane.add(*_eval(f"eval-{name}-s{rs}", run / "final", test, out / "eval" / f"{name}_s{rs}",
-                            f"{label} seed {rs}", s.eval_limit))
+            lane.add(*_eval(f"eval-{name}-s{rs}", run / "final", test, out / "eval" / f"{name}_s{rs}", s.eval_limit))
             rl_lanes.append(lane)
     return [prep, warm, eval_sft, *rl_lanes]
 
@@ -181,10 +186,13 @@ def _mean_std(values: list[float]) -> str:
 
 def results_table(out: Path, seeds: list[int]) -> str:
     """Spec section 9 at toy scale: held-out accuracy per task family, average, format, tokens."""
-    rows = [("SFT", [_load(out / "eval" / "sft" / "summary.json")]),
-            ("SFT+GRPO", [_load(out / "eval" / f"sft_grpo_s{s}" / "summary.json") for s in seeds]),
-            ("PRISM (aligned)", [_load(out / "eval" / "aligned" / "summary.json")]),
-            ("PRISM+GRPO", [_load(out / "eval" / f"prism_grpo_s{s}" / "summary.json") for s in seeds])]
+    def held(run: str) -> dict | None:
+        return _load(_heldout_summary(out / "eval" / run, out / "data" / "test.parquet"))
+
+    rows = [("SFT", [held("sft")]),
+            ("SFT+GRPO", [held(f"sft_grpo_s{s}") for s in seeds]),
+            ("PRISM (aligned)", [held("aligned")]),
+            ("PRISM+GRPO", [held(f"prism_grpo_s{s}") for s in seeds])]
     tasks = sorted({t for _, ss in rows for s in ss if s for t in s["per_task"]})
     head = ["pipeline", *tasks, "avg", "format", "resp tokens", "runs"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

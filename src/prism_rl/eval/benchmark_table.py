@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from ..config import ConfigError
+
 __all__ = ["BENCHMARKS", "BenchmarkSpec", "get_benchmark"]
 
 
@@ -67,5 +69,5 @@ def get_benchmark(name: str) -> BenchmarkSpec:
     canon = {re.sub(r"_", "", k): k for k in BENCHMARKS}
     found = canon.get(key) or _ALIASES.get(key)
     if found is None:
-        raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
+        raise ConfigError(f"unknown benchmark {name!r} (--benchmark); known: {', '.join(BENCHMARKS)}")
     return BENCHMARKS[found]

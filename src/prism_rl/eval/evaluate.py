@@ -1,9 +1,13 @@
-"""``prism eval``: generate on a held-out file and report accuracy, format rate and length.
+"""``prism eval`` on a held-out file: generate, report accuracy, format rate and length.
 
 Every sample is scored with the verifiable reward (``prism_rl.reward``): accuracy on the
 ``<answer>`` content, format validity of the whole response. The summary is broken down by
 task family; with ``n > 1`` samples per prompt it also reports the share of prompts whose
 pass rate lies strictly between 0 and 1 (the prompts an RL stage can learn from).
+
+Results go to ``<output_dir>/<run>/heldout-<file stem>/`` (``prism_rl.eval.layout``):
+samples are appended batch by batch, so a rerun of the same model resumes, and the comparison
+table in ``<output_dir>`` is rebuilt at the end (``prism_rl.eval.report``).
 """
 
 from __future__ import annotations
@@ -12,24 +16,30 @@ import itertools
 import json
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
-from ..config import EvalConfig, save_config
-from ..data.processing import load_prompts
-from ..data.records import BadRecords
-from ..models.loading import load_policy, pick_device, special_ids
+from ..config import ConfigError, EvalConfig, save_config
+from ..data.records import BadField, BadRecords, Record, report_bad
 from ..reward import compute_score
 from ..rollout.base import SamplingParams
-from ..rollout.hf import HFEngine
+from .layout import atomic_write, claim_run, heldout_part, model_id, prepare_part, read_rows
+from .report import write_report
 from .sampling import generate_and_score
 
+__all__ = ["HELDOUT_SETTINGS", "evaluate", "format_table", "score_samples", "summarize"]
 
-def score_samples(engine: HFEngine, prompts, params: SamplingParams, batch_size: int, desc: str = "eval") -> list[dict]:
+# settings that change what a sample is: a resumed run must not mix two of them in one file
+# (the file too: ids such as "test-3" repeat across files with the same name)
+HELDOUT_SETTINGS = ("model", "data", "max_new_tokens", "temperature", "top_p", "n", "seed", "max_prompt_length",
+                    "max_pixels", "min_pixels")
+
+
+def score_samples(engine, prompts, params: SamplingParams, batch_size: int, desc: str = "eval", *,
+                  encode: Callable | None = None, sink: Callable[[list], None] | None = None) -> list[dict]:
     """Generate for every prompt and score each sample with the verifiable reward: one row per
     sample (id, task, sample index, question, ground truth, response, answer, acc, format,
-    score, tokens, finish reason)."""
+    score, tokens, finish reason). ``encode`` and ``sink`` go to :func:`generate_and_score`."""
     # rows come prompt by prompt, params.n samples each: the k-th row is sample k % n
     row_index = itertools.count()
 
@@ -41,7 +51,7 @@ def score_samples(engine: HFEngine, prompts, params: SamplingParams, batch_size:
                 "acc": res.acc, "format": res.format, "score": res.score, "tokens": n_tok,
                 "finish": finish}
 
-    return generate_and_score(engine, prompts, params, batch_size, score, desc=desc)
+    return generate_and_score(engine, prompts, params, batch_size, score, desc=desc, encode=encode, sink=sink)
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -65,31 +75,113 @@ def summarize(rows: list[dict]) -> dict:
     return {"overall": stats(rows), "per_task": {t: stats([r for r in rows if r["task"] == t]) for t in tasks}}
 
 
-def evaluate(cfg: EvalConfig, model=None, processor=None) -> dict:
-    """Run the evaluation; writes ``samples.jsonl`` and ``summary.json`` under ``output_dir``."""
-    out = Path(cfg.output_dir)
-    save_config(cfg, out)
-    device = pick_device()
-    if model is None:
-        model, processor = load_policy(cfg.model, device, trainable=False)
-    torch.manual_seed(cfg.generation.seed)
+def _unique(records: list[Record], skip_bad: bool, bad: BadRecords) -> list[Record]:
+    """Records with distinct ids (results are kept, and resumed, by id)."""
+    first: dict[str, int] = {}
+    out = []
+    for rec in records:
+        if rec.id in first:
+            report_bad(rec.where(), BadField("id", f"duplicate id {rec.id!r} (record {first[rec.id]} has it too); "
+                                                   f"held-out results are kept by id"), skip_bad, bad)
+            continue
+        first[rec.id] = rec.index
+        out.append(rec)
+    return out
+
+
+def _finished(samples: Path, n: int) -> dict[str, list[dict]]:
+    """Rows of the prompts that have all ``n`` samples in ``samples``; the rows of a prompt cut
+    short by an interruption are removed from the file (they are generated again)."""
+    by_id: dict[str, list[dict]] = defaultdict(list)
+    rows = read_rows(samples)
+    for r in rows:
+        by_id[str(r["id"])].append(r)
+    done = {k: v for k, v in by_id.items() if sorted(r.get("sample", 0) for r in v) == list(range(n))}
+    if len(done) != len(by_id):
+        atomic_write(samples, "".join(json.dumps(r) + "\n" for v in done.values() for r in v))
+    return done
+
+
+def _load(cfg: EvalConfig):
+    from ..models.loading import load_policy, pick_device, set_pixel_limits
+
+    model, processor = load_policy(cfg.model, pick_device(), trainable=False)
+    set_pixel_limits(processor, cfg.data.max_pixels, cfg.data.min_pixels)
+    return model, processor
+
+
+def _generate(cfg: EvalConfig, todo: list[Record], model, processor, params: SamplingParams,
+              samples: Path, bad: BadRecords, done: int) -> list[dict]:
+    """Generate and score ``todo``, appending each batch's rows to ``samples``."""
+    import torch
+
+    from ..data.processing import encode_all
+    from ..models.loading import special_ids
+    from ..rollout.hf import HFEngine
+
     eos, _ = special_ids(processor)
-    bad = BadRecords()
-    prompts = load_prompts(cfg.data.eval, processor, eos_id=eos, max_length=cfg.data.max_prompt_length,
-                           limit=cfg.data.limit, skip_bad=cfg.data.skip_bad, bad=bad)
+    torch.manual_seed(cfg.generation.seed)
+
+    def encode(chunk: list[Record]) -> list:
+        return encode_all(processor, chunk, eos_id=eos, max_length=cfg.data.max_prompt_length,
+                          with_response=False, skip_bad=cfg.data.skip_bad, bad=bad)
+
+    def append(rows: list[dict]) -> None:
+        with samples.open("a", encoding="utf-8") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in rows)
+
+    engine = HFEngine(model, processor)
+    return score_samples(engine, todo, params, cfg.generation.batch_size, desc="eval", encode=encode, sink=append)
+
+
+def evaluate(cfg: EvalConfig, model=None, processor=None, *, fresh: bool = False,
+             announce: Callable[[dict], None] | None = None, report: bool = True) -> dict:
+    """Evaluate ``cfg.model.path`` on ``cfg.data.eval``; returns the summary.
+
+    Writes ``samples.jsonl``, ``meta.json``, ``config.yaml`` and ``summary.json`` under
+    ``<output_dir>/<run>/heldout-<stem>/`` (run = ``cfg.name``, or derived from the model's
+    path). Prompts whose samples are all there already are not generated again (the model
+    is not loaded when nothing is left); other sampling settings are refused unless
+    ``fresh``, which starts over. ``announce`` gets the settings in force before generation.
+    """
+    from ..data.processing import read_limited
+
+    if not cfg.data.eval:
+        raise ConfigError("data.eval (--data): no held-out file to evaluate on")
     g = cfg.generation
+    run, run_dir = claim_run(cfg.output_dir, cfg.name or None, cfg.model.path)
+    out = run_dir / heldout_part(cfg.data.eval)
+    meta = {"data": str(Path(cfg.data.eval).resolve()), "model": model_id(cfg.model.path), "max_new_tokens": g.max_new_tokens,
+            "temperature": g.temperature, "top_p": g.top_p, "n": g.n, "seed": g.seed,
+            "max_prompt_length": cfg.data.max_prompt_length, "max_pixels": cfg.data.max_pixels,
+            "min_pixels": cfg.data.min_pixels}
+    prepare_part(out, meta, HELDOUT_SETTINGS, fresh)
+    save_config(cfg, out)
+    bad = BadRecords()
+    records = _unique(read_limited(cfg.data.eval, cfg.data.limit, cfg.data.skip_bad, bad), cfg.data.skip_bad, bad)
+    samples = out / "samples.jsonl"
+    finished = _finished(samples, g.n)
+    todo = [r for r in records if r.id not in finished]
     params = SamplingParams(n=g.n, max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p)
-    t0 = time.time()
-    rows = score_samples(HFEngine(model, processor, device), prompts, params, g.batch_size)
+    if announce is not None:
+        announce({"data": cfg.data.eval, "n_records": len(records), "done": len(records) - len(todo),
+                  "params": params, "out": out, "run": run})
+    t0, new_rows = time.time(), []
+    if todo:
+        if model is None:
+            model, processor = _load(cfg)
+        new_rows = _generate(cfg, todo, model, processor, params, samples, bad, len(records) - len(todo))
     wall = time.time() - t0
-    with (out / "samples.jsonl").open("w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
+    by_id = _finished(samples, g.n)
+    rows = [r for rec in records for r in by_id.get(rec.id, [])]
     summary = summarize(rows)
-    summary.update(name=cfg.name or str(cfg.model.path), model=str(cfg.model.path), data=cfg.data.eval,
-                   n=g.n, temperature=g.temperature, wall_s=wall, bad_records=bad.count,
-                   gen_tokens_per_s=sum(r["tokens"] for r in rows) / max(wall, 1e-9))
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    summary.update(name=run, run=run, model=meta["model"], data=cfg.data.eval, n=g.n, temperature=g.temperature,
+                   settings={k: meta[k] for k in HELDOUT_SETTINGS[2:]}, generated_now=len(new_rows) // g.n,
+                   resumed=len(records) - len(todo), wall_s=wall, bad_records=bad.count,
+                   gen_tokens_per_s=sum(r["tokens"] for r in new_rows) / max(wall, 1e-9))
+    atomic_write(out / "summary.json", json.dumps(summary, indent=2))
+    if report:
+        summary["report_files"] = {k: str(v) for k, v in write_report(cfg.output_dir).items()}
     return summary
 
 

@@ -37,6 +37,27 @@ HallusionBench     HF ``lmms-lab/HallusionBench`` ``image`` split parquet or the
                    ``filename``). Questions without an image (``visual_input`` 0) are left out.
 =================  ==========================================================================
 
+The user turn's text, per benchmark (only MathVista's follows the benchmark's own evaluation
+prompt so far; the others are this package's rendering of the release's fields, kept stable
+so results stay comparable across runs):
+
+=================  ==========================================================================
+benchmark          prompt text after the image placeholder(s)
+=================  ==========================================================================
+MathVista          the release's ``query`` (what MathVista's own evaluation sends: answer-type
+                   hint with the precision, ``Question: ... (Unit: u)``, ``Choices:`` lines);
+                   rebuilt from the fields in the same words when a file has no ``query``
+MathVerse          ``question`` (its choices inline) + :data:`MC_INSTRUCTION` for multiple
+                   choice; ``query_cot`` only for "Vision Only" rows, whose question is empty
+MathVision         ``question``, + ``Options:`` as ``(A) ...`` lines + :data:`MC_INSTRUCTION`
+                   when it has options
+WeMath             ``question`` + ``option`` split into ``(A) ...`` lines + :data:`MC_INSTRUCTION`
+MMMU, MMMU-Pro     ``question`` (``<image k>`` placed inline), + ``options`` as ``(A) ...`` lines
+                   + :data:`MC_INSTRUCTION` for multiple choice; MMMU-Pro vision:
+                   :data:`VISION_INSTRUCTION` only
+HallusionBench     ``question`` + :data:`YES_NO_INSTRUCTION`
+=================  ==========================================================================
+
 Image values may be parquet image structs (``{"bytes", "path"}``), raw bytes, ``data:`` URLs
 or paths (relative to the file's folder or one of its two parents), all decoded by
 :func:`prism_rl.data.images.image_ref`. A bad record raises
@@ -60,6 +81,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..config import ConfigError
 from ..data.images import image_ref
 from ..data.records import IMAGE_PLACEHOLDER, BadField, BadRecords, DataError, ImageRef, Record, report_bad
 from ..format import SYSTEM_PROMPT
@@ -74,6 +96,7 @@ __all__ = [
     "benchmark_files",
     "format_options",
     "load_benchmark",
+    "mathvista_query",
     "split_letter_options",
 ]
 
@@ -231,29 +254,64 @@ def _mc_parts(question: str, options: list[str], answer: str, field: str = "answ
 # --------------------------------------------------------------------------- MathVista
 
 
-def _mathvista_hint(row: dict) -> str:
-    """Answer-type hint for free-form questions (as MathVista's own query has one)."""
+# MathVista's own prompt: the release's ``query`` field, made by its evaluation code
+# (evaluation/build_query.py, zero-shot): an answer-type hint, the question with its unit,
+# and the choices. The GitHub JSON has no ``query`` (it ships in a separate query.json), so
+# the same text is rebuilt from the fields.
+_MV_HINT_MC = "Hint: Please answer the question and provide the correct option letter, e.g., A, B, C, D, at the end."
+_MV_HINTS = {
+    "integer": "Hint: Please answer the question requiring an integer answer and provide the final value, "
+               "e.g., 1, 2, 3, at the end.",
+    "float1": "Hint: Please answer the question requiring a floating-point number with one decimal place and "
+              "provide the final value, e.g., 1.2, 1.3, 1.4, at the end.",
+    "float2": "Hint: Please answer the question requiring a floating-point number with two decimal places and "
+              "provide the final value, e.g., 1.23, 1.34, 1.45, at the end.",
+    "list": "Hint: Please answer the question requiring a Python list as an answer and provide the final list, "
+            "e.g., [1, 2, 3], [1.2, 1.3, 1.4], at the end.",
+}
+
+
+def _mathvista_hint(row: dict, multi_choice: bool) -> str:
+    """The answer-type hint of MathVista's query (precision 1 or 2 as the release words it;
+    any other precision in the same words)."""
+    if multi_choice:
+        return _MV_HINT_MC
     kind = _opt_text(row, "answer_type").lower()
+    if kind != "float":
+        return _MV_HINTS.get(kind, "")
     prec = row.get("precision")
-    if kind == "integer":
-        return "Answer with an integer."
-    if kind == "float":
-        if isinstance(prec, (int, float)) and prec == prec and prec >= 0:
-            p = int(prec)
-            return f"Answer with a number with {p} decimal place{'s' if p != 1 else ''}."
-        return "Answer with a number."
-    if kind == "list":
-        return "Answer with a Python list."
-    return ""
+    if isinstance(prec, (int, float)) and prec == prec and prec >= 0:
+        p = int(prec)
+        if f"float{p}" in _MV_HINTS:
+            return _MV_HINTS[f"float{p}"]
+        return (f"Hint: Please answer the question requiring a floating-point number with {p} decimal "
+                f"places and provide the final value at the end.")
+    return "Hint: Please answer the question requiring a floating-point number and provide the final value at the end."
+
+
+def mathvista_query(row: dict, choices: list[str]) -> str:
+    """MathVista's query for ``row``: the release's ``query`` field when present, else the
+    same text built from ``question``, ``unit``, ``precision``, ``answer_type`` and ``choices``."""
+    query = _opt_text(row, "query")
+    if query:
+        return query
+    question = f"Question: {_text(row, 'question')}"
+    unit = _opt_text(row, "unit")
+    if unit:
+        question += f" (Unit: {unit})"
+    block = _join("Choices:", "\n".join(f"({LETTERS[i]}) {c}" for i, c in enumerate(choices))) if choices else ""
+    return _join(_mathvista_hint(row, bool(choices)), question, block)
 
 
 def _mathvista_row(row: dict, index: int, ctx: _Ctx) -> Record:
     pid = _get(row, "pid", "_key") or index
-    question = _text(row, "question")
+    _text(row, "question")
     image = _required_image(row, ctx, "decoded_image", "image")
     answer = _text(row, "answer")
     meta = row.get("metadata") if isinstance(row.get("metadata"), dict) else {}
     sub = str(meta.get("task") or "")
+    choices: list[str] = []
+    gt, accepted, shown = answer, None, None
     if _opt_text(row, "question_type") == "multi_choice":
         choices = _as_list(row.get("choices"), "choices")
         if not choices:
@@ -261,13 +319,11 @@ def _mathvista_row(row: dict, index: int, ctx: _Ctx) -> Record:
         stripped = [c.strip() for c in choices]
         if answer not in stripped:
             raise BadField("answer", f"answer {answer!r} is not one of the choices")
-        letter = LETTERS[stripped.index(answer)]
-        body, gt, accepted, shown = _mc_parts(question, choices, letter)
-    else:
-        body, gt, accepted, shown = _join(question, _mathvista_hint(row)), answer, None, None
-        choices = []
-    return _record(ctx, index, pid, f"{IMAGE_PLACEHOLDER}\n{body}", [image], gt, sub=sub,
-                   accepted=accepted, gt_display=shown, options=choices)
+        gt = LETTERS[stripped.index(answer)]
+        accepted, shown = _mc_accepted(gt, choices), _mc_display(gt, choices)
+    user = f"{IMAGE_PLACEHOLDER}\n{mathvista_query(row, choices)}"
+    return _record(ctx, index, pid, user, [image], gt, sub=sub, accepted=accepted, gt_display=shown,
+                   options=choices)
 
 
 # --------------------------------------------------------------------------- MathVerse
@@ -499,7 +555,7 @@ def _globs(spec: BenchmarkSpec, split: str | None) -> tuple[str, ...]:
     if split is None or split == spec.split:
         return spec.file_globs
     if not any(spec.split in g for g in spec.file_globs):
-        raise ValueError(f"{spec.name}: no other split than {spec.split!r} can be chosen by name; "
+        raise ConfigError(f"{spec.name}: no other split than {spec.split!r} can be chosen by name; "
                          f"pass the data file itself")
     return tuple(g.replace(spec.split, split) for g in spec.file_globs)
 

@@ -1,105 +1,131 @@
-"""The runs table: benchmark accuracies of several runs side by side (PRISM_SPEC.md section 9).
+"""The comparison table: every evaluation run under a results root, side by side (spec section 9).
 
-``update_results(results_dir, run, benchmark, summary)`` records one benchmark result of one
-run in ``results.json`` (the source of truth; a rerun of the same run and benchmark replaces
-its entry) and rewrites from it:
+:func:`write_report` reads every ``<root>/<run>/<part>/summary.json`` (the layout of
+``prism_rl.eval.layout``) and writes, in ``<root>``:
 
 * ``results.md``: accuracy (%) with rows = runs and columns = the seven paper benchmarks
-  (MVista, MVerse, MVision, WeMath, MMMU, MMMU-Pro, Hallu) + Avg, then the same layout for
-  mean response tokens (the paper reports those too) and the judge counts;
-* ``results.csv``: the accuracy table (empty cells for benchmarks a run lacks);
-* ``results.png``: a grouped bar chart of the accuracy table (matplotlib, Agg canvas).
+  (MVista, MVerse, MVision, WeMath, MMMU, MMMU-Pro, Hallu) + Avg, then one column per held-out
+  file; then the same layout for mean response tokens (the paper reports those too), the judge
+  counts, and which model each run evaluated;
+* ``results.csv``: the accuracy table (empty cells for what a run lacks);
+* ``results.png``: a grouped bar chart of the accuracy table (matplotlib, Agg canvas);
+* ``results.json``: the collected entries (written for tools; the summaries are the source).
 
-Avg is the mean over the benchmarks a run has; in Markdown it carries a ``*`` when the run
-lacks some of the seven. Benchmarks outside the seven get columns after them.
+The summaries are the only source, so the table always shows what the run folders hold: a
+deleted run disappears, a rerun replaces its own entry. Avg is the mean over the benchmarks a
+run has (held-out files are not averaged in); in Markdown it carries a ``*`` when the run lacks
+some of the seven. The paper's columns appear once any run has a benchmark result.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
-import os
-import time
+import logging
 from pathlib import Path
 
 from .benchmark_table import BENCHMARKS
+from .layout import RUN_FILE, atomic_write
 
-__all__ = ["columns", "load_results", "plot_results", "results_csv_rows", "results_markdown",
-           "update_results", "write_report"]
+__all__ = ["collect_results", "columns", "plot_results", "results_csv_rows", "results_markdown",
+           "write_report"]
+
+log = logging.getLogger(__name__)
 
 RESULTS_JSON = "results.json"
+HELDOUT_PREFIX = "heldout-"
 PAPER_ORDER = ("mathvista", "mathverse", "mathvision", "wemath", "mmmu", "mmmu_pro",
                "hallusionbench")
 
 
-def _label(bench: str) -> str:
-    spec = BENCHMARKS.get(bench)
-    return spec.label if spec else bench
+def _label(part: str) -> str:
+    if part.startswith(HELDOUT_PREFIX):
+        return "held-out " + part[len(HELDOUT_PREFIX):]
+    spec = BENCHMARKS.get(part)
+    return spec.label if spec else part
 
 
-def load_results(results_dir: str | Path) -> dict:
-    """``{"runs": {run: {benchmark: entry}}}`` from ``results.json`` (empty if absent)."""
-    p = Path(results_dir) / RESULTS_JSON
-    if not p.exists():
-        return {"runs": {}}
-    data = json.loads(p.read_text())
-    data.setdefault("runs", {})
-    return data
-
-
-def _entry(summary: dict) -> dict:
+def _entry(part: str, summary: dict) -> dict:
+    """The table's view of one summary (a held-out summary keeps its numbers in ``overall``)."""
+    if part.startswith(HELDOUT_PREFIX):
+        o = summary.get("overall", {})
+        return {"accuracy": o.get("accuracy"), "format_rate": o.get("format_rate"),
+                "mean_response_tokens": o.get("mean_response_tokens"), "n_records": o.get("n_prompts"),
+                "model": summary.get("model"), "data": summary.get("data")}
     keys = ("accuracy", "rule_accuracy", "format_rate", "mean_response_tokens", "n_records",
             "judged", "judge_flipped", "judge_failed", "model", "data", "judge_model")
-    entry = {k: summary.get(k) for k in keys}
-    entry["updated"] = time.strftime("%Y-%m-%d %H:%M:%S")
-    return entry
+    return {k: summary.get(k) for k in keys}
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        log.warning("%s: left out of the comparison table (%s)", path, e)
+        return None
+    return data if isinstance(data, dict) else None
 
 
-def update_results(results_dir: str | Path, run: str, benchmark: str, summary: dict) -> dict[str, Path]:
-    """Add (or replace) ``run``'s result on ``benchmark`` and rewrite every report file."""
-    d = Path(results_dir)
-    d.mkdir(parents=True, exist_ok=True)
-    results = load_results(d)
-    results["runs"].setdefault(run, {})[benchmark] = _entry(summary)
-    _atomic_write(d / RESULTS_JSON, json.dumps(results, indent=2))
-    return {"json": d / RESULTS_JSON, **write_report(d, results)}
+def collect_results(root: str | Path) -> dict:
+    """``{"runs": {run: {part: entry}}, "models": {run: model path}}`` from every summary under
+    ``root`` (runs in name order)."""
+    runs: dict[str, dict] = {}
+    models: dict[str, str] = {}
+    for summary_path in sorted(Path(root).glob("*/*/summary.json")):
+        part, run = summary_path.parent.name, summary_path.parent.parent.name
+        summary = _read_json(summary_path)
+        if summary is None:
+            continue
+        runs.setdefault(run, {})[part] = _entry(part, summary)
+        run_file = summary_path.parent.parent / RUN_FILE
+        owner = _read_json(run_file) if run_file.exists() else None
+        models[run] = str((owner or {}).get("model") or summary.get("model") or "?")
+    return {"runs": runs, "models": models}
+
+
+def _is_benchmark(part: str) -> bool:
+    return not part.startswith(HELDOUT_PREFIX)
 
 
 def columns(results: dict) -> list[str]:
-    """Benchmark keys to show: the paper's seven, then any other in first-seen order."""
-    extra = []
-    for per_run in results["runs"].values():
-        extra += [b for b in per_run if b not in PAPER_ORDER and b not in extra]
-    return list(PAPER_ORDER) + extra
+    """Parts to show: the paper's seven (once any run has a benchmark), other benchmarks in
+    first-seen order, then the held-out files by name."""
+    seen = [p for per_run in results["runs"].values() for p in per_run]
+    bench = [p for p in dict.fromkeys(seen) if _is_benchmark(p)]
+    extra = [p for p in bench if p not in PAPER_ORDER]
+    paper = list(PAPER_ORDER) if bench else []
+    return paper + extra + sorted({p for p in seen if not _is_benchmark(p)})
 
 
 def _average(per_run: dict, cols: list[str], key: str) -> tuple[float | None, bool]:
     """Mean of ``key`` over the benchmarks present, and whether all seven were present."""
-    vals = [per_run[b][key] for b in cols if b in per_run and per_run[b].get(key) is not None]
+    vals = [per_run[b][key] for b in cols if _is_benchmark(b) and b in per_run and per_run[b].get(key) is not None]
     complete = all(b in per_run for b in PAPER_ORDER)
     return (sum(vals) / len(vals) if vals else None), complete
 
 
-def _table(results: dict, key: str, scale: float, fmt: str, mark_partial: bool) -> list[str]:
+def _fmt(v: float | None, scale: float, fmt: str, empty: str) -> str:
+    return empty if v is None else format(scale * v, fmt)
+
+
+def _rows(results: dict, key: str, scale: float, fmt: str, empty: str, star: bool) -> list[list[str]]:
+    """Header + one row per run: ``key`` per column, then Avg when there are benchmarks."""
     cols = columns(results)
-    head = ["run"] + [_label(b) for b in cols] + ["Avg"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    with_avg = any(_is_benchmark(c) for c in cols)
+    rows = [["run"] + [_label(c) for c in cols] + (["Avg"] if with_avg else [])]
     for run, per_run in results["runs"].items():
-        cells = [run]
-        for b in cols:
-            v = per_run.get(b, {}).get(key)
-            cells.append("-" if v is None else format(scale * v, fmt))
-        avg, complete = _average(per_run, cols, key)
-        star = "*" if mark_partial and not complete else ""
-        cells.append("-" if avg is None else format(scale * avg, fmt) + star)
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+        row = [run] + [_fmt(per_run.get(c, {}).get(key), scale, fmt, empty) for c in cols]
+        if with_avg:
+            avg, complete = _average(per_run, cols, key)
+            row.append(_fmt(avg, scale, fmt, empty) + ("*" if star and avg is not None and not complete else ""))
+        rows.append(row)
+    return rows
+
+
+def _markdown(rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    return lines + ["| " + " | ".join(r) + " |" for r in rows[1:]]
 
 
 def _judge_lines(results: dict) -> list[str]:
@@ -107,6 +133,8 @@ def _judge_lines(results: dict) -> list[str]:
              "|---|---|---|---|---|---|---|"]
     for run, per_run in results["runs"].items():
         for b, e in per_run.items():
+            if not _is_benchmark(b):
+                continue
             ra = e.get("rule_accuracy")
             lines.append(f"| {run} | {_label(b)} | {e.get('n_records', '-')} | "
                          f"{'-' if ra is None else f'{100 * ra:.1f}'} | {e.get('judged', 0)} | "
@@ -115,72 +143,73 @@ def _judge_lines(results: dict) -> list[str]:
 
 
 def results_markdown(results: dict) -> str:
-    """The Markdown report: accuracy, mean response tokens, judge counts."""
+    """The Markdown report: accuracy, mean response tokens, judge counts, models."""
     parts = ["# Evaluation results", "", "Accuracy (%)", ""]
-    parts += _table(results, "accuracy", 100.0, ".1f", mark_partial=True)
-    if any(not all(b in r for b in PAPER_ORDER) for r in results["runs"].values()):
+    parts += _markdown(_rows(results, "accuracy", 100.0, ".1f", "-", star=True))
+    if any(_is_benchmark(c) for c in columns(results)) and any(
+            not all(b in r for b in PAPER_ORDER) for r in results["runs"].values()):
         parts += ["", "\\* average over the benchmarks the run has (not all seven)."]
     parts += ["", "Mean response tokens", ""]
-    parts += _table(results, "mean_response_tokens", 1.0, ".0f", mark_partial=False)
-    parts += ["", "Judge (consulted only where the rules say wrong)", ""]
-    parts += _judge_lines(results)
+    parts += _markdown(_rows(results, "mean_response_tokens", 1.0, ".0f", "-", star=False))
+    if any(_is_benchmark(p) for r in results["runs"].values() for p in r):
+        parts += ["", "Judge (consulted only where the rules say wrong)", ""]
+        parts += _judge_lines(results)
+    parts += ["", "Models", "", "| run | model |", "|---|---|"]
+    parts += [f"| {run} | {results.get('models', {}).get(run, '?')} |" for run in results["runs"]]
     return "\n".join(parts) + "\n"
 
 
 def results_csv_rows(results: dict) -> list[list[str]]:
-    """Header + one row per run: accuracy (%) per benchmark column and Avg."""
-    cols = columns(results)
-    rows = [["run"] + [_label(b) for b in cols] + ["Avg"]]
-    for run, per_run in results["runs"].items():
-        row = [run]
-        for b in cols:
-            v = per_run.get(b, {}).get("accuracy")
-            row.append("" if v is None else f"{100 * v:.2f}")
-        avg, _ = _average(per_run, cols, "accuracy")
-        row.append("" if avg is None else f"{100 * avg:.2f}")
-        rows.append(row)
-    return rows
+    """Header + one row per run: accuracy (%) per column and Avg."""
+    return _rows(results, "accuracy", 100.0, ".2f", "", star=False)
 
 
 def plot_results(results: dict, path: str | Path) -> Path:
-    """Grouped bars: one group per benchmark present in some run (+ Avg), one bar per run."""
+    """Grouped bars: one group per column some run has (+ Avg), one bar per run."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    cols = [b for b in columns(results) if any(b in r for r in results["runs"].values())]
-    labels = [_label(b) for b in cols] + ["Avg"]
+    cols = [c for c in columns(results) if any(c in r for r in results["runs"].values())]
+    with_avg = any(_is_benchmark(c) for c in cols)
+    labels = [_label(c) for c in cols] + (["Avg"] if with_avg else [])
     runs = list(results["runs"].items())
     fig = Figure(figsize=(max(6.0, 1.2 * len(labels) + 0.4 * len(runs)), 4.0))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(111)
     width = 0.8 / max(len(runs), 1)
     for i, (run, per_run) in enumerate(runs):
-        vals = [100 * per_run[b]["accuracy"] if b in per_run else 0.0 for b in cols]
-        avg, _ = _average(per_run, cols, "accuracy")
-        vals.append(100 * avg if avg is not None else 0.0)
+        vals = [100 * (per_run.get(c, {}).get("accuracy") or 0.0) for c in cols]
+        if with_avg:
+            avg, _ = _average(per_run, cols, "accuracy")
+            vals.append(100 * avg if avg is not None else 0.0)
         xs = [j + (i - (len(runs) - 1) / 2) * width for j in range(len(labels))]
         ax.bar(xs, vals, width=width, label=run)
     ax.set_xticks(range(len(labels)))
-    ax.set_xticklabels(labels)
+    ax.set_xticklabels(labels, fontsize="small")
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
-    ax.legend(fontsize="small")
-    ax.set_title("Benchmark accuracy by run")
+    if runs:
+        ax.legend(fontsize="small")
+    ax.set_title("Accuracy by run")
     fig.tight_layout()
     out = Path(path)
-    fig.savefig(out, dpi=100)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    atomic_write(out, buf.getvalue())
     return out
 
 
-def write_report(results_dir: str | Path, results: dict | None = None) -> dict[str, Path]:
-    """Rewrite ``results.md``, ``results.csv`` and ``results.png`` from ``results``."""
-    d = Path(results_dir)
-    results = results if results is not None else load_results(d)
-    md, csv_path, png = d / "results.md", d / "results.csv", d / "results.png"
-    _atomic_write(md, results_markdown(results))
-    tmp = csv_path.with_name(csv_path.name + ".tmp")
-    with tmp.open("w", newline="", encoding="utf-8") as fh:
-        csv.writer(fh).writerows(results_csv_rows(results))
-    os.replace(tmp, csv_path)
-    plot_results(results, png)
-    return {"md": md, "csv": csv_path, "png": png}
+def write_report(root: str | Path) -> dict[str, Path]:
+    """Rebuild ``results.md``, ``.csv``, ``.png`` and ``.json`` in ``root`` from every run's
+    summaries; returns their paths."""
+    d = Path(root)
+    d.mkdir(parents=True, exist_ok=True)
+    results = collect_results(d)
+    paths = {"md": d / "results.md", "csv": d / "results.csv", "png": d / "results.png", "json": d / RESULTS_JSON}
+    atomic_write(paths["json"], json.dumps(results, indent=2))
+    atomic_write(paths["md"], results_markdown(results))
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(results_csv_rows(results))
+    atomic_write(paths["csv"], buf.getvalue())
+    plot_results(results, paths["png"])
+    return paths
