@@ -1,5 +1,5 @@
 """The alignment step's pieces on the tiny discriminator: rewards from the frozen
-discriminator, and one discriminator update against the teacher (spec section 6, steps 2 and 5)."""
+discriminator, and one discriminator update against the teacher (METHOD.md section 6, steps 2 and 5)."""
 
 import torch
 

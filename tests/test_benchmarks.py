@@ -517,7 +517,7 @@ def test_report_tables(tmp_path):
     update_results(tmp_path, "PRISM+GRPO", "mathvision", s(0.5, 2000))  # replaces, does not add
     md = files["md"].read_text()
     assert "| run | MVista | MVerse | MVision | WeMath | MMMU | MMMU-Pro | Hallu | Avg |" in md
-    assert "| Instruct | 74.9 | 59.0 | 36.5 | 70.7 | 63.6 | 45.1 | 68.2 | 59.7 |" in md  # spec section 9
+    assert "| Instruct | 74.9 | 59.0 | 36.5 | 70.7 | 63.6 | 45.1 | 68.2 | 59.7 |" in md  # METHOD.md section 9
     assert "| PRISM+GRPO | - | - | 50.0 | - | - | - | - | 50.0* |" in md
     rows = list(results_csv_rows(load_results(tmp_path)))
     assert rows[0] == ["run", "MVista", "MVerse", "MVision", "WeMath", "MMMU", "MMMU-Pro", "Hallu", "Avg"]

@@ -244,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("rl", help="stage 3: RL with verifiable rewards (GRPO, DAPO, GSPO)")
     p.add_argument("--algo", choices=["grpo", "dapo", "gspo"], default="grpo",
-                   help="preset of spec section 7, applied before --config and overrides")
+                   help="preset of METHOD.md section 7, applied before --config and overrides")
     _add_config_args(p)
     _add_resume_args(p)
     p.set_defaults(fn=cmd_rl)
@@ -289,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="")
     p.add_argument("--data", default="")
     p.add_argument("--benchmark", default="", help="MathVista, MathVerse, MathVision, WeMath, MMMU, "
-                   "MMMU-Pro or HallusionBench (their release layouts; settings of spec section 8)")
+                   "MMMU-Pro or HallusionBench (their release layouts; settings of METHOD.md section 8)")
     p.add_argument("--out", default="", help="with --benchmark: output folder")
     p.add_argument("--judge-url", default="", help="with --benchmark: OpenAI-compatible judge endpoint")
     p.add_argument("--judge-model", default="")

@@ -187,7 +187,7 @@ class RLTrainConfig(AlignTrainConfig):
 
 
 ALGO_PRESETS: dict[str, dict] = {
-    # spec section 7 table
+    # METHOD.md section 7 table
     "grpo": {"algo": {"name": "grpo", "clip_low": 0.2, "clip_high": 0.2, "agg": "token-mean"},
              "optim": {"lr": 1e-6, "schedule": "constant", "warmup_ratio": 0.0, "weight_decay": 0.0}},
     "dapo": {"algo": {"name": "dapo", "clip_low": 0.2, "clip_high": 0.28, "clip_c": 10.0, "agg": "token-mean",

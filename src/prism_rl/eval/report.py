@@ -1,4 +1,4 @@
-"""The runs table: benchmark accuracies of several runs side by side (PRISM_SPEC.md section 9).
+"""The runs table: benchmark accuracies of several runs side by side (METHOD.md section 9).
 
 ``update_results(results_dir, run, benchmark, summary)`` records one benchmark result of one
 run in ``results.json`` (the source of truth; a rerun of the same run and benchmark replaces

@@ -1,7 +1,7 @@
 """Discriminator warm-up: teach the MoE discriminator to prefer teacher segments.
 
 Each pair gives a caption pair and a reasoning pair (teacher vs student, same prompt). Loss
-per optimizer step (spec section 5):
+per optimizer step (METHOD.md section 5):
 
     L = mean -log sigma(s_T^cap - s_S^cap) + mean -log sigma(s_T^reason - s_S^reason)
         + aux_coef * load_balancing_loss
