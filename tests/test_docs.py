@@ -65,6 +65,15 @@ def test_every_cited_method_section_exists():
     assert not missing, "\n".join(missing)
 
 
+def test_method_cross_references_exist():
+    """Inside METHOD.md a plain "section N" refers to its own headings."""
+    headings, missing = method_headings(), []
+    for i, line in enumerate(METHOD.read_text().splitlines(), 1):
+        for m in re.finditer(r"\bsections?\s+(\d+(?:\.\d+)?(?:\s*(?:,|and|-|–)\s*\d+(?:\.\d+)?)*)", line):
+            missing += [f"line {i}: section {n}" for n in numbers(m.group(1)) if n not in headings]
+    assert not missing, missing
+
+
 def test_method_keeps_its_numbering():
     top = re.findall(r"^## (\d+)\. ", METHOD.read_text(), re.M)
     assert top == [str(n) for n in range(1, 12)]
