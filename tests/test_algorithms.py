@@ -310,7 +310,7 @@ def test_kl_penalty():
 
 
 def test_overlong_penalty():
-    # L_max 8192, L_buf 4096 (spec): free up to 4096, -0.5 at 6144, -1 at 8192, -1.5 at 10240
+    # L_max 8192, L_buf 4096 (METHOD.md section 7): free up to 4096, -0.5 at 6144, -1 at 8192, -1.5 at 10240
     out = overlong_penalty(torch.tensor([0, 4096, 4097, 6144, 8192, 10240]), 8192, 4096)
     close(out.double(), [0.0, 0.0, -1 / 4096, -0.5, -1.0, -1.5])
     close(overlong_penalty([6, 7, 9, 10], 10, 4, factor=0.5).double(), [0.0, -0.125, -0.375, -0.5])

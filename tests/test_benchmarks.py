@@ -556,7 +556,7 @@ def test_report_tables(tmp_path):
     files = write_report(tmp_path)
     md = files["md"].read_text()
     assert "| run | MVista | MVerse | MVision | WeMath | MMMU | MMMU-Pro | Hallu | held-out test | Avg |" in md
-    assert "| Instruct | 74.9 | 59.0 | 36.5 | 70.7 | 63.6 | 45.1 | 68.2 | - | 59.7 |" in md  # spec section 9
+    assert "| Instruct | 74.9 | 59.0 | 36.5 | 70.7 | 63.6 | 45.1 | 68.2 | - | 59.7 |" in md  # METHOD.md section 9
     assert "| PRISM+GRPO | - | - | 50.0 | - | - | - | - | 25.0 | 50.0* |" in md
     assert "| PRISM+GRPO | - | - | 2000 | - | - | - | - | 80 | 2000 |" in md  # mean response tokens
     assert "| PRISM+GRPO | /m/prism |" in md and "| Instruct | /m/instruct |" in md

@@ -118,7 +118,7 @@ def test_presets_pass_the_combination_checks():
     assert (gspo.algo.ratio_level, gspo.algo.agg) == ("sequence", "seq-mean-token-mean")
 
 
-# Spec section 7's table (the GRPO weight decay, which the spec leaves out, is the reference's 0.01).
+# METHOD.md section 7's table (the GRPO weight decay, which the spec leaves out, is the reference's 0.01).
 SPEC_ROWS = {
     "grpo": {"clip_low": 0.2, "clip_high": 0.2, "clip_c": None, "agg": "token-mean", "ratio_level": "token",
              "kl_coef": 0.0, "dynamic_sampling": False, "overlong_buffer": 0,

@@ -1,4 +1,4 @@
-"""Core tensor algorithms of the PRISM recipe (spec sections 5, 6 and 7).
+"""Core tensor algorithms of the PRISM recipe (METHOD.md sections 5, 6 and 7).
 
 Every function here is a short, pure tensor function (no module state, no trainer objects):
 masked reductions, loss aggregation, group-normalised advantages (GRPO / Dr. GRPO), the
@@ -378,7 +378,7 @@ def align_advantages(
     format_penalty: float = 1.5,
     eps: float = 1e-6,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PRISM alignment advantage (spec section 6, step 4), per rollout (B,).
+    """PRISM alignment advantage (METHOD.md section 6, step 4), per rollout (B,).
 
     For each kind ``k`` in {caption, reasoning} and each group ``g`` (the rollouts of one
     prompt), an invalid rollout's score is replaced by ``min_{valid j in g} x_j^k - 1``, or by

@@ -351,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("rl", help="stage 3: RL with verifiable rewards (GRPO, DAPO, GSPO)")
     p.add_argument("--algo", choices=["grpo", "dapo", "gspo"], default="grpo",
-                   help="preset of spec section 7, applied before --config and overrides")
+                   help="preset of METHOD.md section 7, applied before --config and overrides")
     _add_config_args(p)
     _add_resume_args(p)
     p.set_defaults(fn=cmd_rl)
@@ -396,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="", help="checkpoint folder (model.path)")
     p.add_argument("--data", default="", help="held-out file, or with --benchmark its file or folder (data.eval)")
     p.add_argument("--benchmark", default="", help="MathVista, MathVerse, MathVision, WeMath, MMMU, "
-                   "MMMU-Pro or HallusionBench (their release layouts; settings of spec section 8)")
+                   "MMMU-Pro or HallusionBench (their release layouts; settings of METHOD.md section 8)")
     p.add_argument("--out", default="", help="root of every evaluation run (output_dir, default runs/eval): "
                    "results in OUT/NAME/<benchmark or heldout-FILE>/, the comparison table in OUT/results.md")
     p.add_argument("--name", default="", help="run name (name); default derived from the model path, "

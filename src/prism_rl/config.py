@@ -52,7 +52,7 @@ class DataConfig(Section):
 
 class SFTDataConfig(DataConfig):
     train: str = Field("", description="Training file (.parquet, .json, .jsonl).")
-    max_length: int = Field(8192, gt=0, description="Prompt + response token limit (spec section 4: 8192).")
+    max_length: int = Field(8192, gt=0, description="Prompt + response token limit (METHOD.md section 4: 8192).")
     overlong: Literal["truncate", "skip", "error"] = Field(
         "truncate", description="An example over max_length: truncate its response (LLaMA-Factory's "
         "behaviour; never the prompt or its image tokens), skip it, or stop with an error naming it. "
@@ -223,7 +223,7 @@ class RLTrainConfig(AlignTrainConfig):
 
 
 ALGO_PRESETS: dict[str, dict] = {
-    # spec section 7 table
+    # METHOD.md section 7 table
     # (the spec gives no weight decay for GRPO; 0.01 is the reference's, verl's actor default)
     "grpo": {"algo": {"name": "grpo", "clip_low": 0.2, "clip_high": 0.2, "agg": "token-mean"},
              "optim": {"lr": 1e-6, "schedule": "constant", "warmup_ratio": 0.0, "weight_decay": 0.01}},

@@ -11,7 +11,7 @@ doubles as a worked example of the CLI. Tiny models run fastest with one torch t
 process (intra-op threading costs more than it gains at this size), so independent branches
 run side by side, one per core. A stage whose output exists is skipped: rerunning after an
 interruption continues where it stopped (``--fresh`` starts over). The final table follows
-spec section 9 at toy scale and is written to ``<out>/results.md``.
+METHOD.md section 9 at toy scale and is written to ``<out>/results.md``.
 """
 
 from __future__ import annotations
@@ -185,7 +185,7 @@ def _mean_std(values: list[float]) -> str:
 
 
 def results_table(out: Path, seeds: list[int]) -> str:
-    """Spec section 9 at toy scale: held-out accuracy per task family, average, format, tokens."""
+    """METHOD.md section 9 at toy scale: held-out accuracy per task family, average, format, tokens."""
     def held(run: str) -> dict | None:
         return _load(_heldout_summary(out / "eval" / run, out / "data" / "test.parquet"))
 

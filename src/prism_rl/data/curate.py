@@ -1,4 +1,4 @@
-"""Teacher-demonstration curation (PRISM_SPEC.md section 3).
+"""Teacher-demonstration curation (METHOD.md section 3).
 
 ``curate`` turns a problem set (question + images + ground truth, any file ``read_records``
 reads) into verified teacher demonstrations in the PRISM format:

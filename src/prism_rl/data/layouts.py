@@ -1,6 +1,6 @@
 """Readers and writers for the on-disk data layouts, all normalised to :class:`Record`.
 
-Layouts (PRISM_SPEC.md section 3):
+Layouts (METHOD.md section 3):
 
 * **verl parquet** (alignment / RL / evaluation sets): columns ``data_source``, ``prompt``
   (chat messages, an ``<image>`` placeholder per image), ``images`` (``{"bytes": ...}``, or

@@ -1,4 +1,4 @@
-"""Discriminator warm-up pairs from curated demonstrations and policy samples (spec §3, §5).
+"""Discriminator warm-up pairs from curated demonstrations and policy samples (METHOD.md sections 3, 5).
 
 ``build_pairs`` joins, by problem id, the curated teacher demonstrations (the alignment
 parquet that ``curate`` writes, with ``teacher_caption`` / ``teacher_cot``; any layout

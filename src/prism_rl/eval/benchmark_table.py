@@ -1,4 +1,4 @@
-"""The paper's seven evaluation benchmarks and their settings (PRISM_SPEC.md sections 8-9).
+"""The paper's seven evaluation benchmarks and their settings (METHOD.md sections 8-9).
 
 ``BENCHMARKS`` maps a benchmark's key to its :class:`BenchmarkSpec`: the runs-table label,
 the sampling settings, the default split and the file patterns that find it in a downloaded
@@ -19,10 +19,10 @@ __all__ = ["BENCHMARKS", "BenchmarkSpec", "get_benchmark"]
 
 @dataclass(frozen=True)
 class BenchmarkSpec:
-    """One benchmark: its sampling settings (spec section 8) and default split.
+    """One benchmark: its sampling settings (METHOD.md section 8) and default split.
 
     ``file_globs`` find the default split's files when ``path`` is a folder (the benchmark's
-    downloaded repository). ``label`` is the column name of the runs table (spec section 9).
+    downloaded repository). ``label`` is the column name of the runs table (METHOD.md section 9).
     """
 
     name: str
@@ -42,10 +42,10 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
                       "short answers; 16K leaves room for long reasoning"),
         BenchmarkSpec("mathverse", "MVerse", 32768, 1.0, 0.7, "testmini",
                       ("**/testmini.parquet", "**/testmini-*.parquet", "**/testmini.json"),
-                      "Instruct averages ~3.2K tokens (spec 9): ~10x"),
+                      "Instruct averages ~3.2K tokens (METHOD.md section 9): ~10x"),
         BenchmarkSpec("mathvision", "MVision", 49152, 1.0, 0.7, "testmini",
                       ("**/testmini-*.parquet", "**/testmini.parquet", "**/testmini.jsonl"),
-                      "Instruct averages ~9.5K tokens (spec 9): the maximum"),
+                      "Instruct averages ~9.5K tokens (METHOD.md section 9): the maximum"),
         BenchmarkSpec("wemath", "WeMath", 16384, 1.0, 0.7, "testmini",
                       ("**/testmini.json", "**/testmini-*.parquet", "**/testmini.parquet"),
                       "elementary multi-step problems; 16K"),
@@ -53,10 +53,10 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
                       ("**/validation-*.parquet",), "knowledge-heavy, shorter reasoning; 16K"),
         BenchmarkSpec("mmmu_pro", "MMMU-Pro", 32768, 1.0, 0.7, "standard (10 options) + vision",
                       ("**/standard (10 options)/test-*.parquet", "**/vision/test-*.parquet"),
-                      "Instruct averages ~2.8K tokens (spec 9) with a long tail"),
+                      "Instruct averages ~2.8K tokens (METHOD.md section 9) with a long tail"),
         BenchmarkSpec("hallusionbench", "Hallu", 8192, 0.0, 1.0, "image",
                       ("**/image-*.parquet", "**/HallusionBench.json"),
-                      "yes/no questions, greedy (spec 8); 8K, the minimum"),
+                      "yes/no questions, greedy (METHOD.md section 8); 8K, the minimum"),
     )
 }
 _ALIASES = {"mathv": "mathvision", "mathvision": "mathvision", "mmmupro": "mmmu_pro",

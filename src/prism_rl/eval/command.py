@@ -17,7 +17,7 @@ flag                   config key                      notes
 =====================  ==============================  =======================================
 
 With ``--benchmark`` the sampling settings not set by the user come from the benchmark table
-(``prism_rl.eval.benchmark_table``, spec section 8), ``data.max_prompt_length`` defaults to
+(``prism_rl.eval.benchmark_table``, METHOD.md section 8), ``data.max_prompt_length`` defaults to
 32768, and ``generation.n`` must stay 1. ``--judge-url``/``--judge-model`` exist only there.
 """
 

@@ -1,4 +1,4 @@
-"""An optional LLM judge for answers the rules call wrong (PRISM_SPEC.md section 8).
+"""An optional LLM judge for answers the rules call wrong (METHOD.md section 8).
 
 The paper consults a local 32B instruct model only when the rule-based check says an answer
 is wrong. :class:`Judge` talks to any OpenAI-compatible chat endpoint (vLLM, SGLang, an

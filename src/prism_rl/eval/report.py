@@ -1,4 +1,4 @@
-"""The comparison table: every evaluation run under a results root, side by side (spec section 9).
+"""The comparison table: every evaluation run under a results root, side by side (METHOD.md section 9).
 
 :func:`write_report` reads every ``<root>/<run>/<part>/summary.json`` (the layout of
 ``prism_rl.eval.layout``) and writes, in ``<root>``:

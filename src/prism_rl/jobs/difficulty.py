@@ -1,6 +1,6 @@
 """Difficulty filter: keep problems whose pass rate under a policy lies in [low, high].
 
-Spec section 3: the RLVR set is the problems whose pass rate under the post-alignment policy
+METHOD.md section 3: the RLVR set is the problems whose pass rate under the post-alignment policy
 is in [0.2, 0.8] over 16 rollouts. Problems the policy always or never solves give GRPO a
 zero advantage for every sample, so they cost rollout time and teach nothing.
 

@@ -1,6 +1,6 @@
 """The PRISM discriminator: an upcycled Qwen3-VL-MoE backbone with a scalar value head.
 
-Pieces (PRISM_SPEC.md section 5):
+Pieces (METHOD.md section 5):
 
 - **Upcycling** (:func:`upcycle`, :func:`upcycle_model`): a dense ``Qwen3VLForConditionalGeneration``
   becomes a ``Qwen3VLMoeForConditionalGeneration`` with the same text dimensions. Every decoder

@@ -1,4 +1,4 @@
-"""The verifiable reward of PRISM's RLVR stage (spec section 7).
+"""The verifiable reward of PRISM's RLVR stage (METHOD.md section 7).
 
 Score of one rollout::
 

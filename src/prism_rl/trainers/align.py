@@ -1,4 +1,4 @@
-"""Stage 2: adversarial on-policy distillation against the MoE discriminator (spec section 6).
+"""Stage 2: adversarial on-policy distillation against the MoE discriminator (METHOD.md section 6).
 
 One step:
 1. sample ``n`` rollouts for each of ``prompts_per_step`` prompts (temperature 1.0);

@@ -4,7 +4,7 @@ One step: take ``prompts_per_step`` prompts -> sample ``n`` responses each -> sc
 the verifiable reward (plus DAPO's overlong shaping) -> [DAPO: drop groups whose accuracy
 has zero variance and sample more, up to ``max_num_gen_batches`` rounds] -> group-normalised
 advantages -> recompute old log-probs -> PPO-clip updates over mini-batches (``actor.py``).
-The presets of spec section 7 live in ``config.ALGO_PRESETS``.
+The presets of METHOD.md section 7 live in ``config.ALGO_PRESETS``.
 """
 
 from __future__ import annotations
