@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from prism_rl.models.loading import enable_gradient_checkpointing
+
 
 def build(tiny_dir: Path, device):
     from transformers import AutoProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration
@@ -115,7 +117,7 @@ def bench_logprobs(model, batch, P, device):
 def bench_sft(model, batch, checkpointing: bool):
     from prism_rl.models.logprobs import sft_loss
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(model)
     else:
         model.gradient_checkpointing_disable()
     model.train()
@@ -169,7 +171,7 @@ def bench_rl_step(model, proc, ps, n, new_tokens, device):
     from prism_rl.rollout.base import SamplingParams
     from prism_rl.rollout.hf import HFEngine
     from prism_rl.trainers.optim import build_optimizer, build_scheduler
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_gradient_checkpointing(model)
     eng = HFEngine(model, proc)
     algo = AlgoConfig(micro_batch_size=16)
     opt = build_optimizer(model.parameters(), OptimConfig(lr=1e-6))
@@ -228,7 +230,7 @@ def main():
         print(name, json.dumps(res[name])[:400], flush=True)
 
     section("logprobs", lambda: bench_logprobs(model, batch, P, device))
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_gradient_checkpointing(model)
     section("logprobs_ckpt", lambda: bench_logprobs(model, batch, P, device))
     model.gradient_checkpointing_disable()
     section("sft_no_ckpt", lambda: bench_sft(model, batch, False))

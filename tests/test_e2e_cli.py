@@ -90,7 +90,8 @@ def test_rl_runs_and_resumes(workdir, straight_sft):
     out = workdir / "grpo"
     args = ["rl", "--algo", "grpo", "--config", str(QUICKSTART / "rl.yaml"), f"model.path={sft}",
             f"data.train={workdir / 'data' / 'align.parquet'}", f"output_dir={out}", "train.steps=3",
-            "rollout.n=4", "rollout.prompts_per_step=2", "rollout.max_new_tokens=24", "train.save_every=1"]
+            "rollout.n=4", "rollout.prompts_per_step=2", "rollout.max_new_tokens=24", "train.save_every=1",
+            "algo.micro_token_budget=300"]  # packed micro-batches; one epoch, one mini-batch: on-policy shortcut
     assert main(args + ["--halt-at-step", "2"]) == 0
     assert (out / "checkpoint-2").exists()
     assert main(args + ["--resume"]) == 0
@@ -98,6 +99,7 @@ def test_rl_runs_and_resumes(workdir, straight_sft):
     assert [r["step"] for r in rows] == [1, 2, 3]
     for r in rows:
         assert 0.0 <= r["rollout/reward"] <= 1.0 and r["rollout/groups_kept"] == 2 and r["actor/updates"] == 1
+        assert r["actor/entropy"] > 0 and r["actor/ratio_mean"] == 1.0  # from the update's own forward
         assert r["timing/rollout_s"] > 0 and r["timing/update_s"] > 0
     _assert_reloads(out / "final")
 
@@ -147,7 +149,7 @@ def test_prism_stage_end_to_end_and_resume(workdir, straight_sft):
     rows = [json.loads(line) for line in open(out / "metrics.jsonl") if '"timing/step_s"' in line]
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:
-        assert 0.0 <= r["rollout/format"] <= 1.0 and len(r["disc/expert_load"]) == 4
+        assert 0.0 <= r["rollout/format"] <= 1.0 and len(r["disc/expert_load"]) == 4 and r["actor/entropy"] > 0
         # routing load is measured on the valid rollouts: a distribution when there are any
         load = r["disc/expert_load"]
         assert abs(sum(load) - (1.0 if r["rollout/format"] > 0 else 0.0)) < 1e-4

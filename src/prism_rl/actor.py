@@ -9,6 +9,12 @@ compute advantages their own way, then call the same two functions here:
   step whose loss is exactly the loss of that mini-batch as one batch, computed in
   length-sorted micro-batches; a non-finite gradient skips its optimizer step.
 
+Micro-batches are ``micro_batch_size`` padded rows, or, with ``micro_token_budget``, as many
+rows as fit in that many tokens, packed into one sequence without padding
+(``models/packing.py``). When the update is exactly on-policy (:func:`on_policy`: one epoch,
+one mini-batch) the trainers skip the separate old-log-prob pass: ``ppo_update`` takes the
+old log-probs from its own forward, detached (as verl does).
+
 :class:`NonfiniteGuard` stops a run whose every update is skipped three steps in a row. The
 role matches EasyR1's data-parallel actor; the loss formulas live in ``algorithms.py``.
 """
@@ -39,20 +45,47 @@ def by_length(ro: Rollouts, rows: Iterable[int]) -> list[int]:
     return sorted(rows, key=lambda r: (resp[r], prompt[r]))
 
 
+def split_micro(ro: Rollouts, rows: list[int], size: int, token_budget: int | None = None) -> list[list[int]]:
+    """Consecutive runs of ``rows`` (in the given order): ``size`` rows each; or, with a
+    ``token_budget``, each run the longest prefix of the remaining rows whose attended tokens
+    (prompt + response, no padding) sum to at most the budget - a row longer than the budget
+    makes a run of its own."""
+    if token_budget is None:
+        return [rows[s:s + size] for s in range(0, len(rows), size)]
+    tokens = (ro.prompt_mask.sum(1) + ro.response_mask.sum(1)).tolist()
+    runs: list[list[int]] = []
+    used = 0
+    for r in rows:
+        if runs and used + tokens[r] <= token_budget:
+            runs[-1].append(r)
+            used += tokens[r]
+        else:
+            runs.append([r])
+            used = tokens[r]
+    return runs
+
+
+def on_policy(ppo: PPOConfig) -> bool:
+    """True when every forward of the update sees the weights that the old log-probs would be
+    computed with: one PPO epoch of one mini-batch, so no optimizer step comes between them.
+    Then old log-probs = the update forward's own log-probs, detached (ratio exactly 1)."""
+    return ppo.ppo_epochs == 1 and ppo.mini_batches == 1
+
+
 def sequence_logprobs(model, ro: Rollouts, micro: int, device: torch.device, *, temperature: float = 1.0,
-                      with_entropy: bool = False, chunk: int = 2048):
-    """No-grad per-token log-probs (and entropy) of every rollout row, (B, R), in micro-batches."""
+                      with_entropy: bool = False, chunk: int = 2048, token_budget: int | None = None):
+    """No-grad per-token log-probs (and entropy) of every rollout row, (B, R), 0 off the
+    response; computed in length-sorted micro-batches of ``micro`` padded rows, or packed to
+    ``token_budget`` tokens (:func:`split_micro`)."""
     B, R = ro.response_ids.shape
     logp = torch.zeros(B, R)
     ent = torch.zeros(B, R)
-    order = by_length(ro, range(B))
     with torch.no_grad(), autocast_for(device):
-        for s in range(0, B, micro):
-            rows = order[s:s + micro]
+        for rows in split_micro(ro, by_length(ro, range(B)), micro, token_budget):
             batch, P, mask = micro_batch(ro, rows)
             batch = {k: v.to(device) for k, v in batch.items()}
             out = response_logprobs(model, batch, P, temperature=temperature, chunk_size=chunk,
-                                    with_entropy=with_entropy)
+                                    with_entropy=with_entropy, packed=token_budget is not None)
             lp, en = out if with_entropy else (out, None)
             logp[rows, :mask.shape[1]] = lp.float().cpu() * mask
             if en is not None:
@@ -60,46 +93,67 @@ def sequence_logprobs(model, ro: Rollouts, micro: int, device: torch.device, *, 
     return (logp, ent) if with_entropy else logp
 
 
-def _micro_loss(model, ro: Rollouts, rows: list[int], adv: torch.Tensor, old_lp: torch.Tensor, ppo: PPOConfig,
+def _micro_loss(model, ro: Rollouts, rows: list[int], adv: torch.Tensor, old_lp: torch.Tensor | None, ppo: PPOConfig,
                 device: torch.device, temperature: float, chunk: int, kl_coef: float,
-                ref_lp: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-    """(loss, response mask, metrics) of one micro-batch, aggregated as ``ppo.agg`` says."""
+                ref_lp: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, float]]:
+    """(policy loss aggregated as ``ppo.agg`` says, token-mean regulariser, response mask,
+    metrics) of one micro-batch. The regulariser is ``kl_coef * KL - entropy_coef * H`` averaged
+    over the micro-batch's tokens: a token mean whatever ``agg``, so the caller weighs it by
+    token share. ``old_lp=None``: the old log-probs are this forward's own, detached; the
+    metrics then add ``entropy_sum``, the summed entropy of the micro-batch's response tokens."""
     batch, P, mask = micro_batch(ro, rows)
     batch = {k: v.to(device) for k, v in batch.items()}
     mask = mask.to(device)
     Rm = mask.shape[1]
+    want_ent = ppo.entropy_coef > 0 or old_lp is None
     with autocast_for(device):
         out = response_logprobs(model, batch, P, temperature=temperature, chunk_size=chunk,
-                                with_entropy=ppo.entropy_coef > 0)
-    lp, ent = out if ppo.entropy_coef > 0 else (out, None)
+                                with_entropy=want_ent, packed=ppo.micro_token_budget is not None)
+    lp, ent = out if want_ent else (out, None)
+    old = lp.detach() if old_lp is None else old_lp[rows, :Rm].to(device)
     loss, m = A.policy_loss(
-        lp, old_lp[rows, :Rm].to(device), adv[rows].to(device), mask, ratio_level=ppo.ratio_level,
+        lp, old, adv[rows].to(device), mask, ratio_level=ppo.ratio_level,
         clip_low=ppo.clip_low, clip_high=ppo.clip_high, clip_c=ppo.clip_c, agg=ppo.agg,
         norm_len=ro.response_ids.shape[1])
+    reg = lp.new_zeros(())
     if kl_coef > 0 and ref_lp is not None:
         kl = A.masked_mean(A.kl_penalty(lp, ref_lp[rows, :Rm].to(device), "low_var_kl"), mask)
-        loss = loss + kl_coef * kl
-        m["kl"] = float(kl)
-    if ent is not None:
-        loss = loss - ppo.entropy_coef * A.masked_mean(ent, mask)
-    return loss, mask, m
+        reg = reg + kl_coef * kl
+        m["kl"] = float(kl.detach())
+    if ppo.entropy_coef > 0:
+        reg = reg - ppo.entropy_coef * A.masked_mean(ent, mask)
+    if old_lp is None:
+        m["entropy_sum"] = float((ent.detach() * mask).sum())
+    return loss, reg, mask, m
 
 
-def ppo_update(model, opt: torch.optim.Optimizer, sched, ro: Rollouts, adv: torch.Tensor, old_lp: torch.Tensor,
+def ppo_update(model, opt: torch.optim.Optimizer, sched, ro: Rollouts, adv: torch.Tensor, old_lp: torch.Tensor | None,
                ppo: PPOConfig, grad_clip: float, device: torch.device, *, temperature: float = 1.0,
                kl_coef: float = 0.0, ref_lp: torch.Tensor | None = None, seed: int = 0,
                chunk: int = 2048) -> dict[str, float]:
     """PPO-clip updates: ``ppo_epochs`` passes over ``mini_batches`` shuffled mini-batches.
 
     Each mini-batch's loss is aggregated exactly as if it were one batch: its micro-batches
-    are weighted by their share of the mini-batch's tokens (token-mean) or sequences (the
-    seq-mean modes). With ``kl_coef > 0`` and ``ref_lp`` the loss adds
-    ``kl_coef * token-mean(low-var KL(pi || pi_ref))``. Returns metrics averaged over updates.
+    (:func:`split_micro`) are weighted by their share of the mini-batch's tokens (token-mean)
+    or sequences (the seq-mean modes). With ``kl_coef > 0`` and ``ref_lp`` the loss adds
+    ``kl_coef * token-mean(low-var KL(pi || pi_ref))`` and with ``entropy_coef > 0`` it
+    subtracts ``entropy_coef * token-mean(H)``, token means over the mini-batch whatever
+    ``agg`` (so weighted by token share). ``pg_loss`` is that total loss; metrics are averaged
+    over updates.
+
+    ``old_lp=None`` (only when :func:`on_policy`): the old log-probs are each micro-batch
+    forward's own, detached, which equal a separate pass's (the weights have not moved yet),
+    so the separate pass is saved; the metrics then add ``entropy`` = token-mean entropy over
+    every response token, what ``sequence_logprobs(..., with_entropy=True)`` would give.
     """
+    if old_lp is None and not on_policy(ppo):
+        raise ValueError(f"old_lp=None (old log-probs from the update's own forward) needs one PPO epoch and one "
+                         f"mini-batch, not ppo_epochs={ppo.ppo_epochs}, mini_batches={ppo.mini_batches}")
     B = len(ro)
     params = [p for p in model.parameters() if p.requires_grad]
     g = torch.Generator().manual_seed(seed)
     sums: dict[str, float] = {}
+    entropy_sum = 0.0
     n_updates = 0
     for _ in range(ppo.ppo_epochs):
         perm = torch.randperm(B, generator=g).tolist()
@@ -107,15 +161,17 @@ def ppo_update(model, opt: torch.optim.Optimizer, sched, ro: Rollouts, adv: torc
         for mb in [perm[i:i + size] for i in range(0, B, size)]:
             mb = by_length(ro, mb)
             tokens = float(ro.response_mask[mb].sum())
-            for s in range(0, len(mb), ppo.micro_batch_size):
-                rows = mb[s:s + ppo.micro_batch_size]
-                loss, mask, m = _micro_loss(model, ro, rows, adv, old_lp, ppo, device, temperature, chunk,
-                                            kl_coef, ref_lp)
-                w = float(mask.sum()) / tokens if ppo.agg == "token-mean" else len(rows) / len(mb)
-                (loss * w).backward()
+            for rows in split_micro(ro, mb, ppo.micro_batch_size, ppo.micro_token_budget):
+                loss, reg, mask, m = _micro_loss(model, ro, rows, adv, old_lp, ppo, device, temperature, chunk,
+                                                 kl_coef, ref_lp)
+                entropy_sum += m.pop("entropy_sum", 0.0)
+                w_tok = float(mask.sum()) / tokens
+                w = w_tok if ppo.agg == "token-mean" else len(rows) / len(mb)
+                total = loss * w + reg * w_tok
+                total.backward()
                 for k, v in m.items():
-                    sums[k] = sums.get(k, 0.0) + float(v) * w
-                sums["pg_loss"] = sums.get("pg_loss", 0.0) + float(loss.detach()) * w
+                    sums[k] = sums.get(k, 0.0) + float(v) * (w_tok if k == "kl" else w)
+                sums["pg_loss"] = sums.get("pg_loss", 0.0) + float(total.detach())
             _apply(params, opt, sched, grad_clip, sums, len(mb))
             n_updates += 1
     skips = int(sums.pop("nonfinite_grad_skips", 0))
@@ -123,6 +179,8 @@ def ppo_update(model, opt: torch.optim.Optimizer, sched, ro: Rollouts, adv: torc
     out = {k: v / n_updates for k, v in sums.items()} | {"updates": n_updates, "nonfinite_grad_skips": skips}
     if norm_sum is not None:
         out["grad_norm"] = norm_sum / (n_updates - skips)
+    if old_lp is None:
+        out["entropy"] = entropy_sum / max(float(ro.response_mask.sum()), 1.0)
     return out
 
 

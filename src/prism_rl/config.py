@@ -176,7 +176,11 @@ class PPOConfig(Section):
     entropy_coef: float = Field(0.0, ge=0)
     ppo_epochs: int = Field(1, gt=0)
     mini_batches: int = Field(1, gt=0, description="Optimizer steps per rollout batch (per PPO epoch).")
-    micro_batch_size: int = Field(16, gt=0, description="Sequences per forward/backward.")
+    micro_batch_size: int = Field(16, gt=0, description="Sequences per forward/backward (padded to the longest).")
+    micro_token_budget: int | None = Field(
+        None, gt=0, description="Pack micro-batches without padding to at most this many tokens (prompt + response; "
+        "a longer row alone) instead of micro_batch_size rows; needs attn_implementation sdpa, eager or "
+        "flash_attention_2. With sdpa attention costs (tokens)^2 per micro-batch: a few rows' length pays best.")
 
     @model_validator(mode="after")
     def _sequence_ratio_needs_seq_mean(self):

@@ -8,10 +8,11 @@ checkpointing).
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from ..config import ModelConfig
@@ -87,10 +88,55 @@ def load_policy(cfg: ModelConfig, device: torch.device | None = None, trainable:
         for p in vision_parameters(model):
             p.requires_grad_(False)
     if trainable and cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(model)
         model.config.use_cache = False
     model.train(trainable)
     return model, processor
+
+
+def enabled_sdpa_backends() -> list[SDPBackend]:
+    """The SDPA kernels scaled_dot_product_attention may pick from right now (global flags that
+    ``sdpa_kernel`` contexts set; they steer the CPU kernels too)."""
+    flags = ((SDPBackend.FLASH_ATTENTION, torch.backends.cuda.flash_sdp_enabled()),
+             (SDPBackend.EFFICIENT_ATTENTION, torch.backends.cuda.mem_efficient_sdp_enabled()),
+             (SDPBackend.MATH, torch.backends.cuda.math_sdp_enabled()),
+             (SDPBackend.CUDNN_ATTENTION, torch.backends.cuda.cudnn_sdp_enabled()))
+    return [backend for backend, on in flags if on]
+
+
+def same_sdpa_in_recompute():
+    """``context_fn`` of ``torch.utils.checkpoint``: (forward context, recompute context).
+
+    The forward context records which SDPA kernels were enabled; the recompute context, which
+    runs inside the backward pass, enables exactly those again. Without it a kernel choice made
+    by a context around the forward only (``logprobs.TRAIN_SDPA_BACKENDS``) is gone by the time
+    the backward recomputes the layer: on an H200 the forward ran the memory-efficient kernel
+    and the recompute cuDNN's, which save tensors of other shapes (the mask expanded to
+    [B, heads, L, L] vs [B, 1, L, L], a CPU vs GPU seed), and checkpoint raised CheckpointError.
+    """
+    chosen: list[SDPBackend] = []
+
+    @contextmanager
+    def record():
+        chosen[:] = enabled_sdpa_backends()
+        yield
+
+    @contextmanager
+    def replay():
+        with sdpa_kernel(list(chosen)) if chosen else nullcontext():
+            yield
+
+    return record(), replay()
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Checkpoint every layer of ``model`` (non-reentrant): its activations are recomputed in the
+    backward pass, with the same SDPA kernels as its forward (:func:`same_sdpa_in_recompute`)."""
+    kwargs = {"use_reentrant": False, "context_fn": same_sdpa_in_recompute}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name is deprecated
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def vision_parameters(model: torch.nn.Module):

@@ -4,7 +4,8 @@ The full-vocabulary logits (151,936 wide for Qwen) are the largest activation in
 These functions run the backbone once, select only the hidden states whose next token is a
 target, and apply the output head to ``chunk_size`` of them at a time. In training, each
 chunk is checkpointed, so its logits are recomputed in the backward pass instead of being
-kept: peak memory is one chunk's logits, not the batch's.
+kept: peak memory is one chunk's logits, not the batch's. ``packed=True`` runs the backbone on
+the rows packed into one sequence without padding (``models/packing.py``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
+from .packing import pack_batch
+
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
 
 
@@ -25,12 +28,22 @@ MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_v
 TRAIN_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-def backbone_hidden(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Last hidden states (B, L, H) of a ``*ForConditionalGeneration`` model's backbone."""
-    inputs = {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch}
-    on_cuda = batch["input_ids"].is_cuda
+def _backbone(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    on_cuda = inputs["input_ids"].is_cuda
     with sdpa_kernel(TRAIN_SDPA_BACKENDS) if on_cuda else nullcontext():
         return model.model(**inputs, use_cache=False).last_hidden_state
+
+
+def backbone_hidden(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Last hidden states (B, L, H) of a ``*ForConditionalGeneration`` model's backbone."""
+    return _backbone(model, {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch})
+
+
+def packed_hidden(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Last hidden states (T, H) of ``batch``'s attended tokens in row-major order, computed on
+    the rows packed into one sequence: ``backbone_hidden(model, batch)[attention_mask.bool()]``
+    up to float rounding, without the padding's compute."""
+    return _backbone(model, pack_batch(model, batch))[0]
 
 
 def _chunk_logprob_entropy(head, h: torch.Tensor, y: torch.Tensor, temperature: float, with_entropy: bool):
@@ -70,21 +83,28 @@ def head_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, *, tempera
 
 
 def response_logprobs(model, batch: dict[str, torch.Tensor], response_start: int, *,
-                      temperature: float = 1.0, chunk_size: int = 2048, with_entropy: bool = False):
+                      temperature: float = 1.0, chunk_size: int = 2048, with_entropy: bool = False,
+                      packed: bool = False):
     """Per-token log-probs (B, R) of the tokens at positions ``[response_start, L)``.
 
     The row layout is ``[prompt (left-padded) | response (right-padded)]`` with the response
     starting at column ``response_start`` in every row. Positions where the attention mask is 0
     get log-prob 0 (and entropy 0). Token t is scored from the hidden state at t - 1.
+    ``packed``: the backbone runs on the rows packed without padding (:func:`packed_hidden`);
+    there the hidden state at t - 1 is the packed token just before t's (every row has at least
+    one prompt token, so t - 1 is attended). Same values up to float rounding.
     """
-    hidden = backbone_hidden(model, batch)
-    ids = batch["input_ids"]
-    h = hidden[:, response_start - 1:-1]
+    ids, attended = batch["input_ids"], batch["attention_mask"].bool()
     y = ids[:, response_start:]
-    valid = batch["attention_mask"][:, response_start:].bool()
+    valid = attended[:, response_start:]
+    if packed:
+        flat = (attended.flatten().cumsum(0) - 1).view(attended.shape)  # packed index of each attended token
+        h = packed_hidden(model, batch)[flat[:, response_start:][valid] - 1]
+    else:
+        h = backbone_hidden(model, batch)[:, response_start - 1:-1][valid]
     logp = torch.zeros(y.shape, dtype=torch.float32, device=y.device)
     ent = torch.zeros_like(logp)
-    lp, en = head_logprobs(model, h[valid], y[valid], temperature=temperature,
+    lp, en = head_logprobs(model, h, y[valid], temperature=temperature,
                            chunk_size=chunk_size, with_entropy=with_entropy)
     logp = logp.masked_scatter(valid, lp)
     ent = ent.masked_scatter(valid, en)

@@ -5,7 +5,7 @@ One step:
 2. score each rollout's caption and reasoning segments - cut in the token ids it sampled
    (``models.segments``) - with the discriminator as it is *before* this step's update
    (no grad): these scores are the reward;
-3. recompute the old log-probs;
+3. recompute the old log-probs (unless on-policy: then the update's forward gives them);
 4. A = alpha GN(cap) + (1 - alpha) GN(reason) - format_penalty F, with invalid rollouts'
    scores replaced by (lowest valid score in the group - 1), or -1 if none is valid;
 5. update the discriminator: the prompt's teacher demonstration (tokenised once as a whole
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from .. import algorithms as A
-from ..actor import NonfiniteGuard, ppo_update, sequence_logprobs
+from ..actor import NonfiniteGuard, on_policy, ppo_update, sequence_logprobs
 from ..config import AlignConfig
 from ..data.prompt_format import check_prompts
 from ..data.records import BadRecords, DataError
@@ -171,9 +171,10 @@ def align_step(run: Run, step: int, model, disc: Discriminator, processor, engin
         sc = reward_scores(disc, processor, batch_prompts, segs, r.n, cfg.disc.batch_size)
         adv, _ = A.align_advantages(sc.cap.cpu(), sc.reason.cpu(), sc.valid.cpu(), ro.group_ids,
                                     alpha=cfg.align.alpha, format_penalty=cfg.align.format_penalty)
-    with run.timer("logprob"):
-        old_lp, ent = sequence_logprobs(model, ro, cfg.ppo.micro_batch_size, run.device, temperature=r.temperature,
-                                        with_entropy=True, chunk=cfg.train.logprob_chunk)
+    with run.timer("logprob"):  # on-policy: the update's forward gives the old log-probs and entropy
+        old_lp, ent = (None, None) if on_policy(cfg.ppo) else sequence_logprobs(
+            model, ro, cfg.ppo.micro_batch_size, run.device, temperature=r.temperature, with_entropy=True,
+            chunk=cfg.train.logprob_chunk, token_budget=cfg.ppo.micro_token_budget)
     with run.timer("disc"):
         d_metrics = discriminator_step(disc, d_opt, d_sched, processor, batch_prompts, segs, teachers, r.n,
                                        cfg) if cfg.align.disc_update else {}
@@ -183,9 +184,10 @@ def align_step(run: Run, step: int, model, disc: Discriminator, processor, engin
     guard.check(upd, step)
     verifiable = batch_scores(ro.texts, [rec.ground_truth or "" for rec in ro.records])
     any_valid = bool(sc.valid.any())
+    if ent is not None:
+        upd["entropy"] = float(A.masked_mean(ent, ro.response_mask))
     return {
-        **d_metrics, **{f"actor/{k}": v for k, v in upd.items()},
-        "actor/entropy": float(A.masked_mean(ent, ro.response_mask)), "actor/adv_abs_mean": float(adv.abs().mean()),
+        **d_metrics, **{f"actor/{k}": v for k, v in upd.items()}, "actor/adv_abs_mean": float(adv.abs().mean()),
         "actor/lr": sched.get_last_lr()[0],
         "disc/student_cap_mean": float(sc.cap[sc.valid].mean()) if any_valid else 0.0,
         "disc/student_reason_mean": float(sc.reason[sc.valid].mean()) if any_valid else 0.0,

@@ -10,14 +10,23 @@ import torch
 from ..config import OptimConfig
 
 
+def fused_ok(params: list[torch.nn.Parameter]) -> bool:
+    """Whether AdamW's fused kernel applies: every parameter a floating-point CUDA tensor. The
+    fused step updates all parameters in a few kernel launches instead of several per tensor
+    (hundreds of tensors in a 2B model); on the CPU the plain loop stays (it always works)."""
+    return bool(params) and all(p.is_cuda and p.is_floating_point() for p in params)
+
+
 def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW over trainable parameters; no weight decay on biases and norm weights (1-D)."""
+    """AdamW over trainable parameters; no weight decay on biases and norm weights (1-D);
+    fused when every parameter is on the GPU (:func:`fused_ok`). The update is the same AdamW:
+    m = b1 m + (1 - b1) g, v = b2 v + (1 - b2) g^2, w -= lr (m_hat / (sqrt(v_hat) + eps) + wd w)."""
     params = [p for p in params if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused_ok(params) or None)
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:

@@ -3,7 +3,8 @@
 One step: take ``prompts_per_step`` prompts -> sample ``n`` responses each -> score them with
 the verifiable reward (plus DAPO's overlong shaping) -> [DAPO: drop groups whose accuracy
 has zero variance and sample more, up to ``max_num_gen_batches`` rounds] -> group-normalised
-advantages -> recompute old log-probs -> PPO-clip updates over mini-batches (``actor.py``).
+advantages -> recompute old log-probs (unless the update is on-policy: then its own forward
+gives them) -> PPO-clip updates over mini-batches (``actor.py``).
 The presets of METHOD.md section 7 live in ``config.ALGO_PRESETS``.
 """
 
@@ -14,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .. import algorithms as A
-from ..actor import NonfiniteGuard, ppo_update, sequence_logprobs
+from ..actor import NonfiniteGuard, on_policy, ppo_update, sequence_logprobs
 from ..config import RLConfig
 from ..data.processing import Encoded, load_prompts
 from ..data.prompt_format import check_prompts
@@ -192,17 +193,20 @@ def rl_step(run: Run, step: int, model, engine: RolloutEngine, stream: PromptStr
     ro, sc, stats = collect(engine, stream, cfg, reward_fn, run)
     if ro is None:
         return None, stats
-    temp, micro, chunk = cfg.rollout.temperature, cfg.algo.micro_batch_size, cfg.train.logprob_chunk
-    adv = A.grpo_advantages(sc["reward"], ro.group_ids, norm_by_std=cfg.algo.norm_by_std, eps=cfg.algo.adv_eps)
-    with run.timer("logprob"):
-        old_lp, ent = sequence_logprobs(model, ro, micro, run.device, temperature=temp, with_entropy=True,
-                                        chunk=chunk)
-        ref_lp = sequence_logprobs(ref, ro, micro, run.device, temperature=temp) if ref is not None else None
+    algo, temp, chunk = cfg.algo, cfg.rollout.temperature, cfg.train.logprob_chunk
+    adv = A.grpo_advantages(sc["reward"], ro.group_ids, norm_by_std=algo.norm_by_std, eps=algo.adv_eps)
+    lp_args = dict(micro=algo.micro_batch_size, device=run.device, temperature=temp, chunk=chunk,
+                   token_budget=algo.micro_token_budget)
+    with run.timer("logprob"):  # on-policy: the update's forward gives the old log-probs and entropy
+        old_lp, ent = (None, None) if on_policy(algo) else sequence_logprobs(model, ro, with_entropy=True, **lp_args)
+        ref_lp = sequence_logprobs(ref, ro, **lp_args) if ref is not None else None
     with run.timer("update"):
-        upd = ppo_update(model, opt, sched, ro, adv, old_lp, cfg.algo, cfg.optim.grad_clip, run.device,
-                         temperature=temp, kl_coef=cfg.algo.kl_coef, ref_lp=ref_lp, seed=cfg.train.seed + step - 1,
+        upd = ppo_update(model, opt, sched, ro, adv, old_lp, algo, cfg.optim.grad_clip, run.device,
+                         temperature=temp, kl_coef=algo.kl_coef, ref_lp=ref_lp, seed=cfg.train.seed + step - 1,
                          chunk=chunk)
     guard.check(upd, step)
-    return ro, {**stats, **rollout_metrics(ro, sc), **{f"actor/{k}": v for k, v in upd.items()},
-                "actor/entropy": float(A.masked_mean(ent, ro.response_mask)),
-                "actor/adv_abs_mean": float(adv.abs().mean()), "actor/lr": sched.get_last_lr()[0]}
+    metrics = {**stats, **rollout_metrics(ro, sc), **{f"actor/{k}": v for k, v in upd.items()},
+               "actor/adv_abs_mean": float(adv.abs().mean()), "actor/lr": sched.get_last_lr()[0]}
+    if ent is not None:
+        metrics["actor/entropy"] = float(A.masked_mean(ent, ro.response_mask))
+    return ro, metrics
