@@ -45,6 +45,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--mem-rollout", choices=["auto", "real", "synth"], default="auto",
                     help="memory row: real rl_step, or synthetic rollouts; auto = real iff a dedicated engine exists")
     ap.add_argument("--image-size", type=int, default=448)
+    ap.add_argument("--commit", default=None, help="commit to record (the device machine's copy has no .git)")
     ap.add_argument("--out", default="bench_run.json")
     ap.add_argument("--write-docs", action="store_true", help="update the section of --docs from the results")
     ap.add_argument("--docs", default=str(HERE.parent / "docs" / "PERFORMANCE.md"))
@@ -94,7 +95,7 @@ def measure(args: argparse.Namespace) -> dict:
     argv = " ".join(sys.argv[1:])
     result = {"meta": {"command": f"python bench/run.py {argv}".strip(), "device": device_name(device),
                        "versions": versions(), "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-                       "commit": commit(), "reps": reps, "engine": args.ours_engine},
+                       "commit": args.commit or commit(), "reps": reps, "engine": args.ours_engine},
               "calib": calibrate(device, work.copy_bytes, work.matmul_n), "rows": []}
     out = Path(args.out)
     print("versions:", result["meta"]["versions"], flush=True)
