@@ -16,7 +16,7 @@ import torch
 from prism_rl import algorithms as A
 from prism_rl.actor import by_length, ppo_update, sequence_logprobs
 from prism_rl.config import AlgoConfig, OptimConfig
-from prism_rl.models.loading import autocast_for
+from prism_rl.models.loading import autocast_for, enable_gradient_checkpointing
 from prism_rl.rollout.base import Rollouts, micro_batch
 from prism_rl.trainers.optim import build_optimizer, build_scheduler
 
@@ -32,7 +32,7 @@ PEER = "transformers full logits + log_softmax"
 def training_model(shape: str, ctx: Ctx):
     """fp32 weights, train mode, non-reentrant gradient checkpointing, no KV cache."""
     model = build_model(shape, ctx.processor, ctx.device, torch.float32).train()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_gradient_checkpointing(model)   # as load_policy does (the recompute keeps the forward's SDPA kernels)
     model.config.use_cache = False
     return model
 
