@@ -52,7 +52,9 @@ def mathvista_parquet(path):
     rows = [{"pid": "1", "question": "Find m\\angle B.", "image": "images/1.jpg",
              "decoded_image": {"bytes": buf.getvalue(), "path": None}, "choices": ["145°", "135°"], "unit": None,
              "precision": None, "answer": "135°", "question_type": "multi_choice", "answer_type": "text",
-             "metadata": {"task": "geometry problem solving"}, "query": "..."}]
+             "metadata": {"task": "geometry problem solving"},
+             "query": "Hint: Please answer the question and provide the correct option letter, e.g., A, B, C, D, "
+                      "at the end.\nQuestion: Find m\\angle B.\nChoices:\n(A) 145°\n(B) 135°"}]
     pq.write_table(pa.Table.from_pylist(rows), path)
     return path
 
