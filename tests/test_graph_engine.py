@@ -112,3 +112,22 @@ def test_make_engine_names_and_buckets(policy):
     with pytest.raises(ValueError, match="rollout engine must be one of"):
         make_engine("vllm", model, proc)
     assert batch_buckets(12) == [1, 2, 4, 8, 12] and batch_buckets(1) == [1]
+
+
+def test_a_bf16_decode_copy_follows_the_policy_weights(tiny_model_dir, prompts):
+    """The decode-dtype copy is refreshed at every generate: after an update, a long-lived
+    engine samples what a fresh one does."""
+    model, proc = load_policy(ModelConfig(path=str(tiny_model_dir)), torch.device("cpu"), trainable=False)
+    old = GraphEngine(model, proc, decode_dtype=torch.bfloat16)
+    params = SamplingParams(n=1, max_new_tokens=8, temperature=0.0)
+    before = old.generate(prompts, params)
+    assert old.shadow is not None and old.shadow.head.weight.dtype == torch.bfloat16
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, prm in model.named_parameters():
+            if prm.ndim >= 2 and "visual" not in name:
+                prm.copy_(0.3 * torch.randn(prm.shape, generator=g))
+    after = old.generate(prompts, params)
+    fresh = GraphEngine(model, proc, decode_dtype=torch.bfloat16).generate(prompts, params)
+    assert torch.equal(after.response_ids, fresh.response_ids)
+    assert not torch.equal(after.response_ids, before.response_ids)

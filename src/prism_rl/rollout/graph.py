@@ -31,6 +31,9 @@ The same code runs eagerly on the CPU (no graphs), which is how CI tests it.
 
 from __future__ import annotations
 
+import copy
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 
@@ -108,11 +111,20 @@ class GraphEngine:
     """``RolloutEngine`` with a static KV cache and a CUDA-graph decode step (eager on CPU)."""
 
     def __init__(self, model, processor, device: torch.device | None = None, *, use_graphs: bool | None = None,
-                 check_every: int = 16):
+                 check_every: int = 16, decode_dtype: torch.dtype | None = None):
+        """``decode_dtype``: the dtype the decode step runs in. Default: bf16 on CUDA for a model
+        held in fp32 (the trainers keep fp32 master weights), else the model's own. A different
+        dtype decodes with a copy of the text weights, refreshed at every ``generate`` (so it
+        always samples the current policy), as verl's rollout holds bf16 weights beside FSDP's."""
         self.model, self.processor = model, processor
         self.device = device or next(model.parameters()).device
         self.lm = model.model.language_model
         self.head = model.get_output_embeddings()
+        if decode_dtype is None:
+            on_gpu_fp32 = self.device.type == "cuda" and self.head.weight.dtype == torch.float32
+            decode_dtype = torch.bfloat16 if on_gpu_fp32 else self.head.weight.dtype
+        self.decode_dtype = decode_dtype
+        self.shadow = None if decode_dtype == self.head.weight.dtype else _Shadow(self.lm, self.head, decode_dtype)
         self.eos_id, self.pad_id = special_ids(processor)
         vocab = self.head.out_features
         self.suppress_bias = torch.zeros(vocab, dtype=torch.float32, device=self.device)
@@ -132,10 +144,11 @@ class GraphEngine:
     def _step(self, rows: int, attn_len: int) -> None:
         """One decode step for slots ``[0, rows)``: read ``tokens``/positions, write the KV
         entries and ``logits``. Only static buffers are touched (it is graph-captured)."""
-        st, lm = self.state, self.lm
+        st = self.state
+        lm, head = (self.shadow.lm, self.shadow.head) if self.shadow is not None else (self.lm, self.head)
         tokens, cache_pos = st.tokens[:rows], st.cache_pos[:rows]
         h = lm.embed_tokens(tokens)[:, None]                       # (B, 1, H)
-        cos, sin = rope_cos_sin(lm.rotary_emb, st.rope_pos[:rows], h.dtype)
+        cos, sin = rope_cos_sin(self.lm.rotary_emb, st.rope_pos[:rows], h.dtype)   # fp32 inv_freq
         visible = torch.arange(attn_len, device=h.device)[None, :] <= cache_pos[:, None]
         mask = visible[:, None, None, :]                           # (B, 1, 1, T)
         slot = torch.arange(rows, device=h.device)
@@ -155,7 +168,7 @@ class GraphEngine:
             o = F.scaled_dot_product_attention(qg, kc, vc, attn_mask=mask, scale=a.scaling)
             h = h + a.o_proj(o.reshape(rows, 1, -1))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
-        st.logits[:rows] = self.head(lm.norm(h)[:, 0]).float()
+        st.logits[:rows] = head(lm.norm(h)[:, 0]).float()
 
     def _run_step(self, rows: int, attn_len: int) -> None:
         if not self.use_graphs:
@@ -200,7 +213,7 @@ class GraphEngine:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             vocab = self.head.out_features
-            self.state = DecodeState(self.lm, rows, length, vocab, self.head.weight.dtype, self.device)
+            self.state = DecodeState(self.lm, rows, length, vocab, self.decode_dtype, self.device)
         return self.state
 
     def _prefill(self, prompts: list[Encoded], n: int) -> torch.Tensor:
@@ -214,7 +227,8 @@ class GraphEngine:
             if p.pixel_values is not None:
                 inputs |= {"pixel_values": p.pixel_values, "image_grid_thw": p.image_grid_thw}
             inputs = {k: v.to(self.device) for k, v in inputs.items()}
-            out = self.model(**inputs, use_cache=True, logits_to_keep=1)
+            with self._prefill_autocast():
+                out = self.model(**inputs, use_cache=True, logits_to_keep=1)
             length = int(p.input_ids.numel())
             rows = slice(p_i * n, (p_i + 1) * n)
             cache = out["cache"] if "cache" in out else out["past_key_values"]
@@ -226,6 +240,12 @@ class GraphEngine:
             st.rope_pos[rows] = self._next_position(inputs)
             first[rows] = out.logits[0, -1].float()
         return first
+
+    def _prefill_autocast(self):
+        """Prefill in the decode dtype (as the trainers' bf16 autocast forward does)."""
+        if self.shadow is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.decode_dtype)
 
     def _next_position(self, inputs: dict) -> int:
         """The rotary position of the first response token: the prompt's largest M-RoPE id + 1."""
@@ -270,6 +290,8 @@ class GraphEngine:
         was_training = self.model.training
         self.model.eval()
         try:
+            if self.shadow is not None:
+                self.shadow.refresh(self.lm, self.head)
             self._state_for(B, total)
             logits = self._prefill(prompts, n)
             resp, lps = self._decode(logits, B, longest, params)
@@ -348,6 +370,25 @@ class GraphEngine:
             image_grid_thw=batch.get("image_grid_thw"),
             logprobs=lps * mask if params.return_logprobs else None, extras=extras,
         )
+
+
+class _Shadow:
+    """The text decoder and output head in the decode dtype: a copy whose parameters are
+    overwritten from the policy's (one cast-copy of the text weights, ~ms) before each
+    ``generate``. The rotary ``inv_freq`` is read from the policy, in fp32."""
+
+    def __init__(self, lm, head, dtype: torch.dtype):
+        self.lm = copy.deepcopy(lm).to(dtype).eval()
+        self.head = torch.nn.Linear(head.in_features, head.out_features, bias=False,
+                                    device=head.weight.device, dtype=dtype)
+        for p in (*self.lm.parameters(), self.head.weight):
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def refresh(self, lm, head) -> None:
+        for mine, theirs in zip(self.lm.parameters(), lm.parameters(), strict=True):
+            mine.copy_(theirs)
+        self.head.weight.copy_(head.weight)
 
 
 class _Slots:
