@@ -117,7 +117,7 @@ def _generate(cfg: EvalConfig, todo: list[Record], model, processor, params: Sam
 
     from ..data.processing import encode_all
     from ..models.loading import special_ids
-    from ..rollout.hf import HFEngine
+    from ..rollout import make_engine
 
     eos, _ = special_ids(processor)
     torch.manual_seed(cfg.generation.seed)
@@ -130,7 +130,7 @@ def _generate(cfg: EvalConfig, todo: list[Record], model, processor, params: Sam
         with samples.open("a", encoding="utf-8") as fh:
             fh.writelines(json.dumps(r) + "\n" for r in rows)
 
-    engine = HFEngine(model, processor)
+    engine = make_engine("auto", model, processor)   # the graph engine on CUDA
     return score_samples(engine, todo, params, cfg.generation.batch_size, desc="eval", encode=encode, sink=append)
 
 

@@ -75,9 +75,9 @@ def _generate(todo: list[Record], model, processor, params, *, batch_size: int,
     """Generate, score, judge and append rows batch by batch; returns rows written."""
     from ..data.processing import encode_all
     from ..models.loading import special_ids
-    from ..rollout.hf import HFEngine
+    from ..rollout import make_engine
 
-    engine = HFEngine(model, processor)
+    engine = make_engine("auto", model, processor)   # the graph engine on CUDA
     eos, _ = special_ids(processor)
     by_id = {r.id: r for r in todo}
 

@@ -34,8 +34,8 @@ from ..models.loading import load_policy, pick_device, special_ids  # noqa: E402
 from ..reward import compute_score  # noqa: E402
 from ..reward.builtins import builtin_reward  # noqa: E402
 from ..reward.plugins import RewardFn, load_reward_option  # noqa: E402
+from ..rollout import make_engine  # noqa: E402
 from ..rollout.base import SamplingParams  # noqa: E402
-from ..rollout.hf import HFEngine  # noqa: E402
 
 
 @dataclass
@@ -61,7 +61,7 @@ def score_problems(model, processor, records, *, n: int, max_new_tokens: int, te
     eos, _ = special_ids(processor)
     prompts = encode_all(processor, records, eos_id=eos, max_length=max_prompt_length, with_response=False)
     params = SamplingParams(n=n, max_new_tokens=max_new_tokens, temperature=temperature)
-    rows = generate_and_score(HFEngine(model, processor), prompts, params, batch_prompts,
+    rows = generate_and_score(make_engine("auto", model, processor), prompts, params, batch_prompts,
                               lambda rec, text, _tokens, finish: (score(text, rec.ground_truth or "").acc,
                                                                    finish == "length"),
                               desc="filter")

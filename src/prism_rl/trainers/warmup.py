@@ -38,8 +38,8 @@ from ..format import split_text
 from ..models.discriminator import Discriminator, SegmentScores, score_segments
 from ..models.loading import load_policy, load_processor, pick_device, special_ids
 from ..models.segments import Segments, text_segments
+from ..rollout import make_engine
 from ..rollout.base import SamplingParams
-from ..rollout.hf import HFEngine
 from .optim import build_optimizer, build_scheduler
 from .run import Run
 
@@ -67,7 +67,7 @@ def sample_pairs(policy_dir: str, data: str, out: str, *, n: int = 1, max_new_to
         raise DataError(f"{rec.where(key)}: missing; warm-up pairs pair the policy's segments with the teacher's "
                         f"(teacher_caption and teacher_cot, as in the alignment set); {n_rec} of {len(prompts)} "
                         "records lack them")
-    engine = HFEngine(model, processor)
+    engine = make_engine("auto", model, processor)   # the graph engine on CUDA
     params = SamplingParams(n=n, max_new_tokens=max_new_tokens, temperature=temperature)
     pairs, invalid, truncated = [], 0, 0
     for s in tqdm(range(0, len(prompts), batch_prompts), desc="pairs", dynamic_ncols=True):
