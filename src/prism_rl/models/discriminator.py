@@ -44,7 +44,7 @@ from transformers import (
 
 from ..algorithms import load_balancing_loss
 from ..data.processing import Encoded, collate, pad_sequences
-from .loading import special_ids, vision_token_ids
+from .loading import autocast_for, special_ids, vision_token_ids
 from .logprobs import MODEL_INPUT_KEYS
 from .mrope import install_batched_rope_index
 from .segments import Segments
@@ -360,7 +360,8 @@ class Discriminator(torch.nn.Module):
         pinned = self.routing == "segment" and segment_ids is not None
         self._segments.segments = segment_ids.reshape(-1) if pinned else None
         try:
-            out = self.backbone.model(**inputs, use_cache=False, **extra)
+            with autocast_for(mask.device):   # bf16 compute on GPU; fp32 weights stay the master copy
+                out = self.backbone.model(**inputs, use_cache=False, **extra)
         finally:
             self._segments.segments = None
         hidden = out.last_hidden_state

@@ -120,7 +120,7 @@ def train_align(cfg: AlignConfig, resume: bool = False, halt_at_step: int | None
     run = Run(cfg, "align", resume=resume)
     ckpt = run.ckpt
     model, processor = load_stage_policy(cfg, run.device, None if ckpt is None else ckpt / "policy")
-    disc = Discriminator.load(cfg.disc.path if ckpt is None else ckpt / "disc", run.device,
+    disc = Discriminator.load(cfg.disc.path if ckpt is None else ckpt / "disc", run.device, dtype=torch.float32,
                               gradient_checkpointing=cfg.disc.gradient_checkpointing)
     disc.train()
     bad = BadRecords()

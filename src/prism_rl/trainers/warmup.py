@@ -183,7 +183,7 @@ def train_warmup(cfg: WarmupConfig, resume: bool = False, halt_at_step: int | No
     """Warm up the discriminator at ``cfg.disc.path``; returns the folder of the trained one
     (or, when halted early, of the checkpoint to resume from)."""
     run = Run(cfg, "warmup", resume=resume, desc="disc-warmup")
-    disc = Discriminator.load(cfg.disc.path if run.ckpt is None else run.ckpt, run.device,
+    disc = Discriminator.load(cfg.disc.path if run.ckpt is None else run.ckpt, run.device, dtype=torch.float32,
                               gradient_checkpointing=cfg.disc.gradient_checkpointing)
     disc.train()
     processor = load_processor(cfg.disc.path, cfg.data.max_pixels, cfg.data.min_pixels)
