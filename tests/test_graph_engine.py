@@ -131,3 +131,19 @@ def test_a_bf16_decode_copy_follows_the_policy_weights(tiny_model_dir, prompts):
     fresh = GraphEngine(model, proc, decode_dtype=torch.bfloat16).generate(prompts, params)
     assert torch.equal(after.response_ids, fresh.response_ids)
     assert not torch.equal(after.response_ids, before.response_ids)
+
+
+def test_a_batch_over_the_memory_budget_runs_in_waves(policy, prompts):
+    """Rows beyond the KV budget are generated in waves; the result equals one wave's."""
+    model, proc = policy
+    params = SamplingParams(n=2, max_new_tokens=10, temperature=0.0)
+    whole = GraphEngine(model, proc).generate(prompts, params)
+    small = GraphEngine(model, proc)
+    small.kv_budget_bytes = 2 * params.n * small.row_bytes(prompts, params)     # two prompts a wave
+    assert small.prompts_per_wave(prompts, params) == 2
+    waves = small.generate(prompts, params, group_offset=5)
+    assert torch.equal(waves.response_ids, whole.response_ids) and waves.texts == whole.texts
+    assert waves.group_ids.tolist() == [5, 5, 6, 6, 7, 7, 8, 8]
+    small.kv_budget_bytes = small.row_bytes(prompts, params)                      # not even one prompt
+    with pytest.raises(RuntimeError, match="over the engine's budget"):
+        small.generate(prompts, params)

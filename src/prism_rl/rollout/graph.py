@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from ..data.processing import Encoded, collate
 from ..models.loading import special_ids, vision_token_ids
 from ..models.mrope import mrope_position_ids
-from .base import Rollouts, SamplingParams
+from .base import Rollouts, SamplingParams, concat_rollouts
 
 ATTN_BUCKET = 256   # attention lengths are rounded up to a multiple of this (one graph each)
 
@@ -111,11 +111,14 @@ class GraphEngine:
     """``RolloutEngine`` with a static KV cache and a CUDA-graph decode step (eager on CPU)."""
 
     def __init__(self, model, processor, device: torch.device | None = None, *, use_graphs: bool | None = None,
-                 check_every: int = 16, decode_dtype: torch.dtype | None = None):
+                 check_every: int = 16, decode_dtype: torch.dtype | None = None,
+                 kv_budget_bytes: int | None = None, kv_fraction: float = 0.6):
         """``decode_dtype``: the dtype the decode step runs in. Default: bf16 on CUDA for a model
         held in fp32 (the trainers keep fp32 master weights), else the model's own. A different
         dtype decodes with a copy of the text weights, refreshed at every ``generate`` (so it
-        always samples the current policy), as verl's rollout holds bf16 weights beside FSDP's."""
+        always samples the current policy), as verl's rollout holds bf16 weights beside FSDP's.
+        ``kv_budget_bytes`` / ``kv_fraction``: the device memory a wave's rows may hold
+        (:meth:`prompts_per_wave`); a larger batch is generated in several waves."""
         self.model, self.processor = model, processor
         self.device = device or next(model.parameters()).device
         self.lm = model.model.language_model
@@ -131,6 +134,7 @@ class GraphEngine:
         self.suppress_bias[[i for i in vision_token_ids(processor.tokenizer) if i < vocab]] = float("-inf")
         self.use_graphs = (self.device.type == "cuda") if use_graphs is None else use_graphs
         self.check_every = check_every
+        self.kv_budget_bytes, self.kv_fraction = kv_budget_bytes, kv_fraction
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.state: DecodeState | None = None
         self.pool = None
@@ -284,20 +288,58 @@ class GraphEngine:
 
     @torch.no_grad()
     def generate(self, prompts: list[Encoded], params: SamplingParams, group_offset: int = 0) -> Rollouts:
-        n, B = params.n, len(prompts) * params.n
-        longest = max(int(p.input_ids.numel()) for p in prompts)
-        total = _bucket(longest + params.max_new_tokens, ATTN_BUCKET)
+        """Sample ``params.n`` responses per prompt. Prompts are taken in waves whose static KV
+        cache fits the budget (:meth:`prompts_per_wave`), all at once when they fit."""
+        per_wave = self.prompts_per_wave(prompts, params)
         was_training = self.model.training
         self.model.eval()
+        parts = []
         try:
             if self.shadow is not None:
                 self.shadow.refresh(self.lm, self.head)
-            self._state_for(B, total)
-            logits = self._prefill(prompts, n)
-            resp, lps = self._decode(logits, B, longest, params)
+            for s in range(0, len(prompts), per_wave):
+                parts.append(self._wave(prompts[s:s + per_wave], params, group_offset + s))
         finally:
             self.model.train(was_training)
+        return concat_rollouts(parts, self.pad_id)
+
+    def _wave(self, prompts: list[Encoded], params: SamplingParams, group_offset: int) -> Rollouts:
+        n, B = params.n, len(prompts) * params.n
+        longest = max(int(p.input_ids.numel()) for p in prompts)
+        self._state_for(B, _bucket(longest + params.max_new_tokens, ATTN_BUCKET))
+        logits = self._prefill(prompts, n)
+        resp, lps = self._decode(logits, B, longest, params)
         return self._rollouts(prompts, params, resp, lps, group_offset)
+
+    def row_bytes(self, prompts: list[Encoded], params: SamplingParams) -> int:
+        """Device bytes one sample row holds during a call: its KV cache over the bucketed
+        length (``2 x layers x kv_heads x head_dim x dtype bytes`` a token), its logits row
+        and its token / log-prob record."""
+        attn = self.lm.layers[0].self_attn
+        kv_heads = attn.k_proj.out_features // attn.head_dim
+        per_token = 2 * len(self.lm.layers) * kv_heads * attn.head_dim * torch.finfo(self.decode_dtype).bits // 8
+        longest = max(int(p.input_ids.numel()) for p in prompts)
+        total = _bucket(longest + params.max_new_tokens, ATTN_BUCKET)
+        return total * per_token + 4 * self.head.out_features + 12 * params.max_new_tokens
+
+    def prompts_per_wave(self, prompts: list[Encoded], params: SamplingParams) -> int:
+        """How many prompts (with their ``n`` rows each) one wave takes: all of them unless the
+        rows would need more than the budget, ``kv_budget_bytes`` or, on CUDA, ``kv_fraction``
+        of the device memory that is free plus what this engine already holds."""
+        budget = self.kv_budget_bytes
+        if budget is None and self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            held = 0 if self.state is None else sum(t.numel() * t.element_size()
+                                                    for t in (*self.state.keys, *self.state.values, self.state.logits))
+            budget = int(self.kv_fraction * (free + held))
+        if budget is None:
+            return len(prompts)
+        need = self.row_bytes(prompts, params) * params.n
+        if need > budget:
+            raise RuntimeError(f"one prompt's {params.n} samples need {need / 2**30:.1f} GiB of KV cache "
+                               f"(prompt + {params.max_new_tokens} new tokens), over the engine's budget of "
+                               f"{budget / 2**30:.1f} GiB; lower rollout.n or rollout.max_new_tokens")
+        return max(1, min(len(prompts), budget // need))
 
     def _decode(self, logits: torch.Tensor, B: int, longest: int, params: SamplingParams):
         """The decode loop: sample, record, stop finished rows, compact, step.
