@@ -73,7 +73,7 @@ def test_sft_learns_reloads_and_resumes_exactly(workdir, straight_sft):
 
     resumed = workdir / "sft_resumed"
     assert main(_sft_args(workdir, resumed, "train.max_steps=12", "--halt-at-step", "5")) == 0
-    assert (resumed / "checkpoint-5" / "trainer_state.pt").exists()
+    assert (resumed / "checkpoint-5" / "trainer_state.json").exists() and (resumed / "checkpoint-5" / "manifest.json").exists()
     assert not (resumed / "final").exists()
     assert main(_sft_args(workdir, resumed, "train.max_steps=12", "--resume")) == 0
     a = load_file(straight / "final" / "model.safetensors")

@@ -15,7 +15,7 @@ rows as fit in that many tokens, packed into one sequence without padding
 one mini-batch) the trainers skip the separate old-log-prob pass: ``ppo_update`` takes the
 old log-probs from its own forward, detached (as verl does).
 
-:class:`NonfiniteGuard` stops a run whose every update is skipped three steps in a row. The
+:class:`NonfiniteGuard` stops a run with no finite update three steps in a row. The
 role matches EasyR1's data-parallel actor; the loss formulas live in ``algorithms.py``.
 """
 
@@ -198,15 +198,34 @@ def _apply(params: list[torch.nn.Parameter], opt, sched, grad_clip: float, sums:
 
 
 class NonfiniteGuard:
-    """Stops a run whose every update was skipped for a non-finite gradient ``limit`` steps in
-    a row: that means the policy or its inputs are broken, not one rare batch."""
+    """Stops a run that could not take a finite optimizer step ``limit`` steps in a row: that
+    means the model or its inputs are broken, not one rare batch. RL and alignment count steps
+    whose every PPO update was skipped (:meth:`check`); SFT and the warm-up skip an optimizer
+    step whose loss or gradient norm is not finite and count those (:meth:`step_ok`)."""
 
     def __init__(self, where: object, limit: int = 3):
         self.where, self.limit, self.streak = where, limit, 0
 
     def check(self, upd: dict, step: int) -> None:
         """Count ``step`` (its ``ppo_update`` metrics) in the streak; raise at the limit."""
-        self.streak = self.streak + 1 if upd["nonfinite_grad_skips"] == upd["updates"] else 0
+        self._count(upd["nonfinite_grad_skips"] == upd["updates"], step,
+                    "every update of steps {a}..{b} had a non-finite gradient (steps skipped); "
+                    "the policy or its inputs hold inf/NaN")
+
+    def step_ok(self, step: int, loss: float, grad_norm: float | torch.Tensor) -> bool:
+        """Whether ``step``'s optimizer step may be applied: ``loss`` and ``grad_norm`` finite.
+        A non-finite one is counted in the streak (logged; :class:`FloatingPointError` at the
+        limit) and its step should be skipped, since one NaN gradient turns every weight NaN."""
+        norm = float(grad_norm)
+        bad = not (math.isfinite(loss) and math.isfinite(norm))
+        if bad:
+            log.warning("%s: step %d: non-finite loss (%s) or gradient norm (%s): optimizer step skipped",
+                        self.where, step, loss, norm)
+        self._count(bad, step, "the loss or gradient norm of steps {a}..{b} was not finite (optimizer steps "
+                               "skipped); the model or its data hold inf/NaN, or the learning rate is too high")
+        return not bad
+
+    def _count(self, bad: bool, step: int, message: str) -> None:
+        self.streak = self.streak + 1 if bad else 0
         if self.streak >= self.limit:
-            raise FloatingPointError(f"{self.where}: every update of steps {step - self.limit + 1}..{step} had a "
-                                     "non-finite gradient (steps skipped); the policy or its inputs hold inf/NaN")
+            raise FloatingPointError(f"{self.where}: " + message.format(a=step - self.limit + 1, b=step))

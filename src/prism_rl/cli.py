@@ -70,8 +70,17 @@ POSITIVE, NON_NEGATIVE, FRACTION = _number(int, 1), _number(int, 0), _number(flo
 
 
 def _add_resume_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint (settings that "
+                   "change the training trajectory must equal the checkpoint's)")
+    p.add_argument("--resume-with-changes", action="store_true", help="--resume, continuing with the given settings "
+                   "even where they differ from the checkpoint's (config.yaml records both)")
     p.add_argument("--halt-at-step", type=int, default=None, help="stop (with a checkpoint) at this step")
+
+
+def _resume(a) -> bool | str:
+    """The trainers' ``resume`` argument: False, True, or ``"with-changes"``."""
+    from .trainers.resume_config import RESUME_WITH_CHANGES
+    return RESUME_WITH_CHANGES if a.resume_with_changes else a.resume
 
 
 def _add_response_limit_args(p: argparse.ArgumentParser) -> None:
@@ -182,7 +191,7 @@ def cmd_sft(a) -> None:
     from .trainers.run import outcome
     from .trainers.sft import train_sft
     cfg = load_config(SFTConfig, a.config, a.overrides)
-    print(outcome(train_sft(cfg, resume=a.resume, halt_at_step=a.halt_at_step), "final model"))
+    print(outcome(train_sft(cfg, resume=_resume(a), halt_at_step=a.halt_at_step), "final model"))
 
 
 def cmd_serve(a) -> None:
@@ -203,7 +212,7 @@ def cmd_rl(a) -> None:
     from .trainers.rl import train_rl
     from .trainers.run import outcome
     cfg = load_config(RLConfig, a.config, a.overrides, defaults=ALGO_PRESETS[a.algo])
-    print(outcome(train_rl(cfg, resume=a.resume, halt_at_step=a.halt_at_step), "final policy"))
+    print(outcome(train_rl(cfg, resume=_resume(a), halt_at_step=a.halt_at_step), "final policy"))
 
 
 def cmd_disc_init(a) -> None:
@@ -230,7 +239,7 @@ def cmd_disc_warmup(a) -> None:
     from .trainers.run import outcome
     from .trainers.warmup import train_warmup
     cfg = load_config(WarmupConfig, a.config, a.overrides)
-    print(outcome(train_warmup(cfg, resume=a.resume, halt_at_step=a.halt_at_step), "warmed-up discriminator"))
+    print(outcome(train_warmup(cfg, resume=_resume(a), halt_at_step=a.halt_at_step), "warmed-up discriminator"))
 
 
 def cmd_align(a) -> None:
@@ -238,7 +247,7 @@ def cmd_align(a) -> None:
     from .trainers.align import train_align
     from .trainers.run import outcome
     cfg = load_config(AlignConfig, a.config, a.overrides)
-    print(outcome(train_align(cfg, resume=a.resume, halt_at_step=a.halt_at_step), "aligned policy"))
+    print(outcome(train_align(cfg, resume=_resume(a), halt_at_step=a.halt_at_step), "aligned policy"))
 
 
 def cmd_plot(a) -> None:
@@ -473,6 +482,11 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"prism {_command(args)}: error: {_message(e)}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:   # training diverged (NaN/inf weights or loss streak): say so, exit 1
+        if args.verbose:
+            traceback.print_exc()
+        print(f"prism {_command(args)}: error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -29,7 +31,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from .config import Section, load_config
+from .config import ConfigError, Section, load_config
 
 
 class QuickstartSettings(Section):
@@ -207,14 +209,56 @@ def results_table(out: Path, seeds: list[int]) -> str:
     return "\n".join(lines)
 
 
+MARKER = ".prism-quickstart"   # written into every quick start output folder; --fresh deletes only those
+
+
+def claim_output(out: Path) -> None:
+    """Create ``out`` and mark it as a quick start output folder (what ``--fresh`` may delete).
+    A folder holding other things is refused, so that the marker never lands on a folder the
+    quick start did not make; one that an earlier version's quick start wrote (``logs/`` and
+    ``data/stats.json``, no marker yet) is marked and continued."""
+    marker = out / MARKER
+    if out.is_dir() and not marker.exists() and any(out.iterdir()) and not _earlier_output(out):
+        raise ConfigError(f"--out {out}: the folder holds other things and is not a quick start output (no {MARKER} "
+                          "file); choose a new or empty folder")
+    out.mkdir(parents=True, exist_ok=True)
+    if not marker.exists():
+        marker.write_text(json.dumps({"written_by": "prism quickstart", "note": "prism quickstart --fresh deletes this "
+                                      "folder; it deletes only folders holding this file"}) + "\n")
+
+
+def _earlier_output(out: Path) -> bool:
+    """An output of a quick start from before the marker: ``logs/`` and ``data/stats.json``,
+    and nothing but what a quick start writes."""
+    known = {"data", "tiny", "sft", "logs", "disc", "align", "eval", "results.md"}
+    ours = all(p.name in known or re.fullmatch(r"(sft|prism)_grpo_s\d+", p.name) for p in out.iterdir())
+    return ours and (out / "logs").is_dir() and (out / "data" / "stats.json").is_file()
+
+
+def clear_output(out: Path) -> None:
+    """``--fresh``: delete ``out`` when it is a quick start's output (it holds :data:`MARKER`, or
+    is an earlier version's output) or empty; anything else is refused with
+    :class:`~prism_rl.config.ConfigError`, untouched."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if out.is_symlink() or not out.is_dir():
+        raise ConfigError(f"--fresh: {out} is not a folder (a file or a link); not deleting it")
+    entries = sorted(p.name for p in out.iterdir())
+    if entries and not (out / MARKER).is_file() and not _earlier_output(out):
+        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise ConfigError(f"--fresh: {out} is not a quick start output folder (no {MARKER} file; it holds {shown}); "
+                          "not deleting it. Choose another --out, or delete the folder yourself")
+    shutil.rmtree(out)
+
+
 def run_quickstart(out: str | Path = "runs/quickstart", seed: int = 0, overrides: list[str] | None = None,
                    fresh: bool = False) -> str:
     """Run (or continue) the quick start; returns the results table (also in results.md)."""
     s = load_config(QuickstartSettings, None, overrides or [])
     out = Path(out)
-    if fresh and out.exists():
-        import shutil
-        shutil.rmtree(out)
+    if fresh:
+        clear_output(out)
+    claim_output(out)
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     t0 = time.time()

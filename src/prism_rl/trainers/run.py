@@ -37,9 +37,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..config import save_config
+from ..data.records import DataError
 from ..models.loading import load_policy, pick_device, set_pixel_limits
-from .checkpoint import checkpoint_step, latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
+from .checkpoint import check_finite, checkpoint_step, nonfinite_tensors, resume_checkpoint, save_checkpoint, set_rng_state
+from .resume_config import RESUME_WITH_CHANGES, check_resume_config, optimizer_settings, reapply_settings, write_run_config
 
 log = logging.getLogger(__name__)
 
@@ -124,15 +125,17 @@ class Run:
     ``with run:`` and when the run halts before its last step (``halt_at_step``).
     """
 
-    def __init__(self, cfg, stage: str, *, resume: bool = False, desc: str | None = None):
+    def __init__(self, cfg, stage: str, *, resume: bool | str = False, desc: str | None = None):
+        """``resume``: ``True`` continues from the newest intact checkpoint (refusing settings
+        that change the training trajectory, ``resume_config.py``); ``"with-changes"``
+        (:data:`RESUME_WITH_CHANGES`) accepts them."""
         self.cfg, self.stage, self.desc = cfg, stage, desc or stage
         self.out = Path(cfg.output_dir)
-        save_config(cfg, self.out)
+        self.ckpt, self._saved, self.config_changes = self._resume_point(resume)
+        write_run_config(cfg, self.out, self._saved and self._saved.get("run_config"),
+                         self._saved["step"] if self._saved else None, self.config_changes)
         seed_everything(cfg.train.seed)
         self.device = pick_device()
-        self.ckpt = latest_checkpoint(self.out) if resume else None
-        if resume and self.ckpt is None:
-            log.warning("--resume: no checkpoint in %s, starting from scratch", self.out)
         self.step = 0
         self.total = self.halt = 0
         self.save_every = getattr(cfg.train, "save_every", None)
@@ -144,6 +147,17 @@ class Run:
         self.logger: MetricsLogger | None = None
         self.bar: tqdm | None = None
 
+    def _resume_point(self, resume: bool | str) -> tuple[Path | None, dict | None, dict]:
+        """(checkpoint, its trainer state, the config changes allowed) to resume from; Nones
+        and ``{}`` on a fresh start (or when there is no checkpoint yet)."""
+        found = resume_checkpoint(self.out) if resume else None
+        if found is None:
+            if resume:
+                log.warning("--resume: no checkpoint in %s, starting from scratch", self.out)
+            return None, None, {}
+        ckpt, state = found
+        return ckpt, state, check_resume_config(self.cfg, state.get("run_config"), ckpt, resume == RESUME_WITH_CHANGES)
+
     # ---- set-up
 
     def track(self, models: dict[str, Any], processor, stateful: dict[str, Any],
@@ -154,11 +168,19 @@ class Run:
         states and the step count, and returns the saved state (``{}`` on a fresh start) for
         the stage to read its ``extra`` keys from."""
         self._models, self._processor, self._stateful, self._extra = models, processor, stateful, extra
+        bad = nonfinite_tensors(models)
+        if bad:
+            where = f"checkpoint {self.ckpt}" if self.ckpt else "the model folder this run starts from"
+            raise DataError(f"{where}: {len(bad)} weight tensors hold NaN or inf (e.g. {', '.join(bad[:3])}); "
+                            "the weights are damaged")
         if self.ckpt is None:
             return {}
-        st = load_trainer_state(self.ckpt)
+        st = self._saved
+        built = optimizer_settings(stateful)
         for key, obj in stateful.items():
             obj.load_state_dict(st[key])
+        if self.config_changes:   # the new learning rate etc. apply, not the checkpoint's
+            reapply_settings(stateful, built)
         set_rng_state(st["rng"])
         self.step = st["step"]
         return st
@@ -225,7 +247,8 @@ class Run:
     # ---- saving
 
     def state(self) -> dict:
-        return {key: obj.state_dict() for key, obj in self._stateful.items()} | self._extra()
+        return ({key: obj.state_dict() for key, obj in self._stateful.items()} | self._extra()
+                | {"run_config": self.cfg.model_dump(mode="json")})
 
     def save(self) -> Path:
         """A resumable checkpoint at the current step."""
@@ -237,6 +260,7 @@ class Run:
         self.close()
         if self.step < self.total:
             return self.save()
+        check_finite(self._models, "final model")
         final = save_final(self.out / "final")
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         return final

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..actor import NonfiniteGuard
 from ..config import SFTConfig
 from ..data.layouts import read_records
 from ..data.processing import Encoded, OverlongError, collate, encode_sft, length_grouped_batches, skip_or_raise
@@ -136,13 +137,15 @@ def train_sft(cfg: SFTConfig, resume: bool = False, halt_at_step: int | None = N
     run.begin(steps, halt_at_step, params=total, trainable_params=trainable, examples=len(examples),
               bad_records=bad.count, total_steps=steps, overlong=overlong)
     t0, tok_window, t_window = time.time(), 0, time.time()
+    guard = NonfiniteGuard(run.out)
     with run:
         for step in run.steps():
             group = [[examples[i] for i in idx] for idx in batches.take(cfg.train.grad_accum)]
             loss, tokens = sft_step(model, group, pad, run.device)
             tok_window += tokens
             gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-            opt.step()
+            if guard.step_ok(step, loss, gnorm):   # a NaN/inf step is skipped; three in a row stop the run
+                opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
             if run.log_due(step):

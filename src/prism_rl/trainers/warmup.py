@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .. import algorithms as A
+from ..actor import NonfiniteGuard
 from ..config import ModelConfig, WarmupConfig, WarmupDataConfig, rl_response_limit
 from ..data.layouts import PairRecord, read_pairs, write_pairs
 from ..data.processing import Encoded, encode_prompt_checked, load_prompts, skip_or_raise
@@ -219,13 +220,15 @@ def train_warmup(cfg: WarmupConfig, resume: bool = False, halt_at_step: int | No
     run.begin(steps, halt_at_step, pairs=len(pairs), train_pairs=len(train), bad_records=bad.count,
               **{f"{k}_before": v for k, v in before.items()})
     t0 = time.time()
+    guard = NonfiniteGuard(run.out)
     with run:
         for step in run.steps():
             idx = [train[i] for i in stream[(step - 1) * bs: step * bs]]
             loss, m = pair_batch_step(disc, processor, [pairs[i] for i in idx], cfg.train.aux_coef,
                                       cfg.disc.batch_size, backward=True)
             gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-            opt.step()
+            if guard.step_ok(step, loss, gnorm):   # a NaN/inf step is skipped; three in a row stop the run
+                opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
             if run.log_due(step):
