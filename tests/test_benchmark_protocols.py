@@ -166,6 +166,27 @@ def test_mathverse_folder_with_parquet_and_json_reads_one(tmp_path, caplog):
     assert notes[0] in caplog.text
 
 
+def test_a_run_keeps_the_folder_note_and_the_metadata(tmp_path, monkeypatch):
+    """evaluate_benchmark on that folder: the note and the breakdown reach summary.json (the
+    samples are already there, so no model is loaded)."""
+    from prism_rl.eval import run_benchmark as R
+
+    rows = json.loads((FIX / "mathverse" / "testmini.json").read_text())
+    root = tmp_path / "MathVerse"
+    shutil.copytree(FIX / "mathverse", root)
+    write_parquet(root / "testmini.parquet", [dict(r, image=img("blue")) for r in rows])
+    part = tmp_path / "runs" / "r" / "mathverse"
+    part.mkdir(parents=True)
+    samples = answered(load_benchmark("mathverse", root), ["D", "B", "(D) 140°", "A", "D", "24 cm", "36"])
+    (part / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in samples))
+    monkeypatch.setattr(R, "_load_model", lambda *a: pytest.fail("nothing to generate"))
+    s = R.evaluate_benchmark("mathverse", root, "some/model", tmp_path / "runs" / "r")
+    assert s["notes"][0].startswith(f"mathverse: reading {root / 'testmini.parquet'}")
+    assert s["accuracy"] == 4 / 7 and s["by_meta"]["problem_version"]["Vision Only"] == {"n": 2, "accuracy": 0.5}
+    saved = [json.loads(x) for x in (part / "samples.jsonl").read_text().splitlines()]
+    assert saved[4]["meta"]["problem_version"] == "Vision Only" and saved[4]["meta"]["subfield"] == "Angle"
+
+
 def test_mathverse_json_reads_images_from_the_zip(tmp_path):
     """testmini.json next to images.zip, not unpacked: the images are read from the zip."""
     root = tmp_path / "MathVerse"
