@@ -25,15 +25,7 @@ from prism_rl.eval import run_benchmark as R
 from prism_rl.eval.benchmark_scoring import judge_rows, score_response, summarize_benchmark
 from prism_rl.eval.benchmark_table import BENCHMARKS, get_benchmark
 from prism_rl.eval.judge import Judge, parse_verdict
-from prism_rl.eval.loaders import (
-    MC_INSTRUCTION,
-    ROW_READERS,
-    VISION_INSTRUCTION,
-    YES_NO_INSTRUCTION,
-    load_benchmark,
-    mathvista_query,
-    split_letter_options,
-)
+from prism_rl.eval.loaders import ROW_READERS, load_benchmark, mathvista_query, split_letter_options
 from prism_rl.eval.report import collect_results, results_csv_rows, write_report
 from prism_rl.eval.run_benchmark import evaluate_benchmark
 from prism_rl.format import SYSTEM_PROMPT, make_response
@@ -100,8 +92,9 @@ def test_loaders_import_no_model_code():
     subprocess.run([sys.executable, "-c", code], check=True, env=_src_env())
 
 
-@pytest.mark.parametrize("module", ["benchmark_table", "loaders", "benchmark_scoring", "run_benchmark",
-                                    "report", "judge", "sampling", "evaluate"])
+@pytest.mark.parametrize("module", ["benchmark_table", "benchmark_prompts", "benchmark_metrics", "release_files",
+                                    "loaders", "benchmark_scoring", "run_benchmark", "report", "judge", "sampling",
+                                    "evaluate"])
 def test_eval_modules_import_on_their_own(module):
     """Each module imports first in a fresh process: no import cycle hides behind import order."""
     subprocess.run([sys.executable, "-c", f"import prism_rl.eval.{module}"], check=True, env=_src_env())
@@ -188,25 +181,29 @@ def test_mathverse_parquet_versions(tmp_path):
     q_mc = ("As shown in the figure, circle O has a radius 1.0, if angle BAC = 60.0, then the length "
             "of BC is ()\nChoices:\nA:2\nB:2\u221a{3}\nC:\u221a{3}\nD:2\u221a{2}")
     base = {"problem_index": "1", "metadata": {"split": "testmini", "source": "GeoQA", "subject": "Plane Geometry",
-                                                "subfield": "Length"}}
+                                                "subfield": "Length"}, "question_for_eval": q_mc}
+    hint = "Please directly answer the question and provide the correct option letter, e.g., A, B, C, D."
     rows = [
         dict(base, sample_index="1", problem_version="Text Dominant", question=q_mc, image=img(), answer="C",
-             question_type="multi-choice", query_wo="...", query_cot="..."),
-        dict(base, sample_index="5", problem_version="Vision Only", question="", image=img("blue"), answer="5",
-             question_type="free-form", query_wo="... directly answer ...",
-             query_cot="According to the question shown in the image, please first conduct reasoning."),
+             question_type="multi-choice", query_wo=f"{hint}\nQuestion: {q_mc}", query_cot="..."),
+        dict(base, sample_index="5", problem_version="Vision Only", question="", image=img("blue"), answer="C",
+             question_type="multi-choice", query_wo="According to the question shown in the image, please directly "
+             "answer the question and provide the correct option letter, e.g., A, B, C, D.", query_cot="..."),
         dict(base, sample_index="6", problem_version="Text Only", question="What is 2 + 3?", image=None,
-             answer="5", question_type="free-form", query_wo="...", query_cot="..."),
+             answer="5", question_type="free-form", query_wo="Please directly answer the question and provide the "
+             "final value, e.g., 1, 2.5, 300.\nQuestion: What is 2 + 3?", query_cot="...",
+             question_for_eval="What is 2 + 3?"),
     ]
     write_parquet(tmp_path / "testmini.parquet", rows)
     write_parquet(tmp_path / "testmini_text_only.parquet", rows[2:])  # another config: not read
     mc, vo, to = load_benchmark("mathverse", tmp_path)
-    assert user(mc) == f"<image>\n{q_mc}\n{MC_INSTRUCTION}"
+    assert user(mc) == f"<image>\n{hint}\nQuestion: {q_mc}"
     assert mc.ground_truth == "C" and mc.extra["accepted"] == ["(C) \u221a{3}"]
     assert mc.task == "mathverse/Text Dominant"
-    assert user(vo) == "<image>\nAccording to the question shown in the image, please first conduct reasoning."
-    assert vo.ground_truth == "5" and vo.task == "mathverse/Vision Only"
-    assert user(to) == "What is 2 + 3?" and to.images == []
+    assert user(vo).startswith("<image>\nAccording to the question shown in the image, please directly answer")
+    assert vo.ground_truth == "C" and vo.task == "mathverse/Vision Only" and vo.extra["judge_question"] == q_mc
+    assert user(to) == ("Please directly answer the question and provide the final value, e.g., 1, 2.5, 300.\n"
+                        "Question: What is 2 + 3?") and to.images == []
     for r in (mc, vo, to):
         check_common(r)
 
@@ -215,11 +212,11 @@ def test_mathvision_github_jsonl_fixture():
     recs = load_benchmark("mathvision", FIX / "mathvision")  # finds data/testmini.jsonl
     assert [r.id for r in recs] == ["4", "6", "39"]
     free, letters, texts = recs
-    assert user(free) == "<image>\nHow many different digits can you find in this picture?\n<image1>"
+    assert user(free).endswith("\nHow many different digits can you find in this picture?\n<image1>")
     assert free.ground_truth == "6" and free.task == "mathvision/counting"
-    assert user(letters).endswith("<image1>\nOptions:\n(A)\n(B)\n(C)\n(D)\n(E)\n" + MC_INSTRUCTION)
+    assert user(letters).endswith("<image1>")  # options that are only letters: drawn in the image
     assert letters.ground_truth == "D" and letters.extra["accepted"] == ["D"]
-    assert "(A) red\n(B) blue\n(C) green\n(D) Yellow\n(E) This cannot be worked out for certain." in user(texts)
+    assert user(texts).endswith("\n(A) red\n(B) blue\n(C) green\n(D) Yellow\n(E) This cannot be worked out for certain.")
     assert texts.ground_truth == "A" and texts.extra["accepted"] == ["(A) red"]
     # "images/4.png" is relative to the repository root, the parent of data/
     assert Path(free.images[0].base_dir) == FIX / "mathvision"
@@ -229,12 +226,13 @@ def test_mathvision_github_jsonl_fixture():
 
 def test_wemath_json_fixture_and_option_parsing():
     recs = load_benchmark("wemath", FIX / "wemath")
-    assert [r.id for r in recs] == ["2steps_1/2steps_1", "2steps_1/2steps_2", "2steps_1/2steps_multi"]
-    first = recs[0]
-    assert user(first) == ("<image>\nAs shown in the diagram, the radius of the circle is ( ) cm.\nOptions:\n"
-                           "(A) 1 cm\n(B) 1.5 cm\n(C) 3.14 cm\n(D) 6.28 cm\n(E) No correct answer\n" + MC_INSTRUCTION)
-    assert [r.ground_truth for r in recs] == ["A", "B", "C"]
-    assert recs[2].extra["meta"] == {"ID": "2steps_1", "key": "2steps_multi"}
+    assert [r.id for r in recs] == ["2steps_1/2steps_1", "2steps_1/2steps_2", "2steps_1/2steps_multi",
+                                    "3steps_1/3steps_1", "3steps_1/3steps_2", "3steps_1/3steps_3",
+                                    "3steps_1/3steps_multi"]
+    assert recs[0].extra["accepted"] == ["(A) 1 cm"] and recs[0].extra["options"][-1] == "No correct answer"
+    assert [r.ground_truth for r in recs] == ["A", "B", "C", "C", "B", "B", "B"]
+    assert recs[2].extra["meta"] == {"ID": "2steps_1", "key": "2steps_multi",
+                                     "knowledge concept": "Circumference of Circles"}
     for r in recs:
         check_common(r)
     assert split_letter_options("A. 3, 5, 4; B. 3, 50, 40; C. 300, 50, 40; D. 30, 50, 40.; E. No correct answer") == [
@@ -260,13 +258,14 @@ def test_mmmu_interleaved_images(tmp_path):
     write_parquet(tmp_path / "MMMU" / "Math" / "validation-00000-of-00001.parquet", rows[1:])
     write_parquet(tmp_path / "MMMU" / "Math" / "dev-00000-of-00001.parquet", rows[1:])  # not read
     mc, op = load_benchmark("mmmu", tmp_path / "MMMU")
-    assert user(mc) == ("Which painting <image> shares the style of <image>?\nOptions:\n(A) <image>\n(B) Monet\n"
-                        "(C) Degas\n" + MC_INSTRUCTION)
+    assert user(mc) == ("Which painting <image> shares the style of <image>?\n(A) <image>\n(B) Monet\n"
+                        "(C) Degas\n\nAnswer with the option's letter from the given choices directly.")
     assert [len(i.data) for i in mc.images] == [len(png_bytes(c)) for c in ("red", "blue", "green")]
     assert mc.ground_truth == "A" and mc.extra["accepted"] == ["A"]  # option A is an image
     assert mc.task == "mmmu/Art_Theory"
     # image 1 mentioned twice: placed once; image 2 never mentioned: placed first
-    assert user(op) == "<image>\nSolve for x in <image>; compare with [image 1]."
+    assert user(op) == ("<image>\nSolve for x in <image>; compare with [image 1].\n"
+                        "Answer the question using a single word or phrase.")
     assert op.images[0].data == png_bytes("blue") and op.images[1].data == png_bytes("red")
     assert op.ground_truth == "24/7" and op.extra["accepted"] == ["24/7", "3.429"]
     for r in (mc, op):
@@ -285,10 +284,10 @@ def test_mmmu_pro_standard_and_vision(tmp_path):
     write_parquet(root / "vision" / "test-00000-of-00001.parquet", [vis])
     s, v = load_benchmark("mmmu_pro", root)
     assert (s.id, s.task, s.ground_truth) == ("standard/test_History_1", "mmmu_pro/standard", "J")
-    assert user(s).startswith("Who made <image>?\nOptions:\n(A) option 0\n")
-    assert "(J) option 9\n" + MC_INSTRUCTION in user(s)
+    assert user(s).startswith("Who made <image>?\nA. option 0\n")
+    assert "J. option 9\nAnswer the preceding multiple choice question." in user(s)
     assert (v.id, v.task, v.ground_truth) == ("vision/test_History_1", "mmmu_pro/vision", "C")
-    assert user(v) == f"<image>\n{VISION_INSTRUCTION}"
+    assert user(v).startswith("<image>\nWrite out the multiple-choice question in the image and then solve it.")
     assert v.extra["accepted"] == ["(C) option 2"] and "(J) option 9" in v.extra["judge_question"]
     for r in (s, v):
         check_common(r)
@@ -298,8 +297,7 @@ def test_hallusionbench_json_fixture_and_parquet(tmp_path):
     recs = load_benchmark("hallusionbench", FIX / "hallusionbench")
     assert [r.id for r in recs] == ["VD_illusion_0_0_0", "VD_illusion_0_0_1", "VD_illusion_0_1_0"]  # no VS text-only
     assert [r.ground_truth for r in recs] == ["Yes", "No", "No"]
-    assert user(recs[0]) == ("<image>\nIs the right orange circle the same size as the left orange circle?\n"
-                             + YES_NO_INSTRUCTION)
+    assert user(recs[0]) == "<image>\nIs the right orange circle the same size as the left orange circle?"
     assert recs[0].task == "hallusionbench/VD"
     for r in recs:
         check_common(r)
@@ -516,11 +514,11 @@ def test_resume_with_a_judge_judges_earlier_unjudged_rows(judge_server, tmp_path
 
 
 def test_benchmark_specific_scores():
-    wm = load_benchmark("wemath", FIX / "wemath")
+    wm = load_benchmark("wemath", FIX / "wemath")[:3]
     rows = [score_response(r, resp(a)) for r, a in zip(wm, ["A", "B", "D"])]  # steps right, multi wrong
     s = summarize_benchmark("wemath", rows)
     assert s["wemath"]["problems"] == 1 and s["wemath"]["IG"] == 1
-    assert s["wemath"]["score_loose"] == s["wemath"]["score_strict"] == 0.5
+    assert s["wemath"]["score_loose"] == s["wemath"]["score_strict"] == s["accuracy"] == 0.5
     hb = load_benchmark("hallusionbench", FIX / "hallusionbench")
     rows = [score_response(r, resp(a)) for r, a in zip(hb, ["Yes", "Yes", "No"])]
     s = summarize_benchmark("hallusionbench", rows)["hallusionbench"]

@@ -78,7 +78,7 @@ def test_two_checkpoints_named_final_keep_both_results(two_finals, heldout, tmp_
         assert len(rows) == 3 and all(1 <= r["tokens"] <= 6 for r in rows)  # --max-new-tokens honoured
         assert json.loads((root / name / "run.json").read_text())["model"] == str(model.resolve())
     md = (root / "results.md").read_text()
-    table = md.split("Accuracy (%)")[1].split("Mean response tokens")[0]
+    table = md.split("Score (%)")[1].split("Mean response tokens")[0]
     assert [line.split(" | ")[0] for line in table.splitlines() if line.startswith("| rl-final")] == \
         ["| rl-final", f"| {b_name}"]
     assert "| run | held-out test |" in table
@@ -200,7 +200,7 @@ def test_benchmark_defaults_are_the_benchmarks_own(tiny_model_dir, tmp_path, cap
     assert lines[0] == ("prism eval: mathvision testmini, 3 problems, max_new_tokens 49152 (benchmark default), "
                         "temperature 1.0 (benchmark default), top_p 0.7 (benchmark default)")
     assert "3 of 3 already done, resuming" in lines[1]
-    assert lines[2].startswith("MVision: accuracy 100.0%")
+    assert lines[2].startswith("MVision accuracy over testmini: 100.0% (rules 100.0%)")
     # the same run with a cap of its own is another setting: refused, not mixed in
     rc, _, err = _eval(capsys, "--benchmark", "mathvision", "--model", tiny_model_dir, "--data", FIX / "mathvision",
                        "--out", root, "--name", "prefilled", "--max-new-tokens", 64)

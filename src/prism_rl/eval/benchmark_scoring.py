@@ -1,29 +1,48 @@
 """Scoring benchmark answers: the verifiable reward's rules, the LLM judge fallback, summaries.
 
-``score_response`` turns one response into a sample row (rules only); ``judge_rows`` asks the
-judge about the rows the rules call wrong; ``summarize_benchmark`` gives a benchmark's
-accuracy, format rate, lengths and judge counts, plus WeMath's four-dimensional metric and
-HallusionBench's question-pair and figure accuracies.
+``score_response`` turns one response into a sample row (rules only; the row carries the
+record's metadata); ``judge_rows`` asks the judge about the rows the rules call wrong, showing
+it what the benchmark's own judge is shown (the record's ``judge_question`` and
+``judge_reference``: MathVerse's ``question_for_eval``, HallusionBench's answer details ...);
+``summarize_benchmark`` gives the benchmark's headline number as it defines it
+(``benchmark_metrics``), format rate, lengths, judge counts and the metadata breakdown.
 """
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 
 from ..data.records import IMAGE_PLACEHOLDER, Record
 from ..format import extract_answer
 from ..reward import compute_score, is_correct
+from .benchmark_metrics import breakdown, headline
 from .benchmark_table import get_benchmark
 
-__all__ = ["judge_rows", "rule_correct", "score_response", "summarize_benchmark"]
+__all__ = ["judge_input", "judge_rows", "rule_correct", "score_response", "summarize_benchmark", "yes_no_word"]
+
+
+_FIRST_WORD_RE = re.compile(r"[A-Za-z]+")
+
+
+def yes_no_word(answer: str) -> str | None:
+    """``yes``/``no`` when the answer's first word is one (``Yes, they are equal.``), else ``None``."""
+    m = _FIRST_WORD_RE.search(answer)
+    word = m.group(0).lower() if m else ""
+    return word if word in ("yes", "no") else None
 
 
 def rule_correct(answer: str | None, record: Record) -> bool:
-    """The verifiable reward's rules on ``answer`` against every accepted form of the truth."""
+    """The verifiable reward's rules on ``answer`` against every accepted form of the truth;
+    for a yes/no question (HallusionBench, asked without an answer-form instruction) an answer
+    whose first word is ``yes``/``no`` is read as that word."""
     if answer is None or not answer.strip():
         return False
     accepted = record.extra.get("accepted") or [record.ground_truth or ""]
-    return any(is_correct(answer, gt) for gt in accepted)
+    if any(is_correct(answer, gt) for gt in accepted):
+        return True
+    word = yes_no_word(answer) if record.extra.get("yes_no") else None
+    return word is not None and word == (record.ground_truth or "").lower()
 
 
 def score_response(record: Record, response: str, tokens: int = 0, finish: str = "stop") -> dict:
@@ -36,7 +55,8 @@ def score_response(record: Record, response: str, tokens: int = 0, finish: str =
     res = compute_score(response, gt)
     answer = extract_answer(response)
     if res.format and (record.extra.get("accepted") or [gt]) == [gt]:
-        ok = bool(res.acc)  # the reward already checked this answer against this truth
+        # the reward already checked this answer against this truth
+        ok = bool(res.acc) or (bool(record.extra.get("yes_no")) and yes_no_word(answer or "") == gt.lower())
     else:
         ok = rule_correct(answer, record)
     fmt = res.format
@@ -47,6 +67,14 @@ def score_response(record: Record, response: str, tokens: int = 0, finish: str =
         "finish": finish, "judge": "not_needed" if ok else "off", "judge_error": None,
         "meta": record.extra.get("meta") or {},
     }
+
+
+def judge_input(record: Record, answer: str) -> tuple[str, str, str]:
+    """``(question, reference, answer)`` for the judge: the benchmark's own judge inputs the
+    loader put in ``extra`` (the user turn, images as ``[image]``, when it put none)."""
+    shown = record.messages[-1]["content"].replace(IMAGE_PLACEHOLDER, "[image]").strip()
+    reference = record.extra.get("judge_reference") or record.extra.get("gt_display") or record.ground_truth or ""
+    return record.extra.get("judge_question") or shown, reference, answer
 
 
 def judge_rows(rows: list[dict], records: dict[str, Record], judge) -> None:
@@ -66,12 +94,7 @@ def judge_rows(rows: list[dict], records: dict[str, Record], judge) -> None:
         todo.append(row)
     if not todo:
         return
-    items = []
-    for row in todo:
-        rec = records[row["id"]]
-        shown = rec.messages[-1]["content"].replace(IMAGE_PLACEHOLDER, "[image]").strip()
-        items.append((rec.extra.get("judge_question") or shown,
-                      rec.extra.get("gt_display") or rec.ground_truth or "", row["answer"]))
+    items = [judge_input(records[row["id"]], row["answer"]) for row in todo]
     for row, res in zip(todo, judge.judge_many(items)):
         row["judge"] = res.status
         row["judge_error"] = res.error
@@ -82,75 +105,27 @@ def judge_rows(rows: list[dict], records: dict[str, Record], judge) -> None:
 # --------------------------------------------------------------------------- summaries
 
 
-def _wemath_scores(rows: list[dict]) -> dict | None:
-    """WeMath's four-dimensional metric (insufficient knowledge, inadequate generalisation,
-    complete mastery, rote memorisation) and its strict/loose scores, from rows with
-    ``meta = {ID, key}``. ``None`` when no multi-step problem is complete enough."""
-    by_problem: dict[str, dict[str, bool]] = defaultdict(dict)
-    for r in rows:
-        m = r.get("meta") or {}
-        if m.get("ID") and m.get("key"):
-            by_problem[m["ID"]][m["key"]] = bool(r["acc"])
-    counts = defaultdict(int)
-    total = 0
-    for steps in by_problem.values():
-        multi_key = next((k for k in steps if k.endswith("steps_multi")), None)
-        if multi_key is None:
-            continue
-        n = int(multi_key.split("steps")[0])
-        parts = [steps.get(f"{n}steps_{i}") for i in range(1, n + 1)]
-        multi = steps[multi_key]
-        total += 1
-        all_ok, any_ok = all(p is True for p in parts), any(p is True for p in parts)
-        all_bad, any_bad = all(p is False for p in parts), any(p is False for p in parts)
-        counts["IG"] += all_ok and not multi
-        counts["IK"] += any_bad and not multi
-        counts["CM_loose"] += any_ok and multi
-        counts["CM_strict"] += all_ok and multi
-        counts["RM_loose"] += all_bad and multi
-        counts["RM_strict"] += any_bad and multi
-    if total == 0:
-        return None
-    score = lambda rm: (total - 0.5 * counts["IG"] - counts[rm] - counts["IK"]) / total
-    return {"problems": total, **dict(counts), "score_loose": score("RM_loose"),
-            "score_strict": score("RM_strict")}
-
-
-def _hallusion_scores(rows: list[dict]) -> dict | None:
-    """HallusionBench's question-pair (qAcc) and figure (fAcc) accuracies next to aAcc."""
-    pairs, figs = defaultdict(list), defaultdict(list)
-    for r in rows:
-        m = r.get("meta") or {}
-        if not m.get("category"):
-            continue
-        pairs[(m["category"], m["subcategory"], m["set_id"], m["question_id"])].append(r["acc"])
-        figs[(m["category"], m["subcategory"], m["set_id"], m["figure_id"])].append(r["acc"])
-    if not pairs:
-        return None
-    frac = lambda groups: sum(all(v) for v in groups.values()) / len(groups)
-    return {"aAcc": sum(r["acc"] for r in rows) / len(rows), "qAcc": frac(pairs), "fAcc": frac(figs)}
-
-
 def summarize_benchmark(name: str, rows: list[dict]) -> dict:
-    """Accuracy, format rate, mean response tokens and judge counts (plus per-task stats).
-
-    MMMU-Pro's accuracy is the mean over its settings (standard, vision), as its paper
-    reports it; every other benchmark's is the mean over records.
+    """A benchmark's summary: ``accuracy`` is its headline number as the benchmark defines it
+    (``prism_rl.eval.benchmark_metrics``: WeMath's strict score, MMMU-Pro's mean of its two
+    settings or ``None`` with one missing, HallusionBench's aAcc, ...), ``rule_accuracy`` the
+    same number from the rules alone; ``record_accuracy`` the plain mean over records; then
+    format rate, mean response tokens, judge counts, per-task stats, the benchmark's details
+    (``summary[name]``), accuracy per metadata value (``by_meta``) and ``notes``.
     """
     from .evaluate import summarize
 
     spec = get_benchmark(name)
     base = summarize(rows)
     n = max(len(rows), 1)
-    accuracy = base["overall"]["accuracy"]
-    if spec.name == "mmmu_pro" and len(base["per_task"]) > 1:
-        accuracy = sum(t["accuracy"] for t in base["per_task"].values()) / len(base["per_task"])
+    head, head_rules = headline(spec.name, rows, "acc"), headline(spec.name, rows, "rule_acc")
     status = defaultdict(int)
     for r in rows:
         status[r.get("judge", "off")] += 1
     out = {
         "benchmark": spec.name, "label": spec.label, "n_records": len(rows),
-        "accuracy": accuracy, "rule_accuracy": sum(r["rule_acc"] for r in rows) / n,
+        "headline": spec.headline, "accuracy": head.value, "rule_accuracy": head_rules.value,
+        "record_accuracy": base["overall"]["accuracy"], "record_rule_accuracy": sum(r["rule_acc"] for r in rows) / n,
         "format_rate": base["overall"]["format_rate"],
         "mean_response_tokens": base["overall"]["mean_response_tokens"],
         "truncated_rate": base["overall"]["truncated_rate"],
@@ -159,9 +134,9 @@ def summarize_benchmark(name: str, rows: list[dict]) -> dict:
         "judge_failed": status["error"] + status["unparsed"],
         "judge_status": dict(status),
         "per_task": base["per_task"],
+        "by_meta": breakdown(rows, spec.breakdown),
+        "notes": head.notes,
     }
-    extra = {"wemath": _wemath_scores, "hallusionbench": _hallusion_scores}.get(spec.name)
-    if extra is not None and (scores := extra(rows)) is not None:
-        out[spec.name] = scores
+    if head.details:
+        out[spec.name] = head.details
     return out
-

@@ -22,7 +22,11 @@ class BenchmarkSpec:
     """One benchmark: its sampling settings (METHOD.md section 8) and default split.
 
     ``file_globs`` find the default split's files when ``path`` is a folder (the benchmark's
-    downloaded repository). ``label`` is the column name of the runs table (METHOD.md section 9).
+    downloaded repository); ``one_folder`` says the split ships as one file (or the shards of one
+    file) in one folder, so a folder holding it twice (parquet and JSON, or a copy) is read once.
+    ``label`` is the column name of the runs table (METHOD.md section 9). ``headline`` names the
+    number reported for the benchmark (its own published metric, docs/BENCHMARKS.md) and
+    ``breakdown`` the per-record metadata keys ``summary.json`` breaks accuracy out by.
     """
 
     name: str
@@ -33,30 +37,46 @@ class BenchmarkSpec:
     split: str
     file_globs: tuple[str, ...]
     why_tokens: str = ""
+    headline: str = "accuracy"
+    breakdown: tuple[str, ...] = ()
+    one_folder: bool = True
 
 
 BENCHMARKS: dict[str, BenchmarkSpec] = {
     s.name: s for s in (
         BenchmarkSpec("mathvista", "MVista", 16384, 1.0, 0.7, "testmini",
                       ("**/testmini-*.parquet", "**/testmini.parquet", "**/testmini.json"),
-                      "short answers; 16K leaves room for long reasoning"),
+                      "short answers; 16K leaves room for long reasoning",
+                      "accuracy over testmini",
+                      ("question_type", "answer_type", "task", "context", "grade", "category", "source",
+                       "skills", "language")),
         BenchmarkSpec("mathverse", "MVerse", 32768, 1.0, 0.7, "testmini",
                       ("**/testmini.parquet", "**/testmini-*.parquet", "**/testmini.json"),
-                      "Instruct averages ~3.2K tokens (METHOD.md section 9): ~10x"),
+                      "Instruct averages ~3.2K tokens (METHOD.md section 9): ~10x",
+                      "accuracy over the five versions with a diagram (Text Only is reported apart)",
+                      ("problem_version", "question_type", "subject", "subfield")),
         BenchmarkSpec("mathvision", "MVision", 49152, 1.0, 0.7, "testmini",
                       ("**/testmini-*.parquet", "**/testmini.parquet", "**/testmini.jsonl"),
-                      "Instruct averages ~9.5K tokens (METHOD.md section 9): the maximum"),
+                      "Instruct averages ~9.5K tokens (METHOD.md section 9): the maximum",
+                      "accuracy over testmini", ("subject", "level")),
         BenchmarkSpec("wemath", "WeMath", 16384, 1.0, 0.7, "testmini",
                       ("**/testmini.json", "**/testmini-*.parquet", "**/testmini.parquet"),
-                      "elementary multi-step problems; 16K"),
+                      "elementary multi-step problems; 16K",
+                      "strict score of the four-dimensional metric", ("knowledge concept", "key")),
         BenchmarkSpec("mmmu", "MMMU", 16384, 1.0, 0.7, "validation",
-                      ("**/validation-*.parquet",), "knowledge-heavy, shorter reasoning; 16K"),
+                      ("**/validation-*.parquet",), "knowledge-heavy, shorter reasoning; 16K",
+                      "accuracy over validation", ("domain", "subject", "question_type", "topic_difficulty"),
+                      one_folder=False),
         BenchmarkSpec("mmmu_pro", "MMMU-Pro", 32768, 1.0, 0.7, "standard (10 options) + vision",
                       ("**/standard (10 options)/test-*.parquet", "**/vision/test-*.parquet"),
-                      "Instruct averages ~2.8K tokens (METHOD.md section 9) with a long tail"),
+                      "Instruct averages ~2.8K tokens (METHOD.md section 9) with a long tail",
+                      "mean of the standard (10 options) and vision accuracies", ("setting", "domain", "subject"),
+                      one_folder=False),
         BenchmarkSpec("hallusionbench", "Hallu", 8192, 0.0, 1.0, "image",
                       ("**/image-*.parquet", "**/HallusionBench.json"),
-                      "yes/no questions, greedy (METHOD.md section 8); 8K, the minimum"),
+                      "yes/no questions, greedy (METHOD.md section 8); 8K, the minimum",
+                      "aAcc: accuracy over the image questions (qAcc and fAcc beside it)",
+                      ("category", "subcategory")),
     )
 }
 _ALIASES = {"mathv": "mathvision", "mathvision": "mathvision", "mmmupro": "mmmu_pro",

@@ -128,6 +128,7 @@ def _judge(a):
 def _run_benchmark(a, cfg: EvalConfig, print_fn: Callable[[str], None]) -> None:
     from .benchmark_table import get_benchmark
     from .layout import claim_run, model_id
+    from .report import summary_line
     from .run_benchmark import evaluate_benchmark
 
     spec = get_benchmark(a.benchmark)
@@ -151,10 +152,7 @@ def _run_benchmark(a, cfg: EvalConfig, print_fn: Callable[[str], None]) -> None:
         max_prompt_length=d.max_prompt_length if "max_prompt_length" in d.model_fields_set else BENCHMARK_PROMPT_LENGTH,
         max_pixels=d.max_pixels, min_pixels=d.min_pixels, model_cfg=cfg.model, report=False,
         announce=announce, **explicit)
-    print_fn(f"{s['label']}: accuracy {100 * s['accuracy']:.1f}% (rules {100 * s['rule_accuracy']:.1f}%), "
-             f"format {100 * s['format_rate']:.1f}%, {s['mean_response_tokens']:.0f} response tokens, "
-             f"{s['n_records']} records ({s['generated_now']} generated now), judged {s['judged']} "
-             f"(flipped {s['judge_flipped']}, failed {s['judge_failed']})")
+    print_fn(summary_line(s))
     _report(cfg.output_dir, print_fn)
 
 

@@ -3,7 +3,9 @@
 The paper consults a local 32B instruct model only when the rule-based check says an answer
 is wrong. :class:`Judge` talks to any OpenAI-compatible chat endpoint (vLLM, SGLang, an
 OpenAI-style gateway) through the official ``openai`` client: a short prompt with the
-question, the reference answer and the model's final answer, asking for one word.
+question, the reference answer and the model's final answer, asking for one word. For a
+benchmark, question and reference are what the benchmark's own judge is shown
+(``benchmark_scoring.judge_input``; docs/BENCHMARKS.md).
 
 Failures never stop an evaluation: a timeout, a connection or HTTP error, or a reply with no
 recognisable verdict gives a :class:`JudgeResult` with ``verdict=None`` and a reason, which

@@ -1,11 +1,13 @@
 """Benchmark loaders: each of the seven benchmarks' public release -> :class:`Record` objects.
 
 A loader reads a benchmark in the layout its public release ships in and builds records: the
-PRISM system prompt, one user message with an ``<image>`` placeholder per image (in the
-position the benchmark puts it), the question with its options as ``(A) ...`` lines, and a
-ground truth that :func:`prism_rl.reward.is_correct` can check (a letter for multiple
-choice, ``Yes``/``No`` for HallusionBench, the answer string otherwise). ``extra`` carries
-what scoring needs (accepted answer forms, the display form of the truth, options, meta).
+PRISM system prompt and one user turn, an ``<image>`` placeholder per image (where the
+benchmark puts it) followed by the benchmark's own prompt (``prism_rl.eval.benchmark_prompts``,
+docs/BENCHMARKS.md), and a ground truth that :func:`prism_rl.reward.is_correct` can check (a
+letter for multiple choice, ``Yes``/``No`` for HallusionBench, the answer string otherwise).
+``extra`` carries what scoring needs: the accepted answer forms and the truth's display form,
+the options, what the judge is shown (``judge_question``, ``judge_reference``) and ``meta``,
+the record's metadata (subject, level, concept, version ...), which goes to every sample row.
 
 =================  ==========================================================================
 benchmark          layout read (``path`` = a file, or a folder searched for the default split)
@@ -14,55 +16,35 @@ MathVista          HF ``AI4Math/MathVista`` parquet (``pid, question, image, dec
                    choices, unit, precision, answer, question_type, answer_type, metadata,
                    query``); the GitHub JSON (a dict keyed by pid, ``image`` a path). Multiple
                    choice answers are option *text*: the letter is found from ``choices``.
-MathVerse          HF ``AI4Math/MathVerse`` ``testmini.parquet`` (``sample_index,
-                   problem_index, problem_version, question, image, answer, question_type,
-                   metadata, query_wo, query_cot``); choices are inside ``question``;
-                   a "Vision Only" row's empty question is replaced by its ``query_cot``.
+MathVerse          HF ``AI4Math/MathVerse`` ``testmini.parquet`` or ``testmini.json``
+                   (``sample_index, problem_index, problem_version, question, image, answer,
+                   question_type, metadata, query_wo, query_cot, question_for_eval``); choices
+                   are inside ``question``; JSON image paths may point into ``images.zip``.
 MathVision         HF ``MathLLMs/MathVision`` parquet (``id, question, options, image,
                    decoded_image, answer, solution, level, subject``) or the GitHub
                    ``data/testmini.jsonl`` (``image`` relative to the repository root).
                    ``<image1>``... in the question name sub-figures of the one image.
 WeMath             ``We-Math`` ``testmini.json`` / parquet (``ID, split, knowledge concept,
                    question, option, answer, image_path, key, question number``); ``option``
-                   is one string ``"A. ...; B. ..."``.
+                   is one string ``"A. ...; B. ..."``; images may still be in the zip.
 MMMU               HF ``MMMU/MMMU`` per-subject ``validation-*.parquet`` (``id, question,
                    options`` (a Python-list string), ``answer, image_1..image_7, question_type``);
                    ``<image k>`` in question/options marks where image k goes.
 MMMU-Pro           HF ``MMMU/MMMU_Pro`` ``standard (10 options)`` (as MMMU, 10 options) and
                    ``vision`` (``id, image, options, answer, subject``: the question and its
-                   options are in the screenshot). Accuracy = mean of the two settings.
+                   options are in the screenshot).
 HallusionBench     HF ``lmms-lab/HallusionBench`` ``image`` split parquet or the GitHub
                    ``HallusionBench.json`` (``category, subcategory, visual_input, set_id,
                    figure_id, question_id, question, gt_answer_details, gt_answer`` 0/1,
                    ``filename``). Questions without an image (``visual_input`` 0) are left out.
 =================  ==========================================================================
 
-The user turn's text, per benchmark (only MathVista's follows the benchmark's own evaluation
-prompt so far; the others are this package's rendering of the release's fields, kept stable
-so results stay comparable across runs):
-
-=================  ==========================================================================
-benchmark          prompt text after the image placeholder(s)
-=================  ==========================================================================
-MathVista          the release's ``query`` (what MathVista's own evaluation sends: answer-type
-                   hint with the precision, ``Question: ... (Unit: u)``, ``Choices:`` lines);
-                   rebuilt from the fields in the same words when a file has no ``query``
-MathVerse          ``question`` (its choices inline) + :data:`MC_INSTRUCTION` for multiple
-                   choice; ``query_cot`` only for "Vision Only" rows, whose question is empty
-MathVision         ``question``, + ``Options:`` as ``(A) ...`` lines + :data:`MC_INSTRUCTION`
-                   when it has options
-WeMath             ``question`` + ``option`` split into ``(A) ...`` lines + :data:`MC_INSTRUCTION`
-MMMU, MMMU-Pro     ``question`` (``<image k>`` placed inline), + ``options`` as ``(A) ...`` lines
-                   + :data:`MC_INSTRUCTION` for multiple choice; MMMU-Pro vision:
-                   :data:`VISION_INSTRUCTION` only
-HallusionBench     ``question`` + :data:`YES_NO_INSTRUCTION`
-=================  ==========================================================================
-
-Image values may be parquet image structs (``{"bytes", "path"}``), raw bytes, ``data:`` URLs
-or paths (relative to the file's folder or one of its two parents), all decoded by
-:func:`prism_rl.data.images.image_ref`. A bad record raises
-:class:`DataError` naming the file, the record index and the field, or with ``skip_bad`` is
-skipped and noted in a :class:`BadRecords`.
+A folder holding one split twice (parquet and JSON) is read once (``release_files``). Image
+values may be parquet image structs (``{"bytes", "path"}``), raw bytes, ``data:`` URLs or paths
+(relative to the file's folder or one of its two parents, or inside a ``.zip`` there), decoded
+by :func:`prism_rl.data.images.image_ref`. A bad record raises :class:`DataError` naming the
+file, the record index and the field, or with ``skip_bad`` is skipped and noted in a
+:class:`BadRecords`.
 
 This module only reads files: it imports no torch, transformers, models or rollout code (a
 test checks), so data tools can load benchmarks cheaply.
@@ -71,42 +53,39 @@ test checks), so data tools can load benchmarks cheaply.
 from __future__ import annotations
 
 import ast
-import json
+import logging
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
-from ..config import ConfigError
 from ..data.images import image_ref
-from ..data.records import IMAGE_PLACEHOLDER, BadField, BadRecords, DataError, ImageRef, Record, report_bad
+from ..data.records import IMAGE_PLACEHOLDER, BadField, BadRecords, ImageRef, Record, report_bad
 from ..format import SYSTEM_PROMPT
+from . import benchmark_prompts as P
 from .benchmark_table import BenchmarkSpec, get_benchmark
+from .release_files import benchmark_files, find_release_files, iter_rows, zipped_image, zips_in
 
-__all__ = [
-    "LETTERS",
-    "MC_INSTRUCTION",
-    "ROW_READERS",
-    "VISION_INSTRUCTION",
-    "YES_NO_INSTRUCTION",
-    "benchmark_files",
-    "format_options",
-    "load_benchmark",
-    "mathvista_query",
-    "split_letter_options",
-]
+__all__ = ["LETTERS", "MMMU_DOMAINS", "ROW_READERS", "benchmark_files", "load_benchmark", "mathvista_query",
+           "split_letter_options"]
 
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-MC_INSTRUCTION = "Answer with the option's letter from the given choices."
-YES_NO_INSTRUCTION = "Answer with Yes or No."
-VISION_INSTRUCTION = ("The question and its options are shown in the image. "
-                      "Answer with the option's letter from the given choices.")
-NO_QUESTION_TEXT = "According to the question shown in the image, answer the question."
+log = logging.getLogger(__name__)
+
+LETTERS = P.LETTERS
 MAX_OPTION_CHARS = 300  # longer option texts are not used as an accepted answer form
+IMAGE_IN_TEXT = "[image]"  # what the judge (a text model) sees where the model saw an image
+MMMU_DOMAINS = {  # MMMU's six disciplines (its data_utils.DOMAIN_CAT2SUB_CAT)
+    "Art and Design": ("Art", "Art_Theory", "Design", "Music"),
+    "Business": ("Accounting", "Economics", "Finance", "Manage", "Marketing"),
+    "Science": ("Biology", "Chemistry", "Geography", "Math", "Physics"),
+    "Health and Medicine": ("Basic_Medical_Science", "Clinical_Medicine", "Diagnostics_and_Laboratory_Medicine",
+                            "Pharmacy", "Public_Health"),
+    "Humanities and Social Science": ("History", "Literature", "Sociology", "Psychology"),
+    "Tech and Engineering": ("Agriculture", "Architecture_and_Engineering", "Computer_Science", "Electronics",
+                             "Energy_and_Power", "Materials", "Mechanical_Engineering"),
+}
+_DOMAIN_OF = {s: d for d, subjects in MMMU_DOMAINS.items() for s in subjects}
 
 
 @dataclass(frozen=True)
@@ -154,10 +133,22 @@ def _opt_text(row: dict, field: str) -> str:
 
 
 def _image(row: dict, field: str, ctx: _Ctx) -> ImageRef | None:
-    """The image in ``field`` (``None`` if empty); releases pad paths with stray whitespace."""
+    """The image in ``field`` (``None`` if empty); releases pad paths with stray whitespace. A
+    path not on disk is looked for in the zips next to the file (a folder not yet unpacked)."""
     value = row.get(field)
-    return image_ref(value.strip() if isinstance(value, str) else value, field,
-                     base_dirs=ctx.image_dirs)
+    value = value.strip() if isinstance(value, str) else value
+    try:
+        return image_ref(value, field, base_dirs=ctx.image_dirs)
+    except BadField as e:
+        if not (isinstance(value, str) and e.why.startswith("image file not found")):
+            raise
+        hit = zipped_image(value, ctx.image_dirs)
+        if hit is not None:
+            return ImageRef(data=hit[0])
+        zips = zips_in(ctx.image_dirs)
+        hint = (f"; not inside {', '.join(map(str, zips))} either" if zips else
+                f"; unpack the release's image archive so that it is {ctx.path.parent / value}")
+        raise BadField(field, e.why + hint) from None
 
 
 def _required_image(row: dict, ctx: _Ctx, *fields: str) -> ImageRef:
@@ -195,14 +186,6 @@ def _letter(answer: str, n_options: int, field: str = "answer") -> str:
     return a
 
 
-def format_options(options: list[str]) -> str:
-    """``(A) first`` lines; an option that is just its own letter is shown as ``(A)``."""
-    lines = []
-    for letter, opt in zip(LETTERS, options):
-        lines.append(f"({letter})" if opt.strip() in ("", letter) else f"({letter}) {opt}")
-    return "\n".join(lines)
-
-
 def _mc_accepted(letter: str, options: list[str]) -> list[str]:
     """Accepted forms for the rules: ``(B) text`` (letter, or the option text) or just ``B``."""
     idx = LETTERS.index(letter)
@@ -218,23 +201,26 @@ def _mc_display(letter: str, options: list[str]) -> str:
     return f"({letter}) {text}" if text and text != letter else letter
 
 
-def _join(*parts: str) -> str:
-    return "\n".join(p for p in parts if p)
+def _meta(**fields: Any) -> dict:
+    """Metadata without empty values (``None``, empty text or list)."""
+    return {k: v for k, v in fields.items() if v not in (None, "", [], ())}
 
 
 def _record(ctx: _Ctx, index: int, rid: Any, user: str, images: list[ImageRef], gt: str, *,
-            sub: str = "", accepted: list[str] | None = None, gt_display: str | None = None,
-            options: list[str] | None = None, meta: dict | None = None,
-            judge_question: str | None = None) -> Record:
+            judge_question: str, sub: str = "", accepted: list[str] | None = None,
+            gt_display: str | None = None, options: list[str] | None = None, meta: dict | None = None,
+            judge_reference: str | None = None, yes_no: bool = False) -> Record:
     """Build a benchmark record (system prompt + one user turn) and check its placeholders."""
     n = user.count(IMAGE_PLACEHOLDER)
     if n != len(images):
         raise BadField("question", f"{n} <image> placeholders but {len(images)} images")
     extra: dict[str, Any] = {"benchmark": ctx.spec.name, "accepted": accepted or [gt],
                              "gt_display": gt_display or gt, "options": options or [],
-                             "meta": meta or {}}
-    if judge_question:
-        extra["judge_question"] = judge_question
+                             "meta": meta or {},
+                             "judge_question": judge_question.replace(IMAGE_PLACEHOLDER, IMAGE_IN_TEXT).strip(),
+                             "judge_reference": judge_reference or gt_display or gt}
+    if yes_no:
+        extra["yes_no"] = True
     return Record(
         id=str(rid), messages=[{"role": "system", "content": SYSTEM_PROMPT},
                                {"role": "user", "content": user}],
@@ -244,63 +230,21 @@ def _record(ctx: _Ctx, index: int, rid: Any, user: str, images: list[ImageRef], 
     )
 
 
-def _mc_parts(question: str, options: list[str], answer: str, field: str = "answer"):
-    """(user text without image, ground truth letter, accepted, display) for a MC question."""
-    letter = _letter(answer, len(options), field)
-    text = _join(question, "Options:", format_options(options), MC_INSTRUCTION)
-    return text, letter, _mc_accepted(letter, options), _mc_display(letter, options)
+def _mc(answer: str, options: list[str], n_letters: int | None = None) -> tuple[str, dict]:
+    """The truth letter of a multiple-choice row and the record keywords it gives."""
+    letter = _letter(answer, n_letters or len(options))
+    return letter, {"accepted": _mc_accepted(letter, options), "gt_display": _mc_display(letter, options),
+                    "options": options}
 
 
 # --------------------------------------------------------------------------- MathVista
 
 
-# MathVista's own prompt: the release's ``query`` field, made by its evaluation code
-# (evaluation/build_query.py, zero-shot): an answer-type hint, the question with its unit,
-# and the choices. The GitHub JSON has no ``query`` (it ships in a separate query.json), so
-# the same text is rebuilt from the fields.
-_MV_HINT_MC = "Hint: Please answer the question and provide the correct option letter, e.g., A, B, C, D, at the end."
-_MV_HINTS = {
-    "integer": "Hint: Please answer the question requiring an integer answer and provide the final value, "
-               "e.g., 1, 2, 3, at the end.",
-    "float1": "Hint: Please answer the question requiring a floating-point number with one decimal place and "
-              "provide the final value, e.g., 1.2, 1.3, 1.4, at the end.",
-    "float2": "Hint: Please answer the question requiring a floating-point number with two decimal places and "
-              "provide the final value, e.g., 1.23, 1.34, 1.45, at the end.",
-    "list": "Hint: Please answer the question requiring a Python list as an answer and provide the final list, "
-            "e.g., [1, 2, 3], [1.2, 1.3, 1.4], at the end.",
-}
-
-
-def _mathvista_hint(row: dict, multi_choice: bool) -> str:
-    """The answer-type hint of MathVista's query (precision 1 or 2 as the release words it;
-    any other precision in the same words)."""
-    if multi_choice:
-        return _MV_HINT_MC
-    kind = _opt_text(row, "answer_type").lower()
-    if kind != "float":
-        return _MV_HINTS.get(kind, "")
-    prec = row.get("precision")
-    if isinstance(prec, (int, float)) and prec == prec and prec >= 0:
-        p = int(prec)
-        if f"float{p}" in _MV_HINTS:
-            return _MV_HINTS[f"float{p}"]
-        return (f"Hint: Please answer the question requiring a floating-point number with {p} decimal "
-                f"places and provide the final value at the end.")
-    return "Hint: Please answer the question requiring a floating-point number and provide the final value at the end."
-
-
 def mathvista_query(row: dict, choices: list[str]) -> str:
-    """MathVista's query for ``row``: the release's ``query`` field when present, else the
-    same text built from ``question``, ``unit``, ``precision``, ``answer_type`` and ``choices``."""
+    """MathVista's query for ``row`` (:func:`benchmark_prompts.mathvista_query`)."""
     query = _opt_text(row, "query")
-    if query:
-        return query
-    question = f"Question: {_text(row, 'question')}"
-    unit = _opt_text(row, "unit")
-    if unit:
-        question += f" (Unit: {unit})"
-    block = _join("Choices:", "\n".join(f"({LETTERS[i]}) {c}" for i, c in enumerate(choices))) if choices else ""
-    return _join(_mathvista_hint(row, bool(choices)), question, block)
+    return P.mathvista_query(query, "" if query else _text(row, "question"), _opt_text(row, "unit"),
+                             _opt_text(row, "answer_type"), row.get("precision"), choices)
 
 
 def _mathvista_row(row: dict, index: int, ctx: _Ctx) -> Record:
@@ -308,10 +252,9 @@ def _mathvista_row(row: dict, index: int, ctx: _Ctx) -> Record:
     _text(row, "question")
     image = _required_image(row, ctx, "decoded_image", "image")
     answer = _text(row, "answer")
-    meta = row.get("metadata") if isinstance(row.get("metadata"), dict) else {}
-    sub = str(meta.get("task") or "")
+    md = row.get("metadata") if isinstance(row.get("metadata"), dict) else {}
     choices: list[str] = []
-    gt, accepted, shown = answer, None, None
+    gt, kw = answer, {}
     if _opt_text(row, "question_type") == "multi_choice":
         choices = _as_list(row.get("choices"), "choices")
         if not choices:
@@ -319,16 +262,18 @@ def _mathvista_row(row: dict, index: int, ctx: _Ctx) -> Record:
         stripped = [c.strip() for c in choices]
         if answer not in stripped:
             raise BadField("answer", f"answer {answer!r} is not one of the choices")
-        gt = LETTERS[stripped.index(answer)]
-        accepted, shown = _mc_accepted(gt, choices), _mc_display(gt, choices)
-    user = f"{IMAGE_PLACEHOLDER}\n{mathvista_query(row, choices)}"
-    return _record(ctx, index, pid, user, [image], gt, sub=sub, accepted=accepted, gt_display=shown,
-                   options=choices)
+        gt, kw = _mc(LETTERS[stripped.index(answer)], choices)
+    query = mathvista_query(row, choices)
+    meta = _meta(question_type=_opt_text(row, "question_type"), answer_type=_opt_text(row, "answer_type"),
+                 **{k: md.get(k) for k in ("task", "context", "grade", "category", "source", "skills", "language")})
+    return _record(ctx, index, pid, f"{IMAGE_PLACEHOLDER}\n{query}", [image], gt, judge_question=query,
+                   sub=str(md.get("task") or ""), meta=meta, **kw)
 
 
 # --------------------------------------------------------------------------- MathVerse
 
 _INLINE_CHOICE_RE = re.compile(r"^\s*\(?([A-H])\)?\s*[:.：]\s*(.+?)\s*$")
+_MC_ANSWER_RE = re.compile(r"\(?[A-H]\)?\.?")
 
 
 def _inline_choices(question: str) -> list[str]:
@@ -346,23 +291,25 @@ def _inline_choices(question: str) -> list[str]:
 
 
 def _mathverse_row(row: dict, index: int, ctx: _Ctx) -> Record:
+    """The release's ``query_wo`` as the prompt; ``question_for_eval`` (the full question, which
+    a Vision Only row's ``question`` lacks) to the judge."""
     rid = _get(row, "sample_index", "_key") or index
-    # "Vision Only" rows have an empty question: the release's query says to read it from the image
-    question = (_opt_text(row, "question") or _opt_text(row, "query_cot") or _opt_text(row, "query_wo")
-                or NO_QUESTION_TEXT)
+    question, qtype = _opt_text(row, "question"), _opt_text(row, "question_type")
+    version = _opt_text(row, "problem_version")
     answer = _text(row, "answer")
     image = _image(row, "image", ctx)
-    version = _opt_text(row, "problem_version")
+    for_eval = _opt_text(row, "question_for_eval") or question or "(The question is shown in the image.)"
+    query = P.mathverse_query(_opt_text(row, "query_wo"), question, qtype, version == "Vision Only" or not question)
+    md = row.get("metadata") if isinstance(row.get("metadata"), dict) else {}
+    meta = _meta(problem_version=version, problem_index=_opt_text(row, "problem_index"), question_type=qtype,
+                 subject=md.get("subject"), subfield=md.get("subfield"), source=md.get("source"))
     images = [image] if image is not None else []
-    prefix = f"{IMAGE_PLACEHOLDER}\n" if image is not None else ""
-    if _opt_text(row, "question_type") == "multi-choice" and re.fullmatch(r"\(?[A-H]\)?\.?", answer):
-        opts = _inline_choices(question)
-        letter = _letter(answer, max(len(opts), 8))
-        user = prefix + _join(question, MC_INSTRUCTION)
-        return _record(ctx, index, rid, user, images, letter, sub=version,
-                       accepted=_mc_accepted(letter, opts), gt_display=_mc_display(letter, opts),
-                       options=opts)
-    return _record(ctx, index, rid, prefix + question, images, answer, sub=version)
+    user = (f"{IMAGE_PLACEHOLDER}\n" if image is not None else "") + query
+    gt, kw = answer, {}
+    if qtype == "multi-choice" and _MC_ANSWER_RE.fullmatch(answer):
+        opts = _inline_choices(for_eval) or _inline_choices(question)
+        gt, kw = _mc(answer, opts, max(len(opts), 8))
+    return _record(ctx, index, rid, user, images, gt, judge_question=for_eval, sub=version, meta=meta, **kw)
 
 
 # --------------------------------------------------------------------------- MathVision
@@ -375,11 +322,10 @@ def _mathvision_row(row: dict, index: int, ctx: _Ctx) -> Record:
     answer = _text(row, "answer")
     options = _as_list(row.get("options"), "options")
     sub = _opt_text(row, "subject")
-    if options:
-        body, gt, accepted, shown = _mc_parts(question, options, answer)
-        return _record(ctx, index, rid, f"{IMAGE_PLACEHOLDER}\n{body}", [image], gt, sub=sub,
-                       accepted=accepted, gt_display=shown, options=options)
-    return _record(ctx, index, rid, f"{IMAGE_PLACEHOLDER}\n{question}", [image], answer, sub=sub)
+    gt, kw = (_mc(answer, options) if options else (answer, {}))
+    return _record(ctx, index, rid, f"{IMAGE_PLACEHOLDER}\n{P.mathvision_prompt(question, options)}", [image], gt,
+                   judge_question=P.join_lines(question, P.mathvision_options(options)), sub=sub,
+                   meta=_meta(subject=sub, level=row.get("level")), **kw)
 
 
 # --------------------------------------------------------------------------- WeMath
@@ -399,22 +345,20 @@ def split_letter_options(text: str) -> list[str] | None:
 
 
 def _wemath_row(row: dict, index: int, ctx: _Ctx) -> Record:
+    """We-Math's prompt with the release's ``option`` text; ``meta`` holds the problem ``ID``,
+    the sub-problem ``key`` (``2steps_1`` ... ``3steps_multi``) and the knowledge concept, which
+    the four-dimensional metric and the breakdown need."""
     pid = _text(row, "ID")
     key = _opt_text(row, "key")
     question = _text(row, "question")
     raw_opts = _text(row, "option")
     image = _required_image(row, ctx, "image_path", "image")
-    options = split_letter_options(raw_opts)
-    if options is None:  # keep the release's own option text
-        letter = _letter(_text(row, "answer"), 8)
-        body = _join(question, "Options:", raw_opts, MC_INSTRUCTION)
-        accepted, shown, options = [letter], letter, []
-    else:
-        body, letter, accepted, shown = _mc_parts(question, options, _text(row, "answer"))
-    rid = f"{pid}/{key}" if key else pid
-    return _record(ctx, index, rid, f"{IMAGE_PLACEHOLDER}\n{body}", [image], letter, sub=key,
-                   accepted=accepted, gt_display=shown, options=options,
-                   meta={"ID": pid, "key": key})
+    options = split_letter_options(raw_opts) or []
+    gt, kw = _mc(_text(row, "answer"), options, len(options) or 8)
+    meta = _meta(ID=pid, key=key, **{"knowledge concept": _opt_text(row, "knowledge concept")})
+    return _record(ctx, index, f"{pid}/{key}" if key else pid, f"{IMAGE_PLACEHOLDER}\n{P.wemath_prompt(question, raw_opts)}",
+                   [image], gt, judge_question=P.join_lines(f"Question: {question}", f"Option: {raw_opts}"),
+                   sub=key, meta=meta, **kw)
 
 
 # --------------------------------------------------------------------------- MMMU / MMMU-Pro
@@ -468,55 +412,68 @@ def _answer_alternatives(answer: str) -> list[str]:
     return [s]
 
 
-def _mmmu_row(row: dict, index: int, ctx: _Ctx, rid: str | None = None, sub: str = "") -> Record:
+def _mc_alternatives(answer: str, options: list[str]) -> tuple[str, dict]:
+    """Truth letter(s) of an MMMU multiple-choice row (an answer may list several)."""
+    letters = [_letter(a, len(options)) for a in _answer_alternatives(answer)]
+    return letters[0], {"accepted": [x for L in letters for x in _mc_accepted(L, options)],
+                        "gt_display": " or ".join(_mc_display(L, options) for L in letters), "options": options}
+
+
+def _mmmu_subject(rid: str, row: dict) -> str:
+    m = _MMMU_SUBJECT_RE.match(rid)
+    return _opt_text(row, "subject") or (m.group(1) if m else "")
+
+
+def _mmmu_row(row: dict, index: int, ctx: _Ctx, rid: str | None = None, pro: bool = False) -> Record:
+    """MMMU's prompt (MMMU-Pro's standard-setting prompt when ``pro``), images in place."""
     rid = rid or str(_get(row, "id") or index)
-    question = _text(row, "question")
     options = _as_list(row.get("options"), "options")
     qtype = _opt_text(row, "question_type") or ("multiple-choice" if options else "open")
-    texts, images = _interleave([question, *options], row, ctx)
+    texts, images = _interleave([_text(row, "question"), *options], row, ctx)
     question, options = texts[0], texts[1:]
-    if not sub:
-        m = _MMMU_SUBJECT_RE.match(rid)
-        sub = m.group(1) if m else _opt_text(row, "subject")
+    subject = _mmmu_subject(str(_get(row, "id") or ""), row)
+    meta = _meta(setting="standard" if pro else None, subject=subject, domain=_DOMAIN_OF.get(subject),
+                 subfield=_opt_text(row, "subfield"), topic_difficulty=_opt_text(row, "topic_difficulty"),
+                 question_type=None if pro else qtype)
     answer = _text(row, "answer")
-    if qtype == "multiple-choice":
+    if pro or qtype == "multiple-choice":
+        gt, kw = _mc_alternatives(answer, options)
+        text = P.mmmu_pro_standard_prompt(question, options) if pro else P.mmmu_prompt(question, options)
+        judge_q = P.join_lines(question, P.parenthesised_options(options))
+    else:
         alts = _answer_alternatives(answer)
-        letters = [_letter(a, len(options)) for a in alts]
-        body = _join(question, "Options:", format_options(options), MC_INSTRUCTION)
-        accepted = [x for L in letters for x in _mc_accepted(L, options)]
-        return _record(ctx, index, rid, body, images, letters[0], sub=sub, accepted=accepted,
-                       gt_display=" or ".join(_mc_display(L, options) for L in letters),
-                       options=options)
-    alts = _answer_alternatives(answer)
-    return _record(ctx, index, rid, question, images, alts[0], sub=sub, accepted=alts,
-                   gt_display=" or ".join(alts))
+        gt, kw = alts[0], {"accepted": alts, "gt_display": " or ".join(alts)}
+        text, judge_q = P.mmmu_prompt(question, []), question
+    return _record(ctx, index, rid, text, images, gt, judge_question=judge_q,
+                   sub="standard" if pro else subject, meta=meta, **kw)
 
 
 def _mmmu_pro_row(row: dict, index: int, ctx: _Ctx) -> Record:
     """A standard row (question + image_k) or a vision row (one screenshot, no question)."""
     base_id = str(_get(row, "id") or index)
     if row.get("question") is not None or row.get("image_1") is not None:
-        return _mmmu_row(row, index, ctx, rid=f"standard/{base_id}", sub="standard")
+        return _mmmu_row(row, index, ctx, rid=f"standard/{base_id}", pro=True)
     image = _required_image(row, ctx, "image")
     options = _as_list(row.get("options"), "options")
     if not options:
         raise BadField("options", "missing or empty")
-    alts = _answer_alternatives(_text(row, "answer"))
-    letters = [_letter(a, len(options)) for a in alts]
-    judge_q = _join("(The question is shown in an image.)", "Options:", format_options(options))
-    return _record(ctx, index, f"vision/{base_id}", f"{IMAGE_PLACEHOLDER}\n{VISION_INSTRUCTION}",
-                   [image], letters[0], sub="vision",
-                   accepted=[x for L in letters for x in _mc_accepted(L, options)],
-                   gt_display=" or ".join(_mc_display(L, options) for L in letters),
-                   options=options, judge_question=judge_q)
+    gt, kw = _mc_alternatives(_text(row, "answer"), options)
+    subject = _mmmu_subject(base_id, row)
+    judge_q = P.join_lines("(The question is shown in an image.)", P.parenthesised_options(options))
+    return _record(ctx, index, f"vision/{base_id}", f"{IMAGE_PLACEHOLDER}\n{P.MMMU_PRO_VISION}", [image], gt,
+                   judge_question=judge_q, sub="vision",
+                   meta=_meta(setting="vision", subject=subject, domain=_DOMAIN_OF.get(subject)), **kw)
 
 
 # --------------------------------------------------------------------------- HallusionBench
 
 _YES_NO = {"1": "Yes", "0": "No", "yes": "Yes", "no": "No"}
+_HB_KEYS = ("category", "subcategory", "set_id", "figure_id", "question_id")
 
 
 def _hallusion_row(row: dict, index: int, ctx: _Ctx) -> Record | None:
+    """The question as asked; the judge is shown the release's ``gt_answer_details`` with the
+    label, as HallusionBench's own GPT check is."""
     if _opt_text(row, "visual_input") == "0":
         return None  # a question without an image: not part of the image benchmark
     image = _image(row, "image", ctx)
@@ -528,12 +485,13 @@ def _hallusion_row(row: dict, index: int, ctx: _Ctx) -> Record | None:
     raw = _text(row, "gt_answer")
     if raw.lower() not in _YES_NO:
         raise BadField("gt_answer", f"expected 0 or 1, got {raw!r}")
-    keys = ("category", "subcategory", "set_id", "figure_id", "question_id")
-    meta = {k: _opt_text(row, k) for k in keys}
-    rid = "_".join(meta[k] for k in keys) if all(meta.values()) else str(index)
-    user = f"{IMAGE_PLACEHOLDER}\n" + _join(question, YES_NO_INSTRUCTION)
-    return _record(ctx, index, rid, user, [image], _YES_NO[raw.lower()],
-                   sub=meta["category"] or "", meta=meta)
+    ids = {k: _opt_text(row, k) for k in _HB_KEYS}
+    rid = "_".join(ids[k] for k in _HB_KEYS) if all(ids.values()) else str(index)
+    label, details = _YES_NO[raw.lower()], _opt_text(row, "gt_answer_details")
+    return _record(ctx, index, rid, f"{IMAGE_PLACEHOLDER}\n{P.hallusion_prompt(question)}", [image], label,
+                   judge_question=question, judge_reference=f"{label}. {details}" if details else label,
+                   sub=ids["category"], meta=_meta(**ids, visual_input=_opt_text(row, "visual_input")),
+                   yes_no=True)
 
 
 # --------------------------------------------------------------------------- the readers
@@ -545,90 +503,23 @@ ROW_READERS: dict[str, RowFn] = {
 }
 
 
-# --------------------------------------------------------------------------- reading files
-
-_DATA_SUFFIXES = (".parquet", ".json", ".jsonl")
-
-
-def _globs(spec: BenchmarkSpec, split: str | None) -> tuple[str, ...]:
-    """The spec's file patterns, for another split when one is asked for (MathVision ``test``)."""
-    if split is None or split == spec.split:
-        return spec.file_globs
-    if not any(spec.split in g for g in spec.file_globs):
-        raise ConfigError(f"{spec.name}: no other split than {spec.split!r} can be chosen by name; "
-                         f"pass the data file itself")
-    return tuple(g.replace(spec.split, split) for g in spec.file_globs)
-
-
-def benchmark_files(name: str, path: str | Path, split: str | None = None) -> list[Path]:
-    """The data files to read: ``path`` itself, or the split's files under a folder
-    (the benchmark's default split unless ``split`` names another, e.g. MathVision ``test``)."""
-    spec = get_benchmark(name)
-    p = Path(path)
-    if p.is_file():
-        return [p]
-    if not p.is_dir():
-        raise DataError(f"{p}: no such file or folder (data for {spec.name})")
-    globs = _globs(spec, split)
-    found: list[Path] = []
-    for pattern in globs:
-        for f in sorted(p.glob(pattern)):
-            if f.is_file() and f not in found:
-                found.append(f)
-    if not found:
-        raise DataError(f"{p}: no {spec.name} {split or spec.split} files found (looked for "
-                        f"{', '.join(globs)}); pass the data file itself")
-    return found
-
-
-def _json_rows(data: Any, path: Path) -> list[Any]:
-    """Rows of a JSON file: a list, or a dict keyed by id (MathVista's GitHub JSON)."""
-    if isinstance(data, list):
-        return data
-    if isinstance(data, dict) and data and all(isinstance(v, dict) for v in data.values()):
-        return [dict(v, _key=k) for k, v in data.items()]
-    raise DataError(f"{path}: expected a JSON list of records or a dict of records")
-
-
-def _iter_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    """``(index, row)`` pairs; a row that cannot be parsed comes as a ``BadField``."""
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        try:
-            batches = pq.ParquetFile(path).iter_batches(batch_size=64)
-            i = 0
-            for batch in batches:
-                for row in batch.to_pylist():
-                    yield i, row
-                    i += 1
-        except (pa.ArrowException, OSError) as e:
-            raise DataError(f"{path}: cannot read parquet file: {e}") from e
-    elif suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise DataError(f"{path}: cannot read JSON: {e}") from e
-        yield from enumerate(_json_rows(data, path))
-    elif suffix == ".jsonl":
-        i = 0
-        with path.open(encoding="utf-8") as fh:
-            for line in fh:
-                if not line.strip():
-                    continue
-                try:
-                    yield i, json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield i, BadField("<line>", f"invalid JSON: {e.msg}")
-                i += 1
-    else:
-        raise DataError(f"{path}: unknown data file type (expected {', '.join(_DATA_SUFFIXES)})")
+def _read_row(read_row: RowFn, row: Any, i: int, ctx: _Ctx, seen: set[str]) -> Record | None:
+    if isinstance(row, BadField):
+        raise row
+    if not isinstance(row, dict):
+        raise BadField("<record>", f"expected an object, got {type(row).__name__}")
+    rec = read_row(row, i, ctx)
+    if rec is not None and rec.id in seen:
+        raise BadField("id", f"duplicate id {rec.id!r}")
+    return rec
 
 
 def load_benchmark(name: str, path: str | Path, *, limit: int | None = None,
                    skip_bad: bool = False, bad: BadRecords | None = None,
-                   split: str | None = None) -> list[Record]:
+                   split: str | None = None, notes: list[str] | None = None) -> list[Record]:
     """Read benchmark ``name`` from ``path`` (a file, or the downloaded release's folder, where
-    the default split, or ``split``, is looked for).
+    the default split, or ``split``, is looked for; one representation of it is read, and the
+    sentence saying which is logged and appended to ``notes``).
 
     Returns at most ``limit`` records. A bad record raises :class:`DataError` naming the
     file, the record index and the field, or (``skip_bad``) is skipped and noted in ``bad``.
@@ -638,19 +529,18 @@ def load_benchmark(name: str, path: str | Path, *, limit: int | None = None,
     read_row = ROW_READERS[spec.name]
     if skip_bad and bad is None:
         bad = BadRecords()
+    release = find_release_files(spec.name, path, split)
+    if release.note:
+        log.warning("%s", release.note)
+        if notes is not None:
+            notes.append(release.note)
     out: list[Record] = []
     seen: set[str] = set()
-    for f in benchmark_files(spec.name, path, split):
+    for f in release.files:
         ctx = _Ctx(spec, f)
-        for i, row in _iter_rows(f):
+        for i, row in iter_rows(f):
             try:
-                if isinstance(row, BadField):
-                    raise row
-                if not isinstance(row, dict):
-                    raise BadField("<record>", f"expected an object, got {type(row).__name__}")
-                rec = read_row(row, i, ctx)
-                if rec is not None and rec.id in seen:
-                    raise BadField("id", f"duplicate id {rec.id!r}")
+                rec = _read_row(read_row, row, i, ctx, seen)
             except BadField as e:
                 report_bad(f"{f}, record {i}", e, skip_bad, bad)
                 continue
@@ -661,3 +551,4 @@ def load_benchmark(name: str, path: str | Path, *, limit: int | None = None,
             if limit is not None and len(out) >= limit:
                 return out
     return out
+

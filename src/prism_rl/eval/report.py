@@ -3,9 +3,12 @@
 :func:`write_report` reads every ``<root>/<run>/<part>/summary.json`` (the layout of
 ``prism_rl.eval.layout``) and writes, in ``<root>``:
 
-* ``results.md``: accuracy (%) with rows = runs and columns = the seven paper benchmarks
-  (MVista, MVerse, MVision, WeMath, MMMU, MMMU-Pro, Hallu) + Avg, then one column per held-out
-  file; then the same layout for mean response tokens (the paper reports those too), the judge
+* ``results.md``: each benchmark's headline number (%) with rows = runs and columns = the
+  seven paper benchmarks (MVista, MVerse, MVision, WeMath, MMMU, MMMU-Pro, Hallu) + Avg, then
+  one column per held-out file, followed by what each column's number is (WeMath: the strict
+  score; MMMU-Pro: the mean of its two settings, ``-`` when one is missing; Hallu: aAcc ...,
+  ``benchmark_table.BenchmarkSpec.headline``), the numbers beside each headline and the notes;
+  then the same layout for mean response tokens (the paper reports those too), the judge
   counts, and which model each run evaluated;
 * ``results.csv``: the accuracy table (empty cells for what a run lacks);
 * ``results.png``: a grouped bar chart of the accuracy table (matplotlib, Agg canvas);
@@ -25,11 +28,12 @@ import json
 import logging
 from pathlib import Path
 
+from .benchmark_metrics import details_text
 from .benchmark_table import BENCHMARKS
 from .layout import RUN_FILE, atomic_write
 
 __all__ = ["collect_results", "columns", "plot_results", "results_csv_rows", "results_markdown",
-           "write_report"]
+           "summary_line", "write_report"]
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +57,9 @@ def _entry(part: str, summary: dict) -> dict:
         return {"accuracy": o.get("accuracy"), "format_rate": o.get("format_rate"),
                 "mean_response_tokens": o.get("mean_response_tokens"), "n_records": o.get("n_prompts"),
                 "model": summary.get("model"), "data": summary.get("data")}
-    keys = ("accuracy", "rule_accuracy", "format_rate", "mean_response_tokens", "n_records",
-            "judged", "judge_flipped", "judge_failed", "model", "data", "judge_model")
-    return {k: summary.get(k) for k in keys}
+    keys = ("accuracy", "rule_accuracy", "record_accuracy", "format_rate", "mean_response_tokens", "n_records",
+            "judged", "judge_flipped", "judge_failed", "model", "data", "judge_model", "notes")
+    return {**{k: summary.get(k) for k in keys}, "details": details_text(summary)}
 
 
 def _read_json(path: Path) -> dict | None:
@@ -129,7 +133,7 @@ def _markdown(rows: list[list[str]]) -> list[str]:
 
 
 def _judge_lines(results: dict) -> list[str]:
-    lines = ["| run | benchmark | records | rules acc | judged | flipped | not judged |",
+    lines = ["| run | benchmark | records | score by the rules alone | judged | flipped | not judged |",
              "|---|---|---|---|---|---|---|"]
     for run, per_run in results["runs"].items():
         for b, e in per_run.items():
@@ -142,13 +146,33 @@ def _judge_lines(results: dict) -> list[str]:
     return lines
 
 
+def _legend(results: dict) -> list[str]:
+    """What each benchmark column's number is, then each run's numbers beside it and notes."""
+    cols = [c for c in columns(results) if c in BENCHMARKS]
+    lines = ["", "What each number is:", ""]
+    lines += [f"- {BENCHMARKS[c].label}: {BENCHMARKS[c].headline}" for c in cols]
+    lines += [f"- {_label(c)}: accuracy" for c in columns(results) if not _is_benchmark(c)]
+    beside = [f"- {run}, {_label(b)}: {e['details']}" for run, per_run in results["runs"].items()
+              for b, e in per_run.items() if e.get("details")]
+    notes = [f"- {run}: {n}" for run, per_run in results["runs"].items() for e in per_run.values()
+             for n in e.get("notes") or []]
+    if beside:
+        lines += ["", "Beside the headline:", "", *beside]
+    if notes:
+        lines += ["", "Notes:", "", *notes]
+    return lines
+
+
 def results_markdown(results: dict) -> str:
-    """The Markdown report: accuracy, mean response tokens, judge counts, models."""
-    parts = ["# Evaluation results", "", "Accuracy (%)", ""]
+    """The Markdown report: headline numbers and what they are, mean response tokens, judge
+    counts, models."""
+    parts = ["# Evaluation results", "", "Score (%): each benchmark's own headline metric", ""]
     parts += _markdown(_rows(results, "accuracy", 100.0, ".1f", "-", star=True))
     if any(_is_benchmark(c) for c in columns(results)) and any(
             not all(b in r for b in PAPER_ORDER) for r in results["runs"].values()):
         parts += ["", "\\* average over the benchmarks the run has (not all seven)."]
+    if columns(results):
+        parts += _legend(results)
     parts += ["", "Mean response tokens", ""]
     parts += _markdown(_rows(results, "mean_response_tokens", 1.0, ".0f", "-", star=False))
     if any(_is_benchmark(p) for r in results["runs"].values() for p in r):
@@ -157,6 +181,22 @@ def results_markdown(results: dict) -> str:
     parts += ["", "Models", "", "| run | model |", "|---|---|"]
     parts += [f"| {run} | {results.get('models', {}).get(run, '?')} |" for run in results["runs"]]
     return "\n".join(parts) + "\n"
+
+
+def summary_line(s: dict) -> str:
+    """The console line of one benchmark run: its headline number (named), the rules' figure
+    for the same number, the numbers beside it, format rate, tokens, records and judge counts."""
+    head = s.get("headline", "accuracy")
+    if s.get("accuracy") is None:
+        score = f"no {head} ({'; '.join(s.get('notes') or []) or 'not computable from these records'})"
+    else:
+        score = f"{head}: {100 * s['accuracy']:.1f}% (rules {100 * s['rule_accuracy']:.1f}%)"
+    details = details_text(s)
+    sep = ": " if s.get("accuracy") is None else " "
+    return (f"{s['label']}{sep}{score}" + (f"; {details}" if details else "")
+            + f"; format {100 * s['format_rate']:.1f}%, {s['mean_response_tokens']:.0f} response tokens, "
+            f"{s['n_records']} records ({s['generated_now']} generated now), judged {s['judged']} "
+            f"(flipped {s['judge_flipped']}, failed {s['judge_failed']})")
 
 
 def results_csv_rows(results: dict) -> list[list[str]]:

@@ -114,6 +114,9 @@ def evaluate_benchmark(name: str, path: str | Path, model_dir: str | Path, out_d
     rule-wrong answers that have no verdict yet; ``fresh`` starts the benchmark over.
     Sampling defaults come from ``BENCHMARKS[name]``; ``max_new_tokens``/``temperature``/
     ``top_p`` override them. ``announce`` gets the settings in force before generation starts.
+    ``summary["notes"]`` says which files of a folder were read when it held the split twice,
+    and what the headline could not include (a missing MMMU-Pro setting, incomplete WeMath
+    problems, MathVerse's Text Only records).
     With ``report`` the comparison table in ``out_dir``'s parent is rebuilt.
     """
     import torch
@@ -124,8 +127,8 @@ def evaluate_benchmark(name: str, path: str | Path, model_dir: str | Path, out_d
     run_dir = Path(out_dir)
     claim_run(run_dir.parent, run_dir.name, model_dir)
     out = run_dir / spec.name
-    bad = BadRecords()
-    records = load_benchmark(spec.name, path, limit=limit, skip_bad=skip_bad, bad=bad, split=split)
+    bad, notes = BadRecords(), []
+    records = load_benchmark(spec.name, path, limit=limit, skip_bad=skip_bad, bad=bad, split=split, notes=notes)
     params = SamplingParams(n=1, max_new_tokens=max_new_tokens or spec.max_new_tokens,
                             temperature=spec.temperature if temperature is None else temperature,
                             top_p=spec.top_p if top_p is None else top_p)
@@ -159,7 +162,7 @@ def evaluate_benchmark(name: str, path: str | Path, model_dir: str | Path, out_d
                    settings={k: meta[k] for k in SETTINGS[1:]},
                    judge_model=getattr(judge, "model", None), generated_now=written, rejudged=rejudged,
                    resumed=len(records) - len(todo), bad_records=bad.count,
-                   bad_summary=bad.summary(), wall_s=time.time() - t0)
+                   bad_summary=bad.summary(), wall_s=time.time() - t0, notes=notes + summary["notes"])
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     if report:
         summary["report_files"] = {k: str(v) for k, v in write_report(run_dir.parent).items()}
