@@ -97,3 +97,70 @@ def test_sft_on_two_processes_equals_one_process(tiny_model_dir, sft_data, tmp_p
     model = AutoModelForImageTextToText.from_pretrained(two / "final")
     assert torch.equal(model.state_dict()["model.language_model.norm.weight"], w2["model.language_model.norm.weight"])
     assert not (two / "tb").exists() or (two / "metrics.jsonl").read_text().count('"event": "start"') == 1  # rank 0 logs
+
+
+def test_micro_batch_of_text_rows_from_a_batch_with_images(tiny_model_dir):
+    """Found by the distributed GRPO test (one generate call per group, then concatenated): a
+    micro-batch holding only the text rows of rollouts that also hold images passed an empty
+    ``pixel_values`` to the model, whose vision tower raised. It now passes none, and the text
+    rows' log-probs are those of the text rollouts alone."""
+    from prism_rl.config import ModelConfig
+    from prism_rl.data.processing import encode_prompt
+    from prism_rl.data.records import ImageRef, Record
+    from prism_rl.models.loading import load_policy
+    from prism_rl.models.logprobs import response_logprobs
+    from prism_rl.rollout.base import SamplingParams, concat_rollouts, micro_batch
+    from prism_rl.rollout.hf import HFEngine
+
+    from conftest import png_bytes
+
+    model, proc = load_policy(ModelConfig(path=str(tiny_model_dir)), torch.device("cpu"), trainable=False)
+    engine = HFEngine(model, proc)
+    image = Record(id="0", messages=[{"role": "user", "content": "<image>How many?"}], images=[ImageRef(data=png_bytes())])
+    text = Record(id="1", messages=[{"role": "user", "content": "Add the digits of 12345."}])
+    torch.manual_seed(0)
+    parts = [engine.generate([encode_prompt(proc, r)], SamplingParams(n=2, max_new_tokens=6), group_offset=i)
+             for i, r in enumerate([image, text])]
+    ro = concat_rollouts(parts, engine.pad_id)
+    batch, P, mask = micro_batch(ro, [2, 3])
+    assert "pixel_values" not in batch
+    alone, P1, mask1 = micro_batch(parts[1], [0, 1])
+    with torch.no_grad():
+        lp = response_logprobs(model, batch, P) * mask
+        lp1 = response_logprobs(model, alone, P1) * mask1
+    assert torch.allclose(lp[:, :lp1.shape[1]], lp1, atol=1e-5) and lp1.abs().sum() > 0
+
+
+def test_grpo_steps_on_two_processes_equal_one_process(tiny_model_dir, tmp_path):
+    """Two GRPO steps (tests/dist_grpo_step.py): whole groups per rank, rollouts on the unsharded
+    rollout copy, old log-probs and the PPO update on the sharded policy, weights gathered into
+    the copy for step 2. Same rollouts (so the weight sync is right), advantages, pg_loss and
+    grad norm per step, and final weights within tolerance (AdamW's normalised step turns
+    gradient rounding of ~1e-7 into weight differences of up to ~2e-5 at lr 1e-3)."""
+    script = ROOT / "tests" / "dist_grpo_step.py"
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    out = subprocess.run([sys.executable, str(script), str(tiny_model_dir), str(one)], env=_env(), capture_output=True,
+                         text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-4000:]
+    torchrun(2, str(script), str(tiny_model_dir), str(two))
+    ref = json.loads((one / "rank0.json").read_text())
+    ranks = [json.loads((two / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for step, want in enumerate(ref):
+        got = [r[step] for r in ranks]
+        assert sorted(got[0]["adv"]) != sorted(got[1]["adv"])            # the ranks held different groups
+        assert {**got[0]["responses"], **got[1]["responses"]} == want["responses"]
+        adv = {**got[0]["adv"], **got[1]["adv"]}
+        assert adv.keys() == want["adv"].keys()
+        for g, values in want["adv"].items():
+            assert adv[g] == pytest.approx(values, abs=1e-6)
+        assert max(abs(v) for vs in want["adv"].values() for v in vs) > 0.5
+        for r in got:
+            assert r["pg_loss"] == pytest.approx(want["pg_loss"], abs=1e-6)
+            assert r["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
+    w1, w2 = torch.load(one / "weights.pt"), torch.load(two / "weights.pt")
+    assert w1.keys() - w2.keys() == {"lm_head.weight"} and not w2.keys() - w1.keys()   # the tied head: saved once
+    start = load_file(tiny_model_dir / "model.safetensors")
+    assert max(float((w1[k] - start[k]).abs().max()) for k in w2) > 1e-3
+    for k in w2:
+        assert torch.allclose(w1[k], w2[k], rtol=0, atol=1e-4), (k, float((w1[k] - w2[k]).abs().max()))

@@ -16,6 +16,7 @@ FSDP2 averages gradients over ranks (sum / N), so a rank's loss is multiplied by
 
 from __future__ import annotations
 
+import logging
 import os
 import types
 import warnings
@@ -24,6 +25,8 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger(__name__)
 
 TIMEOUT = timedelta(minutes=30)
 
@@ -122,11 +125,18 @@ def my_share(costs: Sequence[float]) -> list[int]:
 
 def shard_units(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The sub-modules FSDP2 shards as separate units: instances of the classes the model lists
-    in ``_no_split_modules`` (Qwen3-VL: its text decoder layers and vision blocks). Each unit's
-    parameters are all-gathered just before its forward and freed after, so peak memory holds
-    one layer's full weights, not the model's."""
+    in ``_no_split_modules`` outside the vision tower (Qwen3-VL: its text decoder layers). Each
+    unit's parameters are all-gathered just before its forward and freed after, so peak memory
+    holds one layer's full weights, not the model's.
+
+    The vision tower stays in the root unit: a rank whose micro-batch holds no image skips it,
+    and per-block units would then make the ranks' all-gathers differ (a hang); in the root it
+    is gathered once per forward with the embeddings (about 0.4B parameters for Qwen3-VL 4B/8B).
+    """
     names = set(getattr(model, "_no_split_modules", None) or [])
-    return [m for m in model.modules() if type(m).__name__ in names and m is not model]
+    visual = getattr(getattr(model, "model", model), "visual", None)
+    in_vision = {id(m) for m in visual.modules()} if visual is not None else set()
+    return [m for m in model.modules() if type(m).__name__ in names and m is not model and id(m) not in in_vision]
 
 
 def shard_model(model: torch.nn.Module, device: torch.device, *, cpu_offload: bool = False) -> torch.nn.Module:
@@ -153,6 +163,13 @@ def shard_model(model: torch.nn.Module, device: torch.device, *, cpu_offload: bo
     # the root (embeddings, tied output head, final norm) stays gathered from its forward to its
     # backward, so the head the loss applies after the backbone sees full weights
     fully_shard(model, reshard_after_forward=False, **kw)
+    # a rank without images leaves the vision tower's gradients empty: reduce zeros for them so
+    # every rank's reduce-scatter has the same size (torch >= 2.14; before, freeze the tower)
+    if hasattr(model, "set_reduce_scatter_unused_params"):
+        model.set_reduce_scatter_unused_params(True)
+    elif any(p.requires_grad for p in vision_params(model)):
+        log.warning("torch %s cannot reduce unused gradients under FSDP2: a micro-batch with images on one rank and "
+                    "none on another would hang; set model.freeze_vision=true or use torch >= 2.14", torch.__version__)
     # FSDP2 warns that the root's output is a view (an in-place op on it would skip a hook); the
     # trainers never modify hidden states in place, so the warning would only add noise per step
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
@@ -162,10 +179,24 @@ def shard_model(model: torch.nn.Module, device: torch.device, *, cpu_offload: bo
     return model
 
 
+def vision_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    visual = getattr(getattr(model, "model", model), "visual", None)
+    return list(visual.parameters()) if visual is not None else []
+
+
 def _backbone_forward(self, **inputs):
     """``self.model(**inputs)`` as a method of the root, so that FSDP2 gathers the root's shards
     (and sets up the backward) when the trainers run the backbone without ``forward``."""
     return self.model(**inputs)
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """Free the weights a no-grad forward left gathered (the root keeps its own from forward to
+    backward). Needed after no-grad passes (old log-probs): a root still gathered when the next
+    forward with gradients starts lost part of that forward's gradients (measured: the 2-process
+    GRPO grad norm came out 1.40 instead of 1.88). No-op for an unsharded model."""
+    if hasattr(model, "reshard"):
+        model.reshard()
 
 
 def load_device(device: torch.device) -> torch.device:
@@ -184,3 +215,27 @@ def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> float:
     ranks, so every rank sees the global norm ||g||_2 = sqrt(sum_ranks sum_i g_i^2) and scales
     by min(1, max_norm / ||g||_2)."""
     return float(full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm)))
+
+
+def rollout_model(model: torch.nn.Module, load_full) -> torch.nn.Module:
+    """The model the rollout engine generates with. One process: the policy itself. Under
+    torchrun: an unsharded copy (``load_full()``: bf16 on a GPU) holding the full weights,
+    refreshed by :func:`sync_weights` after each update, so generation runs without collectives
+    (each rank decodes for as long as its own prompts need) and with the engine's CUDA graphs."""
+    if not is_distributed():
+        return model
+    full = load_full()
+    sync_weights(model, full)
+    return full
+
+
+@torch.no_grad()
+def sync_weights(sharded: torch.nn.Module, full: torch.nn.Module) -> None:
+    """Copy the sharded policy's parameters into the unsharded rollout copy: each parameter is
+    all-gathered (``full_tensor``, in the same order on every rank) and cast to the copy's dtype.
+    A no-op when they are the same module (one process)."""
+    if sharded is full:
+        return
+    dst = dict(full.named_parameters())
+    for name, p in sharded.named_parameters():
+        dst[name].copy_(full_tensor(p.detach()))
