@@ -11,7 +11,8 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 PKG = SRC / "prism_rl"
 # the trainers' own helpers, which every stage may import
 TRAINER_HELPERS = {"prism_rl.trainers.run", "prism_rl.trainers.checkpoint", "prism_rl.trainers.optim",
-                   "prism_rl.trainers.state_io", "prism_rl.trainers.manifest", "prism_rl.trainers.resume_config"}
+                    "prism_rl.trainers.state_io", "prism_rl.trainers.manifest", "prism_rl.trainers.resume_config",
+                    "prism_rl.trainers.dist_checkpoint"}
 
 
 def _module(path: Path) -> str:

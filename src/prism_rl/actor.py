@@ -28,6 +28,7 @@ from collections.abc import Iterable
 import torch
 
 from . import algorithms as A
+from . import distributed as D
 from .config import PPOConfig
 from .models.loading import autocast_for
 from .models.logprobs import response_logprobs
@@ -65,6 +66,15 @@ def split_micro(ro: Rollouts, rows: list[int], size: int, token_budget: int | No
     return runs
 
 
+def same_count(runs: list[list[int]]) -> list[tuple[list[int], bool]]:
+    """``(rows, real)`` for each micro-batch, padded with repeats of the last one (``real=False``)
+    up to the largest count on any rank. Under FSDP2 every forward and backward is collective,
+    so the ranks must run the same number of them; a repeat's loss is multiplied by 0 (its
+    gradient adds nothing) and its metrics are dropped. One process: ``runs`` unchanged."""
+    n = int(D.all_reduce_max(len(runs))[0]) if D.is_distributed() else len(runs)
+    return [(r, True) for r in runs] + [(runs[-1], False)] * (n - len(runs))
+
+
 def on_policy(ppo: PPOConfig) -> bool:
     """True when every forward of the update sees the weights that the old log-probs would be
     computed with: one PPO epoch of one mini-batch, so no optimizer step comes between them.
@@ -81,15 +91,18 @@ def sequence_logprobs(model, ro: Rollouts, micro: int, device: torch.device, *, 
     logp = torch.zeros(B, R)
     ent = torch.zeros(B, R)
     with torch.no_grad(), autocast_for(device):
-        for rows in split_micro(ro, by_length(ro, range(B)), micro, token_budget):
+        for rows, real in same_count(split_micro(ro, by_length(ro, range(B)), micro, token_budget)):
             batch, P, mask = micro_batch(ro, rows)
             batch = {k: v.to(device) for k, v in batch.items()}
             out = response_logprobs(model, batch, P, temperature=temperature, chunk_size=chunk,
                                     with_entropy=with_entropy, packed=token_budget is not None)
+            if not real:  # distributed: a repeat that keeps the ranks' forward counts equal
+                continue
             lp, en = out if with_entropy else (out, None)
             logp[rows, :mask.shape[1]] = lp.float().cpu() * mask
             if en is not None:
                 ent[rows, :mask.shape[1]] = en.float().cpu() * mask
+    D.reshard(model)  # distributed: free the root's gathered weights before the update's forwards
     return (logp, ent) if with_entropy else logp
 
 
@@ -145,6 +158,10 @@ def ppo_update(model, opt: torch.optim.Optimizer, sched, ro: Rollouts, adv: torc
     forward's own, detached, which equal a separate pass's (the weights have not moved yet),
     so the separate pass is saved; the metrics then add ``entropy`` = token-mean entropy over
     every response token, what ``sequence_logprobs(..., with_entropy=True)`` would give.
+
+    Under torchrun each rank holds its share of the rollouts (whole groups); a mini-batch is the
+    union of the ranks' k-th mini-batches, and its token (or row) count is summed over ranks,
+    so the loss is the global one: with one mini-batch, N processes give the 1-process update.
     """
     if old_lp is None and not on_policy(ppo):
         raise ValueError(f"old_lp=None (old log-probs from the update's own forward) needs one PPO epoch and one "
@@ -160,15 +177,17 @@ def ppo_update(model, opt: torch.optim.Optimizer, sched, ro: Rollouts, adv: torc
         size = -(-B // ppo.mini_batches)
         for mb in [perm[i:i + size] for i in range(0, B, size)]:
             mb = by_length(ro, mb)
-            tokens = float(ro.response_mask[mb].sum())
-            for rows in split_micro(ro, mb, ppo.micro_batch_size, ppo.micro_token_budget):
+            tokens, n_rows = D.all_reduce_sum(float(ro.response_mask[mb].sum()), len(mb))  # global normalisers
+            for rows, real in same_count(split_micro(ro, mb, ppo.micro_batch_size, ppo.micro_token_budget)):
                 loss, reg, mask, m = _micro_loss(model, ro, rows, adv, old_lp, ppo, device, temperature, chunk,
                                                  kl_coef, ref_lp)
-                entropy_sum += m.pop("entropy_sum", 0.0)
                 w_tok = float(mask.sum()) / tokens
-                w = w_tok if ppo.agg == "token-mean" else len(rows) / len(mb)
+                w = w_tok if ppo.agg == "token-mean" else len(rows) / n_rows
                 total = loss * w + reg * w_tok
-                total.backward()
+                (total * (D.grad_scale() if real else 0.0)).backward()  # FSDP2 averages: scale to the sum
+                if not real:  # distributed: a repeat that keeps the ranks' backward counts equal
+                    continue
+                entropy_sum += m.pop("entropy_sum", 0.0)
                 for k, v in m.items():
                     sums[k] = sums.get(k, 0.0) + float(v) * (w_tok if k == "kl" else w)
                 sums["pg_loss"] = sums.get("pg_loss", 0.0) + float(total.detach())
@@ -176,17 +195,26 @@ def ppo_update(model, opt: torch.optim.Optimizer, sched, ro: Rollouts, adv: torc
             n_updates += 1
     skips = int(sums.pop("nonfinite_grad_skips", 0))
     norm_sum = sums.pop("grad_norm", None)  # averaged over the applied updates only
+    sums = _global_sums(sums)
+    entropy_sum, resp_tokens = D.all_reduce_sum(entropy_sum, float(ro.response_mask.sum()))
     out = {k: v / n_updates for k, v in sums.items()} | {"updates": n_updates, "nonfinite_grad_skips": skips}
     if norm_sum is not None:
         out["grad_norm"] = norm_sum / (n_updates - skips)
     if old_lp is None:
-        out["entropy"] = entropy_sum / max(float(ro.response_mask.sum()), 1.0)
+        out["entropy"] = entropy_sum / max(resp_tokens, 1.0)
     return out
+
+
+def _global_sums(sums: dict[str, float]) -> dict[str, float]:
+    """The metric sums over all ranks: each rank's terms carry global weights (its share of the
+    mini-batch's tokens or rows), so their sum over ranks is the 1-process value."""
+    keys = sorted(sums)
+    return dict(zip(keys, D.all_reduce_sum(*(sums[k] for k in keys)))) if D.is_distributed() else sums
 
 
 def _apply(params: list[torch.nn.Parameter], opt, sched, grad_clip: float, sums: dict[str, float], rows: int) -> None:
     """Clip and apply the accumulated gradient, or skip the step when its norm is not finite."""
-    norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
+    norm = D.clip_grad_norm(params, grad_clip)  # distributed: the norm over all shards
     if math.isfinite(norm):
         sums["grad_norm"] = sums.get("grad_norm", 0.0) + norm
         opt.step()

@@ -31,7 +31,9 @@ TRAIN_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTIO
 def _backbone(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     on_cuda = inputs["input_ids"].is_cuda
     with sdpa_kernel(TRAIN_SDPA_BACKENDS) if on_cuda else nullcontext():
-        return model.model(**inputs, use_cache=False).last_hidden_state
+        # under FSDP2 the root's registered backbone_forward gathers its shards (distributed.shard_model)
+        backbone = getattr(model, "backbone_forward", None) or model.model
+        return backbone(**inputs, use_cache=False).last_hidden_state
 
 
 def backbone_hidden(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -75,6 +75,8 @@ class Rollouts:
             i_off = torch.tensor([0] + imgs_per_row).cumsum(0)
             pix = torch.cat([self.pixel_values[p_off[r]:p_off[r + 1]] for r in rows])
             thw = torch.cat([self.image_grid_thw[i_off[r]:i_off[r + 1]] for r in rows])
+            if thw.shape[0] == 0:  # only text rows: no image inputs (empty ones crash the vision tower)
+                pix = thw = None
         extras = dict(self.extras)
         for key in ("patches_per_row", "images_per_row"):
             if key in extras:

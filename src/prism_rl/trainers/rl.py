@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 
 from .. import algorithms as A
+from .. import distributed as D
 from ..actor import NonfiniteGuard, on_policy, ppo_update, sequence_logprobs
-from ..config import RLConfig
+from ..config import ConfigError, RLConfig
 from ..data.processing import Encoded, load_prompts
 from ..data.prompt_format import check_prompts
 from ..data.records import BadRecords, Record
@@ -29,7 +30,7 @@ from ..reward.builtins import builtin_reward, is_builtin
 from ..reward.plugins import RewardFn, load_reward_option
 from ..rollout import make_engine
 from ..rollout.base import RolloutEngine, Rollouts, SamplingParams, concat_rollouts
-from .checkpoint import save_final
+from .dist_checkpoint import save_final
 from .optim import build_optimizer, build_scheduler
 from .run import Run, load_stage_policy
 
@@ -78,7 +79,7 @@ def collect(engine: RolloutEngine, stream: PromptStream, cfg: RLConfig, reward_f
     while True:
         rounds += 1
         with run.timer("rollout"):
-            ro = engine.generate(stream.take(per_round), params, group_offset=offset)
+            ro = engine.generate(rank_prompts(stream.take(per_round)), params, group_offset=offset)
         with run.timer("score"):
             sc = score(ro, cfg, reward_fn)
         offset += per_round
@@ -100,6 +101,13 @@ def collect(engine: RolloutEngine, stream: PromptStream, cfg: RLConfig, reward_f
         ro = ro.select(rows)
         sc = {k: v[rows] for k, v in sc.items()}
     return ro, sc, stats
+
+
+def rank_prompts(prompts: list[Encoded]) -> list[Encoded]:
+    """This rank's prompts of a global batch (all of them in one process): each prompt's n
+    samples stay on one rank, so the group normalisation of the advantages is exact; equal
+    counts per rank, balanced by prompt tokens (:func:`distributed.my_share`)."""
+    return [prompts[i] for i in D.my_share([len(p) for p in prompts])]
 
 
 def rollout_metrics(ro: Rollouts, sc: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -126,6 +134,20 @@ def greedy_eval(engine: RolloutEngine, prompts: list[Encoded], max_new_tokens: i
     return summarize(generate_and_score(engine, prompts, params, batch_size, row, desc="eval"))
 
 
+def check_distributed(cfg: RLConfig) -> None:
+    """Under torchrun: each round's prompts must split evenly over the processes (whole groups,
+    equal counts), and DAPO's dynamic sampling (a per-rank count of kept groups) is not
+    distributed yet."""
+    w = D.world()
+    per_round = cfg.rollout.gen_batch_prompts or cfg.rollout.prompts_per_step
+    if w > 1 and per_round % w:
+        raise ConfigError(f"rollout.prompts_per_step / gen_batch_prompts ({per_round}) must be a multiple of the "
+                          f"number of processes ({w}): each rank samples whole groups, the same number")
+    if w > 1 and cfg.algo.dynamic_sampling:
+        raise ConfigError("algo.dynamic_sampling is not implemented under torchrun yet; run one process or "
+                          "set algo.dynamic_sampling=false")
+
+
 def check_rl_prompts(records: list[Record], cfg: RLConfig) -> None:
     """Stop before training when the prompts ask for a response format that ``reward.function``
     does not score (:func:`~prism_rl.data.prompt_format.check_prompts`); a plug-in reward's
@@ -147,6 +169,7 @@ def train_rl(cfg: RLConfig, resume: bool = False, halt_at_step: int | None = Non
     early, of the checkpoint to resume from)."""
     reward_fn = load_reward_option(cfg.reward.function, "reward.function")
     run = Run(cfg, "rl", resume=resume, desc=f"rl-{cfg.algo.name}")
+    check_distributed(cfg)
     model, processor = load_stage_policy(cfg, run.device, run.ckpt)
     eos, _ = special_ids(processor)
     bad = BadRecords()
@@ -162,7 +185,8 @@ def train_rl(cfg: RLConfig, resume: bool = False, halt_at_step: int | None = Non
     sched = build_scheduler(opt, cfg.optim, cfg.train.steps * cfg.algo.ppo_epochs * cfg.algo.mini_batches)
     stream = PromptStream(prompts, cfg.train.seed, bad=bad if d.skip_bad else None)
     run.track({"": model}, processor, {"optimizer": opt, "scheduler": sched, "stream": stream})
-    engine = make_engine(cfg.rollout.engine, model, processor, run.device,
+    gen_model = D.rollout_model(model, lambda: load_policy(cfg.model, run.device, trainable=False)[0])  # torchrun: full copy
+    engine = make_engine(cfg.rollout.engine, gen_model, processor, run.device,
                          cache_implementation=cfg.rollout.cache_implementation)
     run.begin(cfg.train.steps, halt_at_step, algo=cfg.algo.name, prompts=len(prompts), bad_records=bad.count)
     guard = NonfiniteGuard(run.out)
@@ -204,6 +228,8 @@ def rl_step(run: Run, step: int, model, engine: RolloutEngine, stream: PromptStr
         upd = ppo_update(model, opt, sched, ro, adv, old_lp, algo, cfg.optim.grad_clip, run.device,
                          temperature=temp, kl_coef=algo.kl_coef, ref_lp=ref_lp, seed=cfg.train.seed + step - 1,
                          chunk=chunk)
+    with run.timer("weight_sync"):  # torchrun: full weights gathered into the rollout copy (one process: no-op)
+        D.sync_weights(model, engine.model)
     guard.check(upd, step)
     metrics = {**stats, **rollout_metrics(ro, sc), **{f"actor/{k}": v for k, v in upd.items()},
                "actor/adv_abs_mean": float(adv.abs().mean()), "actor/lr": sched.get_last_lr()[0]}

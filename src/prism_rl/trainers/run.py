@@ -37,8 +37,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .. import distributed as D
 from ..data.records import DataError
-from ..models.loading import load_policy, pick_device, set_pixel_limits
+from ..models.loading import load_policy, set_pixel_limits
 from .checkpoint import check_finite, checkpoint_step, nonfinite_tensors, resume_checkpoint, save_checkpoint, set_rng_state
 from .resume_config import RESUME_WITH_CHANGES, check_resume_config, optimizer_settings, reapply_settings, write_run_config
 
@@ -88,6 +89,16 @@ def _plain(v: Any) -> Any:
     return v
 
 
+class _NoLogger:
+    """The metrics log of ranks other than 0 under torchrun: nothing is written."""
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def read_metrics(path: str | Path) -> list[dict]:
     p = Path(path)
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.exists() else []
@@ -112,7 +123,8 @@ def load_stage_policy(cfg, device: torch.device, resume_from: Path | None = None
     """The stage's trainable policy and processor: from ``cfg.model`` or, when resuming, from
     the checkpoint folder ``resume_from``; the processor gets ``cfg.data``'s pixel limits."""
     model_cfg = cfg.model if resume_from is None else cfg.model.model_copy(update={"path": str(resume_from)})
-    model, processor = load_policy(model_cfg, device, trainable=True)
+    model, processor = load_policy(model_cfg, D.load_device(device), trainable=True)
+    model = D.shard_model(model, device)  # distributed: FSDP2 shards; one process: unchanged
     set_pixel_limits(processor, cfg.data.max_pixels, cfg.data.min_pixels)
     return model, processor
 
@@ -131,11 +143,12 @@ class Run:
         (:data:`RESUME_WITH_CHANGES`) accepts them."""
         self.cfg, self.stage, self.desc = cfg, stage, desc or stage
         self.out = Path(cfg.output_dir)
+        self.device = D.init_from_env()  # distributed: joins the torchrun group, this rank's device
         self.ckpt, self._saved, self.config_changes = self._resume_point(resume)
-        write_run_config(cfg, self.out, self._saved and self._saved.get("run_config"),
-                         self._saved["step"] if self._saved else None, self.config_changes)
+        if D.is_main():  # distributed: rank 0 writes the run's files
+            write_run_config(cfg, self.out, self._saved and self._saved.get("run_config"),
+                             self._saved["step"] if self._saved else None, self.config_changes)
         seed_everything(cfg.train.seed)
-        self.device = pick_device()
         self.step = 0
         self.total = self.halt = 0
         self.save_every = getattr(cfg.train, "save_every", None)
@@ -189,10 +202,10 @@ class Run:
         """Open the metrics log with a start event, and the progress bar."""
         self.total = total
         self.halt = total if halt_at_step is None else min(total, halt_at_step)
-        self.logger = MetricsLogger(self.out)
+        self.logger = MetricsLogger(self.out) if D.is_main() else _NoLogger()  # distributed: rank 0 logs
         self.logger.log(self.step, {"event": "start", "stage": self.stage, **start_info,
                                     "resumed_from": str(self.ckpt) if self.ckpt else None})
-        self.bar = tqdm(total=total, initial=self.step, desc=self.desc, dynamic_ncols=True)
+        self.bar = tqdm(total=total, initial=self.step, desc=self.desc, dynamic_ncols=True, disable=not D.is_main())
 
     # ---- the loop
 
@@ -252,6 +265,9 @@ class Run:
 
     def save(self) -> Path:
         """A resumable checkpoint at the current step."""
+        if D.is_distributed():  # distributed: sharded (DCP) checkpoints are not written yet (issue 14)
+            raise NotImplementedError("checkpoints of a run under torchrun (train.save_every, --halt-at-step, "
+                                      "Ctrl-C) are not implemented yet; only the final model is exported")
         return save_checkpoint(self.out, self.step, self._models, self._processor, self.state())
 
     def finish(self, save_final: Callable[[Path], Path], summary: dict) -> Path:
@@ -262,7 +278,8 @@ class Run:
             return self.save()
         check_finite(self._models, "final model")
         final = save_final(self.out / "final")
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        if D.is_main():
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         return final
 
     def close(self) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .. import distributed as D
 from ..actor import NonfiniteGuard
 from ..config import SFTConfig
 from ..data.layouts import read_records
@@ -23,7 +24,7 @@ from ..data.processing import Encoded, OverlongError, collate, encode_sft, lengt
 from ..data.records import BadRecords, DataError
 from ..models.loading import autocast_for, count_parameters, special_ids
 from ..models.logprobs import sft_loss
-from .checkpoint import save_final
+from .dist_checkpoint import save_final
 from .optim import build_optimizer, build_scheduler
 from .run import Run, load_stage_policy
 
@@ -109,7 +110,7 @@ class BatchStream:
 def total_steps(cfg: SFTConfig, n_examples: int) -> int:
     if cfg.train.max_steps:
         return cfg.train.max_steps
-    per_epoch = math.ceil(n_examples / cfg.train.batch_size) / cfg.train.grad_accum
+    per_epoch = math.ceil(n_examples / cfg.train.batch_size) / (cfg.train.grad_accum * D.world())  # global batch
     return max(1, math.ceil(per_epoch * cfg.train.epochs))
 
 
@@ -140,10 +141,10 @@ def train_sft(cfg: SFTConfig, resume: bool = False, halt_at_step: int | None = N
     guard = NonfiniteGuard(run.out)
     with run:
         for step in run.steps():
-            group = [[examples[i] for i in idx] for idx in batches.take(cfg.train.grad_accum)]
+            group = rank_share([[examples[i] for i in idx] for idx in batches.take(cfg.train.grad_accum * D.world())])
             loss, tokens = sft_step(model, group, pad, run.device)
             tok_window += tokens
-            gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+            gnorm = D.clip_grad_norm(params, cfg.optim.grad_clip)  # distributed: the norm over all shards
             if guard.step_ok(step, loss, gnorm):   # a NaN/inf step is skipped; three in a row stop the run
                 opt.step()
             sched.step()
@@ -163,17 +164,29 @@ def train_sft(cfg: SFTConfig, resume: bool = False, halt_at_step: int | None = N
                        "overlong": overlong})
 
 
+def rank_share(micros: list[list[Encoded]]) -> list[list[Encoded]]:
+    """This rank's micro-batches of a step's global ``grad_accum x world`` (all of them in one
+    process): equal counts per rank, balanced by tokens (:func:`distributed.my_share`)."""
+    return [micros[i] for i in D.my_share([sum(len(e) for e in m) for m in micros])]
+
+
 def sft_step(model, group: list[list[Encoded]], pad: int, device: torch.device) -> tuple[float, int]:
     """Forward and backward of one optimizer step's micro-batches; the loss is the token mean
     over all of them, so gradient accumulation gives the update of one large batch. Returns
-    (that loss, tokens seen)."""
-    n_target = sum(int((e.labels != -100).sum()) for micro in group for e in micro)
+    (that loss, tokens seen).
+
+    loss = -(1/N) sum_{target tokens t of the step} log p(t), N counted over every rank's
+    micro-batches (all-reduced), so 1 or N processes give the same loss and gradient; each
+    rank's part is scaled by ``grad_scale`` since FSDP2 averages gradients over ranks."""
+    n_local = sum(int((e.labels != -100).sum()) for micro in group for e in micro)
+    n_target = D.all_reduce_sum(n_local)[0]  # distributed: the global token count
     loss_sum, tokens = 0.0, 0
     for micro in group:
         batch = {k: v.to(device) for k, v in collate(micro, pad, "right").items()}
         with autocast_for(device):
             loss, n = sft_loss(model, batch)
-        (loss * n / n_target).backward()
+        (loss * n * D.grad_scale() / n_target).backward()
         loss_sum += float(loss.detach()) * n
         tokens += int(batch["attention_mask"].sum())
-    return loss_sum / n_target, tokens
+    loss_sum, tokens = D.all_reduce_sum(loss_sum, tokens)
+    return loss_sum / n_target, int(tokens)

@@ -1,0 +1,166 @@
+"""Data parallelism with FSDP2 under torchrun (gloo, CPU): 2 processes give the 1-process result.
+
+The reference is a plain one-process run on the same global batch (batch_size x grad_accum x
+world sequences per optimizer step); the 2-process run shards the tiny model with
+``fully_shard``, gives each rank half of every step's micro-batches, and divides the loss by
+the global token count. Losses per step and final weights must agree to float tolerance
+(summation order differs: one process adds 4 micro-batches' gradients, two processes add 2 and
+then all-reduce).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForImageTextToText
+
+from prism_rl.cli import main
+from prism_rl.distributed import balanced_shares
+
+from conftest import CONFIGS, ROOT
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
+def torchrun(nproc: int, *args: str, timeout: int = 240) -> str:
+    """``torchrun --standalone --nproc-per-node nproc ARGS`` (a c10d rendezvous on a free local
+    port) as a subprocess in its own session, so a hang is killed whole (workers included);
+    fails the test with its output."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *args]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"torchrun timed out after {timeout} s:\n{out[-2000:]}\n{err[-4000:]}")
+    assert proc.returncode == 0, out[-3000:] + err[-6000:]
+    return out
+
+
+def _losses(run_dir) -> list[float]:
+    rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    return [r["actor/loss"] for r in rows if "actor/loss" in r]
+
+
+def test_balanced_shares_equal_counts_balanced_costs():
+    costs = [10, 1, 7, 3, 8, 2]
+    shares = balanced_shares(costs, 2)
+    assert sorted(i for s in shares for i in s) == list(range(6))
+    assert [len(s) for s in shares] == [3, 3]
+    assert shares == [[0, 3, 5], [1, 2, 4]]   # rounds by cost (10, 8) (7, 3) (2, 1), lightest share first: 15 vs 16
+    assert balanced_shares(costs, 1) == [list(range(6))]
+    with pytest.raises(ValueError, match="do not split evenly over 4 ranks"):
+        balanced_shares(costs, 4)
+
+
+@pytest.fixture(scope="module")
+def sft_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    assert main(["data", "synth", "--out", str(root / "data"), "--n", "40", "--seed", "3"]) == 0
+    return root
+
+
+def _sft_args(model_dir, data_root, out, grad_accum: int) -> list[str]:
+    return ["sft", "--config", str(CONFIGS / "quickstart" / "sft.yaml"), f"model.path={model_dir}",
+            f"data.train={data_root / 'data' / 'sft.json'}", f"output_dir={out}", "train.max_steps=3",
+            "train.batch_size=2", f"train.grad_accum={grad_accum}", "train.log_every=1", "optim.warmup_ratio=0.2",
+            "data.max_length=256"]
+
+
+def test_sft_on_two_processes_equals_one_process(tiny_model_dir, sft_data, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(_sft_args(tiny_model_dir, sft_data, one, grad_accum=4)) == 0        # global batch 2 x 4 x 1
+    torchrun(2, "-m", "prism_rl.cli", *_sft_args(tiny_model_dir, sft_data, two, grad_accum=2))  # 2 x 2 x 2
+    l1, l2 = _losses(one), _losses(two)
+    assert len(l1) == len(l2) == 3 and l1[0] > l1[-1]
+    assert l1 == pytest.approx(l2, rel=1e-5, abs=1e-6)
+    w1, w2 = load_file(one / "final" / "model.safetensors"), load_file(two / "final" / "model.safetensors")
+    assert w1.keys() == w2.keys()                      # rank 0 exported a plain folder, tied head not duplicated
+    moved = max(float((w1[k] - load_file(tiny_model_dir / "model.safetensors")[k]).abs().max()) for k in w1)
+    assert moved > 1e-3                                # the weights did change
+    for k in w1:
+        assert torch.allclose(w1[k], w2[k], rtol=1e-4, atol=2e-5), (k, float((w1[k] - w2[k]).abs().max()))
+    model = AutoModelForImageTextToText.from_pretrained(two / "final")
+    assert torch.equal(model.state_dict()["model.language_model.norm.weight"], w2["model.language_model.norm.weight"])
+    assert not (two / "tb").exists() or (two / "metrics.jsonl").read_text().count('"event": "start"') == 1  # rank 0 logs
+
+
+def test_micro_batch_of_text_rows_from_a_batch_with_images(tiny_model_dir):
+    """Found by the distributed GRPO test (one generate call per group, then concatenated): a
+    micro-batch holding only the text rows of rollouts that also hold images passed an empty
+    ``pixel_values`` to the model, whose vision tower raised. It now passes none, and the text
+    rows' log-probs are those of the text rollouts alone."""
+    from prism_rl.config import ModelConfig
+    from prism_rl.data.processing import encode_prompt
+    from prism_rl.data.records import ImageRef, Record
+    from prism_rl.models.loading import load_policy
+    from prism_rl.models.logprobs import response_logprobs
+    from prism_rl.rollout.base import SamplingParams, concat_rollouts, micro_batch
+    from prism_rl.rollout.hf import HFEngine
+
+    from conftest import png_bytes
+
+    model, proc = load_policy(ModelConfig(path=str(tiny_model_dir)), torch.device("cpu"), trainable=False)
+    engine = HFEngine(model, proc)
+    image = Record(id="0", messages=[{"role": "user", "content": "<image>How many?"}], images=[ImageRef(data=png_bytes())])
+    text = Record(id="1", messages=[{"role": "user", "content": "Add the digits of 12345."}])
+    torch.manual_seed(0)
+    parts = [engine.generate([encode_prompt(proc, r)], SamplingParams(n=2, max_new_tokens=6), group_offset=i)
+             for i, r in enumerate([image, text])]
+    ro = concat_rollouts(parts, engine.pad_id)
+    batch, P, mask = micro_batch(ro, [2, 3])
+    assert "pixel_values" not in batch
+    alone, P1, mask1 = micro_batch(parts[1], [0, 1])
+    with torch.no_grad():
+        lp = response_logprobs(model, batch, P) * mask
+        lp1 = response_logprobs(model, alone, P1) * mask1
+    assert torch.allclose(lp[:, :lp1.shape[1]], lp1, atol=1e-5) and lp1.abs().sum() > 0
+
+
+def test_grpo_steps_on_two_processes_equal_one_process(tiny_model_dir, tmp_path):
+    """Two GRPO steps (tests/dist_grpo_step.py): whole groups per rank, rollouts on the unsharded
+    rollout copy, old log-probs and the PPO update on the sharded policy, weights gathered into
+    the copy for step 2. Same rollouts (so the weight sync is right), advantages, pg_loss and
+    grad norm per step, and final weights within tolerance (AdamW's normalised step turns
+    gradient rounding of ~1e-7 into weight differences of up to ~2e-5 at lr 1e-3)."""
+    script = ROOT / "tests" / "dist_grpo_step.py"
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    out = subprocess.run([sys.executable, str(script), str(tiny_model_dir), str(one)], env=_env(), capture_output=True,
+                         text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-4000:]
+    torchrun(2, str(script), str(tiny_model_dir), str(two))
+    ref = json.loads((one / "rank0.json").read_text())
+    ranks = [json.loads((two / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for step, want in enumerate(ref):
+        got = [r[step] for r in ranks]
+        assert sorted(got[0]["adv"]) != sorted(got[1]["adv"])            # the ranks held different groups
+        assert {**got[0]["responses"], **got[1]["responses"]} == want["responses"]
+        adv = {**got[0]["adv"], **got[1]["adv"]}
+        assert adv.keys() == want["adv"].keys()
+        for g, values in want["adv"].items():
+            assert adv[g] == pytest.approx(values, abs=1e-6)
+        assert max(abs(v) for vs in want["adv"].values() for v in vs) > 0.5
+        for r in got:
+            assert r["pg_loss"] == pytest.approx(want["pg_loss"], abs=1e-6)
+            assert r["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
+    w1, w2 = torch.load(one / "weights.pt"), torch.load(two / "weights.pt")
+    assert w1.keys() - w2.keys() == {"lm_head.weight"} and not w2.keys() - w1.keys()   # the tied head: saved once
+    start = load_file(tiny_model_dir / "model.safetensors")
+    assert max(float((w1[k] - start[k]).abs().max()) for k in w2) > 1e-3
+    for k in w2:
+        assert torch.allclose(w1[k], w2[k], rtol=0, atol=1e-4), (k, float((w1[k] - w2[k]).abs().max()))
