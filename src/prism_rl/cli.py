@@ -4,7 +4,8 @@ Training and evaluation commands take ``--config FILE.yaml`` plus dotted overrid
 (``train.lr=2e-4 data.skip_bad=true``); bad keys or values exit with a message naming them.
 Every user error (a bad option, config key, data file, record or field) ends the command with
 ``prism <command>: error: ...`` on stderr and exit status 2, without a traceback (``-v``
-shows one).
+shows one). SIGTERM or SIGINT stops a training command after its current step with a
+checkpoint and exit status 0; a second one ends it at once with 128 + the signal number.
 """
 
 from __future__ import annotations
