@@ -10,7 +10,8 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src"
 PKG = SRC / "prism_rl"
 # the trainers' own helpers, which every stage may import
-TRAINER_HELPERS = {"prism_rl.trainers.run", "prism_rl.trainers.checkpoint", "prism_rl.trainers.optim"}
+TRAINER_HELPERS = {"prism_rl.trainers.run", "prism_rl.trainers.checkpoint", "prism_rl.trainers.optim",
+                   "prism_rl.trainers.interrupt"}
 
 
 def _module(path: Path) -> str:
