@@ -2,6 +2,9 @@
 
 import json
 import statistics
+import sys
+
+import pytest
 
 from prism_rl.cli import build_parser
 from prism_rl.config import load_config
@@ -32,16 +35,27 @@ def test_every_planned_command_parses_and_stages_are_ordered(tmp_path):
 
 
 def test_lane_scheduler_respects_dependencies(tmp_path):
-    import sys
-
     from prism_rl.quickstart import Lane, run_lanes
     log = tmp_path / "order.txt"
-    touch = lambda name: [sys.executable, "-c", f"open({str(log)!r}, 'a').write({name!r} + '\\n')"]
+    touch = lambda name: [sys.executable, "-c", f"open({str(log)!r}, 'a').write({name!r} + '\\n'); "
+                                                f"open({str(tmp_path / (name + '.done'))!r}, 'w')"]
     lanes = [Lane("c", after=("a", "b")).add("c", touch("c"), tmp_path / "c.done"),
              Lane("a").add("a", touch("a"), tmp_path / "a.done"),
              Lane("b", after=("a",)).add("b", touch("b"), tmp_path / "b.done")]
     run_lanes(lanes, tmp_path, workers=2)
     assert log.read_text().split() == ["a", "b", "c"]
+
+
+def test_a_stage_that_exits_0_without_its_output_stops_the_lane(tmp_path):
+    """A training stage stopped by SIGTERM/SIGINT exits 0 with a checkpoint and no final
+    folder: the lane stops there instead of starting the next stage on a missing input."""
+    from prism_rl.quickstart import Lane, run_lanes
+    ran = tmp_path / "second.ran"
+    lane = Lane("a").add("first", [sys.executable, "-c", "print('stopped by SIGTERM after step 3')"], tmp_path / "x.done")
+    lane.add("second", [sys.executable, "-c", f"open({str(ran)!r}, 'w')"], tmp_path / "y.done")
+    with pytest.raises(RuntimeError, match=r"stage 'first' stopped before writing .*x\.done.*\n.*stopped by SIGTERM"):
+        run_lanes([lane], tmp_path, workers=1)
+    assert not ran.exists()
 
 
 def _summary(acc, per_task):

@@ -1,7 +1,9 @@
 """The run helper every trainer uses: checkpoint rotation, step loop, logging cadence, timers,
-save on Ctrl-C, and a halted run resumed to exactly the weights of an uninterrupted one."""
+stop on SIGTERM/SIGINT, and a halted run resumed to exactly the weights of an uninterrupted one."""
 
 import json
+import os
+import signal
 
 import pytest
 import torch
@@ -9,6 +11,7 @@ from pydantic import BaseModel
 from safetensors.torch import load_file, save_file
 
 from prism_rl.trainers.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
+from prism_rl.trainers.interrupt import Abort, last_stop
 from prism_rl.trainers.run import Run, outcome, read_metrics
 
 
@@ -52,10 +55,12 @@ class _Counter:
         self.n = st["n"]
 
 
-def _train(out, steps, halt=None, resume=False, interrupt_at=None, save_every=2):
+def _train(out, steps, halt=None, resume=False, save_every=2, log_every=2, signals=(), signal_at=None, crash_at=None):
     """Noisy SGD on a toy model: the noise comes from the global RNG, so an exact resume needs
-    the model, the optimizer, the RNG state and the data position restored."""
-    cfg = _Cfg(output_dir=str(out), train=_Train(save_every=save_every))
+    the model, the optimizer, the RNG state and the data position (``counter``, advanced at
+    the start of a step as a data stream is) restored. ``signals`` are sent to this process
+    in the middle of step ``signal_at``; ``crash_at`` raises in the middle of that step."""
+    cfg = _Cfg(output_dir=str(out), train=_Train(save_every=save_every, log_every=log_every))
     run = Run(cfg, "toy", resume=resume)
     model = _Toy()
     if run.ckpt is not None:
@@ -66,16 +71,19 @@ def _train(out, steps, halt=None, resume=False, interrupt_at=None, save_every=2)
     run.begin(steps, halt)
     with run:
         for step in run.steps():
-            if step == interrupt_at:
-                raise KeyboardInterrupt
+            counter.n += 1
+            if step == signal_at:
+                for sig in signals:
+                    os.kill(os.getpid(), sig)
+            if step == crash_at:
+                raise RuntimeError("crash")
             with run.timer("work"):
                 loss = ((model.w - torch.randn(3)) ** 2).sum()
                 loss.backward()
                 opt.step()
                 opt.zero_grad()
-                counter.n += 1
             run.log(step, {"actor/loss": float(loss.detach()), **run.timings()})
-    final = run.finish(lambda folder: (model.save(folder), folder)[1], {"steps": run.step, "n": counter.n})
+        final = run.finish(lambda folder: (model.save(folder), folder)[1], {"steps": run.step, "n": counter.n})
     return final, model.w.detach().clone(), counter.n
 
 
@@ -126,13 +134,60 @@ def test_halt_then_resume_equals_uninterrupted(tmp_path):
     assert steps == [2, 3, 4, 6, 7]                             # halt logged at 3; no step logged twice
 
 
-def test_ctrl_c_saves_the_completed_steps_and_reraises(tmp_path):
-    with pytest.raises(KeyboardInterrupt):
-        _train(tmp_path, steps=7, interrupt_at=4, save_every=None)
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-3"]
-    _, resumed, n = _train(tmp_path, steps=7, resume=True, save_every=None)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_finishes_the_step_saves_it_and_stops(tmp_path, capfd, sig):
+    """A signal in the middle of step 4 (its data already drawn) lets step 4 finish; the
+    checkpoint holds step 4 with the data position after it, so the resumed run ends with the
+    uninterrupted run's weights; the handlers in place before the run are back afterwards."""
+    before = signal.getsignal(sig)
+    ckpt, _, n = _train(tmp_path, steps=7, save_every=None, log_every=1, signals=[sig], signal_at=4)
+    assert ckpt == tmp_path / "checkpoint-4" and n == 4 and last_stop() == sig.name
+    assert f"toy: {sig.name} received: finishing step 4, then saving a checkpoint and stopping (a second signal " \
+           "stops at once, losing the steps since the start)" in capfd.readouterr().err
+    assert signal.getsignal(sig) is before
+    name = sig.name
+    assert outcome(ckpt, "final model", stopped_by=last_stop()) == \
+        f"stopped by {name} after step 4, checkpoint: {ckpt} (continue with --resume)"
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert rows[-1] == {"step": 4, "time": rows[-1]["time"], "event": "stop", "signal": name}
+    final, resumed, n = _train(tmp_path, steps=7, resume=True, save_every=None, log_every=1)
     _, straight, _ = _train(tmp_path / "straight", steps=7, save_every=None)
-    assert n == 7 and torch.equal(resumed, straight)
+    assert final.name == "final" and n == 7 and last_stop() is None and torch.equal(resumed, straight)
+    steps = [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl") if "actor/loss" in r]
+    assert steps == list(range(1, 8))
+
+
+def test_a_signal_at_a_checkpoint_step_saves_once(tmp_path):
+    """Stopping at a step that ``save_every`` just saved returns that checkpoint."""
+    ckpt, _, _ = _train(tmp_path, steps=7, save_every=2, signals=[signal.SIGTERM], signal_at=4)
+    assert ckpt.name == "checkpoint-4" and [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-4"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_second_signal_aborts_at_once_without_saving(tmp_path, sig):
+    before = signal.getsignal(sig)
+    with pytest.raises(Abort) as info:
+        _train(tmp_path, steps=7, save_every=2, signals=[sig, sig], signal_at=3)
+    assert info.value.exit_code == 128 + sig
+    assert str(info.value) == (f"stopped at once by a second {sig.name} in step 3; nothing saved since "
+                               f"{tmp_path / 'checkpoint-2'} (continue with --resume)")
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2"]
+    assert signal.getsignal(sig) is before
+
+
+def test_a_resumed_run_logs_each_step_once(tmp_path):
+    """A run that died in step 6 had logged step 5 after its checkpoint at 4 (and a torn line):
+    resumed from step 4, it logs 5 again, so the old row of step 5 and the torn line go."""
+    with pytest.raises(RuntimeError):
+        _train(tmp_path, steps=7, save_every=2, log_every=1, crash_at=6)
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 6, "actor/lo')
+    _, resumed, _ = _train(tmp_path, steps=7, resume=True, save_every=2, log_every=1)
+    _, straight, _ = _train(tmp_path / "straight", steps=7)
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows if "actor/loss" in r] == list(range(1, 8))
+    assert [(r["step"], r["event"]) for r in rows if "event" in r] == [(0, "start"), (4, "start")]
+    assert torch.equal(resumed, straight)
 
 
 def test_outcome_of_a_two_model_stage(tmp_path):

@@ -4,7 +4,8 @@ Training and evaluation commands take ``--config FILE.yaml`` plus dotted overrid
 (``train.lr=2e-4 data.skip_bad=true``); bad keys or values exit with a message naming them.
 Every user error (a bad option, config key, data file, record or field) ends the command with
 ``prism <command>: error: ...`` on stderr and exit status 2, without a traceback (``-v``
-shows one).
+shows one). SIGTERM or SIGINT stops a training command after its current step with a
+checkpoint and exit status 0; a second one ends it at once with 128 + the signal number.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 from .config import ConfigError, SFTConfig, load_config, rl_response_limit
 from .data.records import DataError
 from .reward.batch import RewardInputError
+from .trainers.interrupt import Abort
 
 # What a user can get wrong (options, config, files, records, fields); anything else is a bug
 # and keeps its traceback.
@@ -187,11 +189,18 @@ def cmd_model_tiny(a) -> None:
     print(f"tiny model saved to {out}")
 
 
-def cmd_sft(a) -> None:
+def _report_training(folder: Path, finished: str) -> None:
+    """Print the one line a training command ends with: the final folder, or the checkpoint
+    it stopped at (``--halt-at-step``, SIGTERM, SIGINT) and how to continue."""
+    from .trainers.interrupt import last_stop
     from .trainers.run import outcome
+    print(outcome(folder, finished, stopped_by=last_stop()))
+
+
+def cmd_sft(a) -> None:
     from .trainers.sft import train_sft
     cfg = load_config(SFTConfig, a.config, a.overrides)
-    print(outcome(train_sft(cfg, resume=_resume(a), halt_at_step=a.halt_at_step), "final model"))
+    _report_training(train_sft(cfg, resume=_resume(a), halt_at_step=a.halt_at_step), "final model")
 
 
 def cmd_serve(a) -> None:
@@ -210,9 +219,8 @@ def cmd_eval(a) -> None:
 def cmd_rl(a) -> None:
     from .config import ALGO_PRESETS, RLConfig
     from .trainers.rl import train_rl
-    from .trainers.run import outcome
     cfg = load_config(RLConfig, a.config, a.overrides, defaults=ALGO_PRESETS[a.algo])
-    print(outcome(train_rl(cfg, resume=_resume(a), halt_at_step=a.halt_at_step), "final policy"))
+    _report_training(train_rl(cfg, resume=_resume(a), halt_at_step=a.halt_at_step), "final policy")
 
 
 def cmd_disc_init(a) -> None:
@@ -236,18 +244,16 @@ def cmd_disc_pairs(a) -> None:
 
 def cmd_disc_warmup(a) -> None:
     from .config import WarmupConfig
-    from .trainers.run import outcome
     from .trainers.warmup import train_warmup
     cfg = load_config(WarmupConfig, a.config, a.overrides)
-    print(outcome(train_warmup(cfg, resume=_resume(a), halt_at_step=a.halt_at_step), "warmed-up discriminator"))
+    _report_training(train_warmup(cfg, resume=_resume(a), halt_at_step=a.halt_at_step), "warmed-up discriminator")
 
 
 def cmd_align(a) -> None:
     from .config import AlignConfig
     from .trainers.align import train_align
-    from .trainers.run import outcome
     cfg = load_config(AlignConfig, a.config, a.overrides)
-    print(outcome(train_align(cfg, resume=_resume(a), halt_at_step=a.halt_at_step), "aligned policy"))
+    _report_training(train_align(cfg, resume=_resume(a), halt_at_step=a.halt_at_step), "aligned policy")
 
 
 def cmd_plot(a) -> None:
@@ -487,6 +493,14 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"prism {_command(args)}: error: {e}", file=sys.stderr)
         return 1
+    except Abort as e:          # a second SIGTERM/SIGINT during training: out at once
+        print(f"prism {_command(args)}: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:   # Ctrl-C outside a training loop (loading, evaluating, ...)
+        if args.verbose:
+            traceback.print_exc()
+        print(f"prism {_command(args)}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

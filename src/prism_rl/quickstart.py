@@ -83,9 +83,10 @@ def _run_lane(lane: Lane, logs: Path) -> float:
             rc = subprocess.call(argv, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         dt = time.time() - t
         total += dt
-        if rc != 0:
+        if rc != 0 or not done.exists():   # exit 0 without its output: a training stage stopped by a signal
             tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
-            raise RuntimeError(f"stage '{label}' failed (exit {rc}); log {log}:\n{tail}")
+            what = f"failed (exit {rc})" if rc else f"stopped before writing {done}"
+            raise RuntimeError(f"stage '{label}' {what}; log {log}:\n{tail}")
         print(f"  [done] {label} in {dt:.0f}s", flush=True)
     return total
 

@@ -141,6 +141,12 @@ def train_align(cfg: AlignConfig, resume: bool = False, halt_at_step: int | None
                          cache_implementation=cfg.rollout.cache_implementation)
     run.begin(cfg.train.steps, halt_at_step, prompts=len(prompts), bad_records=bad.count, disc_variant=disc.variant)
     guard = NonfiniteGuard(run.out)
+
+    def save_both(final: Path) -> Path:
+        save_final(final / "policy", model, processor)
+        disc.save(final / "disc", processor)
+        return final
+
     with run:
         for step in run.steps():
             with run.timer("step"):
@@ -149,13 +155,7 @@ def train_align(cfg: AlignConfig, resume: bool = False, halt_at_step: int | None
             run.show(cap_gap=metrics.get("disc/cap_gap", 0.0), reason_gap=metrics.get("disc/reason_gap", 0.0),
                      fmt=metrics["rollout/format"])
             run.log(step, metrics | run.timings())
-
-    def save_both(final: Path) -> Path:
-        save_final(final / "policy", model, processor)
-        disc.save(final / "disc", processor)
-        return final
-
-    return run.finish(save_both, {"steps": run.step}) / "policy"
+        return run.finish(save_both, {"steps": run.step}) / "policy"
 
 
 def align_step(run: Run, step: int, model, disc: Discriminator, processor, engine: RolloutEngine, stream: PromptStream,

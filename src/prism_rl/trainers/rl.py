@@ -205,9 +205,9 @@ def train_rl(cfg: RLConfig, resume: bool = False, halt_at_step: int | None = Non
                 metrics.update({"eval/acc": ev["overall"]["accuracy"], "eval/format": ev["overall"]["format_rate"]})
             run.show(reward=metrics["rollout/reward"], acc=metrics["rollout/acc"])
             run.log(step, metrics)
-    return run.finish(lambda folder: save_final(folder, model, processor),
-                      {"steps": run.step, "algo": cfg.algo.name, "bad_records": bad.count,
-                       "bad_record_reasons": bad.reasons})
+        return run.finish(lambda folder: save_final(folder, model, processor),
+                          {"steps": run.step, "algo": cfg.algo.name, "bad_records": bad.count,
+                           "bad_record_reasons": bad.reasons})
 
 
 def rl_step(run: Run, step: int, model, engine: RolloutEngine, stream: PromptStream, cfg: RLConfig,

@@ -9,12 +9,16 @@ and loops over :meth:`Run.steps`::
     saved = run.track({"": model}, processor, {"optimizer": opt, "scheduler": sched},
                       extra=lambda: {"stream": stream.state()})   # restores them when resuming
     run.begin(total=cfg.train.steps, halt_at_step=halt_at_step, prompts=len(pool))
-    with run:                                              # Ctrl-C saves a checkpoint
+    with run:                                              # SIGTERM / SIGINT: stop after the step
         for step in run.steps():                           # bar, save_every
             with run.timer("rollout"):
                 ...
             run.log(step, {"actor/pg_loss": ..., **run.timings()})
-    return run.finish(lambda folder: save_final(folder, model, processor), summary={...})
+        return run.finish(lambda folder: save_final(folder, model, processor), summary={...})
+
+A first SIGTERM or SIGINT inside ``with run:`` lets the step in progress finish, then the loop
+ends and :meth:`Run.finish` saves a checkpoint at that step (``interrupt.py`` says why a step is
+finished rather than abandoned); a second one raises :class:`~.interrupt.Abort` at once.
 
 Metric names are namespaced as in verl and EasyR1: ``actor/`` (policy update), ``disc/``
 (discriminator), ``rollout/`` (what was sampled and how it scored), ``timing/`` (seconds and
@@ -41,6 +45,7 @@ from .. import distributed as D
 from ..data.records import DataError
 from ..models.loading import load_policy, set_pixel_limits
 from .checkpoint import check_finite, checkpoint_step, nonfinite_tensors, resume_checkpoint, save_checkpoint, set_rng_state
+from .interrupt import StopSignals, record_stop
 from .resume_config import RESUME_WITH_CHANGES, check_resume_config, optimizer_settings, reapply_settings, write_run_config
 
 log = logging.getLogger(__name__)
@@ -53,17 +58,24 @@ def seed_everything(seed: int) -> None:
 
 
 class MetricsLogger:
-    """Writes one JSON object per logged step to ``metrics.jsonl`` and to TensorBoard."""
+    """Writes one JSON object per logged step to ``metrics.jsonl`` and to TensorBoard.
 
-    def __init__(self, out_dir: str | Path, tensorboard: bool = True):
+    A run that starts at ``start_step`` (a resumed one) first drops the rows of later steps
+    from both: they were logged by an earlier attempt that died after its last checkpoint, and
+    the steps are run (and logged) again, so each step appears once.
+    """
+
+    def __init__(self, out_dir: str | Path, tensorboard: bool = True, start_step: int = 0):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.out_dir / "metrics.jsonl"
+        drop_rows_after(self.path, start_step)
         self._tb = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                self._tb = SummaryWriter(str(self.out_dir / "tb"))
+                # purge_step: TensorBoard hides the events of steps >= it from earlier writers
+                self._tb = SummaryWriter(str(self.out_dir / "tb"), purge_step=start_step + 1)
             except ImportError:  # tensorboard is a dependency, but never fail a run over logging
                 self._tb = None
 
@@ -97,6 +109,27 @@ class _NoLogger:
 
     def close(self) -> None:
         pass
+def drop_rows_after(path: Path, step: int) -> int:
+    """Rewrite ``path`` (a ``metrics.jsonl``) without the rows of steps after ``step`` and
+    without a torn last line (a process killed mid-write); returns how many lines went."""
+    if not path.exists():
+        return 0
+    lines = path.read_text().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            kept.append(line)
+    if len(kept) < len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)
+        log.info("%s: dropped %d rows past step %d (logged before the last checkpoint was resumed)",
+                 path, len(lines) - len(kept), step)
+    return len(lines) - len(kept)
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -104,19 +137,21 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.exists() else []
 
 
-def outcome(folder: Path, finished: str) -> str:
+def outcome(folder: Path, finished: str, stopped_by: str | None = None) -> str:
     """The line a stage's command prints about the folder its run returned.
 
     :meth:`Run.finish` returns a ``checkpoint-<N>`` folder when the run halted before its last
-    step (``--halt-at-step``) and the final folder otherwise; only the latter is a final model,
-    so a halted run says ``stopped at step N, checkpoint: ...`` and how to continue.
+    step (``--halt-at-step``, or a signal: ``stopped_by``) and the final folder otherwise; only
+    the latter is a final model, so a halted run says ``stopped at step N, checkpoint: ...``
+    (``stopped by SIGTERM after step N, ...``) and how to continue.
     """
     step = checkpoint_step(folder)
     if step is None and folder.name == "policy":  # alignment returns the policy sub-folder
         step = checkpoint_step(folder.parent)
     if step is None:
         return f"{finished}: {folder}"
-    return f"stopped at step {step}, checkpoint: {folder} (continue with --resume)"
+    how = f"stopped by {stopped_by} after step" if stopped_by else "stopped at step"
+    return f"{how} {step}, checkpoint: {folder} (continue with --resume)"
 
 
 def load_stage_policy(cfg, device: torch.device, resume_from: Path | None = None):
@@ -133,8 +168,9 @@ class Run:
     """One training run: output folder, config, seed, device, checkpoints, metrics, timers.
 
     ``cfg`` needs ``output_dir``, ``train.seed``, ``train.log_every`` and may have
-    ``train.save_every``. Checkpoints are written every ``save_every`` steps, on Ctrl-C inside
-    ``with run:`` and when the run halts before its last step (``halt_at_step``).
+    ``train.save_every``. Checkpoints are written every ``save_every`` steps and when the run
+    stops before its last step: at ``halt_at_step``, or after the step in progress when SIGTERM
+    or SIGINT arrives inside ``with run:``.
     """
 
     def __init__(self, cfg, stage: str, *, resume: bool | str = False, desc: str | None = None):
@@ -144,10 +180,10 @@ class Run:
         self.cfg, self.stage, self.desc = cfg, stage, desc or stage
         self.out = Path(cfg.output_dir)
         self.device = D.init_from_env()  # distributed: joins the torchrun group, this rank's device
-        self.ckpt, self._saved, self.config_changes = self._resume_point(resume)
+        self.ckpt, self._resume_state, self.config_changes = self._resume_point(resume)
         if D.is_main():  # distributed: rank 0 writes the run's files
-            write_run_config(cfg, self.out, self._saved and self._saved.get("run_config"),
-                             self._saved["step"] if self._saved else None, self.config_changes)
+            write_run_config(cfg, self.out, self._resume_state and self._resume_state.get("run_config"),
+                             self._resume_state["step"] if self._resume_state else None, self.config_changes)
         seed_everything(cfg.train.seed)
         self.step = 0
         self.total = self.halt = 0
@@ -159,6 +195,10 @@ class Run:
         self._times: dict[str, float] = {}
         self.logger: MetricsLogger | None = None
         self.bar: tqdm | None = None
+        self._signals: StopSignals | None = None
+        self._in_step = False
+        self._last_saved = self.ckpt   # the newest checkpoint of this run (written, or resumed from)
+        record_stop(None)
 
     def _resume_point(self, resume: bool | str) -> tuple[Path | None, dict | None, dict]:
         """(checkpoint, its trainer state, the config changes allowed) to resume from; Nones
@@ -188,7 +228,7 @@ class Run:
                             "the weights are damaged")
         if self.ckpt is None:
             return {}
-        st = self._saved
+        st = self._resume_state
         built = optimizer_settings(stateful)
         for key, obj in stateful.items():
             obj.load_state_dict(st[key])
@@ -202,7 +242,8 @@ class Run:
         """Open the metrics log with a start event, and the progress bar."""
         self.total = total
         self.halt = total if halt_at_step is None else min(total, halt_at_step)
-        self.logger = MetricsLogger(self.out) if D.is_main() else _NoLogger()  # distributed: rank 0 logs
+        self.logger = (MetricsLogger(self.out, start_step=self.step) if D.is_main()
+                       else _NoLogger())  # distributed: rank 0 logs
         self.logger.log(self.step, {"event": "start", "stage": self.stage, **start_info,
                                     "resumed_from": str(self.ckpt) if self.ckpt else None})
         self.bar = tqdm(total=total, initial=self.step, desc=self.desc, dynamic_ncols=True, disable=not D.is_main())
@@ -210,21 +251,49 @@ class Run:
     # ---- the loop
 
     def __enter__(self) -> Run:
+        """Catch SIGTERM and SIGINT until the block ends (``interrupt.StopSignals``)."""
+        self._signals = StopSignals(self._notice, self._abort_message).__enter__()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        """Put the previous signal handlers back and close the log. Nothing is saved on an
+        exception: the step it broke off is half-applied (the newest checkpoint stays the
+        one to resume from)."""
         try:
-            if exc_type is KeyboardInterrupt:
-                path = self.save()
-                log.warning("interrupted: checkpoint saved to %s; continue with --resume", path)
+            if self._signals is not None:
+                self._signals.__exit__()
         finally:
             self.close()
 
+    @property
+    def stop_requested(self) -> str | None:
+        """The signal that asked this run to stop, if one has."""
+        return self._signals.received if self._signals is not None else None
+
+    @property
+    def stopped_by(self) -> str | None:
+        """The signal that stopped the run before its halt (``None``: it was not stopped)."""
+        return self.stop_requested if self.step < self.halt else None
+
+    def _notice(self, name: str) -> str:
+        doing = f"finishing step {self.step + 1}, then saving" if self._in_step else "saving"
+        since = self._last_saved.name if self._last_saved is not None else "the start"
+        return (f"{self.desc}: {name} received: {doing} a checkpoint and stopping "
+                f"(a second signal stops at once, losing the steps since {since})")
+
+    def _abort_message(self, name: str) -> str:
+        where = f"in step {self.step + 1}" if self._in_step else f"after step {self.step}"
+        since = f"{self._last_saved} (continue with --resume)" if self._last_saved is not None else "the start (no checkpoint)"
+        return f"stopped at once by a second {name} {where}; nothing saved since {since}"
+
     def steps(self) -> Iterator[int]:
-        """Yield the number of each step to run (1-based) until the halt; after each step,
-        count it, advance the bar and save every ``save_every`` steps (not at the last)."""
-        while self.step < self.halt:
+        """Yield the number of each step to run (1-based) until the halt, or until a stop
+        signal has come; after each step, count it, advance the bar and save every
+        ``save_every`` steps (not at the last)."""
+        while self.step < self.halt and not self.stop_requested:
+            self._in_step = True
             yield self.step + 1
+            self._in_step = False
             self.step += 1
             self.bar.update(1)
             if self.save_every and self.step % self.save_every == 0 and self.step < self.total:
@@ -267,15 +336,23 @@ class Run:
         """A resumable checkpoint at the current step."""
         if D.is_distributed():  # distributed: sharded (DCP) checkpoints are not written yet (issue 14)
             raise NotImplementedError("checkpoints of a run under torchrun (train.save_every, --halt-at-step, "
-                                      "Ctrl-C) are not implemented yet; only the final model is exported")
-        return save_checkpoint(self.out, self.step, self._models, self._processor, self.state())
+                                      "a stop signal) are not implemented yet; only the final model is exported")
+        self._last_saved = save_checkpoint(self.out, self.step, self._models, self._processor, self.state())
+        return self._last_saved
 
     def finish(self, save_final: Callable[[Path], Path], summary: dict) -> Path:
-        """End the run: halted early, a checkpoint to resume from; done, ``save_final(out /
-        "final")`` and ``summary.json``. Returns the folder written."""
+        """End the run: halted or stopped by a signal early, a checkpoint to resume from (the
+        one just written at this step, if any); done, ``save_final(out / "final")`` and
+        ``summary.json``. Returns the folder written. Call it inside ``with run:``, so that a
+        second signal still stops a slow save at once."""
+        record_stop(self.stopped_by)
+        if self.stopped_by and self.logger is not None:
+            self.logger.log(self.step, {"event": "stop", "signal": self.stopped_by})
         self.close()
         if self.step < self.total:
-            return self.save()
+            done = (self._last_saved is not None and checkpoint_step(self._last_saved) == self.step
+                    and self._last_saved.exists())
+            return self._last_saved if done else self.save()
         check_finite(self._models, "final model")
         final = save_final(self.out / "final")
         if D.is_main():

@@ -158,10 +158,10 @@ def train_sft(cfg: SFTConfig, resume: bool = False, halt_at_step: int | None = N
                                "train/tokens_seen": progress["tokens_seen"]})
                 run.show(loss=loss, tok_s=tps)
                 tok_window, t_window = 0, now
-    return run.finish(lambda folder: save_final(folder, model, processor),
-                      {"steps": run.step, "examples": len(examples), "bad_records": bad.count,
-                       "wall_s": time.time() - t0, "bad_record_reasons": bad.reasons[:50],
-                       "overlong": overlong})
+        return run.finish(lambda folder: save_final(folder, model, processor),
+                          {"steps": run.step, "examples": len(examples), "bad_records": bad.count,
+                           "wall_s": time.time() - t0, "bad_record_reasons": bad.reasons[:50],
+                           "overlong": overlong})
 
 
 def rank_share(micros: list[list[Encoded]]) -> list[list[Encoded]]:

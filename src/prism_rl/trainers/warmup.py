@@ -240,5 +240,5 @@ def train_warmup(cfg: WarmupConfig, resume: bool = False, halt_at_step: int | No
         if run.step == steps:
             after = evaluate_pairs(disc, processor, held_pairs, cfg.disc.batch_size) if held else {}
             run.log(steps, {"event": "end", **_disc_metrics(after)}, force=True)
-    return run.finish(lambda folder: disc.save(folder, processor),
-                      {"steps": steps, "before": before, "after": after, "wall_s": time.time() - t0})
+        return run.finish(lambda folder: disc.save(folder, processor),
+                          {"steps": steps, "before": before, "after": after, "wall_s": time.time() - t0})
