@@ -127,8 +127,8 @@ def train_align(cfg: AlignConfig, resume: bool = False, halt_at_step: int | None
     d = cfg.data
     prompts = prompt_pool(d.train, processor, max_prompt_length=d.max_prompt_length, limit=d.limit,
                           skip_bad=d.skip_bad, bad=bad)
+    teachers = Teachers(prompts.records, processor)   # no teacher demonstrations: nothing to align to
     check_align_prompts(prompts.records, cfg)
-    teachers = Teachers(prompts.records, processor)
     opt = build_optimizer(model.parameters(), cfg.optim)
     sched = build_scheduler(opt, cfg.optim, cfg.train.steps * cfg.ppo.ppo_epochs * cfg.ppo.mini_batches)
     d_opt = build_optimizer(disc.parameters(), cfg.disc_optim)
