@@ -8,9 +8,7 @@ name both.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from PIL import Image
@@ -41,21 +39,15 @@ class ImageRef:
     base_dir: str | None = None
 
     def open(self) -> Image.Image:
-        """Open lazily (reads the header only); raises ``OSError``/``ValueError`` on a bad image."""
-        if self.data is not None:
-            return Image.open(io.BytesIO(self.data))
-        if self.path is not None:
-            p = Path(self.path)
-            if not p.is_absolute() and self.base_dir is not None:
-                p = Path(self.base_dir) / p
-            return Image.open(p)
-        raise ValueError("image has neither bytes nor a path")
+        """The header, opened lazily and checked against the image limits (no pixels decoded);
+        raises ``ImageError`` (a ``ValueError``) on a bad or oversized image."""
+        from .images import open_image  # images.py imports this module: import at call time
+        return open_image(self)
 
     def load(self) -> Image.Image:
-        """Decode to an RGB PIL image; raises ``OSError``/``ValueError`` on a bad image."""
-        img = self.open()
-        img.load()
-        return img.convert("RGB")
+        """Decode to an RGB PIL image (after ``open``'s checks); raises ``ImageError``."""
+        from .images import decode_image
+        return decode_image(self)
 
 
 @dataclass
@@ -85,11 +77,13 @@ class Record:
         return f"{loc}, field '{field_name}'" if field_name else loc
 
     def load_images(self) -> list[Image.Image]:
-        """Decode every image; a missing or corrupt one raises ``DataError`` naming it."""
+        """Decode every image; a missing, corrupt or oversized one (see
+        :class:`~prism_rl.data.images.ImageLimits`) raises ``DataError`` naming it."""
         return [self._image(i, ImageRef.load) for i in range(len(self.images))]
 
     def check_images(self) -> None:
-        """Open every image's header (no decoding); a missing or unreadable one raises ``DataError``."""
+        """Open every image's header (no decoding); a missing, unreadable or oversized one raises
+        ``DataError``."""
         for i in range(len(self.images)):
             self._image(i, ImageRef.open).close()
 

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..config import ConfigError, EvalConfig, save_config
+from ..data.images import image_limits, set_image_limits
 from ..data.records import BadField, BadRecords, Record, report_bad
 from ..reward import compute_score
 from ..rollout.base import SamplingParams
@@ -107,6 +108,7 @@ def _load(cfg: EvalConfig):
 
     model, processor = load_policy(cfg.model, pick_device(), trainable=False)
     set_pixel_limits(processor, cfg.data.max_pixels, cfg.data.min_pixels)
+    set_image_limits(image_limits(cfg.data))
     return model, processor
 
 

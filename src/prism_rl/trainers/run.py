@@ -38,6 +38,7 @@ import torch
 from tqdm import tqdm
 
 from ..config import save_config
+from ..data.images import image_limits, set_image_limits
 from ..models.loading import load_policy, pick_device, set_pixel_limits
 from .checkpoint import checkpoint_step, latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
 
@@ -109,10 +110,12 @@ def outcome(folder: Path, finished: str) -> str:
 
 def load_stage_policy(cfg, device: torch.device, resume_from: Path | None = None):
     """The stage's trainable policy and processor: from ``cfg.model`` or, when resuming, from
-    the checkpoint folder ``resume_from``; the processor gets ``cfg.data``'s pixel limits."""
+    the checkpoint folder ``resume_from``; the processor gets ``cfg.data``'s pixel limits, the
+    image decoder its size limits."""
     model_cfg = cfg.model if resume_from is None else cfg.model.model_copy(update={"path": str(resume_from)})
     model, processor = load_policy(model_cfg, device, trainable=True)
     set_pixel_limits(processor, cfg.data.max_pixels, cfg.data.min_pixels)
+    set_image_limits(image_limits(cfg.data))
     return model, processor
 
 
