@@ -8,6 +8,7 @@ sampling) from ``HFEngine.generate``. One server process serves the whole module
 from __future__ import annotations
 
 import base64
+import os
 import threading
 from pathlib import Path
 
@@ -210,6 +211,29 @@ def test_image_by_data_url_and_by_file_url(client, local, name, file_dir):
         assert r.choices[0].message.content == ro.texts[0]
         assert r.usage.completion_tokens == int(ro.response_lengths.sum())
         assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_file_urls_read_only_regular_files_inside_the_allowed_folder(client, name, file_dir, tmp_path):
+    """Outside the folder, through a link out of it, climbing out with '..', missing, a folder,
+    a FIFO: one answer for all, so the port cannot tell which files exist."""
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(png_bytes())
+    (file_dir / "link-out.png").symlink_to(outside)
+    (file_dir / "a-folder.png").mkdir()
+    os.mkfifo(file_dir / "fifo.png")
+    urls = [outside.as_uri(), (file_dir / "link-out.png").as_uri(), f"file://{file_dir}/../{tmp_path.name}/outside.png",
+            (file_dir / "missing.png").as_uri(), (file_dir / "a-folder.png").as_uri(), (file_dir / "fifo.png").as_uri(),
+            "file:///etc/passwd", "file://remote-host/etc/passwd", "file:relative.png"]
+    bodies = []
+    for url in urls:
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(model=name, messages=[_image_msg(url)], max_tokens=1)
+        bodies.append(info.value.body)
+    assert all(b == bodies[0] for b in bodies), bodies
+    assert bodies[0]["code"] == "invalid_image_url" and "this file:// URL cannot be read" in bodies[0]["message"]
+    (file_dir / "ok.png").write_bytes(png_bytes("green"))
+    r = client.chat.completions.create(model=name, messages=[_image_msg(f"file://{file_dir}/./ok.png")], max_tokens=1)
+    assert r.choices[0].finish_reason in ("stop", "length")
 
 
 def test_n_seeded_samples_and_usage_sum(client, local, name):

@@ -89,7 +89,7 @@ class ImageLimits:
             raise ImageOutOfLimits(f"{width} x {height}: the shorter side is under the limit of {self.min_side} "
                              f"pixels ({self.names[2]})")
         if long > self.max_aspect_ratio * short:
-            raise ImageOutOfLimits(f"{width} x {height}: aspect ratio {long / short:.0f}:1 is over the limit of "
+            raise ImageOutOfLimits(f"{width} x {height}: aspect ratio {long / short:.3g}:1 is over the limit of "
                              f"{self.max_aspect_ratio:g}:1 ({self.names[1]})")
 
 
@@ -241,13 +241,21 @@ def _file_url_bytes(url: str, field: str, root: str | Path | None) -> bytes:
         fd = os.open(real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
     except OSError:
         raise refused from None
-    with os.fdopen(fd, "rb") as fh:
-        st = os.fstat(fh.fileno())
-        if not stat.S_ISREG(st.st_mode):  # a FIFO or device would be read forever
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):  # a folder; a FIFO or device would be read forever
             raise refused
         if st.st_size > MAX_FILE_URL_BYTES:
             raise BadField(field, f"the file is over {MAX_FILE_URL_BYTES // 2**20} MiB")
-        return fh.read(MAX_FILE_URL_BYTES + 1)
+        chunks, left = [], MAX_FILE_URL_BYTES
+        while left > 0 and (chunk := os.read(fd, min(left, 2**20))):
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    except OSError:
+        raise refused from None
+    finally:
+        os.close(fd)
 
 
 def _within(full: str, tops: list[str]) -> bool:

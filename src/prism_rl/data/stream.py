@@ -71,8 +71,8 @@ class PromptStream:
         self._order = self._perm()
 
 
-NO_GROUND_TRUTH = ("no ground truth to score responses against (verl parquet: reward_model.ground_truth; "
-                   "ShareGPT JSON/JSONL: ground_truth)")
+NO_GROUND_TRUTH = ("no ground truth to score responses against (reward_model.ground_truth in verl parquet, "
+                   "ground_truth in ShareGPT JSON or JSONL)")
 
 
 def with_ground_truth(items: list, skip_bad: bool, bad: BadRecords | None) -> list:
