@@ -450,11 +450,32 @@ def test_file_urls_are_off_by_default_and_every_refusal_reads_the_same(hostile_s
         in body["error"]["message"]
 
 
-def test_a_seed_out_of_range_is_a_400(hostile_server):
+def test_sampling_settings_at_their_edges(hostile_server):
+    """A seed of 2**80 was a 503 (torch refused it inside generation): now a 400 naming it. A
+    temperature of 1e-286 (the fuzz found it) made every logit infinite: now it is greedy."""
     r = _chat(hostile_server, "hi", seed=2**80, temperature=1.0)
     assert r.status_code == 400 and r.json()["error"]["param"] == "seed", r.text
     for seed in (2**64 - 1, -(2**63), 0):
         assert _chat(hostile_server, "hi", seed=seed, temperature=1.0).status_code == 200
+    greedy = _chat(hostile_server, "How many circles?", temperature=0, max_tokens=8)
+    tiny = _chat(hostile_server, "How many circles?", temperature=1e-286, max_tokens=8)
+    assert tiny.status_code == 200, tiny.text
+    assert tiny.json()["choices"][0]["message"] == greedy.json()["choices"][0]["message"]
+
+
+def test_lone_surrogates_are_400s(hostile_server):
+    """JSON can escape half a surrogate pair; the tokenizer raised TypeError on it (a 503, the
+    fuzz found it), and an error message quoting it could not be encoded."""
+    url = f"{hostile_server.base_url}/v1/chat/completions"
+    headers = {**AUTH, "Content-Type": "application/json"}
+    body = '{"model": "%s", "messages": [{"role": "user", "content": "a\\ud800b"}]}' % hostile_server.served_name
+    r = httpx.post(url, content=body.encode(), headers=headers)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].content", r.text
+    assert "holds a lone surrogate (\\ud800 at character 1)" in r.json()["error"]["message"]
+    r = httpx.post(url, content=b'{"model": "\\udfff", "messages": [{"role": "user", "content": "hi"}]}',
+                   headers=headers)
+    assert r.status_code == 404 and "The model '\\udfff' does not exist" in r.json()["error"]["message"]
+    _still_serving(hostile_server)
 
 
 def test_bodies_over_the_limit_are_refused_unread(hostile_server):

@@ -73,6 +73,7 @@ API_KEY_ENV = "PRISM_API_KEY"
 DEFAULT_MAX_BODY_BYTES = 8 * 2**20           # a 6 MB image as base64, or ~8 MB of text
 DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096       # per request; Qwen3-VL's processor resizes above this anyway
 DEFAULT_MAX_QUEUE = 256
+MIN_TEMPERATURE = 1e-4
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -133,10 +134,14 @@ class Job:
 def gen_key(temperature: float | None, top_p: float | None, n: int, max_new_tokens: int,
             seed: int | None) -> GenKey:
     """OpenAI defaults (temperature 1, top_p 1); greedy settings are normalised so that all
-    greedy requests share one key (and one batch), whatever their n, top_p or seed."""
+    greedy requests share one key (and one batch), whatever their n, top_p or seed.
+
+    A temperature under ``MIN_TEMPERATURE`` is greedy too: sampling divides the logits by it,
+    and 1e-286 turns them into infinities (every sample fails); at 1e-4 the distribution is
+    already the argmax but for logits within ~1e-3 of each other."""
     t = 1.0 if temperature is None else float(temperature)
     p = 1.0 if top_p is None else float(top_p)
-    if t == 0 or p == 0:  # top_p 0 keeps only the most likely token: greedy
+    if t < MIN_TEMPERATURE or p == 0:  # top_p 0 keeps only the most likely token: greedy
         return GenKey(0.0, 1.0, max_new_tokens, 1)
     return GenKey(t, p, max_new_tokens, n, seed)
 

@@ -53,8 +53,15 @@ class APIError(Exception):
         self.headers = headers
 
     def response(self) -> JSONResponse:
-        body = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+        body = {"message": _printable(self.message), "type": self.type, "param": _printable(self.param),
+                "code": self.code}
         return JSONResponse(status_code=self.status, content={"error": body}, headers=self.headers)
+
+
+def _printable(text: str | None) -> str | None:
+    """``text`` with any lone surrogate (from a client's ``\\ud800`` escape, quoted back in a
+    message) written as its escape: the response must encode as UTF-8."""
+    return None if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -138,6 +145,11 @@ def _checked_text(text: str, param: str) -> str:
     if IMAGE_PLACEHOLDER in text:
         raise bad_request(f"'{param}' contains the reserved string '{IMAGE_PLACEHOLDER}'; send images "
                           "as image_url content parts.", param)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # JSON can escape half a surrogate pair; the tokenizer cannot take it
+        raise bad_request(f"'{param}' holds a lone surrogate (\\u{ord(text[e.start]):04x} at character {e.start}), "
+                          "which is not valid Unicode.", param) from None
     return text
 
 
