@@ -468,7 +468,9 @@ def test_lone_surrogates_are_400s(hostile_server):
     fuzz found it), and an error message quoting it could not be encoded."""
     url = f"{hostile_server.base_url}/v1/chat/completions"
     headers = {**AUTH, "Content-Type": "application/json"}
-    body = '{"model": "%s", "messages": [{"role": "user", "content": "a\\ud800b"}]}' % hostile_server.served_name
+    # json.dumps writes the lone surrogate as the escape \ud800
+    body = json.dumps({"model": hostile_server.served_name, "messages": [{"role": "user", "content": "a\ud800b"}]})
+    assert "\\ud800" in body
     r = httpx.post(url, content=body.encode(), headers=headers)
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].content", r.text
     assert "holds a lone surrogate (\\ud800 at character 1)" in r.json()["error"]["message"]

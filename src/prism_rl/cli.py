@@ -34,8 +34,10 @@ Input: JSONL, one object per line:
                 one multi-value answer, compared without regard to order
   any other field is copied to the output unchanged
 Output: every line with "score", "acc" (0/1) and "format" (0/1) added, to --output or stdout;
-a summary {n, mean_score, mean_acc, format_rate} on stderr. A bad line stops the command before
-anything is written, naming the file, line and field.
+a summary {n, mean_score, mean_acc, format_rate} on stderr. A bad line (bad JSON, not UTF-8, a
+lone surrogate escape, a missing or mistyped field) stops the command before anything is
+written, naming the file, line and field; so does a file without records. --output is written
+through a temporary file: whole, or not at all.
 
 Rewards (--reward-fn):
   prism (default)  score = 0.8 acc + 0.2 when the whole response is

@@ -15,7 +15,10 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .data.images import DEFAULT_MAX_IMAGE_PIXELS, PIL_BOMB_PIXELS, QWEN_MAX_ASPECT_RATIO
+# Image limits (data/images.py checks them on each image's header, before decoding).
+DEFAULT_MAX_IMAGE_PIXELS = 8192 * 8192   # 67 megapixels: 200 MB as RGB bytes, above any camera's photo
+PIL_BOMB_PIXELS = 89_478_485             # Pillow warns above this and refuses above twice this
+QWEN_MAX_ASPECT_RATIO = 200.0            # Qwen-VL's processor refuses longer / shorter side > 200
 
 
 class ConfigError(ValueError):

@@ -41,15 +41,14 @@ from urllib.parse import unquote, urlparse
 
 from PIL import Image
 
+from ..config import DEFAULT_MAX_IMAGE_PIXELS, PIL_BOMB_PIXELS, QWEN_MAX_ASPECT_RATIO
 from .records import BadField, ImageRef
 
-__all__ = ["DEFAULT_LIMITS", "FILE_URL_REFUSED", "MAX_FILE_URL_BYTES", "ImageError", "ImageLimits", "ImageOutOfLimits",
-           "decode_image", "image_limits", "image_ref", "open_image", "set_image_limits"]
+__all__ = ["DEFAULT_LIMITS", "DEFAULT_MAX_IMAGE_PIXELS", "FILE_URL_REFUSED", "MAX_FILE_URL_BYTES", "PIL_BOMB_PIXELS",
+           "QWEN_MAX_ASPECT_RATIO", "ImageError", "ImageLimits", "ImageOutOfLimits", "decode_image", "image_limits",
+           "image_ref", "open_image", "set_image_limits"]
 
 MAX_FILE_URL_BYTES = 64 * 2**20  # a file:// URL must not make the server read a huge file
-DEFAULT_MAX_IMAGE_PIXELS = 8192 * 8192   # 67 megapixels: 200 MB as RGB bytes, above any camera's photo
-PIL_BOMB_PIXELS = 89_478_485             # Pillow warns above this and refuses above twice this
-QWEN_MAX_ASPECT_RATIO = 200.0            # Qwen-VL's processor refuses longer / shorter side > 200
 FILE_URL_REFUSED = ("this file:// URL cannot be read: the server reads file URLs only when started with "
                     "--allow-file-urls DIR, and then only regular files inside DIR")
 
