@@ -30,7 +30,14 @@ from PIL import Image
 import prism_rl
 from prism_rl.cli import build_parser, main
 from prism_rl.config import ConfigError, SFTConfig, load_config
-from prism_rl.data.images import DEFAULT_LIMITS, ImageLimits, image_limits, set_image_limits
+from prism_rl.data.images import (
+    DEFAULT_LIMITS,
+    ImageLimits,
+    configure_images,
+    image_limits,
+    set_image_dirs,
+    set_image_limits,
+)
 from prism_rl.data.layouts import read_records, write_records
 from prism_rl.data.processing import encode_all, encode_prompt
 from prism_rl.data.records import BadRecords, DataError, ImageRef, Record
@@ -85,10 +92,12 @@ def hostile_images():
 
 
 @pytest.fixture(autouse=True)
-def default_image_limits():
+def default_image_settings():
     set_image_limits(DEFAULT_LIMITS)
+    set_image_dirs([])
     yield
     set_image_limits(DEFAULT_LIMITS)
+    set_image_dirs([])
 
 
 def _record(data: bytes, index: int = 0, source: str = "hostile.parquet") -> Record:
@@ -225,13 +234,20 @@ def test_relative_image_paths_stay_inside_the_data_folder(tmp_path):
         read_records(data_dir / "d.json")
     assert str(err.value) == (f"{data_dir / 'd.json'}, record 4, field 'images': image 0: image path ../secret/b.png "
                               f"leads outside the data file's folder {data_dir} (a relative image path must stay "
-                              "inside it; name a file elsewhere by its absolute path)")
+                              "inside it; name a file elsewhere by its absolute path, or allow its folder with "
+                              "data.image_dirs)")
     bad = BadRecords()
     recs = read_records(data_dir / "d.json", skip_bad=True, bad=bad)
     assert [r.index for r in recs] == [0, 1, 2, 3] and bad.count == 2
     assert "record 5, field 'images'" in bad.reasons[1] and "etc/passwd leads outside" in bad.reasons[1]
     assert [r.load_images()[0].getpixel((10, 10)) for r in recs] == [(255, 0, 0), (255, 0, 0), (0, 0, 255),
                                                                      (0, 0, 255)]
+    # a folder the config allows: the climb into it is fine, /etc still is not
+    configure_images(load_config(SFTConfig, None, [f"data.image_dirs=[{outside}]"]).data)
+    bad = BadRecords()
+    recs = read_records(data_dir / "d.json", skip_bad=True, bad=bad)
+    assert [r.index for r in recs] == [0, 1, 2, 3, 4] and bad.count == 1 and "record 5" in bad.reasons[0]
+    assert recs[4].load_images()[0].getpixel((10, 10)) == (0, 0, 255)
 
 
 # --------------------------------------------------------------------------- prism reward input

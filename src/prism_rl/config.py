@@ -54,6 +54,9 @@ class DataConfig(Section):
         description="Refuse an image whose longer side is more than this times its shorter side (Qwen-VL's "
         "processor refuses more than 200:1).")
     min_image_side: int = Field(1, ge=1, description="Refuse an image whose shorter side is under this many pixels.")
+    image_dirs: list[str] = Field(
+        [], description="Folders besides the data file's own that its relative image paths may lead into "
+        "with '..' (e.g. a shared images/ folder beside the annotations'); any other climb out is a bad record.")
     skip_bad: bool = Field(False, description="Skip (and count) bad records instead of failing.")
     limit: int | None = Field(None, gt=0, description="Use only the first N records.")
 

@@ -7,9 +7,10 @@ choices only:
 
 * ``base_dirs``: the folders a relative path may resolve against, first match wins (a data
   file's folder; a benchmark file's folder and its two parents). A relative path must stay
-  inside them: ``../../etc/passwd`` is refused (the check is on the normalised path, so a
-  symbolic link the user put inside the folder, e.g. ``images -> /mnt/big``, still works).
-  An absolute path is taken as written: the data file names that file outright. ``None``:
+  inside them, or inside a folder ``data.image_dirs`` names (:func:`configure_images`):
+  ``../../etc/passwd`` is refused (the check is on the normalised path, so a symbolic link the
+  user put inside the folder, e.g. ``images -> /mnt/big``, still works). An absolute path is
+  taken as written: the data file names that file outright. ``None``:
   paths are refused (``prism serve``: a client must not name files on the server by path);
 * ``file_url_dir``: the one folder ``file://`` URLs may read from (``prism serve
   --allow-file-urls DIR``); ``None`` (the default) refuses every ``file://`` URL. The URL's
@@ -42,11 +43,11 @@ from urllib.parse import unquote, urlparse
 from PIL import Image
 
 from ..config import DEFAULT_MAX_IMAGE_PIXELS, PIL_BOMB_PIXELS, QWEN_MAX_ASPECT_RATIO
-from .records import BadField, ImageRef
+from .errors import BadField
 
 __all__ = ["DEFAULT_LIMITS", "DEFAULT_MAX_IMAGE_PIXELS", "FILE_URL_REFUSED", "MAX_FILE_URL_BYTES", "PIL_BOMB_PIXELS",
-           "QWEN_MAX_ASPECT_RATIO", "ImageError", "ImageLimits", "ImageOutOfLimits", "decode_image", "image_limits",
-           "image_ref", "open_image", "set_image_limits"]
+           "QWEN_MAX_ASPECT_RATIO", "ImageError", "ImageLimits", "ImageOutOfLimits", "ImageRef", "configure_images",
+           "decode_image", "image_limits", "image_ref", "open_image", "set_image_dirs", "set_image_limits"]
 
 MAX_FILE_URL_BYTES = 64 * 2**20  # a file:// URL must not make the server read a huge file
 FILE_URL_REFUSED = ("this file:// URL cannot be read: the server reads file URLs only when started with "
@@ -94,12 +95,26 @@ class ImageLimits:
 
 DEFAULT_LIMITS = ImageLimits()
 _limits = DEFAULT_LIMITS
+_extra_dirs: tuple[str, ...] = ()
 
 
 def set_image_limits(limits: ImageLimits) -> None:
     """Set the process-wide limits (each stage sets its ``data`` section's at start)."""
     global _limits
     _limits = limits
+
+
+def set_image_dirs(dirs: Sequence[str | Path]) -> None:
+    """Folders a relative image path may lead into besides its data file's (``data.image_dirs``)."""
+    global _extra_dirs
+    _extra_dirs = tuple(os.path.abspath(d) for d in dirs)
+
+
+def configure_images(data_cfg: Any) -> None:
+    """Apply a ``data`` config section's image settings process-wide: the limits and
+    ``image_dirs``. Each stage calls it before it reads its data."""
+    set_image_limits(image_limits(data_cfg))
+    set_image_dirs(data_cfg.image_dirs)
 
 
 def image_limits(data_cfg: Any = None) -> ImageLimits:
@@ -111,6 +126,24 @@ def image_limits(data_cfg: Any = None) -> ImageLimits:
 
 
 # --------------------------------------------------------------------------- decoding
+
+@dataclass
+class ImageRef:
+    """An image given either as encoded bytes or as a path (relative to ``base_dir``)."""
+
+    data: bytes | None = None
+    path: str | None = None
+    base_dir: str | None = None
+
+    def open(self) -> Image.Image:
+        """The header, opened lazily and checked against the image limits (no pixels decoded);
+        raises :class:`ImageError` (a ``ValueError``) on a bad or oversized image."""
+        return open_image(self)
+
+    def load(self) -> Image.Image:
+        """Decode to an RGB PIL image (after ``open``'s checks); raises :class:`ImageError`."""
+        return decode_image(self)
+
 
 def _source(ref: ImageRef):
     if ref.data is not None:
@@ -263,7 +296,8 @@ def _within(full: str, tops: list[str]) -> bool:
 
 def _path_ref(p: str, field: str, base_dirs: Sequence[str | Path] | None) -> ImageRef:
     """An absolute path, or one relative to the first of ``base_dirs`` that holds the file,
-    normalised (``..`` parts folded) and refused when it leads outside all of them.
+    normalised (``..`` parts folded) and refused when it leads outside all of them and outside
+    the folders :func:`set_image_dirs` allows.
 
     Only existence is checked; the reference keeps the path as written (messages name it),
     or its normalised absolute form when it has ``..`` parts (so the file opened is the one
@@ -278,10 +312,11 @@ def _path_ref(p: str, field: str, base_dirs: Sequence[str | Path] | None) -> Ima
         raise BadField(field, f"image file not found: {p}")
     tops = [os.path.abspath(root) for root in base_dirs]
     candidates = [(root, os.path.normpath(os.path.join(top, p))) for root, top in zip(base_dirs, tops)]
-    candidates = [(root, full) for root, full in candidates if _within(full, tops)]
+    candidates = [(root, full) for root, full in candidates if _within(full, tops + list(_extra_dirs))]
     if not candidates:
         raise BadField(field, f"image path {p} leads outside the data file's folder {base_dirs[0]} (a relative "
-                       "image path must stay inside it; name a file elsewhere by its absolute path)")
+                       "image path must stay inside it; name a file elsewhere by its absolute path, or allow "
+                       "its folder with data.image_dirs)")
     for root, full in candidates:
         if os.path.isfile(full):
             return ImageRef(path=full) if ".." in Path(p).parts else ImageRef(path=p, base_dir=str(root))

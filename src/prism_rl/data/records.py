@@ -13,41 +13,12 @@ from typing import Any
 
 from PIL import Image
 
+from .errors import BadField, DataError
+from .images import ImageRef
+
+__all__ = ["IMAGE_PLACEHOLDER", "BadField", "BadRecords", "DataError", "ImageRef", "Record", "report_bad"]
+
 IMAGE_PLACEHOLDER = "<image>"
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file and the record index (and field)."""
-
-
-class BadField(DataError):
-    """One record's problem in one field, raised while the record is parsed, before the
-    reader attaches the file and record index (see :func:`report_bad`)."""
-
-    def __init__(self, field: str, why: str):
-        super().__init__(f"field '{field}': {why}")
-        self.field = field
-        self.why = why
-
-
-@dataclass
-class ImageRef:
-    """An image given either as encoded bytes or as a path (relative to ``base_dir``)."""
-
-    data: bytes | None = None
-    path: str | None = None
-    base_dir: str | None = None
-
-    def open(self) -> Image.Image:
-        """The header, opened lazily and checked against the image limits (no pixels decoded);
-        raises ``ImageError`` (a ``ValueError``) on a bad or oversized image."""
-        from .images import open_image  # images.py imports this module: import at call time
-        return open_image(self)
-
-    def load(self) -> Image.Image:
-        """Decode to an RGB PIL image (after ``open``'s checks); raises ``ImageError``."""
-        from .images import decode_image
-        return decode_image(self)
 
 
 @dataclass

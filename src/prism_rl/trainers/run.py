@@ -38,7 +38,7 @@ import torch
 from tqdm import tqdm
 
 from ..config import save_config
-from ..data.images import image_limits, set_image_limits
+from ..data.images import configure_images
 from ..models.loading import load_policy, pick_device, set_pixel_limits
 from .checkpoint import checkpoint_step, latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
 
@@ -115,7 +115,7 @@ def load_stage_policy(cfg, device: torch.device, resume_from: Path | None = None
     model_cfg = cfg.model if resume_from is None else cfg.model.model_copy(update={"path": str(resume_from)})
     model, processor = load_policy(model_cfg, device, trainable=True)
     set_pixel_limits(processor, cfg.data.max_pixels, cfg.data.min_pixels)
-    set_image_limits(image_limits(cfg.data))
+    configure_images(cfg.data)
     return model, processor
 
 
