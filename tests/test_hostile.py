@@ -399,6 +399,32 @@ def test_workers_are_bounded_and_die_with_their_parent(tmp_path):
                 pass
 
 
+BROKEN_MATH_VERIFY = """
+import time
+from prism_rl.reward import math_verify_pool as mvp
+results, times = [], []
+for k in range(8):
+    t = time.perf_counter()
+    results.append(mvp.run_math_verify(f"x^{k}", f"x^{k + 1}", 5.0))
+    times.append(time.perf_counter() - t)
+print(results, mvp._pool.failed_starts, mvp._pool.broken, max(times[4:]))
+"""
+
+
+def test_workers_that_cannot_start_are_not_restarted_forever(tmp_path):
+    """A math_verify that fails to import (here: shadowed on PYTHONPATH) made every call start
+    a fresh worker; after three failed starts the pool stops and answers 'error' at once."""
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "math_verify.py").write_text("raise ImportError('broken install')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(fake), SRC]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", BROKEN_MATH_VERIFY], env=env, capture_output=True, text=True,
+                          timeout=300)
+    results, failed, broken, late = proc.stdout.rsplit("]", 1)[0] + "]", *proc.stdout.rsplit("]", 1)[1].split()
+    assert results == str(["error"] * 8), proc.stdout + proc.stderr
+    assert int(failed) == 3 and broken == "True" and float(late) < 0.05
+
+
 # --------------------------------------------------------------------------- prism serve
 
 API_KEY = "sk-hostile-7f2a"

@@ -71,7 +71,7 @@ log = logging.getLogger(__name__)
 
 API_KEY_ENV = "PRISM_API_KEY"
 DEFAULT_MAX_BODY_BYTES = 8 * 2**20           # a 6 MB image as base64, or ~8 MB of text
-DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096       # per request; Qwen3-VL's processor resizes above this anyway
+DEFAULT_MAX_IMAGE_PIXELS = ImagePolicy.max_request_pixels  # per request; Qwen3-VL's processor resizes above it
 DEFAULT_MAX_QUEUE = 256
 MIN_TEMPERATURE = 1e-4
 

@@ -126,7 +126,7 @@ class ImagePolicy:
     send, each image checked from its header before any is decoded."""
 
     file_url_dir: str | Path | None = None
-    max_request_pixels: int = 4096 * 4096
+    max_request_pixels: int = 4096 * 4096   # Qwen3-VL's processor resizes larger images down to this
 
     def limits(self) -> ImageLimits:
         return ImageLimits(min(self.max_request_pixels, PIL_BOMB_PIXELS), QWEN_MAX_ASPECT_RATIO, 1,
