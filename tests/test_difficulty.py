@@ -121,7 +121,8 @@ def test_subset_of_jsonl_keeps_objects_and_rebases_image_paths(tmp_path):
     out = tmp_path / "sub" / "deeper" / "k.jsonl"
     write_subset(src, out, [2, 0], {"pass_rate": (float, [0.5, 0.25])})
     got = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [g["images"] for g in got] == [["../../img/a.png"]] * 2       # still the same file
+    # still the same file: by its absolute path, as a relative one would climb out of the folder
+    assert [g["images"] for g in got] == [[str(tmp_path / "img" / "a.png")]] * 2
     assert [{k: v for k, v in g.items() if k not in ("images", "pass_rate")} for g in got] == \
         [{k: v for k, v in objs[i].items() if k != "images"} for i in (2, 0)]
     assert [g["pass_rate"] for g in got] == [0.5, 0.25]
@@ -139,7 +140,7 @@ def test_subset_of_parquet_rebases_path_images_and_replaces_a_filter_column(tmp_
     got = pq.read_table(out)
     assert got.schema == pq.read_table(src).schema        # pass_rate replaced in place, not added twice
     row = got.to_pylist()[0]
-    assert row["images"] == [{"bytes": None, "path": "../a.png"}] and row["pass_rate"] == 0.25
+    assert row["images"] == [{"bytes": None, "path": str(tmp_path / "a.png")}] and row["pass_rate"] == 0.25
     assert {k: v for k, v in row.items() if k not in ("images", "pass_rate")} == \
         {k: v for k, v in rows[1].items() if k not in ("images", "pass_rate")}
     assert read_records(out)[0].load_images()[0].size == (96, 96)

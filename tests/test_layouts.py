@@ -412,8 +412,8 @@ def test_image_decoder_callers_choose_base_folders_and_file_urls(tmp_path):
     assert image_ref(None, "f") is None and image_ref(b"", "f") is None and image_ref({}, "f") is None
     with pytest.raises(BadField, match="only base64 data: URLs are supported"):
         image_ref(str(tmp_path / "x.png"), "f")  # no base folders: paths are refused
-    with pytest.raises(BadField, match="only base64 data: URLs are supported"):
+    with pytest.raises(BadField, match="this file:// URL cannot be read"):
         image_ref((tmp_path / "x.png").as_uri(), "f")
-    assert image_ref((tmp_path / "x.png").as_uri(), "f", allow_file_urls=True).data == data
+    assert image_ref((tmp_path / "x.png").as_uri(), "f", file_url_dir=tmp_path).data == data
     with pytest.raises(BadField, match="'bytes' is str, not bytes"):
         image_ref({"bytes": "abc"}, "f", base_dirs=(tmp_path,))

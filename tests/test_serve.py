@@ -8,6 +8,7 @@ sampling) from ``HFEngine.generate``. One server process serves the whole module
 from __future__ import annotations
 
 import base64
+import os
 import threading
 from pathlib import Path
 
@@ -41,15 +42,22 @@ CONTEXT, TOKENS_LIMIT = 1024, 256
 QUESTION = "How many red circles are there?"
 
 
+@pytest.fixture(scope="module")
+def file_dir(tmp_path_factory):
+    """The one folder the server reads file:// URLs from (--allow-file-urls)."""
+    return tmp_path_factory.mktemp("served-files")
+
+
 @pytest.fixture(scope="module", autouse=True)
-def server_process(tiny_model_dir, tmp_path_factory):
+def server_process(tiny_model_dir, tmp_path_factory, file_dir):
     """Started before the module's first test: it boots (imports take most of its start-up)
     while the in-process tests run and the reference model loads."""
     log = tmp_path_factory.mktemp("serve") / "server.log"
     # a long batching window makes the concurrency test's batching dependable; one torch
     # thread is fastest for the tiny model on a 2-core machine and matches `local`'s numerics
     proc = start_server_process(tiny_model_dir, api_key=API_KEY, log_path=log, extra_args=[
-        "--max-context", CONTEXT, "--max-tokens-limit", TOKENS_LIMIT, "--batch-wait-ms", 100, "--threads", 1])
+        "--max-context", CONTEXT, "--max-tokens-limit", TOKENS_LIMIT, "--batch-wait-ms", 100, "--threads", 1,
+        "--allow-file-urls", file_dir])
     yield proc
     stop_server_process(proc)
 
@@ -186,9 +194,9 @@ def test_multi_turn_text_completion_matches_the_engine(client, local, name):
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
 
 
-def test_image_by_data_url_and_by_file_url(client, local, name, tmp_path):
+def test_image_by_data_url_and_by_file_url(client, local, name, file_dir):
     png = png_bytes("blue", shape="square")
-    path = tmp_path / "square.png"
+    path = file_dir / "square.png"
     path.write_bytes(png)
     by_data = client.chat.completions.create(model=name, messages=[_image_msg(_data_url(png))],
                                              temperature=0, max_tokens=8)
@@ -203,6 +211,29 @@ def test_image_by_data_url_and_by_file_url(client, local, name, tmp_path):
         assert r.choices[0].message.content == ro.texts[0]
         assert r.usage.completion_tokens == int(ro.response_lengths.sum())
         assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_file_urls_read_only_regular_files_inside_the_allowed_folder(client, name, file_dir, tmp_path):
+    """Outside the folder, through a link out of it, climbing out with '..', missing, a folder,
+    a FIFO: one answer for all, so the port cannot tell which files exist."""
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(png_bytes())
+    (file_dir / "link-out.png").symlink_to(outside)
+    (file_dir / "a-folder.png").mkdir()
+    os.mkfifo(file_dir / "fifo.png")
+    urls = [outside.as_uri(), (file_dir / "link-out.png").as_uri(), f"file://{file_dir}/../{tmp_path.name}/outside.png",
+            (file_dir / "missing.png").as_uri(), (file_dir / "a-folder.png").as_uri(), (file_dir / "fifo.png").as_uri(),
+            "file:///etc/passwd", "file://remote-host/etc/passwd", "file:relative.png"]
+    bodies = []
+    for url in urls:
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(model=name, messages=[_image_msg(url)], max_tokens=1)
+        bodies.append(info.value.body)
+    assert all(b == bodies[0] for b in bodies), bodies
+    assert bodies[0]["code"] == "invalid_image_url" and "this file:// URL cannot be read" in bodies[0]["message"]
+    (file_dir / "ok.png").write_bytes(png_bytes("green"))
+    r = client.chat.completions.create(model=name, messages=[_image_msg(f"file://{file_dir}/./ok.png")], max_tokens=1)
+    assert r.choices[0].finish_reason in ("stop", "length")
 
 
 def test_n_seeded_samples_and_usage_sum(client, local, name):
@@ -301,7 +332,7 @@ BAD_REQUESTS = [
     (dict(messages=[_image_msg("data:image/png;base64," + base64.b64encode(b"no image here").decode())]),
      openai.BadRequestError, "invalid_image", "not a decodable image"),
     (dict(messages=[_image_msg("file:///definitely/not/here.png")]), openai.BadRequestError,
-     "invalid_image_url", "cannot read"),
+     "invalid_image_url", "this file:// URL cannot be read"),
     ("BAD_FILE", openai.BadRequestError, "invalid_image", "not a decodable image"),
     (dict(messages=[{"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]),
      openai.BadRequestError, None, "only allowed in user messages"),
@@ -324,9 +355,9 @@ BAD_REQUESTS = [
 
 @pytest.mark.parametrize("kwargs,error,code,words", BAD_REQUESTS,
                          ids=[f"{i}-{e[2] or e[3][:20]}" for i, e in enumerate(BAD_REQUESTS)])
-def test_bad_requests_get_openai_errors(client, name, tmp_path, kwargs, error, code, words):
+def test_bad_requests_get_openai_errors(client, name, file_dir, kwargs, error, code, words):
     if kwargs == "BAD_FILE":
-        kwargs = dict(messages=[_image_msg(_bad_image_file(tmp_path))])
+        kwargs = dict(messages=[_image_msg(_bad_image_file(file_dir))])
     full = {"model": name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **kwargs}
     with pytest.raises(error) as info:
         client.chat.completions.create(**full)

@@ -36,8 +36,10 @@ Input: JSONL, one object per line:
                 one multi-value answer, compared without regard to order
   any other field is copied to the output unchanged
 Output: every line with "score", "acc" (0/1) and "format" (0/1) added, to --output or stdout;
-a summary {n, mean_score, mean_acc, format_rate} on stderr. A bad line stops the command before
-anything is written, naming the file, line and field.
+a summary {n, mean_score, mean_acc, format_rate} on stderr. A bad line (bad JSON, not UTF-8, a
+lone surrogate escape, a missing or mistyped field) stops the command before anything is
+written, naming the file, line and field; so does a file without records. --output is written
+through a temporary file: whole, or not at all.
 
 Rewards (--reward-fn):
   prism (default)  score = 0.8 acc + 0.2 when the whole response is
@@ -208,7 +210,9 @@ def cmd_serve(a) -> None:
     logging.getLogger().setLevel(a.log_level.upper())
     run_server(a.model, a.host, a.port, a.api_key or os.environ.get(API_KEY_ENV) or None, model_name=a.model_name,
                max_batch=a.max_batch, batch_wait_ms=a.batch_wait_ms, max_tokens_limit=a.max_tokens_limit,
-               max_context=a.max_context, dtype=a.dtype, threads=a.threads, log_level=a.log_level)
+               max_context=a.max_context, dtype=a.dtype, threads=a.threads, log_level=a.log_level,
+               file_url_dir=a.allow_file_urls, max_body_bytes=a.max_body_bytes, max_image_pixels=a.max_image_pixels,
+               max_queue=a.max_queue)
 
 
 def cmd_eval(a) -> None:
@@ -437,6 +441,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-wait-ms", type=_number(float, 0.0), default=10, help="how long a batch waits to fill")
     p.add_argument("--max-tokens-limit", type=POSITIVE, default=4096, help="largest max_tokens a request may ask")
     p.add_argument("--max-context", type=POSITIVE, default=None, help="prompt + completion token limit")
+    p.add_argument("--allow-file-urls", metavar="DIR", default=None,
+                   help="read file:// image URLs, only for regular files inside DIR (symbolic links resolved); "
+                   "default: file URLs are refused")
+    p.add_argument("--max-body-bytes", type=POSITIVE, default=8 * 2**20,
+                   help="largest request body; a larger one is refused unread with a 413 (default 8 MiB)")
+    p.add_argument("--max-image-pixels", type=POSITIVE, default=4096 * 4096,
+                   help="most pixels (width x height, summed over its images) one request may send, checked "
+                   "before decoding; more is a 400 (default 16,777,216 = 4096 x 4096)")
+    p.add_argument("--max-queue", type=POSITIVE, default=256,
+                   help="most requests in flight (encoding, waiting or generating); one more gets a 429 "
+                   "(default 256)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"])

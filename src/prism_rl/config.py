@@ -15,6 +15,11 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+# Image limits (data/images.py checks them on each image's header, before decoding).
+DEFAULT_MAX_IMAGE_PIXELS = 8192 * 8192   # 67 megapixels: 200 MB as RGB bytes, above any camera's photo
+PIL_BOMB_PIXELS = 89_478_485             # Pillow warns above this and refuses above twice this
+QWEN_MAX_ASPECT_RATIO = 200.0            # Qwen-VL's processor refuses longer / shorter side > 200
+
 
 class ConfigError(ValueError):
     """A config file or override is wrong; the message names the key."""
@@ -40,6 +45,18 @@ class DataConfig(Section):
 
     max_pixels: int | None = Field(None, gt=0, description="Resize images to at most this many pixels.")
     min_pixels: int | None = Field(None, gt=0)
+    max_image_pixels: int = Field(
+        DEFAULT_MAX_IMAGE_PIXELS, gt=0, le=PIL_BOMB_PIXELS,
+        description="Refuse (never decode) an image whose header says more pixels than this: a bad record, "
+        "skipped with skip_bad. Default 8192 x 8192; at most Pillow's own decompression-bomb threshold.")
+    max_image_aspect_ratio: float = Field(
+        QWEN_MAX_ASPECT_RATIO, ge=1, le=QWEN_MAX_ASPECT_RATIO,
+        description="Refuse an image whose longer side is more than this times its shorter side (Qwen-VL's "
+        "processor refuses more than 200:1).")
+    min_image_side: int = Field(1, ge=1, description="Refuse an image whose shorter side is under this many pixels.")
+    image_dirs: list[str] = Field(
+        [], description="Folders besides the data file's own that its relative image paths may lead into "
+        "with '..' (e.g. a shared images/ folder beside the annotations'); any other climb out is a bad record.")
     skip_bad: bool = Field(False, description="Skip (and count) bad records instead of failing.")
     limit: int | None = Field(None, gt=0, description="Use only the first N records.")
 

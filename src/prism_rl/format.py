@@ -44,7 +44,7 @@ FORMAT_RE = re.compile(
     re.DOTALL,
 )
 CAPTION_END = "</caption>"
-_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
 _LEAD_RE = re.compile(r"\s*<caption>")
 _CAPTION_THINK_RE = re.compile(r"</caption>\s*<think>")
 _THINK_ANSWER_RE = re.compile(r"</think>\s*<answer>")
@@ -110,9 +110,19 @@ def extract_answer(text: str) -> str | None:
 
     Lenient on purpose: evaluation reads the answer even from a response whose other parts
     are malformed; the format score is computed separately by :func:`is_format_valid`.
+
+    The blocks are those of ``re.findall(r"<answer>(.*?)</answer>", text, re.DOTALL)``: from
+    the first ``<answer>``, up to the first ``</answer>`` after it, then on from there. Found
+    with ``str.find`` in one pass: the regex retries from every later ``<answer>`` once no
+    ``</answer>`` is left, which is quadratic on a rollout repeating ``<answer>``.
     """
-    found = _ANSWER_RE.findall(text)
-    return found[-1].strip() if found else None
+    found, pos = None, 0
+    while (start := text.find(ANSWER_OPEN, pos)) >= 0:
+        end = text.find(ANSWER_CLOSE, start + len(ANSWER_OPEN))
+        if end < 0:
+            break
+        found, pos = text[start + len(ANSWER_OPEN):end], end + len(ANSWER_CLOSE)
+    return None if found is None else found.strip()
 
 
 def make_response(caption: str, think: str, answer: str) -> str:

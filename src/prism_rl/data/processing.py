@@ -72,7 +72,12 @@ def encode_prompt(processor, record: Record) -> Encoded:
     """Prompt ids (ending with the assistant header) and pixel tensors for ``record``."""
     text = processor.apply_chat_template(chat_messages(record), add_generation_prompt=True, tokenize=False)
     images = record.load_images()
-    out = _run_processor(processor, text, images)
+    try:
+        out = _run_processor(processor, text, images)
+    except ValueError as e:  # e.g. Qwen's "absolute aspect ratio must be smaller than 200"
+        if not images:
+            raise
+        raise DataError(f"{record.where('images')}: the processor refused the images: {e}") from e
     ids = out["input_ids"][0]
     mm = out.get("mm_token_type_ids")
     return Encoded(

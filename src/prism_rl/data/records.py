@@ -8,54 +8,17 @@ name both.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
+from .errors import BadField, DataError
+from .images import ImageRef
+
+__all__ = ["IMAGE_PLACEHOLDER", "BadField", "BadRecords", "DataError", "ImageRef", "Record", "report_bad"]
+
 IMAGE_PLACEHOLDER = "<image>"
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file and the record index (and field)."""
-
-
-class BadField(DataError):
-    """One record's problem in one field, raised while the record is parsed, before the
-    reader attaches the file and record index (see :func:`report_bad`)."""
-
-    def __init__(self, field: str, why: str):
-        super().__init__(f"field '{field}': {why}")
-        self.field = field
-        self.why = why
-
-
-@dataclass
-class ImageRef:
-    """An image given either as encoded bytes or as a path (relative to ``base_dir``)."""
-
-    data: bytes | None = None
-    path: str | None = None
-    base_dir: str | None = None
-
-    def open(self) -> Image.Image:
-        """Open lazily (reads the header only); raises ``OSError``/``ValueError`` on a bad image."""
-        if self.data is not None:
-            return Image.open(io.BytesIO(self.data))
-        if self.path is not None:
-            p = Path(self.path)
-            if not p.is_absolute() and self.base_dir is not None:
-                p = Path(self.base_dir) / p
-            return Image.open(p)
-        raise ValueError("image has neither bytes nor a path")
-
-    def load(self) -> Image.Image:
-        """Decode to an RGB PIL image; raises ``OSError``/``ValueError`` on a bad image."""
-        img = self.open()
-        img.load()
-        return img.convert("RGB")
 
 
 @dataclass
@@ -85,11 +48,13 @@ class Record:
         return f"{loc}, field '{field_name}'" if field_name else loc
 
     def load_images(self) -> list[Image.Image]:
-        """Decode every image; a missing or corrupt one raises ``DataError`` naming it."""
+        """Decode every image; a missing, corrupt or oversized one (see
+        :class:`~prism_rl.data.images.ImageLimits`) raises ``DataError`` naming it."""
         return [self._image(i, ImageRef.load) for i in range(len(self.images))]
 
     def check_images(self) -> None:
-        """Open every image's header (no decoding); a missing or unreadable one raises ``DataError``."""
+        """Open every image's header (no decoding); a missing, unreadable or oversized one raises
+        ``DataError``."""
         for i in range(len(self.images)):
             self._image(i, ImageRef.open).close()
 

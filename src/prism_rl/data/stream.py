@@ -13,8 +13,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .processing import Encoded, LazyPrompts, read_limited
-from .records import BadRecords, DataError
+from .processing import Encoded, LazyPrompts, read_limited, skip_or_raise
+from .records import BadRecords, DataError, Record
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +71,32 @@ class PromptStream:
         self._order = self._perm()
 
 
+NO_GROUND_TRUTH = ("no ground truth to score responses against (reward_model.ground_truth in verl parquet, "
+                   "ground_truth in ShareGPT JSON or JSONL)")
+
+
+def with_ground_truth(items: list, skip_bad: bool, bad: BadRecords | None) -> list:
+    """``items`` (records, or encoded prompts with their ``.record``) whose record has a
+    non-blank ground truth; one without raises ``DataError`` naming it, or with ``skip_bad``
+    is counted in ``bad`` and dropped. A verifiable reward scored against an empty answer
+    would give that prompt 0 accuracy for every response, silently."""
+    keep = []
+    for item in items:
+        rec: Record = item if isinstance(item, Record) else item.record
+        if rec.ground_truth is None or not str(rec.ground_truth).strip():
+            skip_or_raise(rec, DataError(f"{rec.where('ground_truth')}: {NO_GROUND_TRUTH}"), skip_bad, bad)
+        else:
+            keep.append(item)
+    return keep
+
+
 def prompt_pool(path: str, processor, *, max_prompt_length: int, limit: int | None, skip_bad: bool,
-                bad: BadRecords) -> LazyPrompts:
-    """The training prompts of ``path`` as a lazily encoded pool (images checked now)."""
+                bad: BadRecords, need_ground_truth: bool = False) -> LazyPrompts:
+    """The training prompts of ``path`` as a lazily encoded pool (images checked now; with
+    ``need_ground_truth``, every record's ground truth too, see :func:`with_ground_truth`)."""
     records = read_limited(path, limit, skip_bad, bad)
+    if need_ground_truth:
+        records = with_ground_truth(records, skip_bad, bad)
     pool = LazyPrompts(records, processor, max_prompt_length).check_images(skip_bad, bad)
     if not len(pool):
         raise DataError(f"{path}: no usable prompts ({bad.summary()})")

@@ -14,7 +14,8 @@ the source's own layout:
 
 The one value that may change is a relative image path when the output lies in another
 folder: it is re-based so that it still names the same file (paths are relative to the data
-file's folder). Image bytes and data URLs are never touched.
+file's folder), and made absolute when the relative form would lead out of the output's folder
+(readers refuse that). Image bytes and data URLs are never touched.
 """
 
 from __future__ import annotations
@@ -114,7 +115,10 @@ def _json_objects(src: Path, rows: Sequence[int]) -> list[Any]:
 
 
 def _rebased(path: str, src_dir: Path, out_dir: Path) -> str:
-    """A path relative to ``src_dir``, made relative to ``out_dir``; URLs and absolute paths as they are."""
+    """A path relative to ``src_dir``, made relative to ``out_dir``, or absolute when that would
+    climb out of ``out_dir`` (readers refuse relative image paths that leave the data file's
+    folder); URLs and absolute paths as they are."""
     if not path or path.startswith("data:") or "://" in path or Path(path).is_absolute():
         return path
-    return os.path.relpath(src_dir / path, out_dir)
+    rel = os.path.relpath(src_dir / path, out_dir)
+    return os.path.abspath(src_dir / path) if rel.split(os.sep)[0] == os.pardir else rel

@@ -29,6 +29,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from ..config import ConfigError, EvalConfig, load_config
+from ..data.images import configure_images
 
 __all__ = ["eval_command", "eval_config"]
 
@@ -146,6 +147,7 @@ def _run_benchmark(a, cfg: EvalConfig, print_fn: Callable[[str], None]) -> None:
                  + _settings_line(info["params"], sources))
         print_fn("prism eval: " + _where_line(info, model_id(cfg.model.path)))
 
+    configure_images(d)
     s = evaluate_benchmark(
         spec.name, d.eval, cfg.model.path, run_dir, judge=judge, batch_size=g.batch_size, limit=d.limit,
         fresh=a.fresh, seed=g.seed, skip_bad=d.skip_bad,

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..config import ConfigError, EvalConfig, save_config
+from ..data.images import configure_images
 from ..data.records import BadField, BadRecords, Record, report_bad
 from ..reward import compute_score
 from ..rollout.base import SamplingParams
@@ -148,6 +149,7 @@ def evaluate(cfg: EvalConfig, model=None, processor=None, *, fresh: bool = False
 
     if not cfg.data.eval:
         raise ConfigError("data.eval (--data): no held-out file to evaluate on")
+    configure_images(cfg.data)
     g = cfg.generation
     run, run_dir = claim_run(cfg.output_dir, cfg.name or None, cfg.model.path)
     out = run_dir / heldout_part(cfg.data.eval)

@@ -18,14 +18,19 @@ accepting requests (which form the next batch) while the model works.
 Every error is answered in OpenAI's shape ``{"error": {message, type, param, code}}`` with a
 4xx status (503 when generation itself fails); the server keeps serving.
 
-``start_server_process`` / ``wait_until_ready`` / ``stop_server_process`` run the server as a
-separate process (``python -m prism_rl.jobs.serve``) for tests and tools.
+Hostile or careless clients (:mod:`prism_rl.jobs.serve_guards`, :mod:`prism_rl.jobs.serve_requests`):
+a body over ``max_body_bytes`` is refused unread (413); a request's images may hold at most
+``max_image_pixels`` pixels, read from their headers before any is decoded (400); at most
+``max_queue`` requests are in flight, one more gets a 429; a request whose client has gone is
+dropped before it is encoded or generated (a generate call already running finishes). Images
+come from base64 ``data:`` URLs, and from ``file://`` URLs only inside ``file_url_dir``
+(``--allow-file-urls DIR``; off by default). Encoding (image decoding included) runs one
+request at a time, so images in memory are one request's at most.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import os
 import re
@@ -42,60 +47,33 @@ from typing import Any
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import ModelConfig
-from ..data.images import image_ref
 from ..data.processing import Encoded, encode_prompt
-from ..data.records import IMAGE_PLACEHOLDER, BadField, DataError, ImageRef, Record
+from ..data.records import DataError
 from ..models.loading import load_policy
 from ..rollout.base import SamplingParams
 from ..rollout.hf import HFEngine
+from .serve_guards import Admission, ApiKeyMiddleware, BodyLimitMiddleware, ClientGone, unless_gone
+from .serve_requests import (
+    APIError,
+    ChatRequest,
+    ImagePolicy,
+    bad_request,
+    check_supported,
+    messages_to_record,
+    stop_strings,
+    validation_error,
+)
 
 log = logging.getLogger(__name__)
 
 API_KEY_ENV = "PRISM_API_KEY"
-MAX_N = 128                      # OpenAI's own limit on choices per request
-MAX_STOP = 16
-ROLE_ALIASES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-# Parameters we cannot honour: silently ignoring them would return something the caller
-# did not ask for, so they are refused.
-UNSUPPORTED = ("stream", "logprobs", "top_logprobs", "tools", "functions")
-
-
-# --------------------------------------------------------------------------- errors
-
-class APIError(Exception):
-    """An error answered as ``{"error": {message, type, param, code}}`` with ``status``."""
-
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-
-    def response(self) -> JSONResponse:
-        body = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
-        return JSONResponse(status_code=self.status, content={"error": body})
-
-
-def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
-    return APIError(400, message, param=param, code=code)
-
-
-def _validation_error(exc: RequestValidationError) -> APIError:
-    """FastAPI/pydantic body errors -> one 400 naming the parameter(s)."""
-    parts, params = [], []
-    for err in exc.errors():
-        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
-        if err.get("type") == "json_invalid":
-            parts.append(f"The request body is not valid JSON: {err.get('msg')}")
-            continue
-        param = ".".join(loc) or None
-        params.append(param)
-        parts.append(f"Invalid value for '{param}': {err.get('msg')}" if param else str(err.get("msg")))
-    return bad_request("; ".join(parts) or "Invalid request.", params[0] if params else None)
+DEFAULT_MAX_BODY_BYTES = 8 * 2**20           # a 6 MB image as base64, or ~8 MB of text
+DEFAULT_MAX_IMAGE_PIXELS = ImagePolicy.max_request_pixels  # per request; Qwen3-VL's processor resizes above it
+DEFAULT_MAX_QUEUE = 256
+MIN_TEMPERATURE = 1e-4
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -103,7 +81,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         return exc.response()
 
     async def validation(_req: Request, exc: RequestValidationError):
-        return _validation_error(exc).response()
+        return validation_error(exc).response()
 
     async def http_error(req: Request, exc: StarletteHTTPException):
         # unknown routes (404) and wrong methods (405) in OpenAI's shape too
@@ -121,117 +99,6 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, validation)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, unexpected)
-
-
-# --------------------------------------------------------------------------- requests
-
-class ChatRequest(BaseModel):
-    """The chat-completions parameters we use; other fields (``user``, ``metadata``...) are
-    accepted and ignored, as OpenAI clients send them freely."""
-
-    model_config = ConfigDict(extra="allow")
-
-    model: str
-    messages: list[Any]                     # checked part by part in ``messages_to_record``
-    n: int = Field(1, ge=1, le=MAX_N)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, ge=0, le=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-
-
-def _check_supported(req: ChatRequest) -> None:
-    extra = req.model_extra or {}
-    for name in UNSUPPORTED:
-        if extra.get(name):
-            raise bad_request(f"'{name}' is not supported by this server.", name, "unsupported_parameter")
-
-
-def _stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
-    stops = [stop] if isinstance(stop, str) else list(stop or [])
-    if len(stops) > MAX_STOP:
-        raise bad_request(f"'stop' has {len(stops)} strings; at most {MAX_STOP} are allowed.", "stop")
-    return tuple(s for s in stops if s)  # an empty stop string would cut every response to ""
-
-
-# --------------------------------------------------------------------------- messages -> Record
-
-def _checked_text(text: str, param: str) -> str:
-    # the training format marks images with this literal; letting it through would misplace
-    # (or miscount) the images
-    if IMAGE_PLACEHOLDER in text:
-        raise bad_request(f"'{param}' contains the reserved string '{IMAGE_PLACEHOLDER}'; send images "
-                          "as image_url content parts.", param)
-    return text
-
-
-def image_bytes(image_url: Any, param: str, allow_file_urls: bool = True) -> bytes:
-    """Encoded image bytes from an ``image_url`` part (a data: or file:// URL), checked to
-    decode; raises a 400 ``APIError`` otherwise."""
-    url = image_url.get("url") if isinstance(image_url, dict) else image_url
-    param = f"{param}.url" if isinstance(image_url, dict) else param
-    if not isinstance(url, str) or not url:
-        raise bad_request(f"'{param}' must be a data: or file:// URL string.", param, "invalid_image_url")
-    try:
-        # base_dirs=None: a client may not name server files by plain path
-        data = image_ref(url, param, allow_file_urls=allow_file_urls).data
-    except BadField as e:
-        raise bad_request(f"'{param}': {e.why}.", param, "invalid_image_url") from e
-    try:
-        ImageRef(data=data).load()  # decode now, so a bad image is the caller's 400 naming the part
-    except Exception as e:  # PIL raises OSError, ValueError, DecompressionBombError, SyntaxError...
-        raise bad_request(f"'{param}' is not a decodable image: {e}.", param, "invalid_image") from e
-    return data
-
-
-def _content_text(content: Any, role: str, where: str, images: list[ImageRef], allow_file_urls: bool) -> str:
-    """One message's content as text with ``<image>`` where its image parts were."""
-    if isinstance(content, str):
-        return _checked_text(content, f"{where}.content")
-    if not isinstance(content, list):
-        raise bad_request(f"'{where}.content' must be a string or a list of content parts.", f"{where}.content")
-    pieces = []
-    for j, part in enumerate(content):
-        pwhere = f"{where}.content[{j}]"
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text":
-            if not isinstance(part.get("text"), str):
-                raise bad_request(f"'{pwhere}.text' must be a string.", f"{pwhere}.text")
-            pieces.append(_checked_text(part["text"], f"{pwhere}.text"))
-        elif kind == "image_url":
-            if role != "user":
-                raise bad_request(f"'{pwhere}': images are only allowed in user messages.", pwhere)
-            data = image_bytes(part.get("image_url"), f"{pwhere}.image_url", allow_file_urls)
-            images.append(ImageRef(data=data))
-            pieces.append(IMAGE_PLACEHOLDER)
-        else:
-            raise bad_request(f"Invalid content part '{pwhere}': type must be 'text' or 'image_url', "
-                              f"got {kind!r}.", f"{pwhere}.type")
-    # parts are concatenated as Qwen's own template does with list content
-    return "".join(pieces)
-
-
-def messages_to_record(messages: list[Any], allow_file_urls: bool = True) -> Record:
-    """OpenAI chat messages -> a prompt ``Record`` (earlier assistant turns included)."""
-    if not messages:
-        raise bad_request("'messages' must contain at least one message.", "messages")
-    turns: list[dict[str, str]] = []
-    images: list[ImageRef] = []
-    for i, msg in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(msg, dict):
-            raise bad_request(f"'{where}' must be an object with 'role' and 'content'.", where)
-        role = msg.get("role")
-        if not isinstance(role, str) or role not in ROLE_ALIASES:
-            raise bad_request(f"Invalid value for '{where}.role': {role!r}; expected 'system', 'user' "
-                              "or 'assistant'.", f"{where}.role")
-        if "content" not in msg:
-            raise bad_request(f"'{where}.content' is missing.", f"{where}.content")
-        role = ROLE_ALIASES[role]
-        turns.append({"role": role, "content": _content_text(msg["content"], role, where, images, allow_file_urls)})
-    return Record(id=f"req-{uuid.uuid4().hex[:12]}", messages=turns, images=images, source="request", index=0)
 
 
 # --------------------------------------------------------------------------- batching worker
@@ -267,10 +134,14 @@ class Job:
 def gen_key(temperature: float | None, top_p: float | None, n: int, max_new_tokens: int,
             seed: int | None) -> GenKey:
     """OpenAI defaults (temperature 1, top_p 1); greedy settings are normalised so that all
-    greedy requests share one key (and one batch), whatever their n, top_p or seed."""
+    greedy requests share one key (and one batch), whatever their n, top_p or seed.
+
+    A temperature under ``MIN_TEMPERATURE`` is greedy too: sampling divides the logits by it,
+    and 1e-286 turns them into infinities (every sample fails); at 1e-4 the distribution is
+    already the argmax but for logits within ~1e-3 of each other."""
     t = 1.0 if temperature is None else float(temperature)
     p = 1.0 if top_p is None else float(top_p)
-    if t == 0 or p == 0:  # top_p 0 keeps only the most likely token: greedy
+    if t < MIN_TEMPERATURE or p == 0:  # top_p 0 keeps only the most likely token: greedy
         return GenKey(0.0, 1.0, max_new_tokens, 1)
     return GenKey(t, p, max_new_tokens, n, seed)
 
@@ -314,16 +185,19 @@ def tokens_reaching(ids: list[int], n_chars: int, decode) -> int:
 
 @dataclass
 class BatchStats:
-    """How many generate calls ran and how many requests each served (last 1000)."""
+    """How many generate calls ran and how many requests each served (last 1000); how many
+    requests were dropped because their client had gone."""
 
     generate_calls: int = 0
     requests: int = 0
     failed_calls: int = 0
+    dropped: int = 0
     requests_per_call: deque = field(default_factory=lambda: deque(maxlen=1000))
 
     def as_dict(self) -> dict:
         return {"generate_calls": self.generate_calls, "requests": self.requests,
-                "failed_calls": self.failed_calls, "requests_per_call": list(self.requests_per_call)}
+                "failed_calls": self.failed_calls, "dropped": self.dropped,
+                "requests_per_call": list(self.requests_per_call)}
 
 
 class BatchWorker:
@@ -362,11 +236,13 @@ class BatchWorker:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
 
-    async def submit(self, job: Job) -> list[Choice]:
+    def submit(self, job: Job) -> asyncio.Future:
+        """Queue ``job``; its future gets the choices. Cancelling the future takes the job out
+        (the worker skips done futures when it collects and again before generating)."""
         if self.queue is None:
             raise APIError(503, "The server is not ready.", type="server_error")
         self.queue.put_nowait(job)
-        return await job.future
+        return job.future
 
     async def _run(self) -> None:
         while True:
@@ -382,22 +258,29 @@ class BatchWorker:
             self._active = []
 
     async def _collect(self) -> list[Job]:
-        """The first waiting job, plus any arriving within ``batch_wait_ms`` (up to max_batch)."""
-        jobs = [await self.queue.get()]
+        """The first waiting job, plus any arriving within ``batch_wait_ms`` (up to max_batch);
+        jobs whose caller went away meanwhile are dropped, not counted."""
+        jobs = []
+        while not jobs:
+            jobs = self._live([await self.queue.get()])
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.wait_s
         while len(jobs) < self.max_batch:
             if not self.queue.empty():  # requests that queued during the last generate call
-                jobs.append(self.queue.get_nowait())
+                jobs += self._live([self.queue.get_nowait()])
                 continue
             left = deadline - loop.time()
             if left <= 0:
                 break
             try:
-                jobs.append(await asyncio.wait_for(self.queue.get(), left))
+                jobs += self._live([await asyncio.wait_for(self.queue.get(), left)])
             except TimeoutError:
                 break
         return jobs
+
+    @staticmethod
+    def _live(jobs: list[Job]) -> list[Job]:
+        return [j for j in jobs if not j.future.done()]
 
     async def _run_group(self, jobs: list[Job]) -> None:
         jobs = [j for j in jobs if not j.future.done()]  # callers that went away
@@ -486,15 +369,21 @@ class ServerState:
     worker: BatchWorker
     max_context: int
     max_tokens_limit: int
-    allow_file_urls: bool
+    images: ImagePolicy
+    admission: Admission
     created: int = field(default_factory=lambda: int(time.time()))
     encode_lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def encode(self, messages: list[Any]) -> Encoded:
-        """Messages -> encoded prompt (runs in a thread: image decoding and processing)."""
-        record = messages_to_record(messages, self.allow_file_urls)
-        # one encode at a time: a fast tokenizer's Rust state is not meant for concurrent use
+    def encode(self, messages: list[Any], gone: threading.Event) -> Encoded:
+        """Messages -> encoded prompt (runs in a thread: image decoding and processing).
+
+        One request at a time: a fast tokenizer's Rust state is not meant for concurrent use,
+        and decoded images then never pile up in memory. A request whose client left while it
+        waited for its turn (``gone``) is not encoded."""
         with self.encode_lock:
+            if gone.is_set():
+                raise ClientGone()
+            record = messages_to_record(messages, self.images)
             try:
                 return encode_prompt(self.engine.processor, record)
             except (DataError, ValueError, OSError) as e:
@@ -533,24 +422,6 @@ def _completion_body(state: ServerState, prompt_len: int, choices: list[Choice])
     }
 
 
-def _install_auth(app: FastAPI, api_key: str | None) -> None:
-    if not api_key:
-        return
-    expected = api_key.encode()
-
-    @app.middleware("http")
-    async def check_api_key(request: Request, call_next):
-        # a middleware, so the key is checked before the body is even parsed
-        if request.url.path != "/health":
-            scheme, _, token = request.headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not token.strip():
-                return APIError(401, "Missing API key: send 'Authorization: Bearer <key>'.",
-                                code="invalid_api_key").response()
-            if not hmac.compare_digest(token.strip().encode(), expected):
-                return APIError(401, "Incorrect API key provided.", code="invalid_api_key").response()
-        return await call_next(request)
-
-
 # Folder names a training run gives its outputs: alone they do not say which model it is.
 _STAGE_OUTPUT = re.compile(r"final|checkpoint-\d+|policy|disc")
 
@@ -570,23 +441,31 @@ def default_model_name(model_dir: str | Path) -> str:
 
 def create_app(model_dir: str | Path, *, model_name: str | None = None, api_key: str | None = None,
                max_batch: int = 32, batch_wait_ms: float = 10, max_tokens_limit: int = 4096,
-               max_context: int | None = None, dtype: str = "auto", allow_file_urls: bool = True) -> FastAPI:
+               max_context: int | None = None, dtype: str = "auto", file_url_dir: str | Path | None = None,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+               max_queue: int = DEFAULT_MAX_QUEUE) -> FastAPI:
     """Load the checkpoint in ``model_dir`` and build the server app.
 
     ``max_batch``: most requests taken per batching round and most rows (prompts x n) per
     generate call. ``max_context``: prompt + completion token limit (default: the model's
     ``max_position_embeddings``). ``max_tokens_limit``: the most completion tokens one
-    request may ask for (also the default when it asks for none).
+    request may ask for (also the default when it asks for none). ``file_url_dir``: the one
+    folder ``file://`` image URLs may read (``None``: refused). ``max_body_bytes``,
+    ``max_image_pixels`` (per request) and ``max_queue`` (requests in flight): see the module
+    docstring.
     """
-    if max_batch < 1 or batch_wait_ms < 0 or max_tokens_limit < 1:
-        raise ValueError("max_batch and max_tokens_limit must be >= 1 and batch_wait_ms >= 0")
+    if min(max_batch, max_tokens_limit, max_body_bytes, max_image_pixels, max_queue) < 1 or batch_wait_ms < 0:
+        raise ValueError("max_batch, max_tokens_limit, max_body_bytes, max_image_pixels and max_queue must be "
+                         ">= 1 and batch_wait_ms >= 0")
+    if file_url_dir is not None and not Path(file_url_dir).is_dir():
+        raise NotADirectoryError(f"--allow-file-urls {file_url_dir}: not a folder")
     model, processor = load_policy(ModelConfig(path=str(model_dir), dtype=dtype), trainable=False)
     engine = HFEngine(model, processor)
     state = ServerState(
         name=model_name or default_model_name(model_dir), engine=engine,
         worker=BatchWorker(engine, max_batch, batch_wait_ms),
         max_context=max_context or context_limit(model), max_tokens_limit=max_tokens_limit,
-        allow_file_urls=allow_file_urls,
+        images=ImagePolicy(file_url_dir, max_image_pixels), admission=Admission(max_queue),
     )
 
     @asynccontextmanager
@@ -600,8 +479,15 @@ def create_app(model_dir: str | Path, *, model_name: str | None = None, api_key:
     app = FastAPI(title="prism-rl serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = state
     _install_error_handlers(app)
-    _install_auth(app, api_key)
+    # the last added runs first: the key is checked before the body's size, and neither reads it
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
+    if api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=api_key)
+    _install_routes(app, state)
+    return app
 
+
+def _install_routes(app: FastAPI, state: ServerState) -> None:
     @app.get("/health")
     async def health():
         return {"status": "ok"}
@@ -614,42 +500,52 @@ def create_app(model_dir: str | Path, *, model_name: str | None = None, api_key:
     @app.get("/v1/stats")
     async def stats():
         queue = state.worker.queue
-        return {**state.worker.stats.as_dict(), "queued": queue.qsize() if queue is not None else 0}
+        return {**state.worker.stats.as_dict(), "queued": queue.qsize() if queue is not None else 0,
+                "in_flight": state.admission.in_flight, "refused_busy": state.admission.refused}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatRequest):
+    async def chat_completions(req: ChatRequest, request: Request):
         if req.model != state.name:
             raise APIError(404, f"The model '{req.model}' does not exist; this server serves one model, "
                                 f"'{state.name}' (prism serve --model-name sets it).", param="model",
                            code="model_not_found")
-        _check_supported(req)
-        stops = _stop_strings(req.stop)
-        prompt = await asyncio.to_thread(state.encode, req.messages)
-        key = gen_key(req.temperature, req.top_p, req.n, state.max_new_tokens(req, prompt.prompt_len), req.seed)
-        job = Job(prompt, key, req.n, stops, asyncio.get_running_loop().create_future())
-        choices = await state.worker.submit(job)
-        return _completion_body(state, prompt.prompt_len, choices)
+        check_supported(req)
+        stops = stop_strings(req.stop)
+        with state.admission:
+            try:
+                return await _complete(state, req, request, stops)
+            except ClientGone:
+                state.worker.stats.dropped += 1
+                log.info("dropped a request: its client closed the connection")
+                raise
 
-    return app
+
+async def _complete(state: ServerState, req: ChatRequest, request: Request, stops: tuple[str, ...]) -> dict:
+    """Encode, queue and wait for one request, dropping it as soon as its client has gone."""
+    gone = threading.Event()
+    prompt = await unless_gone(request, asyncio.to_thread(state.encode, req.messages, gone), gone)
+    key = gen_key(req.temperature, req.top_p, req.n, state.max_new_tokens(req, prompt.prompt_len), req.seed)
+    job = Job(prompt, key, req.n, stops, asyncio.get_running_loop().create_future())
+    future = state.worker.submit(job)
+    choices = await unless_gone(request, asyncio.shield(future), gone, on_gone=future.cancel)
+    return _completion_body(state, prompt.prompt_len, choices)
 
 
 def run_server(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, *,
-               model_name: str | None = None, max_batch: int = 32, batch_wait_ms: float = 10,
-               max_tokens_limit: int = 4096, max_context: int | None = None, dtype: str = "auto",
-               threads: int | None = None, log_level: str = "info") -> None:
+               threads: int | None = None, log_level: str = "info", **app_options: Any) -> None:
     """Load the model and serve it with uvicorn until interrupted. ``threads``: torch CPU
-    threads (one is fastest for tiny models on a busy machine)."""
+    threads (one is fastest for tiny models on a busy machine); ``app_options`` go to
+    :func:`create_app`."""
     import uvicorn
 
     if threads:
         torch.set_num_threads(threads)
-    app = create_app(model_dir, model_name=model_name, api_key=api_key, max_batch=max_batch,
-                     batch_wait_ms=batch_wait_ms, max_tokens_limit=max_tokens_limit,
-                     max_context=max_context, dtype=dtype)
+    app = create_app(model_dir, api_key=api_key, **app_options)
     state: ServerState = app.state.server
     # the key itself is never logged, only whether one is required
-    log.info("serving '%s' on http://%s:%d/v1 (context %d, max batch %d, API key %s)", state.name, host,
-             port, state.max_context, max_batch, "required" if api_key else "not required")
+    log.info("serving '%s' on http://%s:%d/v1 (context %d, max batch %d, API key %s, file URLs %s)", state.name,
+             host, port, state.max_context, state.worker.max_batch, "required" if api_key else "not required",
+             f"from {state.images.file_url_dir}" if state.images.file_url_dir is not None else "off")
     if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s without an API key: anyone who can reach it can use the model", host)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

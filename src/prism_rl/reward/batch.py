@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Iterable, Sequence
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from prism_rl.reward.builtins import is_builtin
 from prism_rl.reward.math_verify_pool import MAX_MATH_VERIFY_WORKERS
@@ -70,10 +71,12 @@ def _parse_line(path: Path, lineno: int, line: str) -> tuple[dict[str, Any], str
     """Validate one JSONL line: ``(record, ground truth as text)``; errors name file and line."""
     try:
         rec = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise RewardInputError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from exc
+    except (json.JSONDecodeError, RecursionError) as exc:
+        why = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
+        raise RewardInputError(f"{path}:{lineno}: invalid JSON ({why})") from None
     if not isinstance(rec, dict):
         raise RewardInputError(f"{path}:{lineno}: expected a JSON object")
+    _check_unicode(path, lineno, rec)
     for field in ("response", "ground_truth"):
         if field not in rec or rec[field] is None:
             raise RewardInputError(f"{path}:{lineno}: missing field {field!r}")
@@ -85,33 +88,66 @@ def _parse_line(path: Path, lineno: int, line: str) -> tuple[dict[str, Any], str
     return rec, gt
 
 
+def _check_unicode(path: Path, lineno: int, rec: dict[str, Any]) -> None:
+    """A ``\\ud800``-style escape of half a surrogate pair parses into a string that no UTF-8
+    file can hold; refuse it here, naming the line and the field, not mid-way through writing."""
+    for key, value in rec.items():
+        try:
+            json.dumps({key: value}, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise RewardInputError(f"{path}:{lineno}: field {key!r} holds a lone surrogate escape (such as "
+                                   "\\ud800), which is not valid Unicode") from None
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` of a UTF-8 JSONL file; a folder, or bytes that are not UTF-8
+    text (a parquet file, say), raise ``RewardInputError`` naming the file and line."""
+    if path.is_dir():
+        raise RewardInputError(f"{path}: is a folder, not a JSONL file")
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                yield lineno, raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise RewardInputError(f"{path}:{lineno}: not UTF-8 text (byte {exc.start}: "
+                                       f"{raw[exc.start:exc.start + 1]!r}); expected JSONL, one JSON object "
+                                       "per line") from None
+
+
 def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any], str, str]]:
-    """Read and validate every line: ``(line number, record, response, ground truth)``."""
+    """Read and validate every line: ``(line number, record, response, ground truth)``; a file
+    with no record is an error (scoring nothing is almost always the wrong file)."""
     rows = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            rec, gt = _parse_line(path, lineno, line)
-            rows.append((lineno, rec, rec["response"], gt))
+    for lineno, line in _lines(path):
+        if not line.strip():
+            continue
+        rec, gt = _parse_line(path, lineno, line)
+        rows.append((lineno, rec, rec["response"], gt))
+    if not rows:
+        raise RewardInputError(f"{path}: no records to score (the file is empty)")
     return rows
 
 
-def _write_lines(fh: TextIO, lines: list[str]) -> None:
-    """Write ``lines`` and flush."""
-    fh.writelines(lines)
-    fh.flush()
-
-
 def _write_output(output_path: str | os.PathLike[str] | None, lines: list[str]) -> None:
-    """Write ``lines`` to ``output_path`` (parents created) or to stdout when it is ``None``."""
+    """Write ``lines`` to stdout when ``output_path`` is ``None``, else to a temporary file
+    beside ``output_path`` (parents created) that then replaces it: the output is whole or
+    absent, never half-written."""
     if output_path is None:
-        _write_lines(sys.stdout, lines)
+        sys.stdout.writelines(lines)
+        sys.stdout.flush()
         return
     out = Path(output_path)
+    if out.is_dir():
+        raise RewardInputError(f"--output {out}: is a folder")
     out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", encoding="utf-8") as fh:
-        _write_lines(fh, lines)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.writelines(lines)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _summary(results: list[RewardResult]) -> dict[str, float]:
@@ -138,9 +174,10 @@ def score_jsonl(
     """Score a JSONL file of ``{"response", "ground_truth", ...}`` lines.
 
     Every line is written back with ``score``, ``acc`` and ``format`` added, to
-    ``output_path`` or to stdout when it is ``None``. All lines are read and validated
-    before anything is written, so a bad line (named by file, line number and field) leaves
-    no partial output. Blank lines are skipped. ``reward_fn`` may be a callable or a
+    ``output_path`` (atomically) or to stdout when it is ``None``. All lines are read and
+    validated before anything is written, so a bad line (named by file, line number and
+    field: bad JSON, bytes that are not UTF-8, a lone surrogate escape) leaves no partial
+    output. Blank lines are skipped; a file without records is an error. ``reward_fn`` may be a callable or a
     ``"file.py:function"`` spec. Returns ``{"n", "mean_score", "mean_acc", "format_rate"}``.
     """
     rows = _read_jsonl(Path(input_path))

@@ -2,10 +2,15 @@
 
 ``math_verify`` never runs in the calling process. :func:`run_math_verify` hands each
 comparison to a small, lazily started pool of reusable workers
-(:mod:`prism_rl.reward.math_verify_worker`, run as ``sys.executable -P <file>``) under a soft
-deadline (enforced inside the worker) and a hard one (the caller stops waiting, kills the
-worker and starts a fresh one in the background). Results are cached, so repeated answers
-are free. Safe from any thread.
+(:mod:`prism_rl.reward.math_verify_worker`, run as ``sys.executable -P <file> <our pid>``)
+under a soft deadline (enforced inside the worker) and a hard one (the caller stops waiting,
+kills the worker and starts a fresh one in the background). Results are cached, so repeated
+answers are free. Safe from any thread.
+
+Bounded and contained: at most ``MAX_MATH_VERIFY_WORKERS`` workers per process; a worker never
+has the working directory on ``sys.path`` and exits when this process dies (see the worker's
+docstring); after ``MAX_FAILED_STARTS`` workers in a row fail to start, no more are started and
+every comparison answers ``error`` at once.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ logger = logging.getLogger(__name__)
 HARD_TIMEOUT_GRACE_S = 1.0
 WORKER_STARTUP_TIMEOUT_S = 60.0
 MAX_MATH_VERIFY_WORKERS = max(1, min(4, os.cpu_count() or 1))
+MAX_FAILED_STARTS = 3
 _CACHE_SIZE = 8192
 
 # -P (Python >= 3.11): neither the cwd nor the script's folder goes on sys.path, so nothing
@@ -42,7 +48,7 @@ class _Worker:
 
     def __init__(self) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-P", str(_WORKER_SCRIPT)],
+            [sys.executable, "-P", str(_WORKER_SCRIPT), str(os.getpid())],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -52,6 +58,7 @@ class _Worker:
         )
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.ready = False
+        self.start_failed = False
         self.next_id = 0
         threading.Thread(target=self._pump, name="math-verify-reader", daemon=True).start()
 
@@ -87,6 +94,7 @@ class _Worker:
         if not self.ready:
             msg = self._next(WORKER_STARTUP_TIMEOUT_S)
             if not msg or not msg.get("ready"):
+                self.start_failed = True
                 return "error"
             self.ready = True
         self.next_id += 1
@@ -133,12 +141,20 @@ class _WorkerPool:
         self.count = 0
         self.cond = threading.Condition()
         self.closed = False
+        self.failed_starts = 0  # workers in a row that never became ready
 
-    def _acquire(self) -> _Worker:
-        """An idle worker, a new one while fewer than ``size`` exist, else wait for one."""
+    @property
+    def broken(self) -> bool:
+        return self.failed_starts >= MAX_FAILED_STARTS
+
+    def _acquire(self) -> _Worker | None:
+        """An idle worker, a new one while fewer than ``size`` exist, else wait for one;
+        ``None`` once the pool is broken."""
         with self.cond:
-            while not self.idle and self.count >= self.size:
+            while not self.idle and self.count >= self.size and not self.broken:
                 self.cond.wait()
+            if self.broken:
+                return None
             if self.idle:
                 return self.idle.pop()
             self.count += 1
@@ -151,7 +167,17 @@ class _WorkerPool:
             raise
 
     def _release(self, worker: _Worker, healthy: bool) -> None:
-        """Return ``worker`` to the idle list; an unhealthy one is killed and replaced."""
+        """Return ``worker`` to the idle list; an unhealthy one is killed and replaced (unless
+        workers keep failing to start: then the pool stops starting them)."""
+        with self.cond:
+            self.failed_starts = self.failed_starts + 1 if worker.start_failed else 0
+            broken = self.broken
+        if broken:
+            worker.kill()
+            with self.cond:
+                self.count -= 1
+                self.cond.notify_all()
+            return
         if not healthy:
             worker.kill()
             try:
@@ -171,6 +197,8 @@ class _WorkerPool:
     def run(self, answer: str, gold: str, soft_s: float, hard_s: float) -> str:
         """Compare on a pooled worker; see :meth:`_Worker.ask` for the results."""
         worker = self._acquire()
+        if worker is None:
+            return "error"
         result = "error"
         try:
             result = worker.ask(answer, gold, soft_s, hard_s)

@@ -1,8 +1,12 @@
 """The math-verify worker: a script run by :mod:`prism_rl.reward.math_verify_pool`.
 
-Started as ``sys.executable -P math_verify_worker.py`` (neither the working directory nor
-this folder is on ``sys.path``, so a ``json.py`` where the user stands cannot shadow the
-standard library). It imports only ``math_verify`` (never ``prism_rl``, whose package may
+Started as ``sys.executable -P math_verify_worker.py PARENT_PID`` (neither the working
+directory nor this folder is on ``sys.path``; an empty or ``.`` entry that ``PYTHONPATH``
+put there is removed before anything is imported, so a ``json.py`` where the user stands
+cannot shadow the standard library). It dies with its parent: when its stdin closes, and,
+should another process still hold that pipe open (a fork of the parent), when its parent
+process is no longer ``PARENT_PID`` (checked twice a second by a watchdog thread).
+It imports only ``math_verify`` (never ``prism_rl``, whose package may
 import heavy code) and speaks JSON lines: it writes ``{"ready": true}`` once
 ``math_verify`` is imported, then answers each request ``{"id", "a", "g", "t"}`` with
 ``{"id", "r"}``, ``r`` one of ``true``/``false``/``unparsed``/``timeout``/``error``. Each
@@ -11,11 +15,20 @@ the signal). The real stdout is kept for the protocol and file descriptor 1 is p
 stderr, so stray prints cannot corrupt it. Importing this module does nothing.
 """
 
-import json
-import logging
 import os
-import signal
 import sys
+
+# before any other import: sys and os are built in / frozen, everything else is looked up on sys.path
+_CWD = os.getcwd()
+sys.path[:] = [p for p in sys.path if p not in ("", ".") and os.path.abspath(p) != _CWD]
+
+import json  # noqa: E402
+import logging  # noqa: E402
+import signal  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+
+PARENT_CHECK_S = 0.5
 
 
 class Deadline(BaseException):
@@ -71,8 +84,21 @@ def run(judge, req):
         return "error"
 
 
+def watch_parent(parent: int) -> None:
+    """Exit at once when the parent process is gone (the worker is then reparented)."""
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(PARENT_CHECK_S)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def main():
-    """Redirect stdout, import math_verify, say ready, then answer requests until stdin ends."""
+    """Watch the parent, redirect stdout, import math_verify, say ready, then answer requests
+    until stdin ends."""
+    if len(sys.argv) > 1:
+        watch_parent(int(sys.argv[1]))
     out = protocol_stream()
     logging.disable(logging.CRITICAL)
     from math_verify import parse, verify

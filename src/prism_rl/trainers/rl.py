@@ -21,7 +21,7 @@ from ..config import ConfigError, RLConfig
 from ..data.processing import Encoded, load_prompts
 from ..data.prompt_format import check_prompts
 from ..data.records import BadRecords, Record
-from ..data.stream import PromptStream, prompt_pool
+from ..data.stream import PromptStream, prompt_pool, with_ground_truth
 from ..eval.evaluate import summarize
 from ..eval.sampling import generate_and_score
 from ..models.loading import load_policy, special_ids
@@ -174,12 +174,15 @@ def train_rl(cfg: RLConfig, resume: bool = False, halt_at_step: int | None = Non
     eos, _ = special_ids(processor)
     bad = BadRecords()
     d = cfg.data
+    need_truth = reward_fn is None or is_builtin(reward_fn)  # a plug-in may score without one
     prompts = prompt_pool(d.train, processor, max_prompt_length=d.max_prompt_length, limit=d.limit,
-                          skip_bad=d.skip_bad, bad=bad)
+                          skip_bad=d.skip_bad, bad=bad, need_ground_truth=need_truth)
     check_rl_prompts(prompts.records, cfg)
     eval_prompts = load_prompts(d.eval, processor, eos_id=eos, max_length=d.max_prompt_length,
                                 limit=cfg.train.eval_limit, skip_bad=d.skip_bad, bad=bad) \
         if d.eval and cfg.train.eval_every else []
+    if need_truth:
+        eval_prompts = with_ground_truth(eval_prompts, d.skip_bad, bad)
     ref = load_policy(cfg.model, run.device, trainable=False)[0] if cfg.algo.kl_coef > 0 else None
     opt = build_optimizer(model.parameters(), cfg.optim)
     sched = build_scheduler(opt, cfg.optim, cfg.train.steps * cfg.algo.ppo_epochs * cfg.algo.mini_batches)

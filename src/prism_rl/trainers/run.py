@@ -42,6 +42,7 @@ import torch
 from tqdm import tqdm
 
 from .. import distributed as D
+from ..data.images import configure_images
 from ..data.records import DataError
 from ..models.loading import load_policy, set_pixel_limits
 from .checkpoint import check_finite, checkpoint_step, nonfinite_tensors, resume_checkpoint, save_checkpoint, set_rng_state
@@ -156,11 +157,13 @@ def outcome(folder: Path, finished: str, stopped_by: str | None = None) -> str:
 
 def load_stage_policy(cfg, device: torch.device, resume_from: Path | None = None):
     """The stage's trainable policy and processor: from ``cfg.model`` or, when resuming, from
-    the checkpoint folder ``resume_from``; the processor gets ``cfg.data``'s pixel limits."""
+    the checkpoint folder ``resume_from``; the processor gets ``cfg.data``'s pixel limits, the
+    image decoder its size limits."""
     model_cfg = cfg.model if resume_from is None else cfg.model.model_copy(update={"path": str(resume_from)})
     model, processor = load_policy(model_cfg, D.load_device(device), trainable=True)
     model = D.shard_model(model, device)  # distributed: FSDP2 shards; one process: unchanged
     set_pixel_limits(processor, cfg.data.max_pixels, cfg.data.min_pixels)
+    configure_images(cfg.data)
     return model, processor
 
 

@@ -32,6 +32,7 @@ from tqdm import tqdm
 from .. import algorithms as A
 from ..actor import NonfiniteGuard
 from ..config import ModelConfig, WarmupConfig, WarmupDataConfig, rl_response_limit
+from ..data.images import configure_images
 from ..data.layouts import PairRecord, read_pairs, write_pairs
 from ..data.processing import Encoded, encode_prompt_checked, load_prompts, skip_or_raise
 from ..data.records import BadRecords, DataError
@@ -188,6 +189,7 @@ def train_warmup(cfg: WarmupConfig, resume: bool = False, halt_at_step: int | No
                               gradient_checkpointing=cfg.disc.gradient_checkpointing)
     disc.train()
     processor = load_processor(cfg.disc.path, cfg.data.max_pixels, cfg.data.min_pixels)
+    configure_images(cfg.data)
     eos, _ = special_ids(processor)
     bad = BadRecords()
     pairs = read_pairs(cfg.data.train, skip_bad=cfg.data.skip_bad, bad=bad)
