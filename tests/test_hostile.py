@@ -642,3 +642,21 @@ def test_requests_whose_client_left_are_dropped(hostile_server):
     assert generated - len(answered) <= 2, (before, after, answered)
     assert waited < 1.5 * one + 2, (waited, one)
     assert after["in_flight"] == 0 and after["queued"] == 0
+
+
+def test_math_verify_workers_ignore_a_terminal_ctrl_c():
+    """SIGINT reaches a terminal's whole process group; a worker must survive it so the step in
+    progress finishes with its scores (the run loop then saves and stops)."""
+    import os
+    import signal as sig
+
+    from prism_rl.reward.math_verify_pool import _WorkerPool
+    pool = _WorkerPool(1)
+    try:
+        assert pool.run("\\frac{1}{2}", "0.5", 5.0, 30.0) == "true"
+        (worker,) = pool.idle
+        os.kill(worker.proc.pid, sig.SIGINT)
+        assert pool.run("\\sqrt{4}", "2", 5.0, 30.0) == "true"
+        assert pool.idle == [worker] and worker.proc.poll() is None      # the same worker, alive
+    finally:
+        pool.close()

@@ -97,6 +97,9 @@ def watch_parent(parent: int) -> None:
 def main():
     """Watch the parent, redirect stdout, import math_verify, say ready, then answer requests
     until stdin ends."""
+    # Ctrl-C in a terminal signals the whole process group: the parent decides what a stop
+    # means (finish the step, then save), so a worker must not die under the step in progress.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if len(sys.argv) > 1:
         watch_parent(int(sys.argv[1]))
     out = protocol_stream()
