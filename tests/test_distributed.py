@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -164,3 +165,34 @@ def test_grpo_steps_on_two_processes_equal_one_process(tiny_model_dir, tmp_path)
     assert max(float((w1[k] - start[k]).abs().max()) for k in w2) > 1e-3
     for k in w2:
         assert torch.allclose(w1[k], w2[k], rtol=0, atol=1e-4), (k, float((w1[k] - w2[k]).abs().max()))
+
+
+def _final_weights(run_dir) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "final" / "model.safetensors")
+
+
+def test_sharded_checkpoint_resumes_on_two_and_on_one_process(tiny_model_dir, sft_data, tmp_path):
+    """SFT on 2 processes halted at step 2 writes a sharded checkpoint (DCP); resumed on 2
+    processes it ends where the uninterrupted 2-process run ends, and resumed on 1 process
+    (grad_accum 4: the same global batch) it ends there within the 1-vs-2-process tolerance."""
+    full, halted, one = tmp_path / "full", tmp_path / "halted", tmp_path / "one"
+    args = lambda out, ga: [*_sft_args(tiny_model_dir, sft_data, out, grad_accum=ga), "train.max_steps=4"]  # noqa: E731
+    torchrun(2, "-m", "prism_rl.cli", *args(full, 2))
+    torchrun(2, "-m", "prism_rl.cli", *args(halted, 2), "--halt-at-step", "2")
+    ckpt = halted / "checkpoint-2"
+    assert (ckpt / "dcp" / ".metadata").is_file() and (ckpt / "manifest.json").is_file()
+    assert sorted(p.name for p in (ckpt / "rng").iterdir()) == ["rank-0", "rank-1"]
+    assert not (halted / "final").exists() and json.loads((ckpt / "trainer_state.json").read_text())["state"]["world_size"] == 2
+    shutil.copytree(halted, one)
+    torchrun(2, "-m", "prism_rl.cli", *args(halted, 2), "--resume")
+    assert main([*args(one, 4), "--resume"]) == 0
+    want, w_full = _losses(full), _final_weights(full)
+    assert len(want) == 4 and _losses(halted) == want          # 2 -> 2: exact
+    for k, v in w_full.items():
+        assert torch.equal(v, _final_weights(halted)[k]), k
+    assert _losses(one)[:2] == want[:2] and _losses(one)[2:] == pytest.approx(want[2:], rel=1e-5, abs=1e-6)
+    w_one = _final_weights(one)
+    start = load_file(tiny_model_dir / "model.safetensors")
+    assert max(float((w_full[k] - start[k]).abs().max()) for k in w_full) > 1e-3
+    for k in w_full:                                            # 2 -> 1: within the 1-vs-2-process tolerance
+        assert torch.allclose(w_full[k], w_one[k], rtol=1e-4, atol=2e-5), (k, float((w_full[k] - w_one[k]).abs().max()))
