@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -196,3 +197,52 @@ def test_sharded_checkpoint_resumes_on_two_and_on_one_process(tiny_model_dir, sf
     assert max(float((w_full[k] - start[k]).abs().max()) for k in w_full) > 1e-3
     for k in w_full:                                            # 2 -> 1: within the 1-vs-2-process tolerance
         assert torch.allclose(w_full[k], w_one[k], rtol=1e-4, atol=2e-5), (k, float((w_full[k] - w_one[k]).abs().max()))
+
+
+def test_sigterm_to_torchrun_saves_a_sharded_checkpoint(tiny_model_dir, sft_data, tmp_path):
+    """SIGTERM to torchrun (which forwards it to its workers): the ranks agree to stop after the
+    step in progress and write one intact sharded checkpoint at that step, which resumes."""
+    from prism_rl.trainers.checkpoint import list_checkpoints, read_checkpoint
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "prism_rl.cli",
+           *_sft_args(tiny_model_dir, sft_data, out, grad_accum=2), "train.max_steps=200"]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while not _losses_if_any(out) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None, "the run ended before it could be signalled"
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    ckpts = list_checkpoints(out)
+    assert len(ckpts) == 1 and sorted(p.name for p in (ckpts[0] / "rng").iterdir()) == ["rank-0", "rank-1"]
+    state = read_checkpoint(ckpts[0])                     # manifest intact, trainer state reads back
+    stopped = state["step"]
+    assert 1 <= stopped < 200 and state["world_size"] == 2 and not (out / "final").exists()
+    events = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert {"step": stopped, "event": "stop", "signal": "SIGTERM"}.items() <= events[-1].items()
+
+
+def _losses_if_any(run_dir) -> list[float]:
+    try:
+        return _losses(run_dir)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return []
+
+
+def test_resume_on_another_world_size_keeps_the_global_batch():
+    """A checkpoint of 2 processes x grad_accum 2 continues on 1 process only with grad_accum 4
+    (the same global batch; no config change), or on 4 with grad_accum 1; a global batch that
+    does not split stays the checkpoint's setting, so the resume check reports the change."""
+    from prism_rl.trainers.run import same_global_batch
+
+    saved = {"train": {"grad_accum": 2, "seed": 1}, "optim": {"lr": 1e-3}}
+    assert same_global_batch(saved, 2, 1) == {"train": {"grad_accum": 4, "seed": 1}, "optim": {"lr": 1e-3}}
+    assert same_global_batch(saved, 2, 4)["train"]["grad_accum"] == 1
+    assert same_global_batch(saved, 2, 3) is saved and same_global_batch(saved, 2, 2) is saved
+    assert saved["train"]["grad_accum"] == 2                        # the checkpoint's own config is not edited
