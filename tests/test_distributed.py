@@ -175,7 +175,8 @@ def _final_weights(run_dir) -> dict[str, torch.Tensor]:
 def test_sharded_checkpoint_resumes_on_two_and_on_one_process(tiny_model_dir, sft_data, tmp_path):
     """SFT on 2 processes halted at step 2 writes a sharded checkpoint (DCP); resumed on 2
     processes it ends where the uninterrupted 2-process run ends, and resumed on 1 process
-    (grad_accum 4: the same global batch) it ends there within the 1-vs-2-process tolerance."""
+    (grad_accum 4: the same global batch) it ends there within the 1-vs-2-process tolerance. A
+    one-process checkpoint (Hugging Face folder + optimizer state) resumed on 2 processes too."""
     full, halted, one = tmp_path / "full", tmp_path / "halted", tmp_path / "one"
     args = lambda out, ga: [*_sft_args(tiny_model_dir, sft_data, out, grad_accum=ga), "train.max_steps=4"]  # noqa: E731
     torchrun(2, "-m", "prism_rl.cli", *args(full, 2))
@@ -197,6 +198,13 @@ def test_sharded_checkpoint_resumes_on_two_and_on_one_process(tiny_model_dir, sf
     assert max(float((w_full[k] - start[k]).abs().max()) for k in w_full) > 1e-3
     for k in w_full:                                            # 2 -> 1: within the 1-vs-2-process tolerance
         assert torch.allclose(w_full[k], w_one[k], rtol=1e-4, atol=2e-5), (k, float((w_full[k] - w_one[k]).abs().max()))
+    up = tmp_path / "up"                                        # 1 -> 2: a one-process checkpoint, resharded
+    assert main([*args(up, 4), "--halt-at-step", "2"]) == 0
+    torchrun(2, "-m", "prism_rl.cli", *args(up, 2), "--resume")
+    assert _losses(up) == pytest.approx(want, rel=1e-5, abs=1e-6)
+    w_up = _final_weights(up)
+    for k in w_full:
+        assert torch.allclose(w_full[k], w_up[k], rtol=1e-4, atol=2e-5), (k, float((w_full[k] - w_up[k]).abs().max()))
 
 
 def test_sigterm_to_torchrun_saves_a_sharded_checkpoint(tiny_model_dir, sft_data, tmp_path):

@@ -177,3 +177,21 @@ def restore_rank_rng(ckpt: Path, fallback: dict[str, Any]) -> None:
     except StateFormatError:
         log.info("%s: no RNG states for rank %d (written by fewer processes); using rank 0's", ckpt.name, D.rank())
         set_rng_state(fallback)
+
+
+def load_full_optimizer(model: torch.nn.Module, opt: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """Load a one-process optimizer ``state_dict`` (states keyed by the index of a parameter in
+    the optimizer's groups) into ``opt`` of a sharded ``model``: the indices are turned into
+    parameter names (the optimizer is built from the same parameters in the same order, and
+    FSDP2 keeps their names), then every rank takes its shard of each full state tensor."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    names = [name_of[id(p)] for g in opt.param_groups for p in g["params"]]
+    index = [i for g in saved["param_groups"] for i in g["params"]]
+    if len(index) != len(names):
+        raise ValueError(f"the checkpoint's optimizer updates {len(index)} parameters, this one {len(names)}")
+    fqn = dict(zip(index, names))
+    full = {"state": {fqn[i]: s for i, s in saved["state"].items()},
+            "param_groups": [{**g, "params": [fqn[i] for i in g["params"]]} for g in saved["param_groups"]]}
+    set_optimizer_state_dict(model, opt, full, options=StateDictOptions(full_state_dict=True))

@@ -46,7 +46,6 @@ from ..data.images import configure_images
 from ..data.records import DataError
 from ..models.loading import load_policy, set_pixel_limits
 from .checkpoint import (
-    CheckpointError,
     check_finite,
     checkpoint_step,
     nonfinite_tensors,
@@ -54,7 +53,14 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from .dist_checkpoint import is_sharded, load_sharded, restore_rank_rng, save_checkpoint_sharded
+from .dist_checkpoint import (
+    is_sharded,
+    load_full_optimizer,
+    load_sharded,
+    optimizer_owners,
+    restore_rank_rng,
+    save_checkpoint_sharded,
+)
 from .interrupt import StopSignals, record_stop
 from .resume_config import RESUME_WITH_CHANGES, check_resume_config, optimizer_settings, reapply_settings, write_run_config
 
@@ -262,15 +268,15 @@ class Run:
         st = self._resume_state
         built = optimizer_settings(stateful)
         sharded = is_sharded(self.ckpt)
-        if D.is_distributed() and not sharded and any(isinstance(o, torch.optim.Optimizer) for o in stateful.values()):
-            raise CheckpointError(f"{self.ckpt} was written by one process; resume it with one process (a one-process "
-                                  "checkpoint cannot be resumed under torchrun yet)")
-        optimizers = {k: o for k, o in stateful.items() if sharded and isinstance(o, torch.optim.Optimizer)}
+        to_shard = D.is_distributed() and not sharded   # a one-process checkpoint resumed under torchrun
+        optimizers = {k: o for k, o in stateful.items() if isinstance(o, torch.optim.Optimizer) and (sharded or to_shard)}
         for key, obj in stateful.items():
             if key not in optimizers:
                 obj.load_state_dict(st[key])
         if sharded:   # weights and optimizer states from dcp/, resharded to this world size
             load_sharded(self.ckpt, models, optimizers)
+        for key, opt in optimizers.items() if to_shard else ():   # the weights came from the folder itself
+            load_full_optimizer(models[optimizer_owners(models, {key: opt})[key]], opt, st[key])
         if self.config_changes:   # the new learning rate etc. apply, not the checkpoint's
             reapply_settings(stateful, built)
         if sharded:
