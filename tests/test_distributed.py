@@ -36,7 +36,7 @@ def _env() -> dict[str, str]:
     return env
 
 
-def torchrun(nproc: int, *args: str, timeout: int = 240) -> str:
+def torchrun(nproc: int, *args: str, timeout: int = 240, ok: bool = True) -> str:
     """``torchrun --standalone --nproc-per-node nproc ARGS`` (a c10d rendezvous on a free local
     port) as a subprocess in its own session, so a hang is killed whole (workers included);
     fails the test with its output."""
@@ -49,8 +49,8 @@ def torchrun(nproc: int, *args: str, timeout: int = 240) -> str:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
         pytest.fail(f"torchrun timed out after {timeout} s:\n{out[-2000:]}\n{err[-4000:]}")
-    assert proc.returncode == 0, out[-3000:] + err[-6000:]
-    return out
+    assert (proc.returncode == 0) == ok, out[-3000:] + err[-6000:]
+    return out if ok else out + err
 
 
 def _losses(run_dir) -> list[float]:
@@ -186,6 +186,10 @@ def test_sharded_checkpoint_resumes_on_two_and_on_one_process(tiny_model_dir, sf
     assert sorted(p.name for p in (ckpt / "rng").iterdir()) == ["rank-0", "rank-1"]
     assert not (halted / "final").exists() and json.loads((ckpt / "trainer_state.json").read_text())["state"]["world_size"] == 2
     shutil.copytree(halted, one)
+    shutil.copytree(halted, tmp_path / "bad")                   # damaged: rank 0 finds it, every rank stops
+    (tmp_path / "bad" / "checkpoint-2" / "rng" / "rank-1" / "trainer_state.json").write_text("{}")
+    err = torchrun(2, "-m", "prism_rl.cli", *args(tmp_path / "bad", 2), "--resume", ok=False, timeout=120)
+    assert "--resume: no intact checkpoint" in err and "checkpoint-2 is damaged: rng/rank-1/trainer_state.json has" in err
     torchrun(2, "-m", "prism_rl.cli", *args(halted, 2), "--resume")
     assert main([*args(one, 4), "--resume"]) == 0
     want, w_full = _losses(full), _final_weights(full)

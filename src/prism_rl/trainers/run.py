@@ -63,6 +63,7 @@ from .dist_checkpoint import (
 )
 from .interrupt import StopSignals, record_stop
 from .resume_config import RESUME_WITH_CHANGES, check_resume_config, optimizer_settings, reapply_settings, write_run_config
+from .state_io import load_state
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +240,7 @@ class Run:
     def _resume_point(self, resume: bool | str) -> tuple[Path | None, dict | None, dict]:
         """(checkpoint, its trainer state, the config changes allowed) to resume from; Nones
         and ``{}`` on a fresh start (or when there is no checkpoint yet)."""
-        found = resume_checkpoint(self.out) if resume else None
+        found = self._find_checkpoint() if resume else None
         if found is None:
             if resume:
                 log.warning("--resume: no checkpoint in %s, starting from scratch", self.out)
@@ -247,6 +248,21 @@ class Run:
         ckpt, state = found
         saved = same_global_batch(state.get("run_config"), state.get("world_size", 1), D.world())
         return ckpt, state, check_resume_config(self.cfg, saved, ckpt, resume == RESUME_WITH_CHANGES)
+
+    def _find_checkpoint(self) -> tuple[Path, dict] | None:
+        """:func:`resume_checkpoint`; under torchrun rank 0 checks the manifest (one read of the
+        checkpoint, not one per rank) and sends the folder's name, which the other ranks read
+        the trainer state of (a large one-process optimizer state is not sent over the group)."""
+        mine: list = []
+
+        def check() -> str | None:
+            mine.append(resume_checkpoint(self.out))
+            return mine[0][0].name if mine[0] else None
+
+        name = D.from_main(check)
+        if name is None:
+            return None
+        return mine[0] if mine else (self.out / name, load_state(self.out / name))
 
     # ---- set-up
 
