@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -34,7 +36,7 @@ def _env() -> dict[str, str]:
     return env
 
 
-def torchrun(nproc: int, *args: str, timeout: int = 240) -> str:
+def torchrun(nproc: int, *args: str, timeout: int = 240, ok: bool = True) -> str:
     """``torchrun --standalone --nproc-per-node nproc ARGS`` (a c10d rendezvous on a free local
     port) as a subprocess in its own session, so a hang is killed whole (workers included);
     fails the test with its output."""
@@ -47,8 +49,8 @@ def torchrun(nproc: int, *args: str, timeout: int = 240) -> str:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
         pytest.fail(f"torchrun timed out after {timeout} s:\n{out[-2000:]}\n{err[-4000:]}")
-    assert proc.returncode == 0, out[-3000:] + err[-6000:]
-    return out
+    assert (proc.returncode == 0) == ok, out[-3000:] + err[-6000:]
+    return out if ok else out + err
 
 
 def _losses(run_dir) -> list[float]:
@@ -164,3 +166,95 @@ def test_grpo_steps_on_two_processes_equal_one_process(tiny_model_dir, tmp_path)
     assert max(float((w1[k] - start[k]).abs().max()) for k in w2) > 1e-3
     for k in w2:
         assert torch.allclose(w1[k], w2[k], rtol=0, atol=1e-4), (k, float((w1[k] - w2[k]).abs().max()))
+
+
+def _final_weights(run_dir) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "final" / "model.safetensors")
+
+
+def test_sharded_checkpoint_resumes_on_two_and_on_one_process(tiny_model_dir, sft_data, tmp_path):
+    """SFT on 2 processes halted at step 2 writes a sharded checkpoint (DCP); resumed on 2
+    processes it ends where the uninterrupted 2-process run ends, and resumed on 1 process
+    (grad_accum 4: the same global batch) it ends there within the 1-vs-2-process tolerance. A
+    one-process checkpoint (Hugging Face folder + optimizer state) resumed on 2 processes too."""
+    full, halted, one = tmp_path / "full", tmp_path / "halted", tmp_path / "one"
+    args = lambda out, ga: [*_sft_args(tiny_model_dir, sft_data, out, grad_accum=ga), "train.max_steps=4"]  # noqa: E731
+    torchrun(2, "-m", "prism_rl.cli", *args(full, 2))
+    torchrun(2, "-m", "prism_rl.cli", *args(halted, 2), "--halt-at-step", "2")
+    ckpt = halted / "checkpoint-2"
+    assert (ckpt / "dcp" / ".metadata").is_file() and (ckpt / "manifest.json").is_file()
+    assert sorted(p.name for p in (ckpt / "rng").iterdir()) == ["rank-0", "rank-1"]
+    assert not (halted / "final").exists() and json.loads((ckpt / "trainer_state.json").read_text())["state"]["world_size"] == 2
+    shutil.copytree(halted, one)
+    shutil.copytree(halted, tmp_path / "bad")                   # damaged: rank 0 finds it, every rank stops
+    (tmp_path / "bad" / "checkpoint-2" / "rng" / "rank-1" / "trainer_state.json").write_text("{}")
+    err = torchrun(2, "-m", "prism_rl.cli", *args(tmp_path / "bad", 2), "--resume", ok=False, timeout=120)
+    assert "--resume: no intact checkpoint" in err and "checkpoint-2 is damaged: rng/rank-1/trainer_state.json has" in err
+    torchrun(2, "-m", "prism_rl.cli", *args(halted, 2), "--resume")
+    assert main([*args(one, 4), "--resume"]) == 0
+    want, w_full = _losses(full), _final_weights(full)
+    assert len(want) == 4 and _losses(halted) == want          # 2 -> 2: exact
+    for k, v in w_full.items():
+        assert torch.equal(v, _final_weights(halted)[k]), k
+    assert _losses(one)[:2] == want[:2] and _losses(one)[2:] == pytest.approx(want[2:], rel=1e-5, abs=1e-6)
+    w_one = _final_weights(one)
+    start = load_file(tiny_model_dir / "model.safetensors")
+    assert max(float((w_full[k] - start[k]).abs().max()) for k in w_full) > 1e-3
+    for k in w_full:                                            # 2 -> 1: within the 1-vs-2-process tolerance
+        assert torch.allclose(w_full[k], w_one[k], rtol=1e-4, atol=2e-5), (k, float((w_full[k] - w_one[k]).abs().max()))
+    up = tmp_path / "up"                                        # 1 -> 2: a one-process checkpoint, resharded
+    assert main([*args(up, 4), "--halt-at-step", "2"]) == 0
+    torchrun(2, "-m", "prism_rl.cli", *args(up, 2), "--resume")
+    assert _losses(up) == pytest.approx(want, rel=1e-5, abs=1e-6)
+    w_up = _final_weights(up)
+    for k in w_full:
+        assert torch.allclose(w_full[k], w_up[k], rtol=1e-4, atol=2e-5), (k, float((w_full[k] - w_up[k]).abs().max()))
+
+
+def test_sigterm_to_torchrun_saves_a_sharded_checkpoint(tiny_model_dir, sft_data, tmp_path):
+    """SIGTERM to torchrun (which forwards it to its workers): the ranks agree to stop after the
+    step in progress and write one intact sharded checkpoint at that step, which resumes."""
+    from prism_rl.trainers.checkpoint import list_checkpoints, read_checkpoint
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "prism_rl.cli",
+           *_sft_args(tiny_model_dir, sft_data, out, grad_accum=2), "train.max_steps=200"]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while not _losses_if_any(out) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None, "the run ended before it could be signalled"
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    ckpts = list_checkpoints(out)
+    assert len(ckpts) == 1 and sorted(p.name for p in (ckpts[0] / "rng").iterdir()) == ["rank-0", "rank-1"]
+    state = read_checkpoint(ckpts[0])                     # manifest intact, trainer state reads back
+    stopped = state["step"]
+    assert 1 <= stopped < 200 and state["world_size"] == 2 and not (out / "final").exists()
+    events = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert {"step": stopped, "event": "stop", "signal": "SIGTERM"}.items() <= events[-1].items()
+
+
+def _losses_if_any(run_dir) -> list[float]:
+    try:
+        return _losses(run_dir)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return []
+
+
+def test_resume_on_another_world_size_keeps_the_global_batch():
+    """A checkpoint of 2 processes x grad_accum 2 continues on 1 process only with grad_accum 4
+    (the same global batch; no config change), or on 4 with grad_accum 1; a global batch that
+    does not split stays the checkpoint's setting, so the resume check reports the change."""
+    from prism_rl.trainers.run import same_global_batch
+
+    saved = {"train": {"grad_accum": 2, "seed": 1}, "optim": {"lr": 1e-3}}
+    assert same_global_batch(saved, 2, 1) == {"train": {"grad_accum": 4, "seed": 1}, "optim": {"lr": 1e-3}}
+    assert same_global_batch(saved, 2, 4)["train"]["grad_accum"] == 1
+    assert same_global_batch(saved, 2, 3) is saved and same_global_batch(saved, 2, 2) is saved
+    assert saved["train"]["grad_accum"] == 2                        # the checkpoint's own config is not edited

@@ -73,6 +73,26 @@ def barrier() -> None:
         dist.barrier()
 
 
+def from_main(compute):
+    """``compute()`` run on rank 0 only, its result (or the exception it raised) given to every
+    rank: work every rank would repeat, such as hashing a checkpoint before trusting it. The
+    result travels as ``broadcast_object_list`` sends it, between the processes of one job.
+    One process: ``compute()``."""
+    if not is_distributed():
+        return compute()
+    box: list = [None]
+    if is_main():
+        try:
+            box[0] = ("ok", compute())
+        except Exception as e:  # raised on every rank below, so none waits for the others
+            box[0] = ("error", e)
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise value
+    return value
+
+
 def grad_scale() -> int:
     """Factor on a rank's loss so FSDP2's gradient average over N ranks becomes their sum."""
     return world()

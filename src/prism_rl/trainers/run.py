@@ -45,11 +45,41 @@ from .. import distributed as D
 from ..data.images import configure_images
 from ..data.records import DataError
 from ..models.loading import load_policy, set_pixel_limits
-from .checkpoint import check_finite, checkpoint_step, nonfinite_tensors, resume_checkpoint, save_checkpoint, set_rng_state
+from .checkpoint import (
+    check_finite,
+    checkpoint_step,
+    nonfinite_tensors,
+    resume_checkpoint,
+    save_checkpoint,
+    set_rng_state,
+)
+from .dist_checkpoint import (
+    is_sharded,
+    load_full_optimizer,
+    load_sharded,
+    optimizer_owners,
+    restore_rank_rng,
+    save_checkpoint_sharded,
+)
 from .interrupt import StopSignals, record_stop
 from .resume_config import RESUME_WITH_CHANGES, check_resume_config, optimizer_settings, reapply_settings, write_run_config
+from .state_io import load_state
 
 log = logging.getLogger(__name__)
+
+
+def same_global_batch(saved: dict | None, saved_world: int, world: int) -> dict | None:
+    """The checkpoint's config as this world size would say it: when the run continues on
+    another number of processes with the same global batch (``train.grad_accum x world``
+    equal), the saved ``grad_accum`` is taken as the current one, so the resume check does
+    not call it a change; a different global batch stays one."""
+    train = (saved or {}).get("train")
+    if not isinstance(train, dict) or saved_world == world or not isinstance(train.get("grad_accum"), int):
+        return saved
+    total = train["grad_accum"] * saved_world
+    if total % world:
+        return saved
+    return {**saved, "train": {**train, "grad_accum": total // world}}
 
 
 def seed_everything(seed: int) -> None:
@@ -159,7 +189,10 @@ def load_stage_policy(cfg, device: torch.device, resume_from: Path | None = None
     """The stage's trainable policy and processor: from ``cfg.model`` or, when resuming, from
     the checkpoint folder ``resume_from``; the processor gets ``cfg.data``'s pixel limits, the
     image decoder its size limits."""
-    model_cfg = cfg.model if resume_from is None else cfg.model.model_copy(update={"path": str(resume_from)})
+    # a sharded (torchrun) checkpoint holds no Hugging Face folder: build from cfg.model, then
+    # Run.track loads the checkpoint's weights into the (re)sharded model
+    from_ckpt = resume_from is not None and not is_sharded(resume_from)
+    model_cfg = cfg.model.model_copy(update={"path": str(resume_from)}) if from_ckpt else cfg.model
     model, processor = load_policy(model_cfg, D.load_device(device), trainable=True)
     model = D.shard_model(model, device)  # distributed: FSDP2 shards; one process: unchanged
     set_pixel_limits(processor, cfg.data.max_pixels, cfg.data.min_pixels)
@@ -200,19 +233,36 @@ class Run:
         self.bar: tqdm | None = None
         self._signals: StopSignals | None = None
         self._in_step = False
+        self._peer_stop: str | None = None
         self._last_saved = self.ckpt   # the newest checkpoint of this run (written, or resumed from)
         record_stop(None)
 
     def _resume_point(self, resume: bool | str) -> tuple[Path | None, dict | None, dict]:
         """(checkpoint, its trainer state, the config changes allowed) to resume from; Nones
         and ``{}`` on a fresh start (or when there is no checkpoint yet)."""
-        found = resume_checkpoint(self.out) if resume else None
+        found = self._find_checkpoint() if resume else None
         if found is None:
             if resume:
                 log.warning("--resume: no checkpoint in %s, starting from scratch", self.out)
             return None, None, {}
         ckpt, state = found
-        return ckpt, state, check_resume_config(self.cfg, state.get("run_config"), ckpt, resume == RESUME_WITH_CHANGES)
+        saved = same_global_batch(state.get("run_config"), state.get("world_size", 1), D.world())
+        return ckpt, state, check_resume_config(self.cfg, saved, ckpt, resume == RESUME_WITH_CHANGES)
+
+    def _find_checkpoint(self) -> tuple[Path, dict] | None:
+        """:func:`resume_checkpoint`; under torchrun rank 0 checks the manifest (one read of the
+        checkpoint, not one per rank) and sends the folder's name, which the other ranks read
+        the trainer state of (a large one-process optimizer state is not sent over the group)."""
+        mine: list = []
+
+        def check() -> str | None:
+            mine.append(resume_checkpoint(self.out))
+            return mine[0][0].name if mine[0] else None
+
+        name = D.from_main(check)
+        if name is None:
+            return None
+        return mine[0] if mine else (self.out / name, load_state(self.out / name))
 
     # ---- set-up
 
@@ -233,11 +283,22 @@ class Run:
             return {}
         st = self._resume_state
         built = optimizer_settings(stateful)
+        sharded = is_sharded(self.ckpt)
+        to_shard = D.is_distributed() and not sharded   # a one-process checkpoint resumed under torchrun
+        optimizers = {k: o for k, o in stateful.items() if isinstance(o, torch.optim.Optimizer) and (sharded or to_shard)}
         for key, obj in stateful.items():
-            obj.load_state_dict(st[key])
+            if key not in optimizers:
+                obj.load_state_dict(st[key])
+        if sharded:   # weights and optimizer states from dcp/, resharded to this world size
+            load_sharded(self.ckpt, models, optimizers)
+        for key, opt in optimizers.items() if to_shard else ():   # the weights came from the folder itself
+            load_full_optimizer(models[optimizer_owners(models, {key: opt})[key]], opt, st[key])
         if self.config_changes:   # the new learning rate etc. apply, not the checkpoint's
             reapply_settings(stateful, built)
-        set_rng_state(st["rng"])
+        if sharded:
+            restore_rank_rng(self.ckpt, st["rng"])
+        else:
+            set_rng_state(st["rng"])
         self.step = st["step"]
         return st
 
@@ -276,7 +337,19 @@ class Run:
     @property
     def stopped_by(self) -> str | None:
         """The signal that stopped the run before its halt (``None``: it was not stopped)."""
-        return self.stop_requested if self.step < self.halt else None
+        return (self.stop_requested or self._peer_stop) if self.step < self.halt else None
+
+    def _stop_agreed(self) -> bool:
+        """Whether to stop before the next step. Under torchrun the ranks decide together (a max
+        over ranks, one tiny all-reduce per step): a signal reaching the ranks between two
+        different steps would otherwise let one rank leave the loop while the others wait in
+        the next step's collectives (a hang). A rank stopped by another's signal says so."""
+        mine = self.stop_requested is not None
+        if not D.is_distributed():
+            return mine
+        if D.all_reduce_max(float(mine))[0] > 0 and not mine:
+            self._peer_stop = "a signal to another rank"
+        return mine or self._peer_stop is not None
 
     def _notice(self, name: str) -> str:
         doing = f"finishing step {self.step + 1}, then saving" if self._in_step else "saving"
@@ -293,7 +366,7 @@ class Run:
         """Yield the number of each step to run (1-based) until the halt, or until a stop
         signal has come; after each step, count it, advance the bar and save every
         ``save_every`` steps (not at the last)."""
-        while self.step < self.halt and not self.stop_requested:
+        while self.step < self.halt and not self._stop_agreed():
             self._in_step = True
             yield self.step + 1
             self._in_step = False
@@ -331,16 +404,20 @@ class Run:
 
     # ---- saving
 
-    def state(self) -> dict:
-        return ({key: obj.state_dict() for key, obj in self._stateful.items()} | self._extra()
+    def state(self, skip: tuple[str, ...] = ()) -> dict:
+        return ({key: obj.state_dict() for key, obj in self._stateful.items() if key not in skip} | self._extra()
                 | {"run_config": self.cfg.model_dump(mode="json")})
 
     def save(self) -> Path:
-        """A resumable checkpoint at the current step."""
-        if D.is_distributed():  # distributed: sharded (DCP) checkpoints are not written yet (issue 14)
-            raise NotImplementedError("checkpoints of a run under torchrun (train.save_every, --halt-at-step, "
-                                      "a stop signal) are not implemented yet; only the final model is exported")
-        self._last_saved = save_checkpoint(self.out, self.step, self._models, self._processor, self.state())
+        """A resumable checkpoint at the current step: under torchrun a sharded one
+        (``dist_checkpoint.save_checkpoint_sharded``, every rank takes part), else a Hugging Face
+        folder with the trainer state (``checkpoint.save_checkpoint``)."""
+        if D.is_distributed():
+            optimizers = {k: o for k, o in self._stateful.items() if isinstance(o, torch.optim.Optimizer)}
+            self._last_saved = save_checkpoint_sharded(self.out, self.step, self._models, optimizers,
+                                                       self.state(skip=tuple(optimizers)))
+        else:
+            self._last_saved = save_checkpoint(self.out, self.step, self._models, self._processor, self.state())
         return self._last_saved
 
     def finish(self, save_final: Callable[[Path], Path], summary: dict) -> Path:
