@@ -14,8 +14,7 @@ import torch
 
 from prism_rl.data.processing import Encoded, collate
 from prism_rl.models.loading import special_ids, vision_token_ids
-from prism_rl.rollout.base import SamplingParams
-from prism_rl.rollout.hf import _response_mask
+from prism_rl.rollout.base import SamplingParams, response_mask
 
 from . import data
 from .bounds import Counts, rollout_bound_s
@@ -37,7 +36,7 @@ def peer_generate(model, processor, enc: list[Encoded], n: int, new_tokens: int,
                              top_k=None, eos_token_id=eos, pad_token_id=pad,
                              suppress_tokens=vision_token_ids(processor.tokenizer))
     resp = out[:, inputs["input_ids"].shape[1]:].cpu()
-    return _response_mask(resp, eos).sum(1).tolist()
+    return response_mask(resp, eos).sum(1).tolist()
 
 
 def _rate_and_fraction(ctx: Ctx, counts: Counts, enc: list[Encoded], n: int, lens: list[int], secs: float):

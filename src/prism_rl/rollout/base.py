@@ -91,6 +91,43 @@ class Rollouts:
         )
 
 
+def response_mask(resp: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """1 up to and including the first EOS of each row (all ones when there is none)."""
+    is_eos = (resp == eos_id).long()
+    after_eos = (is_eos.cumsum(1) - is_eos) > 0
+    return (~after_eos).long()
+
+
+def sampled_rollouts(rows: list[Encoded], batch: dict[str, torch.Tensor], resp: torch.Tensor,
+                     logprobs: torch.Tensor | None, *, n: int, group_offset: int, eos_id: int, pad_id: int,
+                     tokenizer, extras: dict | None = None) -> Rollouts:
+    """The ``Rollouts`` of sampled responses, whichever engine sampled them.
+
+    ``rows``: each prompt repeated ``n`` times, in row order; ``batch``: their left-padded
+    ``collate``; ``resp`` (B, R): sampled ids. Each row keeps its tokens up to and including
+    its first EOS (``response_mask``; the rest become ``pad_id``), the width is trimmed to the
+    longest kept row, ``finish`` is "stop" for a row that produced EOS, else "length", and
+    ``logprobs`` (B, R) are zeroed outside the mask.
+    """
+    resp = resp.cpu()
+    mask = response_mask(resp, eos_id)
+    width = max(1, int(mask.sum(1).max()))
+    resp, mask = resp[:, :width].masked_fill(mask[:, :width] == 0, pad_id), mask[:, :width]
+    finish = ["stop" if bool((r[m.bool()] == eos_id).any()) else "length" for r, m in zip(resp, mask)]
+    texts = tokenizer.batch_decode([r[m.bool()].tolist() for r, m in zip(resp, mask)], skip_special_tokens=True)
+    shapes = {"patches_per_row": [0 if e.pixel_values is None else int(e.pixel_values.shape[0]) for e in rows],
+              "images_per_row": [0 if e.image_grid_thw is None else int(e.image_grid_thw.shape[0]) for e in rows]}
+    return Rollouts(
+        prompt_ids=batch["input_ids"], prompt_mask=batch["attention_mask"],
+        prompt_mm_types=batch["mm_token_type_ids"], response_ids=resp, response_mask=mask,
+        group_ids=torch.arange(len(rows) // n).repeat_interleave(n) + group_offset, texts=texts,
+        finish_reasons=finish, records=[e.record for e in rows], pixel_values=batch.get("pixel_values"),
+        image_grid_thw=batch.get("image_grid_thw"),
+        logprobs=None if logprobs is None else logprobs.cpu()[:, :width] * mask,
+        extras=shapes | (extras or {}),
+    )
+
+
 class RolloutEngine(Protocol):
     def generate(self, prompts: list[Encoded], params: SamplingParams, group_offset: int = 0) -> Rollouts:
         """Sample ``params.n`` responses for each prompt; group ids start at ``group_offset``."""

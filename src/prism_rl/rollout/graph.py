@@ -32,6 +32,7 @@ The same code runs eagerly on the CPU (no graphs), which is how CI tests it.
 from __future__ import annotations
 
 import copy
+import time
 from contextlib import nullcontext
 
 import torch
@@ -40,7 +41,7 @@ import torch.nn.functional as F
 from ..data.processing import Encoded, collate
 from ..models.loading import special_ids, vision_token_ids
 from ..models.mrope import mrope_position_ids
-from .base import Rollouts, SamplingParams, concat_rollouts
+from .base import Rollouts, SamplingParams, concat_rollouts, sampled_rollouts
 
 ATTN_BUCKET = 256   # attention lengths are rounded up to a multiple of this (one graph each)
 
@@ -187,7 +188,6 @@ class GraphEngine:
     def _capture(self, rows: int, attn_len: int):
         """Capture the step for (rows, attn_len); the warm-up run on a side stream is required
         by CUDA graphs and its writes are undone (cache slot contents are rewritten anyway)."""
-        import time
         t0 = time.perf_counter()
         saved = (self.state.tokens.clone(), self.state.cache_pos.clone(), self.state.rope_pos.clone())
         stream = torch.cuda.Stream()
@@ -391,27 +391,10 @@ class GraphEngine:
     def _rollouts(self, prompts: list[Encoded], params: SamplingParams, resp: torch.Tensor, lps: torch.Tensor,
                   group_offset: int) -> Rollouts:
         rows = [p for p in prompts for _ in range(params.n)]
-        batch = collate(rows, self.pad_id, side="left")
-        resp, lps = resp.cpu(), lps.cpu()
-        is_eos = (resp == self.eos_id).long()
-        mask = ((is_eos.cumsum(1) - is_eos) == 0).long()
-        width = max(1, int(mask.sum(1).max()))
-        resp, mask, lps = resp[:, :width], mask[:, :width], lps[:, :width]
-        resp = resp.masked_fill(mask == 0, self.pad_id)
-        finish = ["stop" if bool((r[m.bool()] == self.eos_id).any()) else "length" for r, m in zip(resp, mask)]
-        texts = self.processor.tokenizer.batch_decode([r[m.bool()].tolist() for r, m in zip(resp, mask)],
-                                                      skip_special_tokens=True)
-        extras = {"patches_per_row": [0 if e.pixel_values is None else int(e.pixel_values.shape[0]) for e in rows],
-                  "images_per_row": [0 if e.image_grid_thw is None else int(e.image_grid_thw.shape[0]) for e in rows],
-                  "capture_s": self.capture_s}
-        return Rollouts(
-            prompt_ids=batch["input_ids"], prompt_mask=batch["attention_mask"],
-            prompt_mm_types=batch["mm_token_type_ids"], response_ids=resp, response_mask=mask,
-            group_ids=torch.arange(len(prompts)).repeat_interleave(params.n) + group_offset, texts=texts,
-            finish_reasons=finish, records=[e.record for e in rows], pixel_values=batch.get("pixel_values"),
-            image_grid_thw=batch.get("image_grid_thw"),
-            logprobs=lps * mask if params.return_logprobs else None, extras=extras,
-        )
+        return sampled_rollouts(rows, collate(rows, self.pad_id, side="left"), resp,
+                                lps if params.return_logprobs else None, n=params.n, group_offset=group_offset,
+                                eos_id=self.eos_id, pad_id=self.pad_id, tokenizer=self.processor.tokenizer,
+                                extras={"capture_s": self.capture_s})
 
 
 class _Shadow:

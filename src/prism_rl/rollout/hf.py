@@ -11,7 +11,7 @@ import torch
 
 from ..data.processing import Encoded, collate
 from ..models.loading import special_ids, vision_token_ids
-from .base import Rollouts, SamplingParams
+from .base import Rollouts, SamplingParams, sampled_rollouts
 
 
 class HFEngine:
@@ -52,31 +52,11 @@ class HFEngine:
             self.model.train(was_training)
         P = inputs["input_ids"].shape[1]
         resp = out.sequences[:, P:].cpu()
-        mask = _response_mask(resp, self.eos_id)
-        resp = resp.masked_fill(mask == 0, self.pad_id)
-        finish = ["stop" if bool((r[m.bool()] == self.eos_id).any()) else "length" for r, m in zip(resp, mask)]
-        texts = self.processor.tokenizer.batch_decode(
-            [r[m.bool()].tolist() for r, m in zip(resp, mask)], skip_special_tokens=True)
         logprobs = None
         if params.return_logprobs:
             logits = torch.stack(out.logits, 1).float().cpu()
             if not greedy and params.temperature != 1.0:
                 logits = logits / params.temperature
-            logprobs = torch.log_softmax(logits, -1).gather(-1, resp[:, :, None]).squeeze(-1) * mask
-        group_ids = torch.arange(len(prompts)).repeat_interleave(params.n) + group_offset
-        extras = {"patches_per_row": [0 if e.pixel_values is None else int(e.pixel_values.shape[0]) for e in rows],
-                  "images_per_row": [0 if e.image_grid_thw is None else int(e.image_grid_thw.shape[0]) for e in rows]}
-        return Rollouts(
-            prompt_ids=batch["input_ids"], prompt_mask=batch["attention_mask"],
-            prompt_mm_types=batch["mm_token_type_ids"], response_ids=resp, response_mask=mask,
-            group_ids=group_ids, texts=texts, finish_reasons=finish, records=[e.record for e in rows],
-            pixel_values=batch.get("pixel_values"), image_grid_thw=batch.get("image_grid_thw"),
-            logprobs=logprobs, extras=extras,
-        )
-
-
-def _response_mask(resp: torch.Tensor, eos_id: int) -> torch.Tensor:
-    """1 up to and including the first EOS of each row (all ones when there is none)."""
-    is_eos = (resp == eos_id).long()
-    after_eos = (is_eos.cumsum(1) - is_eos) > 0
-    return (~after_eos).long()
+            logprobs = torch.log_softmax(logits, -1).gather(-1, resp[:, :, None]).squeeze(-1)
+        return sampled_rollouts(rows, batch, resp, logprobs, n=params.n, group_offset=group_offset, eos_id=self.eos_id,
+                                pad_id=self.pad_id, tokenizer=self.processor.tokenizer)
