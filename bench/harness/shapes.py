@@ -12,16 +12,21 @@ from dataclasses import dataclass, field
 
 import torch
 
-# Qwen3-VL-2B / -4B (public config.json of the Instruct checkpoints): text decoder, then vision tower.
+# Qwen3-VL-2B / -4B / -8B (public config.json of the Instruct checkpoints): text decoder, then vision tower.
 QWEN_TEXT = {
     "2b": dict(hidden_size=2048, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
                intermediate_size=6144),
     "4b": dict(hidden_size=2560, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
                intermediate_size=9728),
+    "8b": dict(hidden_size=4096, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+               intermediate_size=12288),
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                  intermediate_size=128),
 }
 QWEN_VISION = dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, deepstack_visual_indexes=[5, 11, 17])
+# the 8B checkpoint has a larger vision tower and an untied output head
+VISION_8B = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, deepstack_visual_indexes=[8, 16, 24])
+TIED = {"2b": True, "4b": True, "8b": False, "tiny": True}
 TINY_VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, deepstack_visual_indexes=[0])
 MROPE = {128: [24, 20, 20], 16: [2, 3, 3]}
 QWEN_VOCAB = 151936
@@ -81,23 +86,23 @@ def build_processor(image_size: int = 448):
 
 
 def model_config(shape: str, processor):
-    """``Qwen3VLConfig`` of ``shape`` ("2b", "4b", "tiny") with the processor's token ids."""
+    """``Qwen3VLConfig`` of ``shape`` ("2b", "4b", "8b", "tiny") with the processor's token ids."""
     from transformers import Qwen3VLConfig
     if shape not in QWEN_TEXT:
         raise ValueError(f"unknown model shape {shape!r}; choose from {sorted(QWEN_TEXT)}")
     ids = processor.tokenizer.convert_tokens_to_ids
     t = QWEN_TEXT[shape]
     vocab = len(processor.tokenizer) if shape == "tiny" else QWEN_VOCAB
-    vision = TINY_VISION if shape == "tiny" else QWEN_VISION
+    vision = {"tiny": TINY_VISION, "8b": VISION_8B}.get(shape, QWEN_VISION)
     text = dict(t, vocab_size=vocab, max_position_embeddings=32768, pad_token_id=ids("<|endoftext|>"),
-                tie_word_embeddings=True,
+                tie_word_embeddings=TIED[shape],
                 rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": MROPE[t["head_dim"]],
                                  "mrope_interleaved": True})
     vis = dict(vision, patch_size=16, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=t["hidden_size"],
                num_position_embeddings=2304)
     return Qwen3VLConfig(text_config=text, vision_config=vis, image_token_id=ids("<|image_pad|>"),
                          video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
-                         vision_end_token_id=ids("<|vision_end|>"), tie_word_embeddings=True)
+                         vision_end_token_id=ids("<|vision_end|>"), tie_word_embeddings=TIED[shape])
 
 
 def build_model(shape: str, processor, device: torch.device, dtype: torch.dtype = torch.float32, seed: int = 0):

@@ -397,9 +397,15 @@ class Run:
             self._times[name] = self._times.get(name, 0.0) + time.perf_counter() - t
 
     def timings(self) -> dict[str, float]:
-        """The timers of this step as ``timing/<name>_s`` metrics; resets them."""
+        """The timers of this step as ``timing/<name>_s`` metrics, and on a GPU this process's
+        peak memory since the last call (``memory/peak_gib``: allocated by tensors;
+        ``memory/reserved_gib``: held by PyTorch's caching allocator, what the card sees); resets them."""
         out = {f"timing/{k}_s": v for k, v in self._times.items()}
         self._times = {}
+        if self.device.type == "cuda":
+            out["memory/peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            out["memory/reserved_gib"] = torch.cuda.max_memory_reserved(self.device) / 2**30
+            torch.cuda.reset_peak_memory_stats(self.device)
         return out
 
     # ---- saving
