@@ -5,12 +5,15 @@ computed in fp32 from the same (rounded) inputs.
 
 TRITON_INTERPRET=1 must be set before Triton is imported, so test_fused_decode.py runs this
 file in a subprocess; by hand: ``TRITON_INTERPRET=1 python tests/kernel_interp.py``.
+With ``--engine TINY_DIR`` it runs the fused engine with the split-K attention kernel against
+the module path on that tiny checkpoint instead.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 
 import torch
 
@@ -59,8 +62,37 @@ def check(dtype: torch.dtype, g: torch.Generator) -> dict:
     return res | {"k_entries_written": int(tri["k_entries_written"])}
 
 
+def engine_check(tiny_dir: str) -> dict:
+    """The fused engine with the split-K attention kernel (the rest runs in torch on CPU)
+    against the module path: greedy tokens equal, and the largest log-prob difference."""
+    from prism_rl.config import ModelConfig
+    from prism_rl.data.processing import encode_prompt
+    from prism_rl.data.records import Record
+    from prism_rl.models.loading import load_policy
+    from prism_rl.rollout.base import SamplingParams
+    from prism_rl.rollout.graph import GraphEngine
+
+    model, proc = load_policy(ModelConfig(path=tiny_dir), torch.device("cpu"), trainable=False)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, prm in model.named_parameters():
+            if prm.ndim >= 2 and "visual" not in name:
+                prm.copy_(0.3 * torch.randn(prm.shape, generator=g))
+    prompts = [encode_prompt(proc, Record(id=str(i), messages=[{"role": "user", "content": "Count. " * (1 + 9 * i)}]))
+               for i in range(2)]
+    params = SamplingParams(n=2, max_new_tokens=8, temperature=0.0, return_logprobs=True)
+    a = GraphEngine(model, proc, fused=False).generate(prompts, params)
+    b = GraphEngine(model, proc, fused=True, split_k=True).generate(prompts, params)
+    return {"same_tokens": bool(torch.equal(a.response_ids, b.response_ids)),
+            "distinct_rows": len({tuple(r.tolist()) for r in a.response_ids}),
+            "logprob_diff": float((a.logprobs - b.logprobs).abs().max())}
+
+
 def main():
     assert os.environ.get("TRITON_INTERPRET") == "1", "set TRITON_INTERPRET=1"
+    if len(sys.argv) == 3 and sys.argv[1] == "--engine":
+        print(json.dumps(engine_check(sys.argv[2])))
+        return
     g = torch.Generator().manual_seed(0)
     print(json.dumps({str(dt).split(".")[-1]: check(dt, g) for dt in (torch.float32, torch.bfloat16)}))
 

@@ -15,13 +15,15 @@ import pytest
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 
-from prism_rl.config import ModelConfig
+from prism_rl.config import ModelConfig, RolloutConfig
 from prism_rl.data.processing import encode_prompt
 from prism_rl.data.records import ImageRef, Record
 from prism_rl.models.loading import load_policy
+from prism_rl.rollout import make_engine
 from prism_rl.rollout.base import SamplingParams
 from prism_rl.rollout.fused import FusedDecoder, effective_weight, unfusable_reason
 from prism_rl.rollout.graph import GraphEngine
+from prism_rl.rollout.hf import HFEngine
 
 from conftest import png_bytes
 
@@ -60,6 +62,7 @@ def test_fused_cpu_path_equals_the_module_path(policy, prompts):
     model, proc = policy
     fused = GraphEngine(model, proc, fused=True)
     assert fused.fused is not None and fused.shadow is None
+    assert fused.fused.head is model.get_output_embeddings().weight              # same dtype: read, not copied
     a = GraphEngine(model, proc, fused=False).generate(prompts, GREEDY)
     b = fused.generate(prompts, GREEDY)
     assert len({tuple(r.tolist()) for r in a.response_ids}) >= 3
@@ -94,6 +97,7 @@ def test_fused_bf16_copy_of_an_fp32_policy(policy, prompts):
     fused = GraphEngine(model, proc, fused=True, decode_dtype=torch.bfloat16)
     assert fused.fused.layers[0].qkv.dtype == torch.bfloat16 and fused.fused.head.dtype == torch.bfloat16
     assert fused.fused.head is not model.get_output_embeddings().weight
+    assert fused.fused.head is fused.fused.embed                                  # tied: one bf16 copy
     params = SamplingParams(n=1, max_new_tokens=4, temperature=0.0, return_logprobs=True)
     a = GraphEngine(model, proc, fused=False, decode_dtype=torch.bfloat16).generate(prompts, params)
     b = fused.generate(prompts, params)
@@ -152,17 +156,29 @@ def test_unknown_layers_keep_the_module_path(policy, prompts):
         GraphEngine(model, proc, fused=False, split_k=True)
 
 
+def _interpreted(*args: str) -> dict:
+    """Run tests/kernel_interp.py with TRITON_INTERPRET=1 (read when Triton is imported, so in
+    a subprocess); its last line of output is JSON."""
+    root = Path(__file__).resolve().parents[1]
+    env = os.environ | {"TRITON_INTERPRET": "1", "PYTHONPATH": f"{root / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    run = subprocess.run([sys.executable, str(root / "tests" / "kernel_interp.py"), *args], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_split_k_attention_in_the_engine_under_the_interpreter(tiny_model_dir):
+    got = _interpreted("--engine", str(tiny_model_dir))
+    assert got["distinct_rows"] >= 2 and got["same_tokens"], got
+    assert got["logprob_diff"] < 1e-5, got
+
+
 def test_triton_kernels_equal_torch_references_under_the_interpreter():
     """Every Triton kernel on CPU tensors (TRITON_INTERPRET=1, in a subprocess since the flag
     is read when Triton is imported), against its torch reference and the exact (fp32) result:
     fp32 within fp32 rounding; bf16 within four bf16 half-ulps (2^-8) of the largest value,
     since Triton 3.8's interpreter truncates casts to bf16 where the GPU rounds to nearest."""
-    root = Path(__file__).resolve().parents[1]
-    env = os.environ | {"TRITON_INTERPRET": "1", "PYTHONPATH": f"{root / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    run = subprocess.run([sys.executable, str(root / "tests" / "kernel_interp.py")], env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    diffs = json.loads(run.stdout.strip().splitlines()[-1])
+    diffs = _interpreted()
     for dtype, tol in (("float32", 1e-6), ("bfloat16", 4 * 2**-8)):
         got = diffs[dtype]
         assert got.pop("k_entries_written") == 3 * 2 * 32          # rows x KV heads x head dim, nothing else
@@ -172,3 +188,14 @@ def test_triton_kernels_equal_torch_references_under_the_interpreter():
             assert vs_ref < tol and vs_exact < tol, (dtype, name, vs_ref, vs_exact)
             assert ref_vs_exact < tol                               # the reference itself is the right math
     assert diffs["float32"]["qk_rope_v_cache"][0] == 0.0           # v is copied, not computed
+
+
+def test_rollout_fused_config_reaches_the_engine(policy):
+    model, proc = policy
+    assert RolloutConfig().fused == "auto"
+    assert RolloutConfig.model_validate({"fused": True}).fused is True
+    with pytest.raises(ValueError, match="fused"):
+        RolloutConfig.model_validate({"fused": "sometimes"})
+    assert make_engine("graph", model, proc, fused="auto").fused is None          # CPU: the module path
+    assert make_engine("graph", model, proc, fused=True).fused is not None
+    assert isinstance(make_engine("hf", model, proc, fused=True), HFEngine)

@@ -141,7 +141,8 @@ class _Layer:
 class FusedDecoder:
     """The decode weights of a dense text decoder ``lm`` and output ``head`` in ``dtype``, and
     the fused step over them. The embedding and head are read from the policy when they already
-    have the decode dtype (no copy; ``refresh`` reports when their storage moved), else copied."""
+    have the decode dtype (no copy; ``refresh`` reports when their storage moved), else copied
+    (once when they are tied)."""
 
     def __init__(self, lm, head, dtype: torch.dtype, split_k: bool = False):
         reason = unfusable_reason(lm)
@@ -151,7 +152,9 @@ class FusedDecoder:
         self.layers = [_Layer(layer, dtype) for layer in lm.layers]
         self.norm = torch.empty_like(lm.norm.weight, dtype=dtype)
         self.norm_eps = float(lm.norm.variance_epsilon)
-        self.embed, self.head = self._shared_or_copy(lm.embed_tokens.weight), self._shared_or_copy(head.weight)
+        self.embed = self._shared_or_copy(lm.embed_tokens.weight)
+        tied = head.weight is lm.embed_tokens.weight
+        self.head = self.embed if tied else self._shared_or_copy(head.weight)    # tied: one copy
         self.refresh(lm, head)
 
     def _shared_or_copy(self, w: torch.Tensor) -> torch.Tensor:

@@ -263,7 +263,7 @@ def silu_mul_triton(gate_up, block: int = 1024):
 
 
 def decode_attention_triton(q, k_cache, v_cache, cache_pos, attn_len: int, scale: float,
-                            split_keys: int = SPLIT_KEYS, block_n: int = 32):
+                            split_keys: int = SPLIT_KEYS, block_n: int = 64):
     """Flash-decoding (see the module docstring): ``ceil(attn_len / split_keys)`` splits per
     (row, KV head); a split past a row's live length exits at once. q (B, Hq, D) -> (B, Hq*D).
     Dots run on the tensor cores in bf16/fp16 (fp32 accumulate), in exact fp32 for fp32."""
