@@ -199,3 +199,32 @@ def test_rollout_fused_config_reaches_the_engine(policy):
     assert make_engine("graph", model, proc, fused="auto").fused is None          # CPU: the module path
     assert make_engine("graph", model, proc, fused=True).fused is not None
     assert isinstance(make_engine("hf", model, proc, fused=True), HFEngine)
+
+
+def _signature(fn, types: dict, consts: dict):
+    from triton.compiler import ASTSource
+    names = fn.arg_names
+    return ASTSource(fn=fn, signature={n: types.get(n, "constexpr") for n in names},
+                     constexprs={(names.index(k),): v for k, v in consts.items()})
+
+
+@pytest.mark.parametrize("dt", ["bf16", "fp32"])
+def test_triton_kernels_compile_for_an_h100_class_gpu(dt):
+    """The interpreter does not apply Triton's typing and lowering: compile every kernel ahead of
+    time for sm_90 (PTX and cubin with Triton's bundled ptxas, no GPU needed), at the 2B shape."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from prism_rl.rollout import kernels as K
+    ints = ("HQ", "HKV", "D", "SPLITS", "CHUNK", "H", "INTER", "kc_b", "kc_h", "kc_t", "vc_b", "vc_h", "vc_t")
+    types = {n: "i32" for n in ints} | {"eps": "fp32", "scale": "fp32", "pos_ptr": "*i64"}
+    types |= {n: f"*{dt}" for n in ("x_ptr", "w_ptr", "y_ptr", "qkv_ptr", "qn_ptr", "kn_ptr", "cos_ptr", "sin_ptr",
+                                    "kc_ptr", "vc_ptr", "q_ptr", "gu_ptr")}
+    types |= {n: "*fp32" for n in ("o_ptr", "m_ptr", "l_ptr")}
+    kernels = [(K._rmsnorm_kernel, {"BLOCK": 2048}), (K._qk_rope_cache_kernel, {"BLOCK_D": 128}),
+               (K._silu_mul_kernel, {"BLOCK": 1024}),
+               (K._attn_split_kernel, {"G": 2, "BLOCK_G": 16, "BLOCK_N": 64, "BLOCK_D": 128, "IEEE": dt == "fp32"}),
+               (K._attn_combine_kernel, {"G": 2, "BLOCK_S": 4, "BLOCK_D": 128})]
+    for fn, consts in kernels:
+        compiled = triton.compile(_signature(fn, types, consts), target=GPUTarget("cuda", 90, 32))
+        assert len(compiled.asm["cubin"]) > 1000, fn

@@ -121,6 +121,7 @@ def _pow2(n: int) -> int:
 if triton is not None:
     @triton.jit
     def _rmsnorm_kernel(x_ptr, w_ptr, y_ptr, H, eps, BLOCK: tl.constexpr):
+        """Row ``program_id``: ``y = w * round(x * rsqrt(sum(x^2) / H + eps))``."""
         row = tl.program_id(0)
         offs = tl.arange(0, BLOCK)
         live = offs < H
@@ -147,6 +148,8 @@ if triton is not None:
     @triton.jit
     def _qk_rope_cache_kernel(qkv_ptr, qn_ptr, kn_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, pos_ptr, q_ptr,
                               HQ, HKV, D, eps, kc_b, kc_h, kc_t, vc_b, vc_h, vc_t, BLOCK_D: tl.constexpr):
+        """Program (row b, head h): h < HQ -> q[b, h] = rope(norm(q_h)); else KV head j = h - HQ:
+        k_cache[b, j, pos_b] = rope(norm(k_j)), v_cache[b, j, pos_b] = v_j."""
         b, h = tl.program_id(0), tl.program_id(1)
         offs = tl.arange(0, BLOCK_D)
         live = offs < D
@@ -167,6 +170,7 @@ if triton is not None:
 
     @triton.jit
     def _silu_mul_kernel(gu_ptr, y_ptr, INTER, BLOCK: tl.constexpr):
+        """Block c of row b: ``y = round(g * sigmoid(g)) * u``, ``[g | u]`` = the row of gu."""
         b, c = tl.program_id(0), tl.program_id(1)
         offs = c * BLOCK + tl.arange(0, BLOCK)
         live = offs < INTER
@@ -180,6 +184,9 @@ if triton is not None:
                            HQ, HKV, D, SPLITS, CHUNK, kc_b, kc_h, kc_t, vc_b, vc_h, vc_t,
                            G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                            IEEE: tl.constexpr):
+        """Program (row b, KV head j, split s): online softmax of the G query heads of j over keys
+        ``[s * CHUNK, min((s + 1) * CHUNK, pos_b + 1))``; stores the unnormalised output
+        ``sum_n e^{x_n - m} v_n``, the max ``m`` and the sum ``l = sum_n e^{x_n - m}``."""
         b, j, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         length = tl.load(pos_ptr + b) + 1
         g = tl.arange(0, BLOCK_G)
@@ -219,6 +226,7 @@ if triton is not None:
     @triton.jit
     def _attn_combine_kernel(o_ptr, m_ptr, l_ptr, y_ptr, HQ, HKV, D, SPLITS, G: tl.constexpr,
                              BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Program (row b, query head h): ``y = sum_s e^{m_s - M} o_s / sum_s e^{m_s - M} l_s``."""
         b, h = tl.program_id(0), tl.program_id(1)
         j, gi = h // G, h % G
         s = tl.arange(0, BLOCK_S)
