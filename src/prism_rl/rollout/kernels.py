@@ -150,7 +150,7 @@ if triton is not None:
                               HQ, HKV, D, eps, kc_b, kc_h, kc_t, vc_b, vc_h, vc_t, BLOCK_D: tl.constexpr):
         """Program (row b, head h): h < HQ -> q[b, h] = rope(norm(q_h)); else KV head j = h - HQ:
         k_cache[b, j, pos_b] = rope(norm(k_j)), v_cache[b, j, pos_b] = v_j."""
-        b, h = tl.program_id(0), tl.program_id(1)
+        b, h = tl.program_id(0).to(tl.int64), tl.program_id(1)   # int64: b * kc_b passes 2^31 in long caches
         offs = tl.arange(0, BLOCK_D)
         live = offs < D
         partner = (offs + D // 2) % D
@@ -187,7 +187,7 @@ if triton is not None:
         """Program (row b, KV head j, split s): online softmax of the G query heads of j over keys
         ``[s * CHUNK, min((s + 1) * CHUNK, pos_b + 1))``; stores the unnormalised output
         ``sum_n e^{x_n - m} v_n``, the max ``m`` and the sum ``l = sum_n e^{x_n - m}``."""
-        b, j, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        b, j, s = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
         length = tl.load(pos_ptr + b) + 1
         g = tl.arange(0, BLOCK_G)
         d = tl.arange(0, BLOCK_D)
