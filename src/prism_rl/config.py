@@ -180,6 +180,9 @@ class RolloutConfig(Section):
         "hf (transformers generate) elsewhere.")
     cache_implementation: Literal["dynamic", "static"] = Field(
         "dynamic", description="KV cache of transformers' generate (engine hf); static compiles the decode step.")
+    fused: Literal["auto"] | bool = Field(
+        "auto", description="Engine graph: decode with fused weights and Triton kernels (auto: on CUDA for dense "
+        "Qwen3-VL decoders when Triton imports; false: the module path, which also serves MoE).")
 
 
 class PPOConfig(Section):

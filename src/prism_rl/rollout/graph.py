@@ -16,6 +16,9 @@ model has to read the text weights and the KV cache once; everything else is ove
   value at its own cache index ``L_i + t`` and attends to indices ``<= L_i + t``; grouped-query
   heads are folded into the query length (``(B, H, 1, D) -> (B, H_kv, H/H_kv, D)``), so the KV
   cache is read once per KV head.
+- The **fused** path (:mod:`.fused`, default on CUDA for dense decoders) runs the same step
+  over the engine's own fused weights (one QKV and one gate_up GEMM a layer, residuals in the
+  GEMMs) with Triton kernels for the norms, rotary + cache write, and SiLU-mul (:mod:`.kernels`).
 - On CUDA the step is captured as a CUDA graph per (batch bucket, attention-length bucket)
   and replayed: no recompilation when prompt lengths change, one launch per step.
 - **Sampling** runs on the device (temperature, top-k, top-p, a seeded generator); vision
@@ -41,7 +44,9 @@ import torch.nn.functional as F
 from ..data.processing import Encoded, collate
 from ..models.loading import special_ids, vision_token_ids
 from ..models.mrope import mrope_position_ids
+from . import kernels
 from .base import Rollouts, SamplingParams, concat_rollouts, sampled_rollouts
+from .fused import FusedDecoder, unfusable_reason
 
 ATTN_BUCKET = 256   # attention lengths are rounded up to a multiple of this (one graph each)
 
@@ -113,13 +118,18 @@ class GraphEngine:
 
     def __init__(self, model, processor, device: torch.device | None = None, *, use_graphs: bool | None = None,
                  check_every: int = 16, decode_dtype: torch.dtype | None = None,
-                 kv_budget_bytes: int | None = None, kv_fraction: float = 0.6):
+                 kv_budget_bytes: int | None = None, kv_fraction: float = 0.6, fused: bool | None = None,
+                 split_k: bool = False):
         """``decode_dtype``: the dtype the decode step runs in. Default: bf16 on CUDA for a model
         held in fp32 (the trainers keep fp32 master weights), else the model's own. A different
         dtype decodes with a copy of the text weights, refreshed at every ``generate`` (so it
         always samples the current policy), as verl's rollout holds bf16 weights beside FSDP's.
         ``kv_budget_bytes`` / ``kv_fraction``: the device memory a wave's rows may hold
-        (:meth:`prompts_per_wave`); a larger batch is generated in several waves."""
+        (:meth:`prompts_per_wave`); a larger batch is generated in several waves.
+        ``fused``: decode with :class:`~prism_rl.rollout.fused.FusedDecoder` (fused weights, few
+        kernels); default on CUDA when the text decoder is dense and Triton imports; ``False``
+        keeps the module path. ``split_k``: the fused path's attention is the Triton
+        flash-decoding kernel (reads each row's live keys only) instead of SDPA over the bucket."""
         self.model, self.processor = model, processor
         self.device = device or next(model.parameters()).device
         self.lm = model.model.language_model
@@ -128,7 +138,9 @@ class GraphEngine:
             on_gpu_fp32 = self.device.type == "cuda" and self.head.weight.dtype == torch.float32
             decode_dtype = torch.bfloat16 if on_gpu_fp32 else self.head.weight.dtype
         self.decode_dtype = decode_dtype
-        self.shadow = None if decode_dtype == self.head.weight.dtype else _Shadow(self.lm, self.head, decode_dtype)
+        self.fused = self._fused_decoder(fused, split_k)
+        plain = self.fused is not None or decode_dtype == self.head.weight.dtype
+        self.shadow = None if plain else _Shadow(self.lm, self.head, decode_dtype)
         self.eos_id, self.pad_id = special_ids(processor)
         vocab = self.head.out_features
         self.suppress_bias = torch.zeros(vocab, dtype=torch.float32, device=self.device)
@@ -144,12 +156,30 @@ class GraphEngine:
         vision = getattr(model.config, "vision_config", None)
         self.merge = getattr(vision, "spatial_merge_size", 2)
 
+    def _fused_decoder(self, fused: bool | None, split_k: bool) -> FusedDecoder | None:
+        reason = unfusable_reason(self.lm)
+        if fused is None:
+            fused = self.device.type == "cuda" and reason is None and kernels.triton is not None
+        if split_k and not fused:
+            raise ValueError("split_k attention is a kernel of the fused decode path: it needs fused=True")
+        if split_k and self.device.type != "cuda" and not kernels.INTERPRET:
+            raise ValueError("split_k attention is a Triton kernel: it needs CUDA (or TRITON_INTERPRET=1)")
+        if not fused:
+            return None
+        if reason is not None:
+            raise ValueError(f"fused=True needs a dense Qwen3-VL text decoder: {reason}")
+        return FusedDecoder(self.lm, self.head, self.decode_dtype, split_k=split_k)
+
     # ---------------------------------------------------------------- the decode step
 
     def _step(self, rows: int, attn_len: int) -> None:
         """One decode step for slots ``[0, rows)``: read ``tokens``/positions, write the KV
         entries and ``logits``. Only static buffers are touched (it is graph-captured)."""
         st = self.state
+        if self.fused is not None:
+            cos, sin = rope_cos_sin(self.lm.rotary_emb, st.rope_pos[:rows], self.decode_dtype)
+            self.fused.step(st, rows, attn_len, cos[:, 0], sin[:, 0])
+            return
         lm, head = (self.shadow.lm, self.shadow.head) if self.shadow is not None else (self.lm, self.head)
         tokens, cache_pos = st.tokens[:rows], st.cache_pos[:rows]
         h = lm.embed_tokens(tokens)[:, None]                       # (B, 1, H)
@@ -247,7 +277,7 @@ class GraphEngine:
 
     def _prefill_autocast(self):
         """Prefill in the decode dtype (as the trainers' bf16 autocast forward does)."""
-        if self.shadow is None:
+        if self.decode_dtype == self.head.weight.dtype:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.decode_dtype)
 
@@ -297,6 +327,8 @@ class GraphEngine:
         try:
             if self.shadow is not None:
                 self.shadow.refresh(self.lm, self.head)
+            if self.fused is not None and self.fused.refresh(self.lm, self.head):
+                self.graphs.clear()     # the policy's embedding or head moved: graphs read the old one
             for s in range(0, len(prompts), per_wave):
                 parts.append(self._wave(prompts[s:s + per_wave], params, group_offset + s))
         finally:

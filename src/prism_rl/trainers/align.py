@@ -138,7 +138,7 @@ def train_align(cfg: AlignConfig, resume: bool = False, halt_at_step: int | None
               {"optimizer": opt, "scheduler": sched, "disc_optimizer": d_opt, "disc_scheduler": d_sched,
                "stream": stream})
     engine = make_engine(cfg.rollout.engine, model, processor, run.device,
-                         cache_implementation=cfg.rollout.cache_implementation)
+                         cache_implementation=cfg.rollout.cache_implementation, fused=cfg.rollout.fused)
     run.begin(cfg.train.steps, halt_at_step, prompts=len(prompts), bad_records=bad.count, disc_variant=disc.variant)
     guard = NonfiniteGuard(run.out)
 

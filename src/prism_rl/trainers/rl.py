@@ -190,7 +190,7 @@ def train_rl(cfg: RLConfig, resume: bool = False, halt_at_step: int | None = Non
     run.track({"": model}, processor, {"optimizer": opt, "scheduler": sched, "stream": stream})
     gen_model = D.rollout_model(model, lambda: load_policy(cfg.model, run.device, trainable=False)[0])  # torchrun: full copy
     engine = make_engine(cfg.rollout.engine, gen_model, processor, run.device,
-                         cache_implementation=cfg.rollout.cache_implementation)
+                         cache_implementation=cfg.rollout.cache_implementation, fused=cfg.rollout.fused)
     run.begin(cfg.train.steps, halt_at_step, algo=cfg.algo.name, prompts=len(prompts), bad_records=bad.count)
     guard = NonfiniteGuard(run.out)
     with run:
