@@ -98,7 +98,8 @@ def _add_response_limit_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_data_synth(a) -> None:
     from .data.synth import FAMILIES, synthesize
-    kwargs = {"image_size": a.image_size, "public_error_rate": a.public_error_rate}
+    kwargs = {"image_size": a.image_size, "public_error_rate": a.public_error_rate, "teacher_frac": a.teacher_frac,
+              "public_style": a.public_style}
     if a.families:
         kwargs["families"] = a.families.split(",")
         unknown = [f for f in kwargs["families"] if f not in FAMILIES]
@@ -294,6 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=_number(int, 24), default=96)
     p.add_argument("--public-error-rate", type=FRACTION, default=0.15)
+    p.add_argument("--teacher-frac", type=FRACTION, default=0.1,
+                   help="share of SFT-pool problems that also get the teacher's demonstration")
+    p.add_argument("--public-style", choices=["varied", "teacher"], default="varied",
+                   help="public demonstrations in other templates (varied) or in the teacher's (teacher: "
+                        "they differ from the teacher's only by their slips)")
     p.add_argument("--families", default="", help="comma-separated subset of task families")
     p.set_defaults(fn=cmd_data_synth)
     p = data.add_parser("show", help="print a file's layout and first records, turn by turn; save a PNG contact sheet",
