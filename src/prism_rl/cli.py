@@ -99,7 +99,7 @@ def _add_response_limit_args(p: argparse.ArgumentParser) -> None:
 def cmd_data_synth(a) -> None:
     from .data.synth import FAMILIES, synthesize
     kwargs = {"image_size": a.image_size, "public_error_rate": a.public_error_rate, "teacher_frac": a.teacher_frac,
-              "public_style": a.public_style}
+              "public_style": a.public_style, "test_frac": a.test_frac, "align_frac": a.align_frac}
     if a.families:
         kwargs["families"] = a.families.split(",")
         unknown = [f for f in kwargs["families"] if f not in FAMILIES]
@@ -295,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=_number(int, 24), default=96)
     p.add_argument("--public-error-rate", type=FRACTION, default=0.15)
+    p.add_argument("--test-frac", type=FRACTION, default=0.15, help="share of problems held out (test.parquet)")
+    p.add_argument("--align-frac", type=FRACTION, default=0.15, help="share of problems in the alignment pool")
     p.add_argument("--teacher-frac", type=FRACTION, default=0.1,
                    help="share of SFT-pool problems that also get the teacher's demonstration")
     p.add_argument("--public-style", choices=["varied", "teacher"], default="varied",
