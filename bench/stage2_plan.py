@@ -69,7 +69,7 @@ class Preset:
     spec: dict
     sft: list[str]             # overrides of configs/quickstart/sft.yaml
     pairs_limit: int
-    pairs_from: str            # policy: the SFT policy's samples; public: the public demonstrations
+    min_pairs: int             # fewer valid policy samples than this: public demonstrations fill up
     warmup: list[str]
     align_steps: int
     rl_steps: int
@@ -90,20 +90,20 @@ PRESETS = {
     # 2 cores, a minute or two: every stage runs, nothing is learnt.
     "cpu-smoke": Preset(
         problems=96, test_frac=0.25, align_frac=0.3, teacher_frac=0.2, public_error_rate=0.3, spec={},
-        sft=["train.max_steps=8", "train.batch_size=8"], pairs_limit=12, pairs_from="public",
+        sft=["train.max_steps=8", "train.batch_size=8"], pairs_limit=12, min_pairs=12,
         warmup=["train.max_steps=2", "train.batch_size=8", "train.heldout_frac=0.25"],
         align_steps=1, rl_steps=1, prompts_per_step=2, samples=4, max_new_tokens=40, micro_batch=8,
         disc_batch=8, eval_batch=8, eval_limit=6, procs_per_gpu=1, threads=1, eval_reserve_min=2.0, budget_min=10.0),
-    # 2 H200s, about 7 minutes: a ~22M-parameter Qwen3-VL, RL at the spec's 32 prompts x 16 samples.
+    # 2 H200s, about 7 minutes: a ~23M-parameter Qwen3-VL, RL at the spec's 32 prompts x 16 samples
+    # (sizes estimated in docs/RESULTS.md, "Stage-2 study").
     "gpu": Preset(
-        problems=24000, test_frac=0.125, align_frac=0.25, teacher_frac=0.2, public_error_rate=0.3,
+        problems=20000, test_frac=0.15, align_frac=0.2, teacher_frac=0.2, public_error_rate=0.3,
         spec={"vocab_size": 2048, "hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 6,
               "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 64, "mrope_section": [8, 12, 12],
               "vision_hidden_size": 256, "vision_intermediate_size": 768, "vision_depth": 2, "vision_heads": 4},
-        sft=["train.epochs=2", "train.batch_size=64", "optim.lr=1e-3", "train.log_every=20"], pairs_limit=2048,
-        pairs_from="policy",
-        warmup=["train.epochs=2", "train.batch_size=64", "disc.batch_size=128"],
-        align_steps=8, rl_steps=16, prompts_per_step=32, samples=16, max_new_tokens=128, micro_batch=128,
+        sft=["train.epochs=2", "train.batch_size=128", "optim.lr=1e-3", "train.log_every=20"], pairs_limit=1024,
+        min_pairs=256, warmup=["train.epochs=2", "train.batch_size=64", "disc.batch_size=128"],
+        align_steps=6, rl_steps=12, prompts_per_step=32, samples=16, max_new_tokens=128, micro_batch=128,
         disc_batch=128, eval_batch=512, eval_limit=None, procs_per_gpu=8, threads=2, eval_reserve_min=1.5,
         budget_min=7.0),
 }
@@ -193,22 +193,19 @@ class Planner:
         return job, warm / "final"
 
     def _pairs(self, v: str, s: int, sft: str, prio: int) -> Job:
-        """Warm-up pairs: the teacher's segments against the SFT policy's samples; or, with the
-        preset's ``pairs_from="public"`` (the CPU smoke, whose few-step SFT policy does not close
-        the format yet), against the public demonstrations, joined by ``prism data build-pairs``."""
+        """Warm-up pairs: the teacher's segments against the SFT policy's samples (``prism disc
+        pairs``). When the policy closes the format in fewer than ``min_pairs`` samples (the CPU
+        smoke's few-step SFT never does), public demonstrations are added as students
+        (:func:`top_up_pairs`; ``pairs.topup.json`` says how many, and the report shows it)."""
         p, d, root = self.p, self.out / "data" / v, self.out / f"s{s}" / v
-        if p.pairs_from == "policy":
-            argv = prism(p.threads, "disc", "pairs", "--policy", root / "sft" / "final", "--data", d / "align.parquet",
-                         "--out", root / "pairs.jsonl", "--max-new-tokens", p.max_new_tokens, "--limit",
-                         p.pairs_limit, "--seed", s)
-            return Job(f"pairs-{v}-s{s}", argv, root / "pairs.jsonl", [sft], priority=prio)
-        samples = root / "public_samples.jsonl"
+        argv = prism(p.threads, "disc", "pairs", "--policy", root / "sft" / "final", "--data", d / "align.parquet",
+                     "--out", root / "pairs.jsonl", "--max-new-tokens", p.max_new_tokens, "--limit", p.pairs_limit,
+                     "--seed", s, "--batch-prompts", p.eval_batch)
         code = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); from stage2_plan import "
-                f"public_samples; public_samples({str(d / 'align.parquet')!r}, {str(samples)!r}, {p.pairs_limit})")
-        argv = ["sh", "-c", " ".join(map(shlex.quote, [sys.executable, "-c", code])) + " && "
-                + " ".join(map(shlex.quote, prism(1, "data", "build-pairs", "--curated", d / "align.parquet",
-                                                  "--samples", samples, "--out", root / "pairs.jsonl")))]
-        return Job(f"pairs-{v}-s{s}", argv, root / "pairs.jsonl", [sft], gpu=False, priority=prio)
+                f"top_up_pairs; top_up_pairs({str(root / 'pairs.jsonl')!r}, {str(d / 'align.parquet')!r}, "
+                f"{p.pairs_limit}, {p.min_pairs})")
+        chain = " && ".join(" ".join(map(shlex.quote, map(str, c))) for c in (argv, [sys.executable, "-c", code]))
+        return Job(f"pairs-{v}-s{s}", ["sh", "-c", chain], root / "pairs.topup.json", [sft], priority=prio)
 
     def align(self, v: str, s: int, variant: str, arm: str, prio: int) -> tuple[str, Path]:
         p, d, root = self.p, self.out / "data" / v, self.out / f"s{s}" / v
@@ -286,13 +283,31 @@ def resolve_policy(kind: str, out: Path) -> tuple[Path | None, int | None]:
     return None, None
 
 
-def public_samples(align_parquet: str, out: str, limit: int) -> None:
-    """``{"id", "response"}`` lines of the first ``limit`` alignment problems' public demonstrations."""
-    from prism_rl.data.layouts import read_records
+def top_up_pairs(pairs: str, align_parquet: str, limit: int, min_pairs: int) -> dict:
+    """Append public-demonstration pairs to ``pairs`` until it holds ``min_pairs`` (the first
+    ``limit`` alignment problems are the candidates); writes and returns ``{"policy_pairs",
+    "public_pairs_added"}`` to ``pairs.topup.json`` beside it."""
+    import tempfile
 
-    recs = read_records(align_parquet)[:limit]
-    Path(out).write_text("".join(json.dumps({"id": r.id, "response": r.extra["public_response"]}) + "\n"
-                                 for r in recs))
+    from prism_rl.data.layouts import read_records
+    from prism_rl.data.pairs import build_pairs
+
+    path = Path(pairs)
+    have = path.read_text().splitlines() if path.exists() else []
+    need = max(0, min_pairs - len(have))
+    added: list[str] = []
+    if need:
+        recs = read_records(align_parquet)[:limit][:need]
+        with tempfile.TemporaryDirectory() as tmp:
+            samples, built = Path(tmp) / "samples.jsonl", Path(tmp) / "pairs.jsonl"
+            samples.write_text("".join(json.dumps({"id": r.id, "response": r.extra["public_response"]}) + "\n"
+                                       for r in recs))
+            build_pairs(align_parquet, samples, built)
+            added = built.read_text().splitlines()
+        path.write_text("".join(line + "\n" for line in have + added))
+    info = {"policy_pairs": len(have), "public_pairs_added": len(added)}
+    path.with_suffix(".topup.json").write_text(json.dumps(info) + "\n")
+    return info
 
 
 def planned_steps(p: Preset, arm: Arm) -> dict[str, int]:

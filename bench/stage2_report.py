@@ -172,6 +172,8 @@ def collect(out: Path, preset, arms: list[str], seeds: list[int], state: dict, j
             entry["verdict"] = verdict(entry[key]["lo"], entry[key]["hi"], key)
         res["comparisons"].append(entry)
     res["alignment"] = alignment_dynamics(out, seeds)
+    res["warmup_pairs"] = {f"{f.parent.name}/s{s}": json.loads(f.read_text())
+                           for s in seeds for f in sorted((out / f"s{s}").glob("*/pairs.topup.json"))}
     del res["rows"]
     return res
 
@@ -230,6 +232,11 @@ def render(res: dict, header: dict) -> str:
             cells = [f"{_num(d[k][0])} -> {_num(d[k][1])}" for k in
                      ("disc/cap_gap", "disc/reason_gap", "rollout/perception", "rollout/acc", "rollout/format")]
             lines.append(f"| {name} | {', '.join(map(str, d['steps']))} | " + " | ".join(cells) + " |")
+    topped = {k: v for k, v in res["warmup_pairs"].items() if v["public_pairs_added"]}
+    if topped:
+        lines += ["", "Warm-up pairs topped up with public demonstrations (the SFT policy closed the format too "
+                  "rarely): " + "; ".join(f"{k}: {v['policy_pairs']} policy + {v['public_pairs_added']} public"
+                                          for k, v in topped.items())]
     if res["not_run"]:
         lines += ["", "Not run:", ""] + [f"- {k}: {v}" for k, v in sorted(res["not_run"].items())]
     return "\n".join(lines) + "\n"

@@ -44,6 +44,10 @@ class Runner:
         self.t0 = time.time()
         self.stop_training_at, self.end_at = self.t0 + budget_s - reserve_s, self.t0 + budget_s
         self.state: dict[str, dict] = {n: {"status": "pending"} for n in jobs}
+        visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+        if gpus and visible and len(visible) < gpus:
+            raise SystemExit(f"--gpus {gpus}: CUDA_VISIBLE_DEVICES lists only {len(visible)} ({','.join(visible)})")
+        self.devices = visible[:gpus] if visible else [str(g) for g in range(gpus)]   # slot -> device id
         self.procs: dict[str, subprocess.Popen] = {}
         self.lock = threading.Lock()
         (out / "logs").mkdir(parents=True, exist_ok=True)
@@ -93,7 +97,7 @@ class Runner:
             return
         if job.stoppable and job.out_dir is not None and any(job.out_dir.glob("checkpoint-*")):
             argv = [*argv, "--resume"]   # stopped by an earlier invocation's budget: continue it
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": str(gpu) if job.gpu and gpu >= 0 else "",
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": self.devices[gpu] if job.gpu and gpu >= 0 else "",
                "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
         log = (self.out / "logs" / f"{job.name}.log").open("w")
         log.write(" ".join(argv) + "\n")

@@ -244,7 +244,7 @@ def cmd_disc_pairs(a) -> None:
     from .trainers.warmup import sample_pairs
     max_new_tokens = a.max_new_tokens if a.max_new_tokens is not None else rl_response_limit(a.rl_config)
     print(json.dumps(sample_pairs(a.policy, a.data, a.out, n=a.n, max_new_tokens=max_new_tokens,
-                                  limit=a.limit, seed=a.seed), indent=2))
+                                  limit=a.limit, seed=a.seed, batch_prompts=a.batch_prompts), indent=2))
 
 
 def cmd_disc_warmup(a) -> None:
@@ -403,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_response_limit_args(p)
     p.add_argument("--limit", type=POSITIVE, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-prompts", type=POSITIVE, default=32, help="prompts per generate call (x n samples)")
     p.set_defaults(fn=cmd_disc_pairs)
     p = disc.add_parser("warmup", help="Bradley-Terry warm-up on teacher/student pairs")
     _add_config_args(p)
