@@ -36,14 +36,16 @@ KILL_GRACE_S = 90   # a stopped training run gets this long to save its checkpoi
 
 class Runner:
     """Runs jobs as their dependencies allow: at most ``procs_per_gpu`` per GPU (or ``workers``
-    on the CPU), higher-priority arms first. Records each job's status, wall time, GPU and
-    GPU-share seconds (each second a job runs counts 1/k when k jobs share its GPU)."""
+    on the CPU), the longest remaining chains first, then the arms in ``--arms`` order. Records
+    each job's status, wall time, GPU and GPU-share seconds (each second a job runs counts 1/k
+    when k jobs share its GPU)."""
 
     def __init__(self, jobs: dict[str, Job], out: Path, gpus: int, per_gpu: int, budget_s: float, reserve_s: float):
         self.jobs, self.out, self.gpus, self.per_gpu = jobs, out, gpus, per_gpu
         self.t0 = time.time()
         self.stop_training_at, self.end_at = self.t0 + budget_s - reserve_s, self.t0 + budget_s
         self.state: dict[str, dict] = {n: {"status": "pending"} for n in jobs}
+        self.height = chain_lengths(jobs)   # longest chain of jobs after each: those start first
         visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
         if gpus and visible and len(visible) < gpus:
             raise SystemExit(f"--gpus {gpus}: CUDA_VISIBLE_DEVICES lists only {len(visible)} ({','.join(visible)})")
@@ -70,7 +72,7 @@ class Runner:
                 self.state[n] = {"status": "not run", "why": "a stage before it failed or was not run"}
             elif all(s in ("done", "stopped") for s in dep):
                 out.append(j)
-        return sorted(out, key=lambda j: (j.priority, j.name))
+        return sorted(out, key=lambda j: (-self.height[j.name], j.priority, j.name))
 
     def _argv(self, job: Job) -> list[str] | None:
         if job.source is None:
@@ -133,9 +135,9 @@ class Runner:
             late = now >= self.end_at or (job.stoppable and now >= self.stop_training_at)
             if late and not st.get("signalled"):
                 st["signalled"] = now
-                os.killpg(proc.pid, signal.SIGTERM)
+                _killpg(proc, signal.SIGTERM)
             elif st.get("signalled") and now - st["signalled"] > KILL_GRACE_S:
-                os.killpg(proc.pid, signal.SIGKILL)
+                _killpg(proc, signal.SIGKILL)
 
     def _account(self, dt: float) -> None:
         by_gpu: dict[int, list[str]] = {}
@@ -146,6 +148,15 @@ class Runner:
                 self.state[n]["gpu_share_s"] += dt / len(names)
 
     def run(self) -> dict[str, dict]:
+        """Run to the end of the budget; an interruption (Ctrl-C) stops every job it started."""
+        try:
+            return self._loop()
+        except BaseException:
+            for proc in self.procs.values():
+                _killpg(proc, signal.SIGKILL)
+            raise
+
+    def _loop(self) -> dict[str, dict]:
         last = time.time()
         while True:
             now = time.time()
@@ -170,6 +181,31 @@ class Runner:
             if st["status"] == "pending":
                 st.update(status="not run", why="a stage before it was not run")
         return self.state
+
+
+def chain_lengths(jobs: dict[str, Job]) -> dict[str, int]:
+    """For each job, the number of jobs on the longest chain that waits for it (0 for a last
+    job): starting the longest chains first shortens the whole study when slots are scarce."""
+    after: dict[str, list[str]] = {n: [] for n in jobs}
+    for n, j in jobs.items():
+        for d in j.deps:
+            after[d].append(n)
+    memo: dict[str, int] = {}
+
+    def height(n: str) -> int:
+        if n not in memo:
+            memo[n] = max((1 + height(m) for m in after[n]), default=0)
+        return memo[n]
+
+    return {n: height(n) for n in jobs}
+
+
+def _killpg(proc: subprocess.Popen, sig: int) -> None:
+    """Signal the job's process group (a job may be a shell with children); gone is fine."""
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from stage2_plan import ARMS, PRESETS, Planner, planned_steps, resolve_policy  # noqa: E402
 from stage2_report import comparisons, mean_std, paired_bootstrap_ci, paired_diffs, verdict  # noqa: E402
+from stage2_study import chain_lengths  # noqa: E402
 
 
 def test_paired_bootstrap_ci_hand_checked():
@@ -71,6 +72,9 @@ def test_plan_matches_compute_and_shares_stages(tmp_path):
     assert planned_steps(p, ARMS["grpo"]) == {"align": 0, "rl": p.align_steps + p.rl_steps}
     assert planned_steps(p, ARMS["prism_dapo"]) == {"align": p.align_steps, "rl": p.rl_steps}
     assert all(d in jobs for j in jobs.values() for d in j.deps)
+    h = chain_lengths(jobs)   # the PRISM chain (pairs, warm-up, alignment, RL, eval) starts before baseline RL
+    assert (h["eval-grpo-s0"], h["rl-grpo-s0"], h["rl-prism_grpo-s0"], h["align-moe-matched-s0"]) == (0, 1, 1, 2)
+    assert h["pairs-matched-s0"] == 4 > h["rl-grpo-s0"] and h["sft-matched-s0"] == 5
     assert [c[:2] for c in comparisons(arms)] == [("aligned", "sft"), ("prism_grpo", "grpo"), ("prism_dapo", "dapo"),
                                                    ("prism_grpo_nowarmup", "prism_grpo")]
 
@@ -108,3 +112,25 @@ def test_cpu_smoke_study_end_to_end(tmp_path):
     assert "rollout/perception" in res["alignment"]["matched/moe"]
     md = (out / "results.md").read_text()
     assert md.startswith("# Stage-2 study (issue 16)") and "| prism_grpo | grpo |" in md
+
+
+def test_gpu_preset_commands_parse_and_their_configs_load(tmp_path):
+    """Every command the gpu preset runs is accepted by the CLI parser, and every training and
+    evaluation config loads with its overrides (a typo would only surface on the GPU machine)."""
+    from prism_rl.cli import build_parser
+    from prism_rl.config import ALGO_PRESETS, AlignConfig, EvalConfig, RLConfig, SFTConfig, WarmupConfig, load_config
+
+    arms = list(ARMS)
+    jobs = Planner(tmp_path, PRESETS["gpu"], arms, [0], {}).plan()
+    classes = {"sft": SFTConfig, "warmup": WarmupConfig, "align": AlignConfig, "rl": RLConfig, "eval": EvalConfig}
+    loaded = set()
+    for job in jobs.values():
+        argv = job.argv if job.argv[0] != "sh" else job.argv[2].split(" && ")[0].split()
+        cli = [x.replace("{policy}", str(tmp_path / "policy")) for x in argv[argv.index("prism_rl.cli") + 1:]]
+        a = build_parser().parse_args(cli)
+        stage = "warmup" if cli[2:4] == ["disc", "warmup"] else cli[2]
+        if stage in classes:
+            defaults = ALGO_PRESETS[a.algo] if stage == "rl" else None
+            load_config(classes[stage], ROOT / a.config, a.overrides, defaults=defaults)
+            loaded.add(stage)
+    assert loaded == set(classes)
