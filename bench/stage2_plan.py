@@ -124,7 +124,7 @@ class Job:
     stoppable: bool = False
     priority: int = 0
     source: tuple[str, Path] | None = None   # (stage kind, folder): "{policy}" in argv becomes its policy
-    out_dir: Path | None = None              # a training run's output folder (checkpoints to resume)
+    out_dir: Path | None = None              # the job's output folder (a training run's checkpoints)
 
 
 def prism(threads: int, *args) -> list[str]:
@@ -255,7 +255,8 @@ class Planner:
                      self.out / "data" / v / "test.parquet", "--out", self.out / "eval", "--name", f"{arm.name}_s{s}",
                      "--max-new-tokens", p.max_new_tokens, f"generation.batch_size={p.eval_batch}",
                      *([f"data.limit={p.eval_limit}"] if p.eval_limit else []), *self._x("eval"))
-        self.add(Job(f"eval-{arm.name}-s{s}", argv, ev / "summary.json", [dep], priority=prio, source=source), arm.name)
+        self.add(Job(f"eval-{arm.name}-s{s}", argv, ev / "summary.json", [dep], priority=prio, source=source,
+                     out_dir=ev.parent), arm.name)
 
     def plan(self) -> dict[str, Job]:
         for prio, arm in enumerate(self.arms):

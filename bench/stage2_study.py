@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,6 +32,7 @@ from stage2_plan import ARMS, DEFAULT_ARMS, PRESETS, Job, Planner, resolve_polic
 from stage2_report import write_report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+START_FILE = "stage2_start.txt"   # beside a job's output: the policy folder it started from
 KILL_GRACE_S = 90   # a stopped training run gets this long to save its checkpoint
 
 
@@ -85,18 +87,22 @@ class Runner:
 
     def _start(self, job: Job, gpu: int) -> None:
         st = self.state[job.name] = {"status": "running", "gpu": gpu, "start": time.time() - self.t0, "gpu_share_s": 0.0}
-        if job.done.exists():   # finished by an earlier invocation
-            st.update(status="done", skipped=True, wall_s=0.0)
-            if job.source is not None:
-                self._argv(job)
-            return
-        if job.stoppable and time.time() >= self.stop_training_at:
-            st.update(status="not run", why="budget: training time was over before it could start")
-            return
         argv = self._argv(job)
         if argv is None:
             st.update(status="not run", why=f"no policy in {job.source[1]}")
             return
+        if job.done.exists() and _same_start(job, st.get("policy")):   # finished by an earlier invocation
+            st.update(status="done", skipped=True, wall_s=0.0)
+            return
+        if job.stoppable and time.time() >= self.stop_training_at:
+            st.update(status="not run", why="budget: training time was over before it could start")
+            return
+        if job.source is not None and job.out_dir is not None and job.out_dir.exists() \
+                and not _same_start(job, st.get("policy")):
+            shutil.rmtree(job.out_dir)   # it started from another policy (one the budget had cut): redo it
+        if job.source is not None and job.out_dir is not None:
+            job.out_dir.mkdir(parents=True, exist_ok=True)
+            (job.out_dir / START_FILE).write_text(st["policy"])
         if job.stoppable and job.out_dir is not None and any(job.out_dir.glob("checkpoint-*")):
             argv = [*argv, "--resume"]   # stopped by an earlier invocation's budget: continue it
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": self.devices[gpu] if job.gpu and gpu >= 0 else "",
@@ -198,6 +204,15 @@ def chain_lengths(jobs: dict[str, Job]) -> dict[str, int]:
         return memo[n]
 
     return {n: height(n) for n in jobs}
+
+
+def _same_start(job: Job, policy: str | None) -> bool:
+    """Whether the output a job left came from ``policy`` (the folder its source resolved to
+    now). A job without a source always does; one whose record is missing does not."""
+    if job.source is None:
+        return True
+    marker = job.out_dir / START_FILE if job.out_dir is not None else None
+    return marker is not None and marker.exists() and marker.read_text() == policy
 
 
 def _killpg(proc: subprocess.Popen, sig: int) -> None:
