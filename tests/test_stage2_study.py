@@ -13,9 +13,9 @@ from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "bench"))
 
-from stage2_plan import ARMS, PRESETS, Planner, planned_steps, resolve_policy  # noqa: E402
+from stage2_plan import ARMS, PRESETS, Job, Planner, planned_steps, resolve_policy  # noqa: E402
 from stage2_report import comparisons, mean_std, paired_bootstrap_ci, paired_diffs, verdict  # noqa: E402
-from stage2_study import chain_lengths  # noqa: E402
+from stage2_study import START_FILE, _same_start, chain_lengths  # noqa: E402
 
 
 def test_paired_bootstrap_ci_hand_checked():
@@ -134,3 +134,13 @@ def test_gpu_preset_commands_parse_and_their_configs_load(tmp_path):
             load_config(classes[stage], ROOT / a.config, a.overrides, defaults=defaults)
             loaded.add(stage)
     assert loaded == set(classes)
+
+
+def test_a_job_is_redone_when_its_start_policy_changed(tmp_path):
+    job = Job("eval-x", ["true"], tmp_path / "run" / "summary.json", source=("rl", tmp_path / "rl"),
+              out_dir=tmp_path / "run")
+    assert not _same_start(job, "/rl/checkpoint-4")            # no record: not known to be the same
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / START_FILE).write_text("/rl/checkpoint-4")
+    assert _same_start(job, "/rl/checkpoint-4") and not _same_start(job, "/rl/final")
+    assert _same_start(Job("sft", ["true"], tmp_path / "x"), None)   # a job without a source
