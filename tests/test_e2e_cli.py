@@ -150,6 +150,7 @@ def test_prism_stage_end_to_end_and_resume(workdir, straight_sft):
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:
         assert 0.0 <= r["rollout/format"] <= 1.0 and len(r["disc/expert_load"]) == 4 and r["actor/entropy"] > 0
+        assert 0.0 <= r["rollout/perception"] <= 1.0   # synthetic prompts carry their scene
         # routing load is measured on the valid rollouts: a distribution when there are any
         load = r["disc/expert_load"]
         assert abs(sum(load) - (1.0 if r["rollout/format"] > 0 else 0.0)) < 1e-4

@@ -227,3 +227,29 @@ def test_heldout_eval_applies_the_pixel_limits(tiny_model_dir):
     _, processor = _load(cfg)
     size = processor.image_processor.size
     assert (size["longest_edge"], size["shortest_edge"]) == (3136, 784)
+
+
+def test_heldout_eval_scores_perception_when_records_have_scenes(tiny_model_dir, heldout, tmp_path, capsys):
+    import pyarrow.parquet as pq
+
+    from prism_rl.eval.perception import response_perception
+
+    scenes = {r["extra_info"]["index"]: r["scene"] for r in pq.read_table(heldout).to_pylist()}
+    root = tmp_path / "evals"
+    rc, out, _ = _eval(capsys, "--model", tiny_model_dir, "--data", heldout, "--out", root, "--max-new-tokens", 12,
+                       "--name", "p", "--limit", 3)
+    assert rc == 0 and "perception" in out
+    rows = _rows(root / "p" / "heldout-test" / "samples.jsonl")
+    assert len(rows) == 3 and len(scenes) >= 3
+    expect = [response_perception(r["response"], s) for r, s in zip(rows, scenes.values())]
+    assert [r["perception"] for r in rows] == expect
+    summary = json.loads((root / "p" / "heldout-test" / "summary.json").read_text())
+    assert summary["overall"]["perception"] == pytest.approx(sum(expect) / 3) and summary["overall"]["n_perception"] == 3
+    # a file without the scene column (older data, other sources): no perception, no error
+    plain = tmp_path / "plain.parquet"
+    pq.write_table(pq.read_table(heldout).drop(["scene"]), plain)
+    assert _eval(capsys, "--model", tiny_model_dir, "--data", plain, "--out", root, "--max-new-tokens", 12,
+                 "--name", "q", "--limit", 2)[0] == 0
+    rows = _rows(root / "q" / "heldout-plain" / "samples.jsonl")
+    assert len(rows) == 2 and all("perception" not in r for r in rows)
+    assert "perception" not in json.loads((root / "q" / "heldout-plain" / "summary.json").read_text())["overall"]

@@ -176,3 +176,64 @@ def test_bad_arguments(tmp_path):
         synthesize(tmp_path, 10, seed=0, families=("count", "maze"))
     with pytest.raises(ValueError, match="public_error_rate"):
         synthesize(tmp_path, 10, seed=0, public_error_rate=1.5)
+
+
+# Written by the code before the scene column and --public-style existed (n 120, seed 5).
+BEFORE = {"sft.json": "b138486d7231f3e1bd9ecc8a628bafbd318a9feafb489c8fda90301e587d79a9",
+          "stats.json": "7ebd2113e897300b652f0942dc75e7eaf74414a4db860c2a028e64035461122b",
+          "align": "87de97f30676739890beca0c64afb69b95b5635a4e33efed754c2b78fdaa2027",
+          "test": "08f16f837fb0999d957b4f2dfc706fed0a7cc6f30d8e4b4dcc477794a5ef20e8",
+          "images": "3cf4df2a46fb9a93ac30f697bf4947f09d8cbf922277bf6f9841744e67292ce1"}
+
+
+def test_default_output_is_unchanged_apart_from_the_scene_column(tmp_path):
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    synthesize(tmp_path, 120, 5)
+    got = {f: hashlib.sha256((tmp_path / f).read_bytes()).hexdigest() for f in ("sft.json", "stats.json")}
+    for split in ("align", "test"):
+        table = pq.read_table(tmp_path / f"{split}.parquet")
+        assert "scene" in table.column_names
+        got[split] = hashlib.sha256(repr(table.drop(["scene"]).to_pylist()).encode()).hexdigest()
+    images = b"".join(p.read_bytes() for p in sorted((tmp_path / "images").iterdir()))
+    got["images"] = hashlib.sha256(images).hexdigest()
+    assert got == BEFORE
+
+
+def test_teacher_style_public_demos_differ_from_the_teacher_only_by_slips(tmp_path):
+    varied = synthesize(tmp_path / "v", 200, 4, public_error_rate=0.4)
+    stats = synthesize(tmp_path / "t", 200, 4, public_error_rate=0.4, public_style="teacher")
+    assert stats["public_style"] == "teacher" and "public_style" not in varied
+    assert stats["public_errors"] == varied["public_errors"]   # the same problems get the same slips
+    rows = read_records(tmp_path / "t" / "align.parquet") + read_records(tmp_path / "t" / "test.parquet")
+    errors = {"none": 0, "reasoning": 0, "perception": 0}
+    for r in rows:
+        pub, teacher = r.extra["public_response"], r.extra["teacher_response"]
+        errors[r.extra["public_error"]] += 1
+        if r.extra["public_error"] == "none":
+            assert pub == teacher
+            continue
+        assert pub != teacher and extract_answer(pub) != r.ground_truth
+        same_caption = parse_response(pub).caption == parse_response(teacher).caption
+        assert same_caption == (r.extra["public_error"] == "reasoning")   # a reasoning slip keeps the caption
+        assert parse_response(pub).caption.startswith("- Style:")
+    assert min(errors.values()) > 3
+    sft = read_records(tmp_path / "t" / "sft.json")
+    assert all(r.extra["style"] in ("public", "teacher") for r in sft)
+    # the alignment pool is teacher-only: its demonstrations are the teacher's, never a public one
+    for r in read_records(tmp_path / "t" / "align.parquet"):
+        assert r.response is None and r.extra["teacher_response"].startswith("<caption>\n- Style:")
+
+
+def test_cli_passes_public_style_and_teacher_frac(tmp_path):
+    from prism_rl.cli import main
+
+    assert main(["data", "synth", "--out", str(tmp_path), "--n", "60", "--public-style", "teacher",
+                 "--teacher-frac", "1"]) == 0
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert stats["public_style"] == "teacher"
+    assert stats["sft_records"]["teacher"] == stats["sft_records"]["public"]
+    with pytest.raises(ValueError, match="public_style"):
+        synthesize(tmp_path / "bad", 10, public_style="fancy")

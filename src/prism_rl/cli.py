@@ -98,7 +98,8 @@ def _add_response_limit_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_data_synth(a) -> None:
     from .data.synth import FAMILIES, synthesize
-    kwargs = {"image_size": a.image_size, "public_error_rate": a.public_error_rate}
+    kwargs = {"image_size": a.image_size, "public_error_rate": a.public_error_rate, "teacher_frac": a.teacher_frac,
+              "public_style": a.public_style, "test_frac": a.test_frac, "align_frac": a.align_frac}
     if a.families:
         kwargs["families"] = a.families.split(",")
         unknown = [f for f in kwargs["families"] if f not in FAMILIES]
@@ -243,7 +244,7 @@ def cmd_disc_pairs(a) -> None:
     from .trainers.warmup import sample_pairs
     max_new_tokens = a.max_new_tokens if a.max_new_tokens is not None else rl_response_limit(a.rl_config)
     print(json.dumps(sample_pairs(a.policy, a.data, a.out, n=a.n, max_new_tokens=max_new_tokens,
-                                  limit=a.limit, seed=a.seed), indent=2))
+                                  limit=a.limit, seed=a.seed, batch_prompts=a.batch_prompts), indent=2))
 
 
 def cmd_disc_warmup(a) -> None:
@@ -294,6 +295,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=_number(int, 24), default=96)
     p.add_argument("--public-error-rate", type=FRACTION, default=0.15)
+    p.add_argument("--test-frac", type=FRACTION, default=0.15, help="share of problems held out (test.parquet)")
+    p.add_argument("--align-frac", type=FRACTION, default=0.15, help="share of problems in the alignment pool")
+    p.add_argument("--teacher-frac", type=FRACTION, default=0.1,
+                   help="share of SFT-pool problems that also get the teacher's demonstration")
+    p.add_argument("--public-style", choices=["varied", "teacher"], default="varied",
+                   help="public demonstrations in other templates (varied) or in the teacher's (teacher: "
+                        "they differ from the teacher's only by their slips)")
     p.add_argument("--families", default="", help="comma-separated subset of task families")
     p.set_defaults(fn=cmd_data_synth)
     p = data.add_parser("show", help="print a file's layout and first records, turn by turn; save a PNG contact sheet",
@@ -395,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_response_limit_args(p)
     p.add_argument("--limit", type=POSITIVE, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-prompts", type=POSITIVE, default=32, help="prompts per generate call (x n samples)")
     p.set_defaults(fn=cmd_disc_pairs)
     p = disc.add_parser("warmup", help="Bradley-Terry warm-up on teacher/student pairs")
     _add_config_args(p)

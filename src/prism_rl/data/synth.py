@@ -22,10 +22,14 @@ Each problem gets two demonstrations in the ``<caption>/<think>/<answer>`` forma
   terse or wordy captions, and with probability ``public_error_rate`` a slip: a
   *perception* slip (the caption misreads one object and the reasoning follows it to a
   wrong answer) or a *reasoning* slip (correct caption, result off by one / wrong pick).
+  With ``public_style="teacher"`` the public demonstrations use the teacher's template
+  instead (same slips), so teacher and public differ only in content quality, as in the
+  paper's data; ``varied`` (the default) is the style-mismatched control.
 
 :func:`synthesize` writes ``sft.json`` (ShareGPT; public demos for the SFT pool plus
 teacher demos for a ``teacher_frac`` share), ``align.parquet`` and ``test.parquet`` (verl
-layout with teacher fields) and ``stats.json``. The same seed gives the same bytes: all
+layout with teacher fields and the ``scene``, which ``prism_rl.eval.perception`` scores
+captions against) and ``stats.json``. The same seed gives the same bytes: all
 randomness comes from ``random.Random`` instances seeded from strings (no global RNG), and
 problem ``i`` depends only on the seed and the problems before it.
 """
@@ -45,7 +49,7 @@ from prism_rl.data.layouts import write_sharegpt_json, write_verl_parquet
 from prism_rl.data.records import IMAGE_PLACEHOLDER, ImageRef, Record
 from prism_rl.format import SYSTEM_PROMPT, make_response, split_text
 
-__all__ = ["FAMILIES", "Problem", "make_problem", "synthesize"]
+__all__ = ["FAMILIES", "PUBLIC_STYLES", "Problem", "make_problem", "scene_json", "synthesize"]
 
 FAMILIES = ("count", "arith", "chart", "digits")
 SHAPES = ("circle", "square", "triangle")
@@ -465,8 +469,18 @@ class PublicDemo:
     error: str  # none | perception | reasoning
 
 
-def public_response(problem: Problem, rng: random.Random, error_rate: float) -> PublicDemo:
-    """A demonstration from the noisier public distribution (maybe with one slip)."""
+PUBLIC_STYLES = ("varied", "teacher")
+
+
+def public_response(problem: Problem, rng: random.Random, error_rate: float,
+                    style: str = "varied") -> PublicDemo:
+    """A demonstration from the noisier public distribution (maybe with one slip).
+
+    ``style`` ``varied``: other templates than the teacher's (terse/wordy/grouped captions,
+    other phrasings). ``teacher``: the teacher's template, so that a public demonstration
+    differs from the teacher's only by its slip (a clean one equals the teacher's text). The
+    slip is drawn the same way in both styles, so the same problems get the same slips.
+    """
     items, error = problem.items, "none"
     sol = problem.solution
     value: int | str = sol.value
@@ -478,8 +492,11 @@ def public_response(problem: Problem, rng: random.Random, error_rate: float) -> 
             value = sol.value
         else:
             value, error = _reasoning_slip(problem, rng), "reasoning"
-    caption = _public_caption(items, rng)
-    think = _public_think(sol, value, problem.query, rng)
+    if style == "teacher":
+        caption, think = _teacher_caption(items), _teacher_think(sol, value, problem.query)
+    else:
+        caption = _public_caption(items, rng)
+        think = _public_think(sol, value, problem.query, rng)
     answer = problem.query.answer(value)
     assert answer is not None
     return PublicDemo(make_response(caption, think, answer), error)
@@ -627,6 +644,12 @@ def _record(problem: Problem, rid: str, response: str | None, extra: dict) -> Re
                   extra={"query": problem.query.kind, **extra})
 
 
+def scene_json(items: Sequence[Item]) -> str:
+    """The scene as compact JSON (the ``scene`` column; ``prism_rl.eval.perception`` reads it)."""
+    return json.dumps([{"row": it.row, "col": it.col, "shape": it.shape, "colour": it.colour,
+                        "value": it.value} for it in items], separators=(",", ":"))
+
+
 def _teacher_fields(teacher: str) -> dict[str, str]:
     # teacher_response == teacher_caption + "\n" + teacher_cot (caption segment keeps its
     # tags, as the discriminator scores it; cot runs from <think> to </answer>).
@@ -653,12 +676,14 @@ def _split(indices_by_family: dict[str, list[int]], seed: int, test_frac: float,
 def synthesize(out_dir: str | Path, n: int, seed: int = 0, *, image_size: int = 96,
                families: Sequence[str] = FAMILIES, public_error_rate: float = 0.15,
                test_frac: float = 0.15, align_frac: float = 0.15,
-               teacher_frac: float = 0.1) -> dict:
+               teacher_frac: float = 0.1, public_style: str = "varied") -> dict:
     """Generate ``n`` problems and write sft.json, align.parquet, test.parquet, stats.json.
 
     Families are assigned round-robin; the test and align splits are drawn per family. Each
-    SFT-pool problem gets a public demonstration; a ``teacher_frac`` share also gets the
-    teacher one. Returns the statistics that ``stats.json`` holds.
+    SFT-pool problem gets a public demonstration (in ``public_style``, see
+    :func:`public_response`); a ``teacher_frac`` share also gets the teacher one. The
+    alignment pool holds teacher demonstrations only. align/test rows carry the ``scene``
+    (:func:`scene_json`) for the perception score. Returns what ``stats.json`` holds.
     """
     families = tuple(families)
     unknown = [f for f in families if f not in GENERATORS]
@@ -672,6 +697,8 @@ def synthesize(out_dir: str | Path, n: int, seed: int = 0, *, image_size: int = 
             raise ValueError(f"{name} must be in [0, 1], got {frac}")
     if test_frac + align_frac > 1.0:
         raise ValueError("test_frac + align_frac must not exceed 1")
+    if public_style not in PUBLIC_STYLES:
+        raise ValueError(f"public_style must be one of {', '.join(PUBLIC_STYLES)}, got {public_style!r}")
     if image_size < 3 * 8:
         raise ValueError(f"image_size must be at least 24, got {image_size}")
 
@@ -681,7 +708,7 @@ def synthesize(out_dir: str | Path, n: int, seed: int = 0, *, image_size: int = 
         family = families[i % len(families)]
         problem, rng = make_problem(i, seed, family, image_size, seen)
         problems.append(problem)
-        publics.append(public_response(problem, rng, public_error_rate))
+        publics.append(public_response(problem, rng, public_error_rate, public_style))
         by_family[family].append(i)
     splits = _split(by_family, seed, test_frac, align_frac)
     sft_idx = splits["sft"]
@@ -703,11 +730,13 @@ def synthesize(out_dir: str | Path, n: int, seed: int = 0, *, image_size: int = 
         recs = [_record(problems[i], problems[i].pid, None,
                         {"split": split, **_teacher_fields(teacher_response(problems[i])),
                          "public_response": publics[i].response,
-                         "public_error": publics[i].error})
+                         "public_error": publics[i].error, "scene": scene_json(problems[i].items)})
                 for i in splits[split]]
         write_verl_parquet(recs, out / f"{split}.parquet")
 
     stats = _stats(problems, publics, splits, sft, seed, image_size, families, public_error_rate)
+    if public_style != "varied":   # the default's stats.json stays as it was
+        stats["public_style"] = public_style
     (out / "stats.json").write_text(json.dumps(stats, indent=1) + "\n", encoding="utf-8")
     return stats
 

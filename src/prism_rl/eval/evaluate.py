@@ -25,6 +25,7 @@ from ..data.records import BadField, BadRecords, Record, report_bad
 from ..reward import compute_score
 from ..rollout.base import SamplingParams
 from .layout import atomic_write, claim_run, heldout_part, model_id, prepare_part, read_rows
+from .perception import record_perception
 from .report import write_report
 from .sampling import generate_and_score
 
@@ -40,24 +41,30 @@ def score_samples(engine, prompts, params: SamplingParams, batch_size: int, desc
                   encode: Callable | None = None, sink: Callable[[list], None] | None = None) -> list[dict]:
     """Generate for every prompt and score each sample with the verifiable reward: one row per
     sample (id, task, sample index, question, ground truth, response, answer, acc, format,
-    score, tokens, finish reason). ``encode`` and ``sink`` go to :func:`generate_and_score`."""
+    score, tokens, finish reason; and ``perception``, the caption's perception score, when the
+    record has a ``scene``). ``encode`` and ``sink`` go to :func:`generate_and_score`."""
     # rows come prompt by prompt, params.n samples each: the k-th row is sample k % n
     row_index = itertools.count()
 
     def score(rec, text: str, n_tok: int, finish: str) -> dict:
         si = next(row_index) % params.n
         res = compute_score(text, rec.ground_truth or "")
-        return {"id": rec.id, "task": rec.task, "sample": si, "question": rec.question,
-                "ground_truth": rec.ground_truth, "response": text, "answer": res.answer,
-                "acc": res.acc, "format": res.format, "score": res.score, "tokens": n_tok,
-                "finish": finish}
+        row = {"id": rec.id, "task": rec.task, "sample": si, "question": rec.question,
+               "ground_truth": rec.ground_truth, "response": text, "answer": res.answer,
+               "acc": res.acc, "format": res.format, "score": res.score, "tokens": n_tok,
+               "finish": finish}
+        perception = record_perception(rec, text)
+        if perception is not None:   # synthetic problems carry their scene (eval/perception.py)
+            row["perception"] = perception
+        return row
 
     return generate_and_score(engine, prompts, params, batch_size, score, desc=desc, encode=encode, sink=sink)
 
 
 def summarize(rows: list[dict]) -> dict:
-    """Accuracy, format rate, mean response tokens (overall and per task), and the share of
-    prompts with a pass rate strictly between 0 and 1."""
+    """Accuracy, format rate, mean response tokens (overall and per task), the share of
+    prompts with a pass rate strictly between 0 and 1, and the mean perception score over the
+    samples that have one (``perception``; absent when none has)."""
     def stats(sub: list[dict]) -> dict:
         by_prompt = defaultdict(list)
         for r in sub:
@@ -71,9 +78,16 @@ def summarize(rows: list[dict]) -> dict:
             "truncated_rate": sum(r["finish"] == "length" for r in sub) / max(len(sub), 1),
             "mixed_pass_frac": sum(0 < x < 1 for x in rates) / max(len(rates), 1),
             "pass_at_n": sum(x > 0 for x in rates) / max(len(rates), 1),
+            **_perception_mean(sub),
         }
     tasks = sorted({r["task"] for r in rows})
     return {"overall": stats(rows), "per_task": {t: stats([r for r in rows if r["task"] == t]) for t in tasks}}
+
+
+def _perception_mean(rows: list[dict]) -> dict:
+    """``{"perception": mean, "n_perception": count}`` over rows with a score, else ``{}``."""
+    vals = [r["perception"] for r in rows if r.get("perception") is not None]
+    return {"perception": sum(vals) / len(vals), "n_perception": len(vals)} if vals else {}
 
 
 def _unique(records: list[Record], skip_bad: bool, bad: BadRecords) -> list[Record]:
@@ -188,14 +202,18 @@ def evaluate(cfg: EvalConfig, model=None, processor=None, *, fresh: bool = False
 
 
 def format_table(summaries: list[dict]) -> str:
-    """A Markdown table: one row per summary, accuracy per task, average, format, tokens."""
+    """A Markdown table: one row per summary, accuracy per task, average, format, tokens (and
+    the perception score when a summary has one)."""
     tasks = sorted({t for s in summaries for t in s["per_task"]})
-    head = ["run"] + tasks + ["avg acc", "format", "resp tokens"]
+    perception = any("perception" in s["overall"] for s in summaries)
+    head = ["run"] + tasks + ["avg acc", "format", "resp tokens"] + (["perception"] if perception else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in summaries:
         cells = [s.get("name", "?")]
         cells += [f"{100 * s['per_task'][t]['accuracy']:.1f}" if t in s["per_task"] else "-" for t in tasks]
         o = s["overall"]
         cells += [f"{100 * o['accuracy']:.1f}", f"{100 * o['format_rate']:.1f}", f"{o['mean_response_tokens']:.0f}"]
+        if perception:
+            cells.append(f"{100 * o['perception']:.1f}" if "perception" in o else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

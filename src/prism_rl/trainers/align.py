@@ -31,6 +31,7 @@ from ..config import AlignConfig
 from ..data.prompt_format import check_prompts
 from ..data.records import BadRecords, DataError
 from ..data.stream import PromptStream, prompt_pool
+from ..eval.perception import record_perception
 from ..models.discriminator import Discriminator, SegmentScores, score_segments
 from ..models.segments import Segments, rollout_segments, text_segments
 from ..reward import batch_scores
@@ -183,6 +184,7 @@ def align_step(run: Run, step: int, model, disc: Discriminator, processor, engin
                          temperature=r.temperature, seed=cfg.train.seed + step - 1, chunk=cfg.train.logprob_chunk)
     guard.check(upd, step)
     verifiable = batch_scores(ro.texts, [rec.ground_truth or "" for rec in ro.records])
+    perception = [p for rec, t in zip(ro.records, ro.texts) if (p := record_perception(rec, t)) is not None]
     any_valid = bool(sc.valid.any())
     if ent is not None:
         upd["entropy"] = float(A.masked_mean(ent, ro.response_mask))
@@ -194,4 +196,6 @@ def align_step(run: Run, step: int, model, disc: Discriminator, processor, engin
         "disc/expert_load": sc.expert_load.tolist(),
         "rollout/format": float(sc.valid.float().mean()), "rollout/acc": sum(v.acc for v in verifiable) / len(ro),
         "rollout/response_len_mean": float(ro.response_lengths.float().mean()),
+        # the captions' perception score, on synthetic problems that carry their scene
+        **({"rollout/perception": sum(perception) / len(perception)} if perception else {}),
     }

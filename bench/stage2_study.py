@@ -1,0 +1,270 @@
+"""The stage-2 study of issue 16: does adversarial alignment (PRISM's stage 2) repair the SFT
+policy's perception so that PRISM + RL beats SFT + RL, at matched compute?
+
+Runs every stage as a ``prism`` subprocess (the job graph of ``stage2_plan.py``), several per
+GPU (the model is small), round-robin over ``--gpus`` devices, inside a wall-clock budget:
+alignment and RL runs still going when ``budget - eval_reserve`` is reached get SIGTERM (they
+save a checkpoint at their current step, which is evaluated and reported with its step);
+what has not finished at the end of the budget is stopped and listed as not run. Then
+``stage2_report.py`` writes ``results.json`` and ``results.md``. A rerun with the same
+``--out`` skips every stage whose output exists.
+
+    python bench/stage2_study.py --preset gpu --gpus 2 --seeds 0,1,2 --out runs/stage2 \\
+        [--arms grpo,prism_grpo,...] [--budget-min 7] [--control] [--set rl:optim.lr=5e-5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from stage2_plan import ARMS, DEFAULT_ARMS, PRESETS, Job, Planner, resolve_policy, with_steps  # noqa: E402
+from stage2_report import write_report  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+START_FILE = "stage2_start.txt"   # beside a job's output: the policy folder it started from
+KILL_GRACE_S = 90   # a stopped training run gets this long to save its checkpoint
+
+
+class Runner:
+    """Runs jobs as their dependencies allow: at most ``procs_per_gpu`` per GPU (or ``workers``
+    on the CPU), the longest remaining chains first, then the arms in ``--arms`` order. Records
+    each job's status, wall time, GPU and GPU-share seconds (each second a job runs counts 1/k
+    when k jobs share its GPU)."""
+
+    def __init__(self, jobs: dict[str, Job], out: Path, gpus: int, per_gpu: int, budget_s: float, reserve_s: float):
+        self.jobs, self.out, self.gpus, self.per_gpu = jobs, out, gpus, per_gpu
+        self.t0 = time.time()
+        self.stop_training_at, self.end_at = self.t0 + budget_s - reserve_s, self.t0 + budget_s
+        self.state: dict[str, dict] = {n: {"status": "pending"} for n in jobs}
+        self.height = chain_lengths(jobs)   # longest chain of jobs after each: those start first
+        visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+        if gpus and visible and len(visible) < gpus:
+            raise SystemExit(f"--gpus {gpus}: CUDA_VISIBLE_DEVICES lists only {len(visible)} ({','.join(visible)})")
+        self.devices = visible[:gpus] if visible else [str(g) for g in range(gpus)]   # slot -> device id
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.lock = threading.Lock()
+        (out / "logs").mkdir(parents=True, exist_ok=True)
+
+    def _slots(self) -> list[int]:
+        """Free device slots: GPU ids with room, least loaded first (``-1``: the CPU)."""
+        load = {g: 0 for g in (range(self.gpus) if self.gpus else [-1])}
+        for n in self.procs:
+            if self.jobs[n].gpu:
+                load[self.state[n]["gpu"]] += 1
+        return sorted((g for g, k in load.items() if k < self.per_gpu), key=lambda g: load[g])
+
+    def _ready(self) -> list[Job]:
+        out = []
+        for n, j in self.jobs.items():
+            if self.state[n]["status"] != "pending":
+                continue
+            dep = [self.state[d]["status"] for d in j.deps]
+            if any(s in ("failed", "not run") for s in dep):
+                self.state[n] = {"status": "not run", "why": "a stage before it failed or was not run"}
+            elif all(s in ("done", "stopped") for s in dep):
+                out.append(j)
+        return sorted(out, key=lambda j: (-self.height[j.name], j.priority, j.name))
+
+    def _argv(self, job: Job) -> list[str] | None:
+        if job.source is None:
+            return job.argv
+        policy, step = resolve_policy(*job.source)
+        if policy is None:
+            return None
+        self.state[job.name]["policy"], self.state[job.name]["policy_step"] = str(policy), step
+        return [a.replace("{policy}", str(policy)) for a in job.argv]
+
+    def _start(self, job: Job, gpu: int) -> None:
+        st = self.state[job.name] = {"status": "running", "gpu": gpu, "start": time.time() - self.t0, "gpu_share_s": 0.0}
+        argv = self._argv(job)
+        if argv is None:
+            st.update(status="not run", why=f"no policy in {job.source[1]}")
+            return
+        if job.done.exists() and _same_start(job, st.get("policy")):   # finished by an earlier invocation
+            st.update(status="done", skipped=True, wall_s=0.0)
+            return
+        if job.stoppable and time.time() >= self.stop_training_at:
+            st.update(status="not run", why="budget: training time was over before it could start")
+            return
+        if job.source is not None and job.out_dir is not None and job.out_dir.exists() \
+                and not _same_start(job, st.get("policy")):
+            shutil.rmtree(job.out_dir)   # it started from another policy (one the budget had cut): redo it
+        if job.source is not None and job.out_dir is not None:
+            job.out_dir.mkdir(parents=True, exist_ok=True)
+            (job.out_dir / START_FILE).write_text(st["policy"])
+        if job.stoppable and job.out_dir is not None and any(job.out_dir.glob("checkpoint-*")):
+            argv = [*argv, "--resume"]   # stopped by an earlier invocation's budget: continue it
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": self.devices[gpu] if job.gpu and gpu >= 0 else "",
+               "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+        log = (self.out / "logs" / f"{job.name}.log").open("w")
+        log.write(" ".join(argv) + "\n")
+        log.flush()
+        self.procs[job.name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                                                start_new_session=True)
+        print(f"[{self._t()}] start {job.name} (gpu {gpu})", flush=True)
+
+    def _t(self) -> str:
+        return f"{(time.time() - self.t0) / 60:5.1f}m"
+
+    def _reap(self) -> None:
+        for n, proc in list(self.procs.items()):
+            rc = proc.poll()
+            if rc is None:
+                continue
+            del self.procs[n]
+            st, job = self.state[n], self.jobs[n]
+            st["wall_s"] = time.time() - self.t0 - st["start"]
+            st["rc"] = rc
+            if job.done.exists():
+                st["status"] = "done"
+            elif job.stoppable and st.get("signalled"):
+                st["status"] = "stopped"
+            else:
+                st["status"] = "not run" if st.get("signalled") else "failed"
+                st["why"] = "stopped by the budget" if st.get("signalled") else f"exit {rc}, see logs/{n}.log"
+            print(f"[{self._t()}] {st['status']} {n} ({st['wall_s']:.0f}s)", flush=True)
+
+    def _signal(self, now: float) -> None:
+        for n, proc in self.procs.items():
+            st, job = self.state[n], self.jobs[n]
+            late = now >= self.end_at or (job.stoppable and now >= self.stop_training_at)
+            if late and not st.get("signalled"):
+                st["signalled"] = now
+                _killpg(proc, signal.SIGTERM)
+            elif st.get("signalled") and now - st["signalled"] > KILL_GRACE_S:
+                _killpg(proc, signal.SIGKILL)
+
+    def _account(self, dt: float) -> None:
+        by_gpu: dict[int, list[str]] = {}
+        for n in self.procs:
+            by_gpu.setdefault(self.state[n]["gpu"], []).append(n)
+        for names in by_gpu.values():
+            for n in names:
+                self.state[n]["gpu_share_s"] += dt / len(names)
+
+    def run(self) -> dict[str, dict]:
+        """Run to the end of the budget; an interruption (Ctrl-C) stops every job it started."""
+        try:
+            return self._loop()
+        except BaseException:
+            for proc in self.procs.values():
+                _killpg(proc, signal.SIGKILL)
+            raise
+
+    def _loop(self) -> dict[str, dict]:
+        last = time.time()
+        while True:
+            now = time.time()
+            self._account(now - last)
+            last = now
+            self._reap()
+            self._signal(now)
+            if now < self.end_at:
+                for job in self._ready():
+                    slots = self._slots() if job.gpu else [-1]
+                    if not slots:
+                        continue
+                    self._start(job, slots[0])
+            else:
+                for st in self.state.values():
+                    if st["status"] == "pending":
+                        st.update(status="not run", why="budget spent before it could start")
+            if not self.procs and not self._ready():
+                break
+            time.sleep(0.5)
+        for st in self.state.values():
+            if st["status"] == "pending":
+                st.update(status="not run", why="a stage before it was not run")
+        return self.state
+
+
+def chain_lengths(jobs: dict[str, Job]) -> dict[str, int]:
+    """For each job, the number of jobs on the longest chain that waits for it (0 for a last
+    job): starting the longest chains first shortens the whole study when slots are scarce."""
+    after: dict[str, list[str]] = {n: [] for n in jobs}
+    for n, j in jobs.items():
+        for d in j.deps:
+            after[d].append(n)
+    memo: dict[str, int] = {}
+
+    def height(n: str) -> int:
+        if n not in memo:
+            memo[n] = max((1 + height(m) for m in after[n]), default=0)
+        return memo[n]
+
+    return {n: height(n) for n in jobs}
+
+
+def _same_start(job: Job, policy: str | None) -> bool:
+    """Whether the output a job left came from ``policy`` (the folder its source resolved to
+    now). A job without a source always does; one whose record is missing does not."""
+    if job.source is None:
+        return True
+    marker = job.out_dir / START_FILE if job.out_dir is not None else None
+    return marker is not None and marker.exists() and marker.read_text() == policy
+
+
+def _killpg(proc: subprocess.Popen, sig: int) -> None:
+    """Signal the job's process group (a job may be a shell with children); gone is fine."""
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), required=True)
+    ap.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--gpus", type=int, default=0, help="GPUs to spread the runs over (0: CPU)")
+    ap.add_argument("--arms", default=",".join(DEFAULT_ARMS), help=f"comma-separated, from: {', '.join(ARMS)}")
+    ap.add_argument("--control", action="store_true", help="add the style-mismatched control arms (*_varied)")
+    ap.add_argument("--budget-min", type=float, default=None, help="wall-clock budget of the whole study")
+    ap.add_argument("--align-steps", type=int, default=None)
+    ap.add_argument("--rl-steps", type=int, default=None)
+    ap.add_argument("--procs-per-gpu", type=int, default=None)
+    ap.add_argument("--set", action="append", default=[], metavar="STAGE:KEY=VALUE",
+                    help="extra override for a stage: sft, warmup, align, rl, grpo, dapo, gspo or eval")
+    a = ap.parse_args(argv)
+    arms = [x for x in a.arms.split(",") if x]
+    if a.control:
+        arms += [x for x in ("sft_varied", "grpo_varied", "prism_grpo_varied") if x not in arms]
+    unknown = [x for x in arms if x not in ARMS]
+    if unknown:
+        ap.error(f"--arms: unknown {', '.join(unknown)} (choose from {', '.join(ARMS)})")
+    overrides: dict[str, list[str]] = {}
+    for item in a.set:
+        stage, sep, kv = item.partition(":")
+        if not sep or "=" not in kv:
+            ap.error(f"--set {item!r}: expected STAGE:KEY=VALUE, e.g. rl:optim.lr=5e-5")
+        overrides.setdefault(stage, []).append(kv)
+    seeds = [int(s) for s in a.seeds.split(",") if s]
+    preset = with_steps(PRESETS[a.preset], a.align_steps, a.rl_steps, a.budget_min)
+    per_gpu = a.procs_per_gpu or (preset.procs_per_gpu if a.gpus else 2)
+    out = Path(a.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = Planner(out, preset, arms, seeds, overrides).plan()
+    print(f"stage-2 study: preset {a.preset}, arms {', '.join(arms)}, seeds {seeds}, {len(jobs)} jobs, "
+          f"{a.gpus or 'no'} GPUs x {per_gpu} processes, budget {preset.budget_min} min -> {out}", flush=True)
+    state = Runner(jobs, out, a.gpus, per_gpu, preset.budget_min * 60, preset.eval_reserve_min * 60).run()
+    (out / "jobs.json").write_text(json.dumps({n: {**st, "arms": sorted(jobs[n].arms)} for n, st in state.items()},
+                                              indent=1, default=str))
+    md = write_report(out, preset, arms, seeds, state, jobs, a.preset, a.gpus)
+    print("\n" + md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

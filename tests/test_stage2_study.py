@@ -1,0 +1,146 @@
+"""bench/stage2_study.py, the stage-2 study harness (issue 16): the paired bootstrap interval,
+the job graph's matched compute and shared stages, and (slow) a CPU run end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "bench"))
+
+from stage2_plan import ARMS, PRESETS, Job, Planner, planned_steps, resolve_policy  # noqa: E402
+from stage2_report import comparisons, mean_std, paired_bootstrap_ci, paired_diffs, verdict  # noqa: E402
+from stage2_study import START_FILE, _same_start, chain_lengths  # noqa: E402
+
+
+def test_paired_bootstrap_ci_hand_checked():
+    # every difference 1: every resample mean is 1
+    assert paired_bootstrap_ci([1.0] * 5) == (1.0, 1.0, 1.0)
+    # d = (0, 1): a resample's mean is 0, 1/2 or 1 with probability 1/4, 1/2, 1/4, so the 2.5% and
+    # 97.5% quantiles of 4000 resamples are 0 and 1, and the 30% and 70% quantiles are 1/2
+    mean, lo, hi = paired_bootstrap_ci([0.0, 1.0], n_boot=4000)
+    assert (mean, lo, hi) == (0.5, 0.0, 1.0)
+    _, lo50, hi50 = paired_bootstrap_ci([0.0, 1.0], n_boot=4000, level=0.4)
+    assert lo50 == hi50 == 0.5
+    # a clear shift: 200 problems, +1 on 150, 0 on 50 -> mean 0.75, CI inside (0.6, 0.9) and above 0
+    mean, lo, hi = paired_bootstrap_ci([1.0] * 150 + [0.0] * 50)
+    assert mean == 0.75 and 0.6 < lo < 0.75 < hi < 0.9
+    assert paired_bootstrap_ci([1.0, 0.0, 1.0], seed=3) == paired_bootstrap_ci([1.0, 0.0, 1.0], seed=3)
+    with pytest.raises(ValueError, match="no paired problems"):
+        paired_bootstrap_ci([])
+
+
+def test_paired_diffs_average_over_common_seeds_and_problems():
+    a = {0: {"p1": {"acc": 1.0}, "p2": {"acc": 0.0}, "p3": {"acc": 1.0}}, 1: {"p1": {"acc": 1.0}, "p2": {"acc": 1.0}}}
+    b = {0: {"p1": {"acc": 0.0}, "p2": {"acc": 0.0}, "p3": {"acc": 0.0}}, 1: {"p1": {"acc": 1.0}, "p2": {"acc": 0.0}},
+         2: {"p1": {"acc": 0.0}}}
+    diffs, seeds = paired_diffs(a, b, "acc")
+    assert seeds == [0, 1] and diffs == [0.5, 0.5]   # p3 lacks seed 1; seed 2 lacks arm a
+    assert paired_diffs(a, {5: {}}, "acc") == ([], [])
+    assert mean_std([0.2, 0.4]) == (pytest.approx(0.3), pytest.approx(0.1414, abs=1e-4)) and mean_std([0.5]) == (0.5, 0.0)
+    assert verdict(0.01, 0.03, "acc").startswith("supported") and verdict(-0.2, -0.1, "acc").startswith("contradicted")
+    assert verdict(-0.1, 0.1, "acc").startswith("not shown")
+
+
+def _arg(argv: list[str], key: str) -> str:
+    return next(a.split("=", 1)[1] for a in argv if a.startswith(key + "="))
+
+
+def test_plan_matches_compute_and_shares_stages(tmp_path):
+    p = PRESETS["gpu"]
+    arms = ["sft", "aligned", "grpo", "prism_grpo", "dapo", "prism_dapo", "prism_grpo_nowarmup", "grpo_varied"]
+    jobs = Planner(tmp_path, p, arms, [0, 1], {"rl": ["optim.lr=5e-5"]}).plan()
+    base, prism = jobs["rl-grpo-s1"], jobs["rl-prism_grpo-s1"]
+    assert int(_arg(base.argv, "train.steps")) == p.align_steps + p.rl_steps
+    assert int(_arg(prism.argv, "train.steps")) == p.rl_steps
+    assert int(_arg(jobs["align-moe-matched-s1"].argv, "train.steps")) == p.align_steps
+    for job in (base, prism, jobs["align-moe-matched-s1"]):   # alignment and RL steps see the same batch
+        assert int(_arg(job.argv, "rollout.prompts_per_step")) == 32 and int(_arg(job.argv, "rollout.n")) == 16
+    assert "optim.lr=5e-5" in base.argv and "--algo" in base.argv
+    assert prism.source == ("align", tmp_path / "s1" / "matched" / "align" / "moe")
+    # one alignment run per seed serves the aligned arm and every PRISM+RL arm; no warm-up for nowarmup
+    assert jobs["align-moe-matched-s0"].arms == {"aligned", "prism_grpo", "prism_dapo"}
+    assert _arg(jobs["align-nowarmup-matched-s0"].argv, "disc.path").endswith("disc/moe/init")
+    assert jobs["sft-matched-s0"].arms >= {"sft", "grpo", "prism_grpo"} and "sft-varied-s0" in jobs
+    assert "--public-style" in jobs["data-varied"].argv and "varied" in jobs["data-varied"].argv
+    assert jobs["data-matched"].argv[jobs["data-matched"].argv.index("--public-style") + 1] == "teacher"
+    assert planned_steps(p, ARMS["grpo"]) == {"align": 0, "rl": p.align_steps + p.rl_steps}
+    assert planned_steps(p, ARMS["prism_dapo"]) == {"align": p.align_steps, "rl": p.rl_steps}
+    assert all(d in jobs for j in jobs.values() for d in j.deps)
+    h = chain_lengths(jobs)   # the PRISM chain (pairs, warm-up, alignment, RL, eval) starts before baseline RL
+    assert (h["eval-grpo-s0"], h["rl-grpo-s0"], h["rl-prism_grpo-s0"], h["align-moe-matched-s0"]) == (0, 1, 1, 2)
+    assert h["pairs-matched-s0"] == 4 > h["rl-grpo-s0"] and h["sft-matched-s0"] == 5
+    assert [c[:2] for c in comparisons(arms)] == [("aligned", "sft"), ("prism_grpo", "grpo"), ("prism_dapo", "dapo"),
+                                                   ("prism_grpo_nowarmup", "prism_grpo")]
+
+
+def test_resolve_policy_prefers_final_then_newest_checkpoint(tmp_path):
+    run = tmp_path / "align"
+    assert resolve_policy("align", run) == (None, None)
+    for step in (2, 10):
+        (run / f"checkpoint-{step}" / "policy").mkdir(parents=True)
+        (run / f"checkpoint-{step}" / "policy" / "config.json").write_text("{}")
+    assert resolve_policy("align", run) == (run / "checkpoint-10" / "policy", 10)
+    (run / "final" / "policy").mkdir(parents=True)
+    (run / "final" / "policy" / "config.json").write_text("{}")
+    assert resolve_policy("align", run) == (run / "final" / "policy", None)
+
+
+@pytest.mark.slow
+def test_cpu_smoke_study_end_to_end(tmp_path):
+    out = tmp_path / "study"
+    proc = subprocess.run([sys.executable, "bench/stage2_study.py", "--preset", "cpu-smoke", "--seeds", "0",
+                           "--arms", "grpo,prism_grpo", "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["arms"]) == {"grpo", "prism_grpo"} and not res["not_run"]
+    for arm in ("grpo", "prism_grpo"):
+        seed0 = res["arms"][arm]["seeds"]["0"]
+        assert 0.0 <= seed0["acc"] <= 1.0 and 0.0 <= seed0["perception"] <= 1.0 and seed0["tokens"] > 0
+        assert res["arms"][arm]["gpu_min_own"] > 0
+    assert res["arms"]["grpo"]["seeds"]["0"]["rl_done"] == 2
+    assert (res["arms"]["prism_grpo"]["seeds"]["0"]["align_done"], res["arms"]["prism_grpo"]["seeds"]["0"]["rl_done"]) == (1, 1)
+    (cmp,) = res["comparisons"]
+    assert (cmp["a"], cmp["b"]) == ("prism_grpo", "grpo") and cmp["acc"]["n_problems"] == 6
+    assert cmp["acc"]["lo"] <= cmp["acc"]["mean"] <= cmp["acc"]["hi"]
+    assert "rollout/perception" in res["alignment"]["matched/moe"]
+    md = (out / "results.md").read_text()
+    assert md.startswith("# Stage-2 study (issue 16)") and "| prism_grpo | grpo |" in md
+
+
+def test_gpu_preset_commands_parse_and_their_configs_load(tmp_path):
+    """Every command the gpu preset runs is accepted by the CLI parser, and every training and
+    evaluation config loads with its overrides (a typo would only surface on the GPU machine)."""
+    from prism_rl.cli import build_parser
+    from prism_rl.config import ALGO_PRESETS, AlignConfig, EvalConfig, RLConfig, SFTConfig, WarmupConfig, load_config
+
+    arms = list(ARMS)
+    jobs = Planner(tmp_path, PRESETS["gpu"], arms, [0], {}).plan()
+    classes = {"sft": SFTConfig, "warmup": WarmupConfig, "align": AlignConfig, "rl": RLConfig, "eval": EvalConfig}
+    loaded = set()
+    for job in jobs.values():
+        argv = job.argv if job.argv[0] != "sh" else job.argv[2].split(" && ")[0].split()
+        cli = [x.replace("{policy}", str(tmp_path / "policy")) for x in argv[argv.index("prism_rl.cli") + 1:]]
+        a = build_parser().parse_args(cli)
+        stage = "warmup" if cli[2:4] == ["disc", "warmup"] else cli[2]
+        if stage in classes:
+            defaults = ALGO_PRESETS[a.algo] if stage == "rl" else None
+            load_config(classes[stage], ROOT / a.config, a.overrides, defaults=defaults)
+            loaded.add(stage)
+    assert loaded == set(classes)
+
+
+def test_a_job_is_redone_when_its_start_policy_changed(tmp_path):
+    job = Job("eval-x", ["true"], tmp_path / "run" / "summary.json", source=("rl", tmp_path / "rl"),
+              out_dir=tmp_path / "run")
+    assert not _same_start(job, "/rl/checkpoint-4")            # no record: not known to be the same
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / START_FILE).write_text("/rl/checkpoint-4")
+    assert _same_start(job, "/rl/checkpoint-4") and not _same_start(job, "/rl/final")
+    assert _same_start(Job("sft", ["true"], tmp_path / "x"), None)   # a job without a source
