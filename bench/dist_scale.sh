@@ -8,6 +8,7 @@
 # context), sampled every 0.5 s, beside rank 0's `memory/peak_gib` from the run's metrics.
 # Usage (repo root, GPU machine): bash bench/dist_scale.sh OUT [PART ...]
 #   parts: build rl4b_1 rl4b_2 rl8b align8b (default: all, in that order)
+#   PART_MAX_S=N: stop a run after N s even if its steps are not all logged (default 600)
 #   SMALL=1: tiny shapes and lengths, 96 px images: the same runs on a CPU in a few minutes (a smoke test)
 set -uo pipefail
 OUT=${1:?usage: bench/dist_scale.sh OUT [PART ...]}; shift
@@ -41,6 +42,9 @@ timed() {
   while kill -0 $pid 2>/dev/null; do
     if [ -f "$W/$name/metrics.jsonl" ] && [ "$(grep -c '"step"' "$W/$name/metrics.jsonl")" -ge "$steps" ]; then
       sleep 1; kill -- -$pid 2>/dev/null; break
+    fi
+    if [ $((SECONDS - t0)) -gt "${PART_MAX_S:-600}" ]; then
+      echo "$name: stopped after ${PART_MAX_S:-600} s"; kill -- -$pid 2>/dev/null; break
     fi
     sleep 2
   done

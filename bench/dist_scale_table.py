@@ -5,8 +5,7 @@
 Reads ``OUT/<run>.metrics.jsonl`` (the run's own metrics; rank 0 logs) and ``OUT/smi_<run>.csv``
 (nvidia-smi's used memory per GPU, sampled every 0.5 s). The step time is the median over the
 steps after the first (the first holds CUDA-graph capture and allocator warm-up) when a run has
-more than one, else the single step's. Throughput = prompt + response tokens of the step /
-step time (``timing/tokens_per_s``, global over ranks). Speed-up = 2-GPU tokens/s over 1-GPU.
+more than one, else the single step's. Speed-up = the 1-GPU step time over the 2-GPU one (the same global batch).
 """
 
 from __future__ import annotations
@@ -40,8 +39,6 @@ def smi_peaks(path: Path) -> dict[int, float]:
 def summary(rows: list[dict]) -> dict:
     timed = rows[1:] if len(rows) > 1 else rows
     out = {"step_s": statistics.median(r["timing/step_s"] for r in timed), "steps": len(rows)}
-    if all("timing/tokens_per_s" in r for r in timed):
-        out["tok_s"] = statistics.median(r["timing/tokens_per_s"] for r in timed)
     split = [k for k in timed[-1] if k.startswith("timing/") and k not in ("timing/step_s", "timing/tokens_per_s")]
     out["split"] = ", ".join(f"{k[7:-2]} {statistics.median(r.get(k, 0.0) for r in timed):.1f}" for k in split)
     out["rank0_peak"] = max((r.get("memory/peak_gib", 0.0) for r in rows), default=0.0)
@@ -50,25 +47,22 @@ def summary(rows: list[dict]) -> dict:
 
 def main(out: str) -> int:
     out_dir = Path(out)
-    print("| run | GPUs | step (s) | tokens/s | speed-up | peak per card, nvidia-smi (GiB) "
+    print("| run | GPUs | step (s) | speed-up | peak per card, nvidia-smi (GiB) "
           "| rank-0 allocated peak (GiB) | split (s) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     base = None
     for name, label, gpus in RUNS:
         rows = steps(out_dir / f"{name}.metrics.jsonl")
         if not rows:
-            print(f"| {label} | {gpus} | not run or no step logged | | | | | |")
+            print(f"| {label} | {gpus} | not run or no step logged | | | | |")
             continue
         s = summary(rows)
         peaks = smi_peaks(out_dir / f"smi_{name}.csv")
-        tok = s.get("tok_s")
         if name == "rl4b_1":
-            base = tok
-        speed = f"{tok / base:.2f}x" if name == "rl4b_2" and tok and base else ""
+            base = s["step_s"]
+        speed = f"{base / s['step_s']:.2f}x" if name == "rl4b_2" and base else ""
         cards = " / ".join(f"{peaks[i]:.1f}" for i in sorted(peaks)[:gpus]) if peaks else "n/a"
-        print(f"| {label} | {gpus} | {s['step_s']:.1f} | {tok:,.0f} | {speed} | {cards} | {s['rank0_peak']:.1f} | "
-              f"{s['split']} |" if tok else
-              f"| {label} | {gpus} | {s['step_s']:.1f} | | {speed} | {cards} | {s['rank0_peak']:.1f} | {s['split']} |")
+        print(f"| {label} | {gpus} | {s['step_s']:.1f} | {speed} | {cards} | {s['rank0_peak']:.1f} | {s['split']} |")
     return 0
 
 
