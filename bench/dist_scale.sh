@@ -40,7 +40,7 @@ timed() {
   setsid "$@" output_dir="$W/$name" > "$OUT/$name.log" 2>&1 &
   local pid=$! t0=$SECONDS
   while kill -0 $pid 2>/dev/null; do
-    if [ -f "$W/$name/metrics.jsonl" ] && [ "$(grep -c '"step"' "$W/$name/metrics.jsonl")" -ge "$steps" ]; then
+    if [ -f "$W/$name/metrics.jsonl" ] && [ "$(grep -c '"timing/step_s"' "$W/$name/metrics.jsonl")" -ge "$steps" ]; then
       sleep 1; kill -- -$pid 2>/dev/null; break
     fi
     if [ $((SECONDS - t0)) -gt "${PART_MAX_S:-600}" ]; then
