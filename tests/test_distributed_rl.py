@@ -1,0 +1,101 @@
+"""``prism rl`` and ``prism eval`` under torchrun (gloo, CPU): two "nodes" on one host,
+resuming on another number of processes, CPU offload, rollout and eval metrics over all ranks.
+
+The runs use the tiny model and a plug-in reward (``dist_rl_reward.py``) that varies between
+samples, so the groups have non-zero advantages and the weights move.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import uuid
+
+import pytest
+from safetensors.torch import load_file
+
+from prism_rl.cli import main
+from test_distributed import _env, torchrun
+
+from conftest import CONFIGS, ROOT
+
+REWARD = f"{ROOT / 'tests' / 'dist_rl_reward.py'}:reward"
+
+
+@pytest.fixture(scope="module")
+def rl_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distrl")
+    assert main(["data", "synth", "--out", str(root / "data"), "--n", "40", "--seed", "3"]) == 0
+    return root / "data"
+
+
+def _rl_args(model_dir, data, out, *extra: str) -> list[str]:
+    return ["rl", "--config", str(CONFIGS / "quickstart" / "rl.yaml"), f"model.path={model_dir}",
+            f"data.train={data / 'align.parquet'}", "data.eval=", f"output_dir={out}", "train.steps=2",
+            "rollout.n=4", "rollout.prompts_per_step=2", "rollout.max_new_tokens=12", "rollout.temperature=1.0",
+            "train.save_every=100", "optim.lr=1e-3", f"reward.function={REWARD}", "data.check_prompt_format=false",
+            *extra]
+
+
+def _rows(run_dir) -> list[dict]:
+    return [r for r in map(json.loads, open(run_dir / "metrics.jsonl")) if "actor/pg_loss" in r]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_nodes(*args: str, timeout: int = 240) -> None:
+    """``torchrun --nnodes 2 --nproc-per-node 1`` twice on this host, one agent per "node",
+    meeting at a c10d rendezvous on a free local port; fails the test with their output."""
+    port, rid = _free_port(), uuid.uuid4().hex[:8]
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                               "--node-rank", str(node), "--rdzv-backend", "c10d",
+                               "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", rid, *args],
+                              env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True) for node in (0, 1)]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=timeout))
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"two-node torchrun timed out after {timeout} s")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:] + err[-6000:]
+
+
+def _assert_same_run(a, b, rel=1e-5, atol=2e-5) -> None:
+    ra, rb = _rows(a), _rows(b)
+    assert [r["step"] for r in ra] == [r["step"] for r in rb] and ra
+    for x, y in zip(ra, rb):
+        for k in ("actor/pg_loss", "actor/grad_norm", "rollout/reward", "rollout/response_len_mean"):
+            assert x[k] == pytest.approx(y[k], rel=rel, abs=1e-6), (x["step"], k)
+    wa, wb = load_file(a / "final" / "model.safetensors"), load_file(b / "final" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert float((wa[k] - wb[k]).abs().max()) <= atol, k
+
+
+def _moved(run_dir, model_dir) -> float:
+    w, start = load_file(run_dir / "final" / "model.safetensors"), load_file(model_dir / "model.safetensors")
+    return max(float((w[k] - start[k]).abs().max()) for k in w)
+
+
+def test_rl_on_two_nodes_equals_one_node_with_two_processes(tiny_model_dir, rl_data, tmp_path):
+    """Two agents (``--nnodes 2``, a c10d rendezvous on localhost) are the same 2-rank job as
+    ``--standalone --nproc-per-node 2``: two GRPO steps give the same losses and weights."""
+    nodes, standalone = tmp_path / "nodes", tmp_path / "standalone"
+    two_nodes("-m", "prism_rl.cli", *_rl_args(tiny_model_dir, rl_data, nodes))
+    torchrun(2, "-m", "prism_rl.cli", *_rl_args(tiny_model_dir, rl_data, standalone))
+    assert max(abs(r["actor/pg_loss"]) for r in _rows(standalone)) > 1e-4 and _moved(standalone, tiny_model_dir) > 1e-4
+    _assert_same_run(nodes, standalone, rel=1e-6, atol=1e-6)
