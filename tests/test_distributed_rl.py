@@ -74,7 +74,10 @@ def two_nodes(*args: str, timeout: int = 240) -> None:
         assert p.returncode == 0, out[-3000:] + err[-6000:]
 
 
-def _assert_same_run(a, b, rel=1e-5, atol=2e-5) -> None:
+def _assert_same_run(a, b, rel=1e-5, atol=1e-4) -> None:
+    """Same steps, losses, grad norms, rollout metrics and final weights. The weights get atol 1e-4
+    as in test_grpo_steps_on_two_processes_equal_one_process: AdamW at lr 1e-3 turns gradient
+    rounding of ~1e-7 (1 vs 2 processes add in another order) into weight differences ~5e-5."""
     ra, rb = _rows(a), _rows(b)
     assert [r["step"] for r in ra] == [r["step"] for r in rb] and ra
     for x, y in zip(ra, rb):
@@ -97,5 +100,36 @@ def test_rl_on_two_nodes_equals_one_node_with_two_processes(tiny_model_dir, rl_d
     nodes, standalone = tmp_path / "nodes", tmp_path / "standalone"
     two_nodes("-m", "prism_rl.cli", *_rl_args(tiny_model_dir, rl_data, nodes))
     torchrun(2, "-m", "prism_rl.cli", *_rl_args(tiny_model_dir, rl_data, standalone))
-    assert max(abs(r["actor/pg_loss"]) for r in _rows(standalone)) > 1e-4 and _moved(standalone, tiny_model_dir) > 1e-4
+    assert min(r["actor/grad_norm"] for r in _rows(standalone)) > 1e-3 and _moved(standalone, tiny_model_dir) > 1e-4
     _assert_same_run(nodes, standalone, rel=1e-6, atol=1e-6)
+
+
+def test_rl_with_per_row_seeds_on_two_processes_equals_one_process(tiny_model_dir, rl_data, tmp_path):
+    """``rollout.per_row_seeds``: each response's noise is keyed by its prompt's place in the
+    global batch, so 2 processes sample what 1 samples, and train to the same weights."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = lambda out: _rl_args(tiny_model_dir, rl_data, out, "rollout.per_row_seeds=true")  # noqa: E731
+    assert main(args(one)) == 0
+    torchrun(2, "-m", "prism_rl.cli", *args(two))
+    assert min(r["actor/grad_norm"] for r in _rows(one)) > 1e-3 and _moved(one, tiny_model_dir) > 1e-4
+    _assert_same_run(one, two)
+
+
+@pytest.mark.slow
+def test_rl_resumes_on_another_number_of_processes(tiny_model_dir, rl_data, tmp_path):
+    """Halted at step 2 of 4 on 2 processes and resumed on 1, or halted on 1 and resumed on 2:
+    each ends where the uninterrupted 2-process run ends (per-step losses, rollout metrics,
+    weights). Needs ``rollout.per_row_seeds`` (the samples of steps 3-4 must not depend on the
+    number of processes that draws them) and the prompt stream's position from the checkpoint."""
+    full, down, up = tmp_path / "full", tmp_path / "down", tmp_path / "up"
+    args = lambda out: _rl_args(tiny_model_dir, rl_data, out, "rollout.per_row_seeds=true", "train.steps=4")  # noqa: E731
+    torchrun(2, "-m", "prism_rl.cli", *args(full))
+    torchrun(2, "-m", "prism_rl.cli", *args(down), "--halt-at-step", "2")
+    assert (down / "checkpoint-2" / "dcp" / ".metadata").is_file()
+    assert main([*args(down), "--resume"]) == 0
+    assert main([*args(up), "--halt-at-step", "2"]) == 0
+    assert (up / "checkpoint-2" / "model.safetensors").is_file()
+    torchrun(2, "-m", "prism_rl.cli", *args(up), "--resume")
+    assert [r["step"] for r in _rows(full)] == [1, 2, 3, 4] and min(r["actor/grad_norm"] for r in _rows(full)) > 1e-3
+    _assert_same_run(full, down)
+    _assert_same_run(full, up)

@@ -180,6 +180,11 @@ class RolloutConfig(Section):
         "hf (transformers generate) elsewhere.")
     cache_implementation: Literal["dynamic", "static"] = Field(
         "dynamic", description="KV cache of transformers' generate (engine hf); static compiles the decode step.")
+    per_row_seeds: bool = Field(
+        False, description="Sample each response from its own noise stream, keyed by train.seed, the step, the "
+        "prompt's place in the step's batch and the sample number (Gumbel-max on a counter hash; the same "
+        "distribution): the samples then do not depend on batching or on the number of torchrun processes, so "
+        "runs on 1 and N GPUs, and a run resumed on another number of GPUs, sample the same responses. Engine hf.")
 
 
 class PPOConfig(Section):

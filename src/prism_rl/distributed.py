@@ -259,3 +259,38 @@ def sync_weights(sharded: torch.nn.Module, full: torch.nn.Module) -> None:
     dst = dict(full.named_parameters())
     for name, p in sharded.named_parameters():
         dst[name].copy_(full_tensor(p.detach()))
+
+
+def uneven_shares(costs: Sequence[float], n: int) -> list[list[int]]:
+    """Like :func:`balanced_shares`, but a remainder is allowed (shares differ by at most one
+    item): for work without collectives (eval generation on full weights). Items go in
+    descending cost, each to the share with the smallest total cost, then fewest items, then
+    lowest rank; each share ascending. Deterministic, so every rank computes the same split."""
+    order = sorted(range(len(costs)), key=lambda i: (-costs[i], i))
+    shares: list[list[int]] = [[] for _ in range(n)]
+    totals = [0.0] * n
+    for s in range(0, len(order), n):
+        lightest = sorted(range(n), key=lambda r: (totals[r], len(shares[r]), r))
+        for r, i in zip(lightest, order[s:s + n]):
+            shares[r].append(i)
+            totals[r] += costs[i]
+    return [sorted(s) for s in shares]
+
+
+def gather_in_order(indices: Sequence[int], items: Sequence, total: int) -> list:
+    """Every rank's ``items`` (item k of a rank is global item ``indices[k]``) put back in global
+    order 0..total-1, on every rank (``all_gather_object``: each rank's share travels once as a
+    pickle between the processes of one job). One process: ``items`` in ``indices`` order."""
+    parts = [(list(indices), list(items))]
+    if is_distributed():
+        parts = [None] * world()
+        dist.all_gather_object(parts, (list(indices), list(items)))
+    out: list = [None] * total
+    seen = 0
+    for idx, its in parts:
+        for i, it in zip(idx, its):
+            out[i] = it
+        seen += len(idx)
+    if seen != total:
+        raise ValueError(f"the ranks returned {seen} items, expected {total}")
+    return out

@@ -30,6 +30,7 @@ from ..reward.builtins import builtin_reward, is_builtin
 from ..reward.plugins import RewardFn, load_reward_option
 from ..rollout import make_engine
 from ..rollout.base import RolloutEngine, Rollouts, SamplingParams, concat_rollouts
+from ..rollout.noise import combine
 from .dist_checkpoint import save_final
 from .optim import build_optimizer, build_scheduler
 from .run import Run, load_stage_policy
@@ -66,20 +67,22 @@ def groups_with_variance(group_ids: torch.Tensor, values: torch.Tensor) -> list[
 
 
 def collect(engine: RolloutEngine, stream: PromptStream, cfg: RLConfig, reward_fn: RewardFn | None,
-            run: Run) -> tuple[Rollouts | None, dict, dict]:
+            run: Run, step: int = 0) -> tuple[Rollouts | None, dict, dict]:
     """Sample and score one training batch (with DAPO's dynamic sampling when enabled).
 
     Returns ``None`` rollouts when dynamic sampling kept no group in ``max_num_gen_batches``
     rounds (every group all right or all wrong): the step is then skipped and logged.
     """
     r, algo = cfg.rollout, cfg.algo
-    params = SamplingParams(n=r.n, max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p)
     per_round = r.gen_batch_prompts or r.prompts_per_step
     parts, scores, kept_groups, rounds, offset = [], [], [], 0, 0
     while True:
         rounds += 1
+        batch = stream.take(per_round)
+        mine = D.my_share([len(p) for p in batch])   # this rank's prompts (whole groups), as rank_prompts
+        params = sampling_params(cfg, step, rounds, mine)
         with run.timer("rollout"):
-            ro = engine.generate(rank_prompts(stream.take(per_round)), params, group_offset=offset)
+            ro = engine.generate([batch[i] for i in mine], params, group_offset=offset)
         with run.timer("score"):
             sc = score(ro, cfg, reward_fn)
         offset += per_round
@@ -92,8 +95,7 @@ def collect(engine: RolloutEngine, stream: PromptStream, cfg: RLConfig, reward_f
     ro = concat_rollouts(parts, engine.pad_id)
     sc = {k: torch.cat([s[k] for s in scores]) for k in scores[0]}
     kept = set(kept_groups[: r.prompts_per_step])
-    stats = {"rollout/gen_rounds": rounds, "rollout/prompts_sampled": offset, "rollout/groups_kept": len(kept),
-             **{f"rollout/{k}_all": float(sc[k].mean()) for k in ("reward", "acc", "format")}}
+    stats = {"rollout/gen_rounds": rounds, "rollout/prompts_sampled": offset, **sampled_stats(sc, len(kept))}
     rows = [i for i, g in enumerate(ro.group_ids.tolist()) if g in kept]
     if not rows:
         return None, {}, stats
@@ -101,6 +103,23 @@ def collect(engine: RolloutEngine, stream: PromptStream, cfg: RLConfig, reward_f
         ro = ro.select(rows)
         sc = {k: v[rows] for k, v in sc.items()}
     return ro, sc, stats
+
+
+def sampled_stats(sc: dict[str, torch.Tensor], kept: int) -> dict[str, float]:
+    """Groups kept and the mean reward / accuracy / format of every sampled response (kept or
+    not), summed over ranks: ``mean = sum_ranks sum_rows x / sum_ranks rows``."""
+    rows, kept_all, *sums = D.all_reduce_sum(len(sc["reward"]), kept, *(sc[k].sum() for k in ("reward", "acc", "format")))
+    return {"rollout/groups_kept": int(kept_all),
+            **{f"rollout/{k}_all": v / rows for k, v in zip(("reward", "acc", "format"), sums)}}
+
+
+def sampling_params(cfg: RLConfig, step: int, round_: int, prompt_keys: list[int]) -> SamplingParams:
+    """The rollout's sampling settings; with ``rollout.per_row_seeds`` also the round's seed
+    ``combine(train.seed, step, round)`` and the keys of this rank's prompts (their places in
+    the round's global batch), so each response's noise is the same on any number of ranks."""
+    r = cfg.rollout
+    seeded = {"seed": combine(cfg.train.seed, step, round_), "prompt_keys": prompt_keys} if r.per_row_seeds else {}
+    return SamplingParams(n=r.n, max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, **seeded)
 
 
 def rank_prompts(prompts: list[Encoded]) -> list[Encoded]:
@@ -111,12 +130,17 @@ def rank_prompts(prompts: list[Encoded]) -> list[Encoded]:
 
 
 def rollout_metrics(ro: Rollouts, sc: dict[str, torch.Tensor]) -> dict[str, float]:
-    """What the kept rollouts scored and how long they were (``rollout/`` metrics)."""
+    """What the kept rollouts scored and how long they were (``rollout/`` metrics), over the
+    global batch: under torchrun each mean is sum over ranks / row count over ranks and the
+    maximum a max over ranks (two small all-reduces), so N processes log what one would."""
     lengths = ro.response_lengths.float()
-    return {"rollout/reward": float(sc["reward"].mean()), "rollout/acc": float(sc["acc"].mean()),
-            "rollout/format": float(sc["format"].mean()), "rollout/response_len_mean": float(lengths.mean()),
-            "rollout/response_len_max": float(lengths.max()),
-            "rollout/truncated_frac": sum(f == "length" for f in ro.finish_reasons) / len(ro)}
+    truncated = sum(f == "length" for f in ro.finish_reasons)
+    rows, reward, acc, fmt, total_len, trunc = D.all_reduce_sum(
+        len(ro), sc["reward"].sum(), sc["acc"].sum(), sc["format"].sum(), lengths.sum(), truncated)
+    (longest,) = D.all_reduce_max(lengths.max())
+    return {"rollout/reward": reward / rows, "rollout/acc": acc / rows, "rollout/format": fmt / rows,
+            "rollout/response_len_mean": total_len / rows, "rollout/response_len_max": longest,
+            "rollout/truncated_frac": trunc / rows}
 
 
 def greedy_eval(engine: RolloutEngine, prompts: list[Encoded], max_new_tokens: int,
@@ -148,6 +172,17 @@ def check_distributed(cfg: RLConfig) -> None:
                           "set algo.dynamic_sampling=false")
 
 
+def check_engine(cfg: RLConfig, device: torch.device) -> None:
+    """``rollout.per_row_seeds`` is implemented by the hf engine only (the graph engine, which
+    ``auto`` picks on CUDA, samples from one generator per batch): refuse it there, before any
+    model is loaded, rather than sample without it."""
+    r = cfg.rollout
+    engine = "graph" if r.engine == "graph" or (r.engine == "auto" and device.type == "cuda") else "hf"
+    if r.per_row_seeds and engine != "hf":
+        raise ConfigError(f"rollout.per_row_seeds=true needs rollout.engine=hf (rollout.engine={r.engine} "
+                          f"samples with the graph engine here); set rollout.engine=hf or rollout.per_row_seeds=false")
+
+
 def check_rl_prompts(records: list[Record], cfg: RLConfig) -> None:
     """Stop before training when the prompts ask for a response format that ``reward.function``
     does not score (:func:`~prism_rl.data.prompt_format.check_prompts`); a plug-in reward's
@@ -170,6 +205,7 @@ def train_rl(cfg: RLConfig, resume: bool = False, halt_at_step: int | None = Non
     reward_fn = load_reward_option(cfg.reward.function, "reward.function")
     run = Run(cfg, "rl", resume=resume, desc=f"rl-{cfg.algo.name}")
     check_distributed(cfg)
+    check_engine(cfg, run.device)
     model, processor = load_stage_policy(cfg, run.device, run.ckpt)
     eos, _ = special_ids(processor)
     bad = BadRecords()
@@ -217,7 +253,7 @@ def rl_step(run: Run, step: int, model, engine: RolloutEngine, stream: PromptStr
             reward_fn: RewardFn | None, opt, sched, ref, guard: NonfiniteGuard) -> tuple[Rollouts | None, dict]:
     """Sample, score, advantages, old log-probs, PPO update; returns the rollouts trained on
     (``None`` for a skipped step) and the step's metrics."""
-    ro, sc, stats = collect(engine, stream, cfg, reward_fn, run)
+    ro, sc, stats = collect(engine, stream, cfg, reward_fn, run, step)
     if ro is None:
         return None, stats
     algo, temp, chunk = cfg.algo, cfg.rollout.temperature, cfg.train.logprob_chunk
