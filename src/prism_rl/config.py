@@ -38,6 +38,10 @@ class ModelConfig(Section):
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     freeze_vision: bool = Field(False, description="Freeze the vision tower (and its merger).")
     gradient_checkpointing: bool = False
+    cpu_offload: bool = Field(
+        False, description="Under torchrun: keep the policy's FSDP2 shards, gradients and optimizer states in host "
+        "memory (CPUOffloadPolicy; each unit is copied to the GPU for its forward/backward, AdamW steps on the CPU). "
+        "Training stages only; an error in one process, where nothing is sharded.")
 
 
 class DataConfig(Section):

@@ -177,7 +177,7 @@ def shard_model(model: torch.nn.Module, device: torch.device, *, cpu_offload: bo
     if device.type == "cuda":
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     if cpu_offload:
-        kw["offload_policy"] = CPUOffloadPolicy()
+        kw["offload_policy"] = CPUOffloadPolicy(pin_memory=device.type == "cuda")  # pinning needs a CUDA driver
     for unit in shard_units(model):
         fully_shard(unit, reshard_after_forward=True, **kw)
     # the root (embeddings, tied output head, final norm) stays gathered from its forward to its
