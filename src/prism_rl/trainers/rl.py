@@ -146,7 +146,9 @@ def rollout_metrics(ro: Rollouts, sc: dict[str, torch.Tensor]) -> dict[str, floa
 def greedy_eval(engine: RolloutEngine, prompts: list[Encoded], max_new_tokens: int,
                 reward_fn: RewardFn | None = None, batch_size: int = 64) -> dict:
     """Greedy accuracy / format / length on ``prompts`` with the run's reward (default the
-    built-in PRISM reward), summarised as ``prism eval`` does."""
+    built-in PRISM reward), summarised as ``prism eval`` does. Under torchrun each rank decodes
+    its share (``uneven_shares`` by prompt tokens; no collectives in generation) and every rank
+    summarises all rows, gathered back in prompt order: the 1-process summary."""
     params = SamplingParams(n=1, max_new_tokens=max_new_tokens, temperature=0.0)
     fn = reward_fn or compute_score
 
@@ -155,7 +157,9 @@ def greedy_eval(engine: RolloutEngine, prompts: list[Encoded], max_new_tokens: i
         return {"id": rec.id, "task": rec.task, "acc": res.acc, "format": res.format, "tokens": n_tok,
                 "finish": finish}
 
-    return summarize(generate_and_score(engine, prompts, params, batch_size, row, desc="eval"))
+    mine = D.uneven_shares([len(p) for p in prompts], D.world())[D.rank()]   # torchrun: each rank its share
+    rows = generate_and_score(engine, [prompts[i] for i in mine], params, batch_size, row, desc="eval")
+    return summarize(D.gather_in_order(mine, rows, len(prompts)))
 
 
 def check_distributed(cfg: RLConfig) -> None:
@@ -237,7 +241,7 @@ def train_rl(cfg: RLConfig, resume: bool = False, halt_at_step: int | None = Non
             if ro is None:  # dynamic sampling found no mixed-outcome group: nothing to learn from
                 run.log(step, metrics | {"train/skipped": 1}, force=True)
                 continue
-            tokens = float(ro.response_mask.sum() + ro.prompt_mask.sum())
+            (tokens,) = D.all_reduce_sum(ro.response_mask.sum() + ro.prompt_mask.sum())   # all ranks' tokens
             metrics["timing/tokens_per_s"] = tokens / max(metrics["timing/step_s"], 1e-9)
             if eval_prompts and step % cfg.train.eval_every == 0:
                 ev = greedy_eval(engine, eval_prompts, cfg.rollout.max_new_tokens, reward_fn)
