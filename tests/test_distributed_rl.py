@@ -160,3 +160,39 @@ def test_rl_with_cpu_offload_on_two_processes_trains_as_without(tiny_model_dir, 
     torchrun(2, "-m", "prism_rl.cli", *args, "--resume")
     assert min(r["actor/grad_norm"] for r in _rows(plain)) > 1e-3 and _moved(plain, tiny_model_dir) > 1e-4
     _assert_same_run(plain, off, rel=1e-6, atol=1e-6)
+
+
+def _eval_files(root) -> tuple[list[str], dict]:
+    part = next(root.glob("*/heldout-test"))
+    summary = json.loads((part / "summary.json").read_text())
+    for k in ("wall_s", "gen_tokens_per_s"):
+        summary.pop(k)
+    return (part / "samples.jsonl").read_text().splitlines(), summary
+
+
+def test_eval_on_two_processes_writes_what_one_process_writes(tiny_model_dir, rl_data, tmp_path, capsys):
+    """``prism eval`` of a held-out file under torchrun: each rank decodes a share (7 prompts:
+    4 + 3, uneven), rank 0 writes the same samples (same rows, same order) and summary as one
+    process; a rerun finds everything done."""
+    args = lambda out: ["eval", "--model", str(tiny_model_dir), "--data", str(rl_data / "test.parquet"),  # noqa: E731
+                        "--out", str(out), "--max-new-tokens", "8", "--limit", "7", "generation.batch_size=3"]
+    assert main(args(tmp_path / "one")) == 0
+    out = torchrun(2, "-m", "prism_rl.cli", *args(tmp_path / "two"))
+    rows1, sum1 = _eval_files(tmp_path / "one")
+    rows2, sum2 = _eval_files(tmp_path / "two")
+    assert len(rows1) == 7 and [json.loads(r)["id"] for r in rows1] == [json.loads(r)["id"] for r in rows2]
+    assert rows2 == rows1 and sum2 == sum1 and sum1["generated_now"] == 7
+    assert out.count("prism eval: held-out") == 1 and (tmp_path / "two" / "results.md").is_file()   # rank 0 prints
+    torchrun(2, "-m", "prism_rl.cli", *args(tmp_path / "two"))
+    assert _eval_files(tmp_path / "two")[0] == rows1
+    assert json.loads(next((tmp_path / "two").glob("*/heldout-test/summary.json")).read_text())["resumed"] == 7
+    capsys.readouterr()
+    assert main([*args(tmp_path / "three"), "model.cpu_offload=true"]) == 2
+    assert "model.cpu_offload=true: evaluation does not shard the policy" in capsys.readouterr().err
+
+
+def test_benchmark_eval_under_torchrun_is_refused(tiny_model_dir, rl_data, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")     # as torchrun sets it; refused before joining any group
+    assert main(["eval", "--benchmark", "MathVista", "--data", str(rl_data / "test.parquet"),
+                 "--model", str(tiny_model_dir)]) == 2
+    assert "--benchmark does not run under torchrun yet (held-out files do)" in capsys.readouterr().err

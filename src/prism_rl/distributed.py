@@ -281,10 +281,7 @@ def gather_in_order(indices: Sequence[int], items: Sequence, total: int) -> list
     """Every rank's ``items`` (item k of a rank is global item ``indices[k]``) put back in global
     order 0..total-1, on every rank (``all_gather_object``: each rank's share travels once as a
     pickle between the processes of one job). One process: ``items`` in ``indices`` order."""
-    parts = [(list(indices), list(items))]
-    if is_distributed():
-        parts = [None] * world()
-        dist.all_gather_object(parts, (list(indices), list(items)))
+    parts = all_gather((list(indices), list(items)))
     out: list = [None] * total
     seen = 0
     for idx, its in parts:
@@ -293,4 +290,14 @@ def gather_in_order(indices: Sequence[int], items: Sequence, total: int) -> list
         seen += len(idx)
     if seen != total:
         raise ValueError(f"the ranks returned {seen} items, expected {total}")
+    return out
+
+
+def all_gather(obj) -> list:
+    """Every rank's ``obj``, in rank order, on every rank (``all_gather_object``: a pickle
+    between the processes of one job). One process: ``[obj]``."""
+    if not is_distributed():
+        return [obj]
+    out: list = [None] * world()
+    dist.all_gather_object(out, obj)
     return out
