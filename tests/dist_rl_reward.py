@@ -10,3 +10,10 @@ the whole)."""
 def reward(response: str, ground_truth: str, **kwargs) -> float:
     text = sum(ord(c) % 3 == 0 for c in response) / max(len(response), 1)
     return 0.5 * text + 0.5 * (sum(map(ord, ground_truth)) % 2)
+
+
+def dapo_reward(response: str, ground_truth: str, **kwargs) -> dict:
+    """:func:`reward` as the score, and a right/wrong accuracy (the text half at least 0.3), so
+    some groups are all wrong and DAPO's dynamic sampling drops them."""
+    text = sum(ord(c) % 3 == 0 for c in response) / max(len(response), 1)
+    return {"score": reward(response, ground_truth), "acc": float(text >= 0.3)}

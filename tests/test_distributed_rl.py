@@ -196,3 +196,25 @@ def test_benchmark_eval_under_torchrun_is_refused(tiny_model_dir, rl_data, monke
     assert main(["eval", "--benchmark", "MathVista", "--data", str(rl_data / "test.parquet"),
                  "--model", str(tiny_model_dir)]) == 2
     assert "--benchmark does not run under torchrun yet (held-out files do)" in capsys.readouterr().err
+
+
+def test_dapo_dynamic_sampling_on_two_processes_equals_one_process(tiny_model_dir, rl_data, tmp_path):
+    """DAPO under torchrun: the ranks agree on the kept groups (each rank's ids gathered per
+    round) and on when to stop sampling, and the kept groups are shared out evenly again, so
+    the global batch, losses and weights are the 1-process run's."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    def args(out) -> list[str]:
+        rl, *rest = _rl_args(tiny_model_dir, rl_data, out, "rollout.per_row_seeds=true", "train.steps=3",
+                             "rollout.gen_batch_prompts=4", "algo.max_num_gen_batches=3",
+                             f"reward.function={ROOT / 'tests' / 'dist_rl_reward.py'}:dapo_reward")
+        return [rl, "--algo", "dapo", *rest]
+
+    assert main(args(one)) == 0
+    torchrun(2, "-m", "prism_rl.cli", *args(two))
+    rows = _rows(one)
+    assert any(r["rollout/prompts_sampled"] > r["rollout/groups_kept"] for r in rows)    # groups were dropped
+    assert all(r["rollout/groups_kept"] == 2 for r in rows)
+    _assert_same_run(one, two)
+    for a, b in zip(rows, _rows(two)):
+        for k in ("rollout/gen_rounds", "rollout/prompts_sampled", "rollout/groups_kept", "rollout/acc_all"):
+            assert a[k] == pytest.approx(b[k], abs=1e-9), k

@@ -33,6 +33,7 @@ from ..rollout.base import RolloutEngine, Rollouts, SamplingParams, concat_rollo
 from ..rollout.noise import combine
 from .dist_checkpoint import save_final
 from .optim import build_optimizer, build_scheduler
+from .rl_dist import all_groups, global_group_ids, share_kept
 from .run import Run, load_stage_policy
 
 
@@ -82,35 +83,35 @@ def collect(engine: RolloutEngine, stream: PromptStream, cfg: RLConfig, reward_f
         mine = D.my_share([len(p) for p in batch])   # this rank's prompts (whole groups), as rank_prompts
         params = sampling_params(cfg, step, rounds, mine)
         with run.timer("rollout"):
-            ro = engine.generate([batch[i] for i in mine], params, group_offset=offset)
+            ro = global_group_ids(engine.generate([batch[i] for i in mine], params, group_offset=offset), mine, offset)
         with run.timer("score"):
             sc = score(ro, cfg, reward_fn)
         offset += per_round
         groups = groups_with_variance(ro.group_ids, sc["acc"]) if algo.dynamic_sampling else ro.group_ids.unique().tolist()
         parts.append(ro)
         scores.append(sc)
-        kept_groups += groups
+        kept_groups += all_groups(groups) if algo.dynamic_sampling else groups   # torchrun: the ranks agree
         if not algo.dynamic_sampling or len(kept_groups) >= r.prompts_per_step or rounds >= algo.max_num_gen_batches:
             break
     ro = concat_rollouts(parts, engine.pad_id)
     sc = {k: torch.cat([s[k] for s in scores]) for k in scores[0]}
     kept = set(kept_groups[: r.prompts_per_step])
-    stats = {"rollout/gen_rounds": rounds, "rollout/prompts_sampled": offset, **sampled_stats(sc, len(kept))}
+    stats = {"rollout/gen_rounds": rounds, "rollout/prompts_sampled": offset, **sampled_stats(sc)}
     rows = [i for i, g in enumerate(ro.group_ids.tolist()) if g in kept]
-    if not rows:
+    ro, sc = (ro.select(rows), {k: v[rows] for k, v in sc.items()}) if rows else (None, None)
+    if algo.dynamic_sampling and D.is_distributed():   # kept groups spread unevenly: equal shares again
+        ro, sc = share_kept(ro, sc, engine.pad_id)
+    stats["rollout/groups_kept"] = int(D.all_reduce_sum(0 if ro is None else len(ro.group_ids.unique()))[0])
+    if ro is None:
         return None, {}, stats
-    if len(rows) < len(ro):
-        ro = ro.select(rows)
-        sc = {k: v[rows] for k, v in sc.items()}
     return ro, sc, stats
 
 
-def sampled_stats(sc: dict[str, torch.Tensor], kept: int) -> dict[str, float]:
-    """Groups kept and the mean reward / accuracy / format of every sampled response (kept or
-    not), summed over ranks: ``mean = sum_ranks sum_rows x / sum_ranks rows``."""
-    rows, kept_all, *sums = D.all_reduce_sum(len(sc["reward"]), kept, *(sc[k].sum() for k in ("reward", "acc", "format")))
-    return {"rollout/groups_kept": int(kept_all),
-            **{f"rollout/{k}_all": v / rows for k, v in zip(("reward", "acc", "format"), sums)}}
+def sampled_stats(sc: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The mean reward / accuracy / format of every sampled response (kept or not), summed over
+    ranks: ``mean = sum_ranks sum_rows x / sum_ranks rows``."""
+    rows, *sums = D.all_reduce_sum(len(sc["reward"]), *(sc[k].sum() for k in ("reward", "acc", "format")))
+    return {f"rollout/{k}_all": v / rows for k, v in zip(("reward", "acc", "format"), sums)}
 
 
 def sampling_params(cfg: RLConfig, step: int, round_: int, prompt_keys: list[int]) -> SamplingParams:
@@ -164,16 +165,12 @@ def greedy_eval(engine: RolloutEngine, prompts: list[Encoded], max_new_tokens: i
 
 def check_distributed(cfg: RLConfig) -> None:
     """Under torchrun: each round's prompts must split evenly over the processes (whole groups,
-    equal counts), and DAPO's dynamic sampling (a per-rank count of kept groups) is not
-    distributed yet."""
+    equal counts)."""
     w = D.world()
     per_round = cfg.rollout.gen_batch_prompts or cfg.rollout.prompts_per_step
     if w > 1 and per_round % w:
         raise ConfigError(f"rollout.prompts_per_step / gen_batch_prompts ({per_round}) must be a multiple of the "
                           f"number of processes ({w}): each rank samples whole groups, the same number")
-    if w > 1 and cfg.algo.dynamic_sampling:
-        raise ConfigError("algo.dynamic_sampling is not implemented under torchrun yet; run one process or "
-                          "set algo.dynamic_sampling=false")
 
 
 def check_engine(cfg: RLConfig, device: torch.device) -> None:
