@@ -301,3 +301,13 @@ def all_gather(obj) -> list:
     out: list = [None] * world()
     dist.all_gather_object(out, obj)
     return out
+
+
+def shutdown() -> None:
+    """Leave the process group at the end of a command: a barrier (no rank exits while another
+    still talks to it), then ``destroy_process_group``, so the interpreter's exit does not tear
+    down the backend's live threads (seen: a rank of ``prism eval`` aborting with "terminate
+    called without an active exception" while rank 0 still wrote the report). No-op alone."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -163,18 +163,22 @@ def evaluate(cfg: EvalConfig, model=None, processor=None, *, fresh: bool = False
             "max_prompt_length": cfg.data.max_prompt_length, "max_pixels": cfg.data.max_pixels,
             "min_pixels": cfg.data.min_pixels}
 
-    def claim() -> tuple[str, Path, dict]:
+    finished: dict[str, list[dict]] = {}   # rank 0's: the rows done before; the other ranks get their ids
+
+    def claim() -> tuple[str, Path, list[str]]:
         run, run_dir = claim_run(cfg.output_dir, cfg.name or None, cfg.model.path)
         out = run_dir / heldout_part(cfg.data.eval)
         prepare_part(out, meta, HELDOUT_SETTINGS, fresh)
         save_config(cfg, out)
-        return run, out, _finished(out / "samples.jsonl", g.n)
+        finished.update(_finished(out / "samples.jsonl", g.n))
+        return run, out, list(finished)
 
-    run, out, finished = D.from_main(claim)   # rank 0 claims the folder and reads what is done
+    run, out, done_ids = D.from_main(claim)   # rank 0 claims the folder and reads what is done
     bad = BadRecords()
     records = _unique(read_limited(cfg.data.eval, cfg.data.limit, cfg.data.skip_bad, bad), cfg.data.skip_bad, bad)
     samples = out / "samples.jsonl"
-    todo = [r for r in records if r.id not in finished]
+    done = set(done_ids)
+    todo = [r for r in records if r.id not in done]
     params = SamplingParams(n=g.n, max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p)
     if announce is not None and D.is_main():
         announce({"data": cfg.data.eval, "n_records": len(records), "done": len(records) - len(todo),
