@@ -218,3 +218,15 @@ def test_dapo_dynamic_sampling_on_two_processes_equals_one_process(tiny_model_di
     for a, b in zip(rows, _rows(two)):
         for k in ("rollout/gen_rounds", "rollout/prompts_sampled", "rollout/groups_kept", "rollout/acc_all"):
             assert a[k] == pytest.approx(b[k], abs=1e-9), k
+
+
+def test_kept_groups_spread_unevenly_are_shared_out_evenly(tmp_path):
+    torchrun(2, str(ROOT / "tests" / "dist_share_kept.py"), str(tmp_path))
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for case, want in enumerate([[0, 1, 2, 5], [0, 1, 2, 5]]):       # 3 + 1 groups; 3 + 2, the last (7) dropped
+        got = [r[case] for r in ranks]
+        assert [len(set(g["groups"])) for g in got] == [2, 2]             # equal shares of whole groups
+        assert sorted(x for g in got for x in g["groups"]) == sorted(w for w in want for _ in range(2))
+        for g in got:                                                     # each row kept its tokens, text and score
+            assert g["ids"] == g["groups"] and g["texts"] == [str(x) for x in g["groups"]]
+            assert g["reward"] == pytest.approx([x / 10 for x in g["groups"]])
