@@ -230,3 +230,11 @@ def test_kept_groups_spread_unevenly_are_shared_out_evenly(tmp_path):
         for g in got:                                                     # each row kept its tokens, text and score
             assert g["ids"] == g["groups"] and g["texts"] == [str(x) for x in g["groups"]]
             assert g["reward"] == pytest.approx([x / 10 for x in g["groups"]])
+
+
+def test_uneven_shares_allow_a_remainder_and_balance_cost():
+    from prism_rl.distributed import uneven_shares
+
+    shares = uneven_shares([10, 1, 7, 3, 8], 2)
+    assert shares == [[0, 1, 3], [2, 4]]      # rounds (10, 8) (7, 3) (1): 13 vs 15, the last item to the lighter
+    assert uneven_shares([5, 5, 5], 4) == [[0], [1], [2], []] and uneven_shares([2, 1], 1) == [[0, 1]]
