@@ -38,6 +38,10 @@ class ModelConfig(Section):
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     freeze_vision: bool = Field(False, description="Freeze the vision tower (and its merger).")
     gradient_checkpointing: bool = False
+    cpu_offload: bool = Field(
+        False, description="Under torchrun: keep the policy's FSDP2 shards, gradients and optimizer states in host "
+        "memory (CPUOffloadPolicy; each unit is copied to the GPU for its forward/backward, AdamW steps on the CPU). "
+        "Training stages only; an error in one process, where nothing is sharded.")
 
 
 class DataConfig(Section):
@@ -183,6 +187,11 @@ class RolloutConfig(Section):
     fused: Literal["auto"] | bool = Field(
         "auto", description="Engine graph: decode with fused weights and Triton kernels (auto: on CUDA for dense "
         "Qwen3-VL decoders when Triton imports; false: the module path, which also serves MoE).")
+    per_row_seeds: bool = Field(
+        False, description="Sample each response from its own noise stream, keyed by train.seed, the step, the "
+        "prompt's place in the step's batch and the sample number (Gumbel-max on a counter hash; the same "
+        "distribution): the samples then do not depend on batching or on the number of torchrun processes, so "
+        "runs on 1 and N GPUs, and a run resumed on another number of GPUs, sample the same responses. Engine hf.")
 
 
 class PPOConfig(Section):

@@ -177,7 +177,7 @@ def shard_model(model: torch.nn.Module, device: torch.device, *, cpu_offload: bo
     if device.type == "cuda":
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     if cpu_offload:
-        kw["offload_policy"] = CPUOffloadPolicy()
+        kw["offload_policy"] = CPUOffloadPolicy(pin_memory=device.type == "cuda")  # pinning needs a CUDA driver
     for unit in shard_units(model):
         fully_shard(unit, reshard_after_forward=True, **kw)
     # the root (embeddings, tied output head, final norm) stays gathered from its forward to its
@@ -259,3 +259,55 @@ def sync_weights(sharded: torch.nn.Module, full: torch.nn.Module) -> None:
     dst = dict(full.named_parameters())
     for name, p in sharded.named_parameters():
         dst[name].copy_(full_tensor(p.detach()))
+
+
+def uneven_shares(costs: Sequence[float], n: int) -> list[list[int]]:
+    """Like :func:`balanced_shares`, but a remainder is allowed (shares differ by at most one
+    item): for work without collectives (eval generation on full weights). Items go in
+    descending cost, each to the share with the smallest total cost, then fewest items, then
+    lowest rank; each share ascending. Deterministic, so every rank computes the same split."""
+    order = sorted(range(len(costs)), key=lambda i: (-costs[i], i))
+    shares: list[list[int]] = [[] for _ in range(n)]
+    totals = [0.0] * n
+    for s in range(0, len(order), n):
+        lightest = sorted(range(n), key=lambda r: (totals[r], len(shares[r]), r))
+        for r, i in zip(lightest, order[s:s + n]):
+            shares[r].append(i)
+            totals[r] += costs[i]
+    return [sorted(s) for s in shares]
+
+
+def gather_in_order(indices: Sequence[int], items: Sequence, total: int) -> list:
+    """Every rank's ``items`` (item k of a rank is global item ``indices[k]``) put back in global
+    order 0..total-1, on every rank (``all_gather_object``: each rank's share travels once as a
+    pickle between the processes of one job). One process: ``items`` in ``indices`` order."""
+    parts = all_gather((list(indices), list(items)))
+    out: list = [None] * total
+    seen = 0
+    for idx, its in parts:
+        for i, it in zip(idx, its):
+            out[i] = it
+        seen += len(idx)
+    if seen != total:
+        raise ValueError(f"the ranks returned {seen} items, expected {total}")
+    return out
+
+
+def all_gather(obj) -> list:
+    """Every rank's ``obj``, in rank order, on every rank (``all_gather_object``: a pickle
+    between the processes of one job). One process: ``[obj]``."""
+    if not is_distributed():
+        return [obj]
+    out: list = [None] * world()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def shutdown() -> None:
+    """Leave the process group at the end of a command: a barrier (no rank exits while another
+    still talks to it), then ``destroy_process_group``, so the interpreter's exit does not tear
+    down the backend's live threads (seen: a rank of ``prism eval`` aborting with "terminate
+    called without an active exception" while rank 0 still wrote the report). No-op alone."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from .. import distributed as D
 from ..config import ConfigError, EvalConfig, load_config
 from ..data.images import configure_images
 
@@ -115,7 +116,8 @@ def _run_heldout(a, cfg: EvalConfig, print_fn: Callable[[str], None]) -> None:
 
     summary = evaluate(cfg, fresh=a.fresh, announce=announce, report=False)
     print_fn(format_table([summary]))
-    _report(cfg.output_dir, print_fn)
+    if D.is_main():   # torchrun: rank 0 rebuilds the table
+        _report(cfg.output_dir, print_fn)
 
 
 def _judge(a):
@@ -175,4 +177,14 @@ def eval_command(a, print_fn: Callable[[str], None] = print) -> None:
         _report(root, print_fn)
         return
     cfg = eval_config(a)
+    if D.launched():   # torchrun: held-out files only; each rank generates a share, rank 0 writes and prints
+        if a.benchmark:
+            raise ConfigError("--benchmark does not run under torchrun yet (held-out files do): run it as one process")
+        D.init_from_env()
+        print_fn = print_fn if D.is_main() else _silent
     (_run_benchmark if a.benchmark else _run_heldout)(a, cfg, print_fn)
+    D.shutdown()   # torchrun: every rank done before any exits
+
+
+def _silent(line: str) -> None:
+    """The printer of ranks other than 0 under torchrun."""

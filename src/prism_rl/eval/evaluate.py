@@ -19,6 +19,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
+from .. import distributed as D
 from ..config import ConfigError, EvalConfig, save_config
 from ..data.images import configure_images
 from ..data.records import BadField, BadRecords, Record, report_bad
@@ -26,6 +27,7 @@ from ..reward import compute_score
 from ..rollout.base import SamplingParams
 from .layout import atomic_write, claim_run, heldout_part, model_id, prepare_part, read_rows
 from .perception import record_perception
+from .ranks import gather_rows, my_records
 from .report import write_report
 from .sampling import generate_and_score
 
@@ -118,9 +120,10 @@ def _finished(samples: Path, n: int) -> dict[str, list[dict]]:
 
 
 def _load(cfg: EvalConfig):
-    from ..models.loading import load_policy, pick_device, set_pixel_limits
+    from .. import distributed as D
+    from ..models.loading import load_policy, set_pixel_limits
 
-    model, processor = load_policy(cfg.model, pick_device(), trainable=False)
+    model, processor = load_policy(cfg.model, D.init_from_env(), trainable=False)   # torchrun: cuda:LOCAL_RANK
     set_pixel_limits(processor, cfg.data.max_pixels, cfg.data.min_pixels)
     return model, processor
 
@@ -146,7 +149,9 @@ def _generate(cfg: EvalConfig, todo: list[Record], model, processor, params: Sam
             fh.writelines(json.dumps(r) + "\n" for r in rows)
 
     engine = make_engine("auto", model, processor)   # the graph engine on CUDA
-    return score_samples(engine, todo, params, cfg.generation.batch_size, desc="eval", encode=encode, sink=append)
+    mine = my_records(todo)                           # torchrun: this rank's share; rank 0 appends its batches
+    return gather_rows(lambda: score_samples(engine, mine, params, cfg.generation.batch_size, desc="eval",
+                                             encode=encode, sink=append if D.is_main() else None), todo, bad)
 
 
 def evaluate(cfg: EvalConfig, model=None, processor=None, *, fresh: bool = False,
@@ -163,23 +168,33 @@ def evaluate(cfg: EvalConfig, model=None, processor=None, *, fresh: bool = False
 
     if not cfg.data.eval:
         raise ConfigError("data.eval (--data): no held-out file to evaluate on")
+    check_no_offload(cfg)
+    D.init_from_env()   # under torchrun: join the group; each rank generates a share (ranks.py), rank 0 writes
     configure_images(cfg.data)
     g = cfg.generation
-    run, run_dir = claim_run(cfg.output_dir, cfg.name or None, cfg.model.path)
-    out = run_dir / heldout_part(cfg.data.eval)
     meta = {"data": str(Path(cfg.data.eval).resolve()), "model": model_id(cfg.model.path), "max_new_tokens": g.max_new_tokens,
             "temperature": g.temperature, "top_p": g.top_p, "n": g.n, "seed": g.seed,
             "max_prompt_length": cfg.data.max_prompt_length, "max_pixels": cfg.data.max_pixels,
             "min_pixels": cfg.data.min_pixels}
-    prepare_part(out, meta, HELDOUT_SETTINGS, fresh)
-    save_config(cfg, out)
+
+    finished: dict[str, list[dict]] = {}   # rank 0's: the rows done before; the other ranks get their ids
+
+    def claim() -> tuple[str, Path, list[str]]:
+        run, run_dir = claim_run(cfg.output_dir, cfg.name or None, cfg.model.path)
+        out = run_dir / heldout_part(cfg.data.eval)
+        prepare_part(out, meta, HELDOUT_SETTINGS, fresh)
+        save_config(cfg, out)
+        finished.update(_finished(out / "samples.jsonl", g.n))
+        return run, out, list(finished)
+
+    run, out, done_ids = D.from_main(claim)   # rank 0 claims the folder and reads what is done
     bad = BadRecords()
     records = _unique(read_limited(cfg.data.eval, cfg.data.limit, cfg.data.skip_bad, bad), cfg.data.skip_bad, bad)
     samples = out / "samples.jsonl"
-    finished = _finished(samples, g.n)
-    todo = [r for r in records if r.id not in finished]
+    done = set(done_ids)
+    todo = [r for r in records if r.id not in done]
     params = SamplingParams(n=g.n, max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p)
-    if announce is not None:
+    if announce is not None and D.is_main():
         announce({"data": cfg.data.eval, "n_records": len(records), "done": len(records) - len(todo),
                   "params": params, "out": out, "run": run})
     t0, new_rows = time.time(), []
@@ -188,17 +203,31 @@ def evaluate(cfg: EvalConfig, model=None, processor=None, *, fresh: bool = False
             model, processor = _load(cfg)
         new_rows = _generate(cfg, todo, model, processor, params, samples, bad, len(records) - len(todo))
     wall = time.time() - t0
-    by_id = _finished(samples, g.n)
-    rows = [r for rec in records for r in by_id.get(rec.id, [])]
-    summary = summarize(rows)
-    summary.update(name=run, run=run, model=meta["model"], data=cfg.data.eval, n=g.n, temperature=g.temperature,
-                   settings={k: meta[k] for k in HELDOUT_SETTINGS[2:]}, generated_now=len(new_rows) // g.n,
-                   resumed=len(records) - len(todo), wall_s=wall, bad_records=bad.count,
-                   gen_tokens_per_s=sum(r["tokens"] for r in new_rows) / max(wall, 1e-9))
-    atomic_write(out / "summary.json", json.dumps(summary, indent=2))
-    if report:
-        summary["report_files"] = {k: str(v) for k, v in write_report(cfg.output_dir).items()}
-    return summary
+
+    def write() -> dict:   # rank 0 (one process: the process)
+        if D.is_distributed() and new_rows:   # the samples file as one process leaves it: done before, then new
+            done_rows = [*itertools.chain(*finished.values()), *new_rows]
+            atomic_write(samples, "".join(json.dumps(r) + "\n" for r in done_rows))
+        by_id = _finished(samples, g.n)
+        summary = summarize([r for rec in records for r in by_id.get(rec.id, [])])
+        summary.update(name=run, run=run, model=meta["model"], data=cfg.data.eval, n=g.n, temperature=g.temperature,
+                       settings={k: meta[k] for k in HELDOUT_SETTINGS[2:]}, generated_now=len(new_rows) // g.n,
+                       resumed=len(records) - len(todo), wall_s=wall, bad_records=bad.count,
+                       gen_tokens_per_s=sum(r["tokens"] for r in new_rows) / max(wall, 1e-9))
+        atomic_write(out / "summary.json", json.dumps(summary, indent=2))
+        if report:
+            summary["report_files"] = {k: str(v) for k, v in write_report(cfg.output_dir).items()}
+        return summary
+
+    return D.from_main(write)   # torchrun: every rank returns rank 0's summary (or raises its error)
+
+
+def check_no_offload(cfg: EvalConfig) -> None:
+    """Evaluation never shards the policy (each torchrun rank loads the full weights), so
+    ``model.cpu_offload`` would be ignored: an error naming it."""
+    if cfg.model.cpu_offload:
+        raise ConfigError("model.cpu_offload=true: evaluation does not shard the policy (each torchrun process "
+                          "loads the full weights); set model.cpu_offload=false")
 
 
 def format_table(summaries: list[dict]) -> str:

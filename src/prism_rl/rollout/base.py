@@ -25,6 +25,11 @@ class SamplingParams:
     temperature: float = 1.0   # 0 -> greedy
     top_p: float = 1.0
     return_logprobs: bool = False
+    # per-row seeded sampling (``rollout/noise.py``): each response draws from its own noise
+    # stream, keyed by ``seed`` and its prompt's place in the global batch (``prompt_keys``,
+    # default 0, 1, ...), so the samples do not depend on the batch or the number of processes
+    seed: int | None = None
+    prompt_keys: list[int] | None = None
 
 
 @dataclass

@@ -8,10 +8,12 @@ processor (a fresh checkpoint's generation config may lack them).
 from __future__ import annotations
 
 import torch
+from transformers import LogitsProcessorList
 
 from ..data.processing import Encoded, collate
 from ..models.loading import special_ids, vision_token_ids
 from .base import Rollouts, SamplingParams, sampled_rollouts
+from .noise import RowNoise, row_key
 
 
 class HFEngine:
@@ -37,13 +39,15 @@ class HFEngine:
         batch = collate(rows, self.pad_id, side="left")
         inputs = {k: v.to(self.device) for k, v in batch.items() if k != "labels"}
         greedy = params.temperature == 0
+        seeded = params.seed is not None and not greedy
         was_training = self.model.training
         self.model.eval()
         try:
             out = self.model.generate(
-                **inputs, max_new_tokens=params.max_new_tokens, do_sample=not greedy,
-                temperature=None if greedy else params.temperature,
-                top_p=None if greedy else params.top_p, top_k=None,
+                **inputs, max_new_tokens=params.max_new_tokens, do_sample=not (greedy or seeded),
+                temperature=None if greedy or seeded else params.temperature,
+                top_p=None if greedy or seeded else params.top_p, top_k=None,
+                **({"logits_processor": LogitsProcessorList([self._row_noise(prompts, params, inputs)])} if seeded else {}),
                 eos_token_id=self.eos_id, pad_token_id=self.pad_id, suppress_tokens=self.suppress_ids or None,
                 return_dict_in_generate=True, output_logits=params.return_logprobs,
                 **({"cache_implementation": self.cache_implementation} if self.cache_implementation else {}),
@@ -60,3 +64,12 @@ class HFEngine:
             logprobs = torch.log_softmax(logits, -1).gather(-1, resp[:, :, None]).squeeze(-1)
         return sampled_rollouts(rows, batch, resp, logprobs, n=params.n, group_offset=group_offset, eos_id=self.eos_id,
                                 pad_id=self.pad_id, tokenizer=self.processor.tokenizer)
+
+    def _row_noise(self, prompts: list[Encoded], params: SamplingParams, inputs: dict) -> RowNoise:
+        """Per-row seeded sampling (``noise.RowNoise``): row ``i*n + j`` (sample j of prompt i)
+        keyed by ``row_key(params.seed, prompt_keys[i], j)``."""
+        keys = params.prompt_keys if params.prompt_keys is not None else list(range(len(prompts)))
+        if len(keys) != len(prompts):
+            raise ValueError(f"prompt_keys has {len(keys)} keys for {len(prompts)} prompts")
+        rows = torch.tensor([row_key(params.seed, k, j) for k in keys for j in range(params.n)], dtype=torch.int64)
+        return RowNoise(rows, inputs["input_ids"].shape[1], params.temperature, params.top_p)

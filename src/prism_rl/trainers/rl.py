@@ -30,8 +30,10 @@ from ..reward.builtins import builtin_reward, is_builtin
 from ..reward.plugins import RewardFn, load_reward_option
 from ..rollout import make_engine
 from ..rollout.base import RolloutEngine, Rollouts, SamplingParams, concat_rollouts
+from ..rollout.noise import combine
 from .dist_checkpoint import save_final
 from .optim import build_optimizer, build_scheduler
+from .rl_dist import all_groups, global_group_ids, share_kept
 from .run import Run, load_stage_policy
 
 
@@ -66,41 +68,59 @@ def groups_with_variance(group_ids: torch.Tensor, values: torch.Tensor) -> list[
 
 
 def collect(engine: RolloutEngine, stream: PromptStream, cfg: RLConfig, reward_fn: RewardFn | None,
-            run: Run) -> tuple[Rollouts | None, dict, dict]:
+            run: Run, step: int = 0) -> tuple[Rollouts | None, dict, dict]:
     """Sample and score one training batch (with DAPO's dynamic sampling when enabled).
 
     Returns ``None`` rollouts when dynamic sampling kept no group in ``max_num_gen_batches``
     rounds (every group all right or all wrong): the step is then skipped and logged.
     """
     r, algo = cfg.rollout, cfg.algo
-    params = SamplingParams(n=r.n, max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p)
     per_round = r.gen_batch_prompts or r.prompts_per_step
     parts, scores, kept_groups, rounds, offset = [], [], [], 0, 0
     while True:
         rounds += 1
+        batch = stream.take(per_round)
+        mine = D.my_share([len(p) for p in batch])   # this rank's prompts (whole groups), as rank_prompts
+        params = sampling_params(cfg, step, rounds, mine)
         with run.timer("rollout"):
-            ro = engine.generate(rank_prompts(stream.take(per_round)), params, group_offset=offset)
+            ro = global_group_ids(engine.generate([batch[i] for i in mine], params, group_offset=offset), mine, offset)
         with run.timer("score"):
             sc = score(ro, cfg, reward_fn)
         offset += per_round
         groups = groups_with_variance(ro.group_ids, sc["acc"]) if algo.dynamic_sampling else ro.group_ids.unique().tolist()
         parts.append(ro)
         scores.append(sc)
-        kept_groups += groups
+        kept_groups += all_groups(groups) if algo.dynamic_sampling else groups   # torchrun: the ranks agree
         if not algo.dynamic_sampling or len(kept_groups) >= r.prompts_per_step or rounds >= algo.max_num_gen_batches:
             break
     ro = concat_rollouts(parts, engine.pad_id)
     sc = {k: torch.cat([s[k] for s in scores]) for k in scores[0]}
     kept = set(kept_groups[: r.prompts_per_step])
-    stats = {"rollout/gen_rounds": rounds, "rollout/prompts_sampled": offset, "rollout/groups_kept": len(kept),
-             **{f"rollout/{k}_all": float(sc[k].mean()) for k in ("reward", "acc", "format")}}
+    stats = {"rollout/gen_rounds": rounds, "rollout/prompts_sampled": offset, **sampled_stats(sc)}
     rows = [i for i, g in enumerate(ro.group_ids.tolist()) if g in kept]
-    if not rows:
+    ro, sc = (ro.select(rows), {k: v[rows] for k, v in sc.items()}) if rows else (None, None)
+    if algo.dynamic_sampling and D.is_distributed():   # kept groups spread unevenly: equal shares again
+        ro, sc = share_kept(ro, sc, engine.pad_id)
+    stats["rollout/groups_kept"] = int(D.all_reduce_sum(0 if ro is None else len(ro.group_ids.unique()))[0])
+    if ro is None:
         return None, {}, stats
-    if len(rows) < len(ro):
-        ro = ro.select(rows)
-        sc = {k: v[rows] for k, v in sc.items()}
     return ro, sc, stats
+
+
+def sampled_stats(sc: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The mean reward / accuracy / format of every sampled response (kept or not), summed over
+    ranks: ``mean = sum_ranks sum_rows x / sum_ranks rows``."""
+    rows, *sums = D.all_reduce_sum(len(sc["reward"]), *(sc[k].sum() for k in ("reward", "acc", "format")))
+    return {f"rollout/{k}_all": v / rows for k, v in zip(("reward", "acc", "format"), sums)}
+
+
+def sampling_params(cfg: RLConfig, step: int, round_: int, prompt_keys: list[int]) -> SamplingParams:
+    """The rollout's sampling settings; with ``rollout.per_row_seeds`` also the round's seed
+    ``combine(train.seed, step, round)`` and the keys of this rank's prompts (their places in
+    the round's global batch), so each response's noise is the same on any number of ranks."""
+    r = cfg.rollout
+    seeded = {"seed": combine(cfg.train.seed, step, round_), "prompt_keys": prompt_keys} if r.per_row_seeds else {}
+    return SamplingParams(n=r.n, max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, **seeded)
 
 
 def rank_prompts(prompts: list[Encoded]) -> list[Encoded]:
@@ -111,18 +131,25 @@ def rank_prompts(prompts: list[Encoded]) -> list[Encoded]:
 
 
 def rollout_metrics(ro: Rollouts, sc: dict[str, torch.Tensor]) -> dict[str, float]:
-    """What the kept rollouts scored and how long they were (``rollout/`` metrics)."""
+    """What the kept rollouts scored and how long they were (``rollout/`` metrics), over the
+    global batch: under torchrun each mean is sum over ranks / row count over ranks and the
+    maximum a max over ranks (two small all-reduces), so N processes log what one would."""
     lengths = ro.response_lengths.float()
-    return {"rollout/reward": float(sc["reward"].mean()), "rollout/acc": float(sc["acc"].mean()),
-            "rollout/format": float(sc["format"].mean()), "rollout/response_len_mean": float(lengths.mean()),
-            "rollout/response_len_max": float(lengths.max()),
-            "rollout/truncated_frac": sum(f == "length" for f in ro.finish_reasons) / len(ro)}
+    truncated = sum(f == "length" for f in ro.finish_reasons)
+    rows, reward, acc, fmt, total_len, trunc = D.all_reduce_sum(
+        len(ro), sc["reward"].sum(), sc["acc"].sum(), sc["format"].sum(), lengths.sum(), truncated)
+    (longest,) = D.all_reduce_max(lengths.max())
+    return {"rollout/reward": reward / rows, "rollout/acc": acc / rows, "rollout/format": fmt / rows,
+            "rollout/response_len_mean": total_len / rows, "rollout/response_len_max": longest,
+            "rollout/truncated_frac": trunc / rows}
 
 
 def greedy_eval(engine: RolloutEngine, prompts: list[Encoded], max_new_tokens: int,
                 reward_fn: RewardFn | None = None, batch_size: int = 64) -> dict:
     """Greedy accuracy / format / length on ``prompts`` with the run's reward (default the
-    built-in PRISM reward), summarised as ``prism eval`` does."""
+    built-in PRISM reward), summarised as ``prism eval`` does. Under torchrun each rank decodes
+    its share (``uneven_shares`` by prompt tokens; no collectives in generation) and every rank
+    summarises all rows, gathered back in prompt order: the 1-process summary."""
     params = SamplingParams(n=1, max_new_tokens=max_new_tokens, temperature=0.0)
     fn = reward_fn or compute_score
 
@@ -131,21 +158,30 @@ def greedy_eval(engine: RolloutEngine, prompts: list[Encoded], max_new_tokens: i
         return {"id": rec.id, "task": rec.task, "acc": res.acc, "format": res.format, "tokens": n_tok,
                 "finish": finish}
 
-    return summarize(generate_and_score(engine, prompts, params, batch_size, row, desc="eval"))
+    mine = D.uneven_shares([len(p) for p in prompts], D.world())[D.rank()]   # torchrun: each rank its share
+    rows = generate_and_score(engine, [prompts[i] for i in mine], params, batch_size, row, desc="eval")
+    return summarize(D.gather_in_order(mine, rows, len(prompts)))
 
 
 def check_distributed(cfg: RLConfig) -> None:
     """Under torchrun: each round's prompts must split evenly over the processes (whole groups,
-    equal counts), and DAPO's dynamic sampling (a per-rank count of kept groups) is not
-    distributed yet."""
+    equal counts)."""
     w = D.world()
     per_round = cfg.rollout.gen_batch_prompts or cfg.rollout.prompts_per_step
     if w > 1 and per_round % w:
         raise ConfigError(f"rollout.prompts_per_step / gen_batch_prompts ({per_round}) must be a multiple of the "
                           f"number of processes ({w}): each rank samples whole groups, the same number")
-    if w > 1 and cfg.algo.dynamic_sampling:
-        raise ConfigError("algo.dynamic_sampling is not implemented under torchrun yet; run one process or "
-                          "set algo.dynamic_sampling=false")
+
+
+def check_engine(cfg: RLConfig, device: torch.device) -> None:
+    """``rollout.per_row_seeds`` is implemented by the hf engine only (the graph engine, which
+    ``auto`` picks on CUDA, samples from one generator per batch): refuse it there, before any
+    model is loaded, rather than sample without it."""
+    r = cfg.rollout
+    engine = "graph" if r.engine == "graph" or (r.engine == "auto" and device.type == "cuda") else "hf"
+    if r.per_row_seeds and engine != "hf":
+        raise ConfigError(f"rollout.per_row_seeds=true needs rollout.engine=hf (rollout.engine={r.engine} "
+                          f"samples with the graph engine here); set rollout.engine=hf or rollout.per_row_seeds=false")
 
 
 def check_rl_prompts(records: list[Record], cfg: RLConfig) -> None:
@@ -170,6 +206,7 @@ def train_rl(cfg: RLConfig, resume: bool = False, halt_at_step: int | None = Non
     reward_fn = load_reward_option(cfg.reward.function, "reward.function")
     run = Run(cfg, "rl", resume=resume, desc=f"rl-{cfg.algo.name}")
     check_distributed(cfg)
+    check_engine(cfg, run.device)
     model, processor = load_stage_policy(cfg, run.device, run.ckpt)
     eos, _ = special_ids(processor)
     bad = BadRecords()
@@ -201,7 +238,7 @@ def train_rl(cfg: RLConfig, resume: bool = False, halt_at_step: int | None = Non
             if ro is None:  # dynamic sampling found no mixed-outcome group: nothing to learn from
                 run.log(step, metrics | {"train/skipped": 1}, force=True)
                 continue
-            tokens = float(ro.response_mask.sum() + ro.prompt_mask.sum())
+            (tokens,) = D.all_reduce_sum(ro.response_mask.sum() + ro.prompt_mask.sum())   # all ranks' tokens
             metrics["timing/tokens_per_s"] = tokens / max(metrics["timing/step_s"], 1e-9)
             if eval_prompts and step % cfg.train.eval_every == 0:
                 ev = greedy_eval(engine, eval_prompts, cfg.rollout.max_new_tokens, reward_fn)
@@ -217,7 +254,7 @@ def rl_step(run: Run, step: int, model, engine: RolloutEngine, stream: PromptStr
             reward_fn: RewardFn | None, opt, sched, ref, guard: NonfiniteGuard) -> tuple[Rollouts | None, dict]:
     """Sample, score, advantages, old log-probs, PPO update; returns the rollouts trained on
     (``None`` for a skipped step) and the step's metrics."""
-    ro, sc, stats = collect(engine, stream, cfg, reward_fn, run)
+    ro, sc, stats = collect(engine, stream, cfg, reward_fn, run, step)
     if ro is None:
         return None, stats
     algo, temp, chunk = cfg.algo, cfg.rollout.temperature, cfg.train.logprob_chunk

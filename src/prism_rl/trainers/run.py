@@ -42,6 +42,7 @@ import torch
 from tqdm import tqdm
 
 from .. import distributed as D
+from ..config import ConfigError
 from ..data.images import configure_images
 from ..data.records import DataError
 from ..models.loading import load_policy, set_pixel_limits
@@ -185,6 +186,15 @@ def outcome(folder: Path, finished: str, stopped_by: str | None = None) -> str:
     return f"{how} {step}, checkpoint: {folder} (continue with --resume)"
 
 
+def check_cpu_offload(model_cfg) -> None:
+    """``model.cpu_offload`` moves FSDP2 shards to host memory; one process shards nothing, so
+    the setting would do nothing there: an error rather than a silently ignored setting."""
+    if model_cfg.cpu_offload and not D.is_distributed():
+        raise ConfigError("model.cpu_offload=true applies only under torchrun (it offloads the FSDP2 shards of a "
+                          "distributed run); one process holds no shards: set model.cpu_offload=false or launch "
+                          "with torchrun --nproc-per-node N")
+
+
 def load_stage_policy(cfg, device: torch.device, resume_from: Path | None = None):
     """The stage's trainable policy and processor: from ``cfg.model`` or, when resuming, from
     the checkpoint folder ``resume_from``; the processor gets ``cfg.data``'s pixel limits, the
@@ -194,7 +204,8 @@ def load_stage_policy(cfg, device: torch.device, resume_from: Path | None = None
     from_ckpt = resume_from is not None and not is_sharded(resume_from)
     model_cfg = cfg.model.model_copy(update={"path": str(resume_from)}) if from_ckpt else cfg.model
     model, processor = load_policy(model_cfg, D.load_device(device), trainable=True)
-    model = D.shard_model(model, device)  # distributed: FSDP2 shards; one process: unchanged
+    check_cpu_offload(cfg.model)
+    model = D.shard_model(model, device, cpu_offload=cfg.model.cpu_offload)  # distributed: FSDP2 shards; one process: unchanged
     set_pixel_limits(processor, cfg.data.max_pixels, cfg.data.min_pixels)
     configure_images(cfg.data)
     return model, processor
