@@ -167,6 +167,24 @@ def test_graph_engine_samples_the_adapted_policy(tiny_model_dir):
     assert not torch.equal(c.response_ids, b.response_ids)
 
 
+def test_graph_engines_low_precision_copy_follows_the_adapters(tiny_model_dir):
+    """The decode copy in another dtype (bf16 on a GPU; here on the CPU) holds the LoRA layers
+    too, refreshed from the policy's current adapters before each generate."""
+    model, proc = _lora_policy(tiny_model_dir, b_std=0.5)
+    engine = GraphEngine(model, proc, decode_dtype=torch.bfloat16)
+    params = SamplingParams(n=1, max_new_tokens=4, temperature=0.0)
+    prompts = [encode_prompt(proc, r) for r in _records()]
+    for sign in (1.0, -1.0):
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.mul_(sign)
+        engine.generate(prompts, params)
+        mine = dict(engine.shadow.lm.named_parameters())
+        theirs = {n: p for n, p in model.model.language_model.named_parameters() if "lora_B" in n}
+        assert theirs and all(torch.equal(mine[n], p.to(torch.bfloat16)) for n, p in theirs.items())
+
+
 def test_rl_update_changes_the_adapted_policys_logprobs(tiny_model_dir):
     model, proc = _lora_policy(tiny_model_dir)
     torch.manual_seed(1)
@@ -260,3 +278,71 @@ def test_adapter_of_another_rank_is_a_data_error(tiny_model_dir, tmp_path):
     same, _ = _lora_policy(tiny_model_dir, r=4, seed=3)
     load_adapter(same, tmp_path / "a")
     assert all(torch.equal(p, dict(model.named_parameters())[n]) for n, p in same.named_parameters())
+
+
+def _final_weights(folder) -> dict[str, torch.Tensor]:
+    return load_file(folder / "model.safetensors")
+
+
+def test_lora_rl_and_align_resume_exactly_and_export_plain_policies(tiny_model_dir, sft_data, tmp_path):
+    """``prism rl`` (with a KL term: the reference policy is the plain base) and ``prism align``
+    (the discriminator stays full) on a LoRA policy: halted after step 1 and resumed, each ends
+    with the uninterrupted run's weights; the exported policy is a plain folder that moved."""
+    data = sft_data / "data" / "align.parquet"
+    disc = tmp_path / "disc"
+    assert main(["disc", "init", "--from", str(tiny_model_dir), "--out", str(disc)]) == 0
+    reward = tmp_path / "reward.py"   # the untrained tiny policy never writes the format: reward what varies
+    reward.write_text("def score(response, ground_truth, **kw):\n    return sum(map(ord, response)) % 7 / 7\n")
+    rl = ["rl", "--algo", "grpo", "--config", str(CONFIGS / "quickstart" / "rl.yaml"), f"model.path={tiny_model_dir}",
+          f"data.train={data}", f"reward.function={reward}:score", "train.steps=2", "rollout.n=4",
+          "rollout.prompts_per_step=2", "rollout.max_new_tokens=16",
+          "algo.kl_coef=0.01", "model.lora.r=4", "optim.lr=1e-2", "data.check_prompt_format=false"]
+    align = ["align", "--config", str(CONFIGS / "quickstart" / "align.yaml"), f"model.path={tiny_model_dir}",
+             f"disc.path={disc}", f"data.train={data}", "train.steps=2", "rollout.n=4", "rollout.prompts_per_step=2",
+             "rollout.max_new_tokens=16", "model.lora.r=4", "optim.lr=1e-2", "data.check_prompt_format=false"]
+    start = _final_weights(tiny_model_dir)
+    for args, sub in ((rl, ""), (align, "policy")):
+        full, halted = tmp_path / f"{args[0]}-full", tmp_path / f"{args[0]}-halted"
+        assert main([*args, f"output_dir={full}"]) == 0
+        assert main([*args, f"output_dir={halted}", "--halt-at-step", "1"]) == 0
+        assert (halted / "checkpoint-1" / sub / "adapter_model.safetensors").is_file()
+        assert main([*args, f"output_dir={halted}", "--resume"]) == 0
+        w, wh = _final_weights(full / "final" / sub), _final_weights(halted / "final" / sub)
+        assert w.keys() == wh.keys() and all(torch.equal(w[k], wh[k]) for k in w), args[0]
+        assert (full / "final" / sub / "adapter" / "adapter_model.safetensors").is_file()
+        moved = {k.split(".")[-2] for k in w if k in start and not torch.equal(w[k], start[k])}
+        assert moved and moved <= PROJ, (args[0], moved)
+    assert (tmp_path / "align-full" / "final" / "disc" / "value_head.safetensors").is_file()
+
+
+# ---- torchrun (FSDP2 on gloo): frozen base shards + trainable adapters
+
+
+def test_lora_sft_on_two_processes_equals_one_and_resumes_sharded(tiny_model_dir, sft_data, tmp_path):
+    """LoRA under ``fully_shard``: each decoder layer's unit holds frozen base weights and
+    trainable adapters. 2 processes (grad_accum 2) give the 1-process losses (grad_accum 4) and
+    merged export within the float tolerance of tests/test_distributed.py; halted at step 2 (a
+    sharded checkpoint) and resumed on 2 processes, the run ends exactly where it would have."""
+    from test_distributed import torchrun
+
+    def args(out, ga):
+        return [*_sft_args(tiny_model_dir, sft_data, out, f"train.grad_accum={ga}", "train.batch_size=2",
+                           "model.lora.dropout=0.0"), "train.max_steps=3"]
+
+    one, two, halted = tmp_path / "one", tmp_path / "two", tmp_path / "halted"
+    assert main(args(one, 4)) == 0
+    torchrun(2, "-m", "prism_rl.cli", *args(two, 2))
+    torchrun(2, "-m", "prism_rl.cli", *args(halted, 2), "--halt-at-step", "2")
+    assert (halted / "checkpoint-2" / "dcp" / ".metadata").is_file()
+    torchrun(2, "-m", "prism_rl.cli", *args(halted, 2), "--resume")
+    assert len(_losses(one)) == 3 and _losses(one) == pytest.approx(_losses(two), rel=1e-5, abs=1e-6)
+    assert _losses(halted) == _losses(two)
+    w1, w2, wh = (load_file(d / "final" / "model.safetensors") for d in (one, two, halted))
+    assert w1.keys() == w2.keys() and not any("lora" in k for k in w2)
+    start = load_file(tiny_model_dir / "model.safetensors")
+    assert max(float((w2[k] - start[k]).abs().max()) for k in w2 if k in start) > 1e-3
+    for k in w1:
+        assert torch.allclose(w1[k], w2[k], rtol=1e-4, atol=2e-5), (k, float((w1[k] - w2[k]).abs().max()))
+        assert torch.equal(w2[k], wh[k]), k
+    a1, a2 = (load_file(d / "final" / "adapter" / "adapter_model.safetensors") for d in (one, two))
+    assert a1.keys() == a2.keys() and all(torch.allclose(a1[k], a2[k], rtol=1e-4, atol=2e-5) for k in a1)

@@ -2,7 +2,7 @@
 
 Layout of ``<output_dir>/checkpoint-<step>/``: an ordinary Hugging Face folder (weights +
 config + processor files, loadable by ``from_pretrained``; a stage with two models has one
-sub-folder each) plus
+sub-folder each; a LoRA policy's holds its adapter alone, ``models/lora.py``) plus
 
 - ``trainer_state.json`` + ``trainer_state.safetensors`` (``state_io.py``): the optimizers,
   schedulers, RNG states, the data position and the run's config, stored without pickle so
