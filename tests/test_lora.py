@@ -19,13 +19,23 @@ from transformers import AutoModelForImageTextToText
 
 from prism_rl.actor import ppo_update, sequence_logprobs
 from prism_rl.cli import main
-from prism_rl.config import AlgoConfig, ConfigError, EvalConfig, LoraConfig, PolicyModelConfig, SFTConfig, load_config
+from prism_rl.config import (
+    AlgoConfig,
+    AlignConfig,
+    ConfigError,
+    EvalConfig,
+    LoraConfig,
+    PolicyModelConfig,
+    RLConfig,
+    SFTConfig,
+    load_config,
+)
 from prism_rl.data.processing import collate, encode_prompt, encode_sft
 from prism_rl.data.records import DataError, ImageRef, Record
 from prism_rl.format import make_response
 from prism_rl.models.loading import load_policy, special_ids
 from prism_rl.models.logprobs import response_logprobs
-from prism_rl.models.lora import add_lora, is_lora, load_adapter, merged_state_dict, save_adapter
+from prism_rl.models.lora import add_lora, effective_weight, is_lora, load_adapter, merged_state_dict, save_adapter
 from prism_rl.rollout.base import SamplingParams, micro_batch
 from prism_rl.rollout.graph import GraphEngine
 from prism_rl.rollout.hf import HFEngine
@@ -83,6 +93,14 @@ def test_lora_defaults_off_and_only_policy_stages_have_it():
         PROJ, key=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"].index)
     with pytest.raises(ConfigError, match="unknown config key 'model.lora'"):
         load_config(EvalConfig, overrides=["model.lora.r=8"])              # evaluation loads plain folders
+
+
+@pytest.mark.parametrize("cls", [RLConfig, AlignConfig])
+def test_adapter_dropout_is_refused_where_log_probs_are_compared(cls):
+    with pytest.raises(ConfigError, match=r"model.lora.dropout=0.1: RL and alignment compare"):
+        load_config(cls, overrides=["model.lora.r=8", "model.lora.dropout=0.1"])
+    assert load_config(cls, overrides=["model.lora.r=8"]).model.lora.dropout == 0.0
+    assert load_config(SFTConfig, overrides=["model.lora.r=8", "model.lora.dropout=0.1"]).model.lora.dropout == 0.1
 
 
 def test_unknown_target_module_is_a_config_error(tiny_model_dir):
@@ -165,6 +183,20 @@ def test_graph_engine_samples_the_adapted_policy(tiny_model_dir):
     base.load_state_dict(plain)
     c = GraphEngine(base, proc).generate(prompts, params)
     assert not torch.equal(c.response_ids, b.response_ids)
+
+
+def test_effective_weight_is_what_the_layer_applies(tiny_model_dir):
+    """For code that builds its own kernels from ``.weight`` (fused decode projections): a LoRA
+    layer's ``.weight`` is the base alone; :func:`effective_weight` includes the adapter."""
+    model, _ = _lora_policy(tiny_model_dir, b_std=0.5)
+    model.eval()
+    attn = model.model.language_model.layers[0].self_attn
+    x = torch.randn(3, attn.q_proj.in_features)
+    with torch.no_grad():
+        assert not torch.allclose(torch.nn.functional.linear(x, attn.q_proj.weight), attn.q_proj(x), atol=1e-3)
+        assert torch.allclose(torch.nn.functional.linear(x, effective_weight(attn.q_proj)), attn.q_proj(x), atol=1e-5)
+    plain = model.model.language_model.layers[0].input_layernorm
+    assert effective_weight(plain) is plain.weight
 
 
 def test_graph_engines_low_precision_copy_follows_the_adapters(tiny_model_dir):

@@ -321,6 +321,7 @@ class RLConfig(Section):
     def _check_combinations(self):
         r, a = self.rollout, self.algo
         _check_group_size(r)
+        _check_lora_dropout(self.model)
         _check_mini_batches(r, a)
         if a.overlong_buffer >= r.max_new_tokens:
             raise ValueError(f"algo.overlong_buffer ({a.overlong_buffer}) must be below rollout.max_new_tokens "
@@ -382,7 +383,18 @@ class AlignConfig(Section):
     def _check_combinations(self):
         _check_group_size(self.rollout)
         _check_mini_batches(self.rollout, self.ppo)
+        _check_lora_dropout(self.model)
         return self
+
+
+def _check_lora_dropout(model: PolicyModelConfig) -> None:
+    # The PPO ratio compares the training forward's log-probs with the sampler's (which runs in
+    # eval mode, no dropout) and with the old log-prob pass (another dropout mask): with adapter
+    # dropout they differ at every token even on-policy, and the clip would act on noise.
+    if model.lora.enabled and model.lora.dropout > 0:
+        raise ValueError(f"model.lora.dropout={model.lora.dropout}: RL and alignment compare the log-probs of the "
+                         "sampling policy (no dropout) with those of the training forward, which dropout would make "
+                         "differ on every token; set model.lora.dropout=0 (dropout is for SFT)")
 
 
 def _check_group_size(r: RolloutConfig) -> None:

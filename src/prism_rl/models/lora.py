@@ -86,6 +86,21 @@ def scaling(model: torch.nn.Module) -> float:
     return pc.lora_alpha / pc.r
 
 
+def effective_weight(linear: torch.nn.Module) -> torch.Tensor:
+    """The weight matrix a linear layer applies: ``W`` for a plain ``nn.Linear``, and
+    ``W + (alpha / r) B A`` for a LoRA layer (the layer itself is not changed). For code that
+    reads ``.weight`` to build kernels of its own (e.g. fused projections): a LoRA layer's
+    ``.weight`` is its frozen base weight alone, which would drop the adapter silently."""
+    base = getattr(linear, "base_layer", None)
+    if base is None:
+        return linear.weight
+    w = base.weight
+    for name in linear.active_adapters:
+        if name in linear.lora_A:
+            w = w + linear.get_delta_weight(name)
+    return w
+
+
 def merged_state_dict(state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
     """A LoRA model's state dict as the plain model's: for every adapted layer ``X``,
 
