@@ -354,7 +354,8 @@ def test_lora_sft_on_two_processes_equals_one_and_resumes_sharded(tiny_model_dir
     """LoRA under ``fully_shard``: each decoder layer's unit holds frozen base weights and
     trainable adapters. 2 processes (grad_accum 2) give the 1-process losses (grad_accum 4) and
     merged export within the float tolerance of tests/test_distributed.py; halted at step 2 (a
-    sharded checkpoint) and resumed on 2 processes, the run ends exactly where it would have."""
+    sharded checkpoint) and resumed on 2 processes, the run ends exactly where it would have; a
+    one-process LoRA checkpoint resumes on 2 processes within that tolerance."""
     from test_distributed import torchrun
 
     def args(out, ga):
@@ -378,3 +379,9 @@ def test_lora_sft_on_two_processes_equals_one_and_resumes_sharded(tiny_model_dir
         assert torch.equal(w2[k], wh[k]), k
     a1, a2 = (load_file(d / "final" / "adapter" / "adapter_model.safetensors") for d in (one, two))
     assert a1.keys() == a2.keys() and all(torch.allclose(a1[k], a2[k], rtol=1e-4, atol=2e-5) for k in a1)
+    up = tmp_path / "up"             # a one-process checkpoint (adapter + its AdamW states) resumed on 2 processes
+    assert main([*args(up, 4), "--halt-at-step", "2"]) == 0
+    torchrun(2, "-m", "prism_rl.cli", *args(up, 2), "--resume")
+    assert _losses(up) == pytest.approx(_losses(one), rel=1e-5, abs=1e-6)
+    wu = load_file(up / "final" / "model.safetensors")
+    assert all(torch.allclose(w1[k], wu[k], rtol=1e-4, atol=2e-5) for k in w1)
