@@ -385,3 +385,17 @@ def test_lora_sft_on_two_processes_equals_one_and_resumes_sharded(tiny_model_dir
     assert _losses(up) == pytest.approx(_losses(one), rel=1e-5, abs=1e-6)
     wu = load_file(up / "final" / "model.safetensors")
     assert all(torch.allclose(w1[k], wu[k], rtol=1e-4, atol=2e-5) for k in w1)
+
+
+def test_checkpoint_of_a_version_without_lora_settings_resumes_unchanged(tmp_path):
+    """A checkpoint written before ``model.lora`` existed saved no such keys; they take their
+    defaults (LoRA off, what that run did), so ``--resume`` finds no change to refuse."""
+    from prism_rl.trainers.resume_config import check_resume_config
+
+    cfg = load_config(SFTConfig)
+    saved = cfg.model_dump(mode="json")
+    del saved["model"]["lora"]
+    assert check_resume_config(cfg, saved, tmp_path / "checkpoint-2", allow_changes=False) == {}
+    lora = load_config(SFTConfig, overrides=["model.lora.r=8"])
+    with pytest.raises(ConfigError, match=r"model.lora.r 0 -> 8"):
+        check_resume_config(lora, saved, tmp_path / "checkpoint-2", allow_changes=False)
