@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,14 @@ def with_added_defaults(saved: dict[str, Any], defaults: dict[str, Any]) -> dict
     return out
 
 
+def defaults_of(cls) -> dict[str, Any]:
+    """The default of every config key that has one (a required key, such as a test config's
+    ``output_dir``, is left out), as ``model_dump(mode="json")`` writes values."""
+    with warnings.catch_warnings():   # pydantic warns when dumping an unvalidated model
+        warnings.simplefilter("ignore")
+        return cls.model_construct().model_dump(mode="json")
+
+
 def trajectory_keys(changes: dict[str, tuple[Any, Any]], new: dict[str, Any]) -> list[str]:
     """The changed keys that change the training trajectory (module docstring)."""
     return [k for k in changes if k not in FREE_KEYS and not (k in LENGTH_KEYS and length_free(new))]
@@ -108,7 +117,7 @@ def check_resume_config(cfg, saved: dict[str, Any] | None, ckpt: Path, allow_cha
     if saved is None:
         return {}
     new = cfg.model_dump(mode="json")
-    changes = config_changes(with_added_defaults(saved, type(cfg)().model_dump(mode="json")), new)
+    changes = config_changes(with_added_defaults(saved, defaults_of(type(cfg))), new)
     risky = trajectory_keys(changes, new)
     if risky and not allow_changes:
         hint = " (the learning-rate schedule depends on the run's length)" if set(risky) & LENGTH_KEYS else ""
