@@ -145,6 +145,25 @@ def test_only_text_decoder_adapters_train_and_base_weights_stay_bitwise(tiny_mod
             assert torch.equal(p, before[n]), n
 
 
+def test_bf16_base_keeps_fp32_adapters_that_train(tiny_model_dir):
+    """``model.dtype=bfloat16``: the frozen base in bf16 (half the memory), the adapters in fp32
+    so AdamW's small updates are not rounded away; the forward runs and the adapters learn."""
+    model, proc = _lora_policy(tiny_model_dir, dtype="bfloat16")
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    assert all(d == torch.float32 for n, d in dtypes.items() if ".lora_" in n)
+    assert all(d == torch.bfloat16 for n, d in dtypes.items() if ".lora_" not in n)
+    eos, pad = special_ids(proc)
+    rec = Record(id="0", messages=[{"role": "user", "content": "<image>How many?"}], images=[ImageRef(data=png_bytes())],
+                 response=make_response("- a circle", "one circle", "1"))
+    opt = build_optimizer(model.parameters(), SFTConfig().optim.model_copy(update={"lr": 1e-2}))
+    losses = []
+    for _ in range(3):
+        losses.append(sft_step(model, [[encode_sft(proc, rec, eos, 256)]], pad, CPU)[0])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    assert losses[-1] < losses[0]
+
+
 def test_gradient_checkpointing_gives_the_adapter_gradients_of_none(tiny_model_dir):
     plain, proc = _lora_policy(tiny_model_dir, b_std=0.1)
     ckpt, _ = _lora_policy(tiny_model_dir, b_std=0.1, gradient_checkpointing=True)

@@ -72,7 +72,19 @@ def add_lora(model: torch.nn.Module, cfg: LoraConfig, base_path: str | None = No
                          base_model_name_or_path=base_path)
     training = model.training
     model = peft.inject_adapter_in_model(pc, model, adapter_name=ADAPTER)
+    adapters_in_fp32(model)
     return model.train(training)   # the new layers' dropout follows the model's mode
+
+
+def adapters_in_fp32(model: torch.nn.Module) -> None:
+    """Hold the adapters in fp32 whatever the base's dtype: with ``model.dtype=bfloat16`` the
+    frozen base takes 2 bytes per parameter while AdamW still updates fp32 adapters (a bf16
+    weight would lose updates smaller than its rounding step). peft's layers cast the input to
+    the adapter's dtype and the sum back to the base output's."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_" in name and p.dtype != torch.float32:
+                p.data = p.data.float()
 
 
 def is_lora(model: torch.nn.Module) -> bool:
