@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # Image limits (data/images.py checks them on each image's header, before decoding).
 DEFAULT_MAX_IMAGE_PIXELS = 8192 * 8192   # 67 megapixels: 200 MB as RGB bytes, above any camera's photo
@@ -42,6 +42,55 @@ class ModelConfig(Section):
         False, description="Under torchrun: keep the policy's FSDP2 shards, gradients and optimizer states in host "
         "memory (CPUOffloadPolicy; each unit is copied to the GPU for its forward/backward, AdamW steps on the CPU). "
         "Training stages only; an error in one process, where nothing is sharded.")
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoraConfig(Section):
+    """LoRA adapters on the policy (through ``peft``), for fewer or smaller GPUs: the base weights
+    W stay frozen and each targeted linear layer learns W + (alpha / r) B A, with A (r x in) and B
+    (out x r, zero at the start, so training starts from the base model). ``r: 0`` (the default)
+    trains every weight, as without this section.
+
+    ``target_modules`` names linear layers *of the text decoder only* (``model.language_model``):
+    what SFT, alignment and RLVR change is how the model writes (format, captions, reasoning);
+    the vision tower is left out because its layers have other names (``qkv``, ``linear_fc1``), so
+    a short name such as ``proj`` could otherwise adapt it by accident; and keeping it frozen
+    spares its activations' gradients (often set frozen anyway, ``model.freeze_vision``)."""
+
+    r: int = Field(0, ge=0, description="LoRA rank; 0 turns LoRA off (every weight trains).")
+    alpha: float | None = Field(None, gt=0, description="Scale numerator: the update is (alpha / r) B A; "
+                                "null means 2 * r (scale 2 at any rank).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapters' input (training only).")
+    target_modules: list[str] = Field(list(LORA_TARGETS), min_length=1, description="Names of the text decoder's "
+                                      "linear layers to adapt (the last part of the module name).")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _names(cls, names: list[str]) -> list[str]:
+        bad = [n for n in names if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", n)]
+        if bad:
+            raise ValueError(f"module names are identifiers such as q_proj (not paths or patterns): {bad}")
+        if len(set(names)) < len(names):
+            raise ValueError(f"a module is named twice: {names}")
+        return names
+
+    @property
+    def enabled(self) -> bool:
+        return self.r > 0
+
+    @property
+    def scaling(self) -> float:
+        """alpha / r, the factor on B A."""
+        return (self.alpha if self.alpha is not None else 2.0 * self.r) / self.r
+
+
+class PolicyModelConfig(ModelConfig):
+    """The trained policy's model section (``prism sft``, ``prism rl``, ``prism align``): a model
+    plus optional LoRA adapters. Not the discriminator, not the frozen reference policy."""
+
+    lora: LoraConfig = LoraConfig()
 
 
 class DataConfig(Section):
@@ -139,7 +188,7 @@ class SFTTrainConfig(Section):
 
 
 class SFTConfig(Section):
-    model: ModelConfig = ModelConfig()
+    model: PolicyModelConfig = PolicyModelConfig()
     data: SFTDataConfig = SFTDataConfig()
     optim: OptimConfig = OptimConfig()
     train: SFTTrainConfig = SFTTrainConfig()
@@ -271,7 +320,7 @@ ALGO_PRESETS: dict[str, dict] = {
 
 
 class RLConfig(Section):
-    model: ModelConfig = ModelConfig()
+    model: PolicyModelConfig = PolicyModelConfig()
     data: RLDataConfig = RLDataConfig()
     optim: OptimConfig = OptimConfig(lr=1e-6, weight_decay=0.01, schedule="constant", warmup_ratio=0.0)
     rollout: RolloutConfig = RolloutConfig()
@@ -284,6 +333,7 @@ class RLConfig(Section):
     def _check_combinations(self):
         r, a = self.rollout, self.algo
         _check_group_size(r)
+        _check_lora_dropout(self.model)
         _check_mini_batches(r, a)
         if a.overlong_buffer >= r.max_new_tokens:
             raise ValueError(f"algo.overlong_buffer ({a.overlong_buffer}) must be below rollout.max_new_tokens "
@@ -330,7 +380,7 @@ class AlignParams(Section):
 
 
 class AlignConfig(Section):
-    model: ModelConfig = ModelConfig()
+    model: PolicyModelConfig = PolicyModelConfig()
     disc: DiscConfig = DiscConfig()
     data: CheckedPromptDataConfig = CheckedPromptDataConfig()
     optim: OptimConfig = OptimConfig(lr=1e-6, weight_decay=0.01, schedule="constant", warmup_ratio=0.0)
@@ -345,7 +395,18 @@ class AlignConfig(Section):
     def _check_combinations(self):
         _check_group_size(self.rollout)
         _check_mini_batches(self.rollout, self.ppo)
+        _check_lora_dropout(self.model)
         return self
+
+
+def _check_lora_dropout(model: PolicyModelConfig) -> None:
+    # The PPO ratio compares the training forward's log-probs with the sampler's (which runs in
+    # eval mode, no dropout) and with the old log-prob pass (another dropout mask): with adapter
+    # dropout they differ at every token even on-policy, and the clip would act on noise.
+    if model.lora.enabled and model.lora.dropout > 0:
+        raise ValueError(f"model.lora.dropout={model.lora.dropout}: RL and alignment compare the log-probs of the "
+                         "sampling policy (no dropout) with those of the training forward, which dropout would make "
+                         "differ on every token; set model.lora.dropout=0 (dropout is for SFT)")
 
 
 def _check_group_size(r: RolloutConfig) -> None:

@@ -2,7 +2,7 @@
 
 Layout of ``<output_dir>/checkpoint-<step>/``: an ordinary Hugging Face folder (weights +
 config + processor files, loadable by ``from_pretrained``; a stage with two models has one
-sub-folder each) plus
+sub-folder each; a LoRA policy's holds its adapter alone, ``models/lora.py``) plus
 
 - ``trainer_state.json`` + ``trainer_state.safetensors`` (``state_io.py``): the optimizers,
   schedulers, RNG states, the data position and the run's config, stored without pickle so
@@ -22,6 +22,7 @@ import logging
 import random
 import re
 import shutil
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 
 from ..data.records import DataError
+from ..models.lora import is_lora, save_adapter, save_merged
 from .manifest import MANIFEST, manifest_problem, write_manifest
 from .state_io import STATE_JSON, STATE_TENSORS, StateFormatError, load_state, save_state
 
@@ -96,8 +98,10 @@ def save_checkpoint(out_dir: str | Path, step: int, models: dict[str, Any], proc
     tmp.mkdir(parents=True)
     for name, model in models.items():
         target = tmp / name if name else tmp
-        # HF models have save_pretrained; the discriminator saves backbone + value head itself
-        save = getattr(model, "save_pretrained", None) or model.save
+        # a LoRA policy: the adapter alone (the frozen base is model.path); HF models have
+        # save_pretrained; the discriminator saves backbone + value head itself
+        save = (partial(save_adapter, model=model) if is_lora(model)
+                else getattr(model, "save_pretrained", None) or model.save)
         save(target)
         if processor is not None:
             processor.save_pretrained(target)
@@ -178,7 +182,10 @@ def resume_checkpoint(out_dir: str | Path) -> tuple[Path, dict[str, Any]] | None
 
 
 def save_final(folder: Path, model, processor) -> Path:
-    """The final model as a plain Hugging Face folder (model + processor)."""
+    """The final model as a plain Hugging Face folder (model + processor); a LoRA policy's with
+    the adapter merged into the weights, and the adapter alone in ``adapter/`` (``models/lora.py``)."""
+    if is_lora(model):
+        return save_merged(folder, model, processor)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder

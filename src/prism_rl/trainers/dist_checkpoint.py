@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from .. import distributed as D
+from ..models.lora import is_lora, save_merged
 from .checkpoint import check_finite, list_checkpoints, rng_state, set_rng_state
 from .checkpoint import save_final as save_final_single
 from .manifest import write_manifest
@@ -70,7 +71,9 @@ def save_final(folder: Path, model, processor) -> Path:
     if not D.is_distributed():
         return save_final_single(folder, model, processor)
     state = gather_full_state_dict(model)
-    if D.is_main():
+    if D.is_main() and is_lora(model):   # the adapter merged into the gathered weights, and saved alone
+        save_merged(folder, model, processor, state)
+    elif D.is_main():
         model.save_pretrained(folder, state_dict=state)
         processor.save_pretrained(folder)
     D.barrier()

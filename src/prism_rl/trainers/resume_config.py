@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,27 @@ def length_free(config: dict[str, Any]) -> bool:
                for s in sections)
 
 
+def with_added_defaults(saved: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """``saved`` with the keys it lacks taken from ``defaults``: settings added to prism-rl after
+    the checkpoint was written (e.g. ``model.lora``), whose defaults keep the behaviour the run
+    had, so they are no change to refuse."""
+    out = dict(saved)
+    for k, v in defaults.items():
+        if k not in out:
+            out[k] = v
+        elif isinstance(v, dict) and isinstance(out[k], dict):
+            out[k] = with_added_defaults(out[k], v)
+    return out
+
+
+def defaults_of(cls) -> dict[str, Any]:
+    """The default of every config key that has one (a required key, such as a test config's
+    ``output_dir``, is left out), as ``model_dump(mode="json")`` writes values."""
+    with warnings.catch_warnings():   # pydantic warns when dumping an unvalidated model
+        warnings.simplefilter("ignore")
+        return cls.model_construct().model_dump(mode="json")
+
+
 def trajectory_keys(changes: dict[str, tuple[Any, Any]], new: dict[str, Any]) -> list[str]:
     """The changed keys that change the training trajectory (module docstring)."""
     return [k for k in changes if k not in FREE_KEYS and not (k in LENGTH_KEYS and length_free(new))]
@@ -95,7 +117,7 @@ def check_resume_config(cfg, saved: dict[str, Any] | None, ckpt: Path, allow_cha
     if saved is None:
         return {}
     new = cfg.model_dump(mode="json")
-    changes = config_changes(saved, new)
+    changes = config_changes(with_added_defaults(saved, defaults_of(type(cfg))), new)
     risky = trajectory_keys(changes, new)
     if risky and not allow_changes:
         hint = " (the learning-rate schedule depends on the run's length)" if set(risky) & LENGTH_KEYS else ""

@@ -42,10 +42,11 @@ import torch
 from tqdm import tqdm
 
 from .. import distributed as D
-from ..config import ConfigError
+from ..config import ConfigError, LoraConfig
 from ..data.images import configure_images
 from ..data.records import DataError
 from ..models.loading import load_policy, set_pixel_limits
+from ..models.lora import add_lora, holds_adapter, load_adapter
 from .checkpoint import (
     check_finite,
     checkpoint_step,
@@ -197,13 +198,24 @@ def check_cpu_offload(model_cfg) -> None:
 
 def load_stage_policy(cfg, device: torch.device, resume_from: Path | None = None):
     """The stage's trainable policy and processor: from ``cfg.model`` or, when resuming, from
-    the checkpoint folder ``resume_from``; the processor gets ``cfg.data``'s pixel limits, the
-    image decoder its size limits."""
+    the checkpoint folder ``resume_from``; with ``cfg.model.lora`` LoRA adapters are injected
+    (``models/lora.py``) and, from a LoRA checkpoint (the adapter alone), the frozen base comes
+    from ``cfg.model.path`` and the adapter from the checkpoint. The processor gets
+    ``cfg.data``'s pixel limits, the image decoder its size limits."""
     # a sharded (torchrun) checkpoint holds no Hugging Face folder: build from cfg.model, then
-    # Run.track loads the checkpoint's weights into the (re)sharded model
+    # Run.track loads the checkpoint's weights (adapters and frozen base) into the (re)sharded model
+    lora = getattr(cfg.model, "lora", LoraConfig())
     from_ckpt = resume_from is not None and not is_sharded(resume_from)
-    model_cfg = cfg.model.model_copy(update={"path": str(resume_from)}) if from_ckpt else cfg.model
+    adapter_ckpt = from_ckpt and holds_adapter(resume_from)
+    if adapter_ckpt and not lora.enabled:
+        raise ConfigError(f"{resume_from} holds a LoRA adapter, not full weights: resume it with the model.lora "
+                          "settings it was trained with (model.lora.r > 0)")
+    full = from_ckpt and not adapter_ckpt
+    model_cfg = cfg.model.model_copy(update={"path": str(resume_from)}) if full else cfg.model
     model, processor = load_policy(model_cfg, D.load_device(device), trainable=True)
+    model = add_lora(model, lora, model_cfg.path)
+    if adapter_ckpt:
+        load_adapter(model, resume_from)
     check_cpu_offload(cfg.model)
     model = D.shard_model(model, device, cpu_offload=cfg.model.cpu_offload)  # distributed: FSDP2 shards; one process: unchanged
     set_pixel_limits(processor, cfg.data.max_pixels, cfg.data.min_pixels)
