@@ -98,19 +98,31 @@ def scaling(model: torch.nn.Module) -> float:
     return pc.lora_alpha / pc.r
 
 
+def is_lora_layer(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is a peft LoRA layer (a base layer plus adapter deltas)."""
+    return hasattr(module, "base_layer") and hasattr(module, "get_delta_weight")
+
+
 def effective_weight(linear: torch.nn.Module) -> torch.Tensor:
-    """The weight matrix a linear layer applies: ``W`` for a plain ``nn.Linear``, and
-    ``W + (alpha / r) B A`` for a LoRA layer (the layer itself is not changed). For code that
-    reads ``.weight`` to build kernels of its own (e.g. fused projections): a LoRA layer's
-    ``.weight`` is its frozen base weight alone, which would drop the adapter silently."""
-    base = getattr(linear, "base_layer", None)
-    if base is None:
+    """The weight ``W`` a linear layer applies as ``y = x W^T`` (the layer is not changed).
+
+    Plain ``nn.Linear``: its weight. peft LoRA layer: ``W = W_base + sum_a delta_a`` over the
+    active adapters, ``delta_a = (alpha / r) B_a A_a`` (``get_delta_weight``), as its forward
+    computes; a merged layer's base weight already holds its merged deltas, and a layer with
+    adapters disabled applies the base alone (minus any merged deltas). For code that reads
+    ``.weight`` to build kernels of its own (the fused decode weights): a LoRA layer's ``.weight``
+    is its frozen base weight alone, which would drop the adapter silently.
+    """
+    if not is_lora_layer(linear):
         return linear.weight
-    w = base.weight
-    for name in linear.active_adapters:
-        if name in linear.lora_A:
-            w = w + linear.get_delta_weight(name)
-    return w
+    base = linear.get_base_layer().weight
+    merged = list(getattr(linear, "merged_adapters", []))
+    if linear.disable_adapters:
+        return base - sum(linear.get_delta_weight(a) for a in merged) if merged else base
+    if merged:
+        return base
+    active = [a for a in linear.active_adapters if a in linear.lora_A]
+    return base + sum(linear.get_delta_weight(a) for a in active) if active else base
 
 
 def merged_state_dict(state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:

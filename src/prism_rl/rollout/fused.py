@@ -24,39 +24,15 @@ from __future__ import annotations
 
 import torch
 
+from ..models.lora import effective_weight, is_lora_layer
 from . import kernels as K
 
 _LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
 
 
-def _is_lora(module) -> bool:
-    return hasattr(module, "base_layer") and hasattr(module, "get_delta_weight")
-
-
-def effective_weight(module) -> torch.Tensor:
-    """The weight ``W`` a Linear (plain or peft-LoRA-wrapped) applies as ``y = x W^T``.
-
-    peft LoRA: ``W = W_base + sum_a delta_a`` over the active adapters, ``delta_a = B_a A_a *
-    scaling_a`` (``get_delta_weight``), as its forward computes; a merged layer's base weight
-    already holds its merged deltas, and a disabled one subtracts them (peft unmerges first).
-    """
-    if not _is_lora(module):
-        return module.weight
-    base = module.get_base_layer().weight
-    merged = list(getattr(module, "merged_adapters", []))
-    if module.disable_adapters:
-        return base - sum(module.get_delta_weight(a) for a in merged) if merged else base
-    if merged:
-        return base
-    active = [a for a in module.active_adapters if a in module.lora_A]
-    if not active:
-        return base
-    return base + sum(module.get_delta_weight(a) for a in active)
-
-
 def _linear_reason(module, name: str) -> str | None:
-    if _is_lora(module):
+    if is_lora_layer(module):
         if getattr(module, "lora_variant", {}) or any(getattr(module, "lora_bias", {}).values()):
             return f"{name} is a LoRA variant (DoRA, ...) or has a LoRA bias"
         module = module.get_base_layer()
