@@ -17,6 +17,10 @@ One step:
    still updates, on the regulariser alone (as the reference does);
 6. update the policy with PPO-clip (no KL, no entropy bonus).
 Health: the teacher-minus-student gap per segment (the reference run settles near 4.5).
+
+Under torchrun the policy and the discriminator are sharded (FSDP2); each rank plays whole
+groups of the step's prompts, sampled under per-prompt seeds, and every normaliser and metric
+is summed over the ranks, so N processes give the one-process step.
 """
 
 from __future__ import annotations

@@ -15,6 +15,8 @@ a rollout that sampled the same text, so warm-up trains on the inputs alignment 
 Pairs come from a JSONL in the reference layout, or are built here by sampling the SFT policy
 on the alignment prompts (``sample_pairs``). A held-out split reports pair accuracy and the
 mean teacher-minus-student gap per segment. Checkpoints resume exactly, like every stage's.
+Under torchrun the discriminator is sharded (FSDP2) and each rank scores an equal share of
+every step's pairs, with the global pair count as B (:func:`pair_batch_step`).
 """
 
 from __future__ import annotations
