@@ -101,17 +101,43 @@ def _warmup_args(game, out) -> list[str]:
 
 def test_warmup_on_two_processes_equals_one_process(game, tmp_path):
     """Three warm-up steps of 4 pairs: each rank scores 2 (token-balanced), the BT mean and the
-    aux term are normalised by the global 4 pairs and the gradient scaled by N. The 2-process
-    run halts at step 2 (a sharded checkpoint, which before this test's fix could not be resumed:
-    no discriminator folder) and resumes; losses,
-    held-out metrics (3 of the 8 pairs held out: padded to 4 on 2 ranks) and the final discriminator agree.
+    aux term are normalised by the global 4 pairs and the gradient scaled by N; losses, held-out
+    metrics (3 of the 8 pairs held out: padded to 4 on 2 ranks) and the final discriminator agree.
     ``disc.batch_size=2`` makes every scoring pass one sequence pair in both runs, so the
     router's load-balancing loss (a per-pass statistic) is the same too."""
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(_warmup_args(game, one)) == 0
-    torchrun(2, "-m", "prism_rl.cli", *_warmup_args(game, two), "--halt-at-step", "2")   # stopped, then resumed
-    assert len(list((two / "checkpoint-2" / "dcp").glob("*.distcp"))) == 2   # a sharded checkpoint, no disc folder
+    torchrun(2, "-m", "prism_rl.cli", *_warmup_args(game, two), "train.save_every=2")
+    _assert_same_warmup(one, two, game)
+    assert _chunks(two / "checkpoint-2") == {2}      # every discriminator tensor was held in two shards
+
+
+def _chunks(ckpt) -> set[int]:
+    """How many pieces each weight of a sharded checkpoint's discriminator was written in."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    meta = FileSystemReader(str(ckpt / "dcp")).read_metadata().state_dict_metadata
+    return {len(m.chunks) for k, m in meta.items() if k.startswith("model.") and ".layers." in k and hasattr(m, "chunks")}
+
+
+@pytest.mark.slow
+def test_warmup_halted_on_two_processes_resumes_and_odd_batches_are_refused(game, tmp_path):
+    """The 2-process warm-up halted at step 2 writes a sharded checkpoint (no discriminator
+    folder: before the fix the resume failed, reading one) and, resumed, ends as the 1-process
+    run does. A batch of pairs that does not split over the processes is refused."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(_warmup_args(game, one)) == 0
+    torchrun(2, "-m", "prism_rl.cli", *_warmup_args(game, two), "--halt-at-step", "2")
+    assert len(list((two / "checkpoint-2" / "dcp").glob("*.distcp"))) == 2
     torchrun(2, "-m", "prism_rl.cli", *_warmup_args(game, two), "--resume")
+    _assert_same_warmup(one, two, game)
+    err = torchrun(2, "-m", "prism_rl.cli", *_warmup_args(game, tmp_path / "odd"), "train.batch_size=3", ok=False,
+                   timeout=120)
+    assert "train.batch_size (3) must be a multiple of the number of processes (2)" in err
+
+
+def _assert_same_warmup(one, two, game) -> None:
+    """Per-step losses and metrics, held-out metrics and final weights of two warm-up runs agree."""
     r1, r2 = _rows(one, "disc/loss"), _rows(two, "disc/loss")
     assert len(r1) == len(r2) == 3 and r1[0]["disc/loss"] != r1[-1]["disc/loss"]
     for a, b in zip(r1, r2):
@@ -162,13 +188,10 @@ def test_align_on_two_processes_equals_one_process(game, tmp_path):
                           _disc_weights(game / "disc"), atol=1e-4)
 
 
-def test_batches_that_do_not_split_over_the_processes_are_refused(game, tmp_path):
+def test_align_prompts_that_do_not_split_over_the_processes_are_refused(game, tmp_path):
     err = torchrun(2, "-m", "prism_rl.cli", *_align_args(game, tmp_path / "odd", "rollout.prompts_per_step=3"),
                    ok=False, timeout=120)
     assert "rollout.prompts_per_step (3) must be a multiple of the number of processes (2)" in err
-    err = torchrun(2, "-m", "prism_rl.cli", *_warmup_args(game, tmp_path / "odd_w"), "train.batch_size=3", ok=False,
-                   timeout=120)
-    assert "train.batch_size (3) must be a multiple of the number of processes (2)" in err
 
 
 def test_gather_rows_and_step_seeds_in_one_process():
