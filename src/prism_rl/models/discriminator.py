@@ -448,7 +448,8 @@ class SegmentScores:
     ``aux_loss`` is the mean over the scoring forward passes (unscaled); ``expert_load`` the
     token-weighted fraction of routed slots per expert over all passes (empty for dense);
     ``tokens`` the tokens those passes scored (the weight of ``expert_load`` when loads of
-    several calls are pooled); ``forwards`` how many forward passes the call ran.
+    several calls are pooled); ``forwards`` how many forward passes the call ran;
+    ``idle_forwards`` how many idle passes a distributed caller added (0 here).
     """
 
     cap: torch.Tensor
@@ -458,6 +459,7 @@ class SegmentScores:
     aux_loss: torch.Tensor
     tokens: int = 0
     forwards: int = 0
+    idle_forwards: int = 0
 
 
 def strip_images(prompt: Encoded, vision_ids: Sequence[int]) -> Encoded:

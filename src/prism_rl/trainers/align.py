@@ -62,12 +62,14 @@ def reward_scores(disc: Discriminator, processor, prompts, segs: list[Segments |
     gathered weights are freed afterwards (``distributed.reshard``)."""
     was = disc.training
     disc.eval()
+    # the most passes any rank runs, agreed before the first pass: an all-reduce between two
+    # ranks' forwards would interleave with FSDP2's all-gathers (measured: a hang at step 2)
+    mine = scoring_forwards(sum(s is not None for s in segs), batch_size)
+    most = int(D.all_reduce_max(mine)[0]) if D.is_distributed() else mine
     sc = score_segments(disc, processor, row_prompts(prompts, n), segs, batch_size=batch_size)
-    if D.is_distributed():
-        idle = int(D.all_reduce_max(sc.forwards)[0]) - sc.forwards
-        if idle:
-            even_forwards(disc, processor, prompts[0], teachers[prompts[0].record], idle)
-        D.reshard(disc)
+    even_forwards(disc, processor, prompts[0], teachers[prompts[0].record] if teachers else None, most - mine)
+    sc.idle_forwards = most - mine
+    D.reshard(disc)
     disc.train(was)
     return sc
 
@@ -90,7 +92,7 @@ def discriminator_step(disc: Discriminator, opt, sched, processor, prompts, segs
     bs = cfg.disc.batch_size
     counts = [scoring_forwards(sum(s is not None for s in segs[gi * n:(gi + 1) * n]), bs) for gi in range(len(prompts))]
     most = [int(x) for x in D.all_reduce_max(*counts)] if D.is_distributed() else counts
-    kept = []
+    kept, idle = [], sum(most) - sum(counts)
     for gi, prompt in enumerate(prompts):
         group, teacher = segs[gi * n:(gi + 1) * n], teachers[prompt.record]
         t = score_segments(disc, processor, [prompt], [teacher], batch_size=bs)
@@ -105,6 +107,7 @@ def discriminator_step(disc: Discriminator, opt, sched, processor, prompts, segs
     loss, m = A.discriminator_loss(*full[:4], full[4].bool(), reg_coef=cfg.align.reg_coef)
     out = {f"disc/{k}": v for k, v in m.items() if k != "num_valid"}
     out["disc/loss"] = float(loss)
+    out["disc/idle_passes"] = int(D.all_reduce_sum(idle)[0])   # passes run only to keep the ranks in step
     out["disc/grad_norm"] = D.clip_grad_norm(params, cfg.disc_optim.grad_clip)   # torchrun: over all shards
     opt.step()
     sched.step()
@@ -282,8 +285,10 @@ def step_metrics(ro: Rollouts, sc: SegmentScores, adv: torch.Tensor, groups: lis
     table = D.gather_rows(cols, [g * n + j for g in groups for j in range(n)], total)
     adv_abs, cap, reason, valid, acc, length = table.unbind(1)
     v = valid.bool()
-    load = D.all_reduce_sum(*(sc.expert_load.double().cpu() * sc.tokens).tolist(), sc.tokens)
+    load = D.all_reduce_sum(*(sc.expert_load.double().cpu() * sc.tokens).tolist(), sc.tokens, sc.idle_forwards)
+    idle = int(load.pop())
     return {
+        "disc/idle_score_passes": idle,
         "actor/adv_abs_mean": float(adv_abs.mean()),
         "disc/student_cap_mean": float(cap[v].mean()) if v.any() else 0.0,
         "disc/student_reason_mean": float(reason[v].mean()) if v.any() else 0.0,
