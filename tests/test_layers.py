@@ -12,7 +12,8 @@ PKG = SRC / "prism_rl"
 # the trainers' own helpers, which every stage may import
 TRAINER_HELPERS = {"prism_rl.trainers.run", "prism_rl.trainers.checkpoint", "prism_rl.trainers.optim",
                     "prism_rl.trainers.state_io", "prism_rl.trainers.manifest", "prism_rl.trainers.resume_config",
-                    "prism_rl.trainers.dist_checkpoint", "prism_rl.trainers.interrupt", "prism_rl.trainers.rl_dist"}
+                    "prism_rl.trainers.dist_checkpoint", "prism_rl.trainers.interrupt", "prism_rl.trainers.rl_dist",
+                    "prism_rl.trainers.stage_disc"}
 
 
 def _module(path: Path) -> str:

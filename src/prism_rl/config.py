@@ -377,6 +377,10 @@ class AlignParams(Section):
     format_penalty: float = Field(1.5, ge=0)
     reg_coef: float = Field(0.001, ge=0, description="Weight of the mean squared discriminator score.")
     disc_update: bool = Field(True, description="Train the discriminator each step (the game).")
+    seed_per_prompt: bool | None = Field(
+        None, description="Sample each prompt's group alone under its own seed (train.seed, step, prompt), so the "
+        "samples do not depend on the batch or the number of processes (one generate call per prompt: slower). "
+        "Unset: on under torchrun, off in one process.")
 
 
 class AlignConfig(Section):

@@ -116,6 +116,23 @@ def all_reduce_max(*values: float) -> list[float]:
     return _reduce(values, dist.ReduceOp.MAX)
 
 
+def gather_rows(local: torch.Tensor, rows: Sequence[int], total: int) -> torch.Tensor:
+    """The (total, ...) table whose rows ``rows`` this rank computed (``local``, one row each)
+    and the other ranks the rest, on every rank: each rank writes its rows into zeros and the
+    tables are summed over ranks (float64, so every entry is one rank's value exactly). Each row
+    must belong to exactly one rank. Used for metrics of a global batch that the ranks hold
+    whole groups of (means over it then equal the one-process means). Returned on the CPU."""
+    table = torch.zeros((total, *local.shape[1:]), dtype=torch.float64)
+    if len(rows):
+        table[torch.as_tensor(list(rows), dtype=torch.long)] = local.detach().to("cpu", torch.float64)
+    if is_distributed():
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else table.device
+        t = table.to(device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        table = t.cpu()
+    return table
+
+
 def balanced_shares(costs: Sequence[float], n: int) -> list[list[int]]:
     """Split items (micro-batches, prompt groups) into ``n`` shares of equal count, balanced by cost.
 
@@ -153,10 +170,19 @@ def shard_units(model: torch.nn.Module) -> list[torch.nn.Module]:
     and per-block units would then make the ranks' all-gathers differ (a hang); in the root it
     is gathered once per forward with the embeddings (about 0.4B parameters for Qwen3-VL 4B/8B).
     """
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    visual = getattr(getattr(model, "model", model), "visual", None)
+    hf = _hf_model(model)
+    names = set(getattr(hf, "_no_split_modules", None) or [])
+    visual = getattr(getattr(hf, "model", hf), "visual", None)
     in_vision = {id(m) for m in visual.modules()} if visual is not None else set()
     return [m for m in model.modules() if type(m).__name__ in names and m is not model and id(m) not in in_vision]
+
+
+def _hf_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The Hugging Face model that names the shard units: the model itself, or the ``backbone``
+    of a wrapper such as the discriminator (a Qwen3-VL(-MoE) model plus a value head; the head
+    then sits in the root unit with the embeddings)."""
+    backbone = getattr(model, "backbone", None)
+    return backbone if isinstance(backbone, torch.nn.Module) and not hasattr(model, "_no_split_modules") else model
 
 
 def shard_model(model: torch.nn.Module, device: torch.device, *, cpu_offload: bool = False) -> torch.nn.Module:
@@ -200,7 +226,8 @@ def shard_model(model: torch.nn.Module, device: torch.device, *, cpu_offload: bo
 
 
 def vision_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    visual = getattr(getattr(model, "model", model), "visual", None)
+    hf = _hf_model(model)
+    visual = getattr(getattr(hf, "model", hf), "visual", None)
     return list(visual.parameters()) if visual is not None else []
 
 

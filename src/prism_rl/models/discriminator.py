@@ -374,12 +374,20 @@ class Discriminator(torch.nn.Module):
 
     # ---- persistence
 
-    def save(self, out_dir: str | Path, processor=None) -> Path:
-        """Backbone via ``save_pretrained`` (a normal HF folder) + value head + config json."""
+    def save(self, out_dir: str | Path, processor=None, state: dict[str, torch.Tensor] | None = None) -> Path:
+        """Backbone via ``save_pretrained`` (a normal HF folder) + value head + config json.
+        ``state``: the discriminator's full state dict to write instead of the module's own
+        tensors (under FSDP2 the weights gathered from the shards)."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        self.backbone.save_pretrained(out)
-        save_file({"weight": self.value_head.weight.detach().cpu().contiguous()}, str(out / VALUE_HEAD_NAME))
+        if state is None:
+            self.backbone.save_pretrained(out)
+            head = self.value_head.weight
+        else:
+            self.backbone.save_pretrained(out, state_dict={k.removeprefix("backbone."): v for k, v in state.items()
+                                                           if k.startswith("backbone.")})
+            head = state["value_head.weight"]
+        save_file({"weight": head.detach().cpu().contiguous()}, str(out / VALUE_HEAD_NAME))
         (out / DISC_CONFIG_NAME).write_text(json.dumps(self.config_dict(), indent=2))
         if processor is not None:
             processor.save_pretrained(out)
@@ -438,7 +446,10 @@ class SegmentScores:
     """Per-response caption and reasoning scores (B,), validity, and routing statistics.
 
     ``aux_loss`` is the mean over the scoring forward passes (unscaled); ``expert_load`` the
-    token-weighted fraction of routed slots per expert over all passes (empty for dense).
+    token-weighted fraction of routed slots per expert over all passes (empty for dense);
+    ``tokens`` the tokens those passes scored (the weight of ``expert_load`` when loads of
+    several calls are pooled); ``forwards`` how many forward passes the call ran;
+    ``idle_forwards`` how many idle passes a distributed caller added (0 here).
     """
 
     cap: torch.Tensor
@@ -446,6 +457,9 @@ class SegmentScores:
     valid: torch.Tensor
     expert_load: torch.Tensor
     aux_loss: torch.Tensor
+    tokens: int = 0
+    forwards: int = 0
+    idle_forwards: int = 0
 
 
 def strip_images(prompt: Encoded, vision_ids: Sequence[int]) -> Encoded:
@@ -541,4 +555,21 @@ def score_segments(disc: Discriminator, processor, prompts: Sequence[Encoded],
     n, idx = len(keep), torch.tensor(keep, dtype=torch.long, device=device)
     zeros = zeros.to(scores.dtype)
     return SegmentScores(cap=zeros.index_copy(0, idx, scores[:n]), reason=zeros.index_copy(0, idx, scores[n:]),
-                         valid=valid, expert_load=load, aux_loss=aux)
+                         valid=valid, expert_load=load, aux_loss=aux, tokens=sum(len(e) for e, _ in examples),
+                         forwards=scoring_forwards(n, batch_size))
+
+
+def scoring_forwards(responses: int, batch_size: int) -> int:
+    """Forward passes :func:`score_segments` runs for ``responses`` valid responses:
+    ``ceil(2 * responses / batch_size)`` (a caption and a reasoning sequence each)."""
+    return -(-2 * responses // batch_size)
+
+
+def idle_forward(disc: Discriminator, processor, prompt: Encoded, segments: Segments) -> torch.Tensor:
+    """One forward pass of ``prompt + caption segment``, returned as ``0 * score``: a pass whose
+    result counts for nothing. Under FSDP2 every forward (and its backward) is collective, so a
+    rank that scored fewer sequences than another runs idle passes until the counts agree; add
+    the result to the loss so the backward runs through it too (its gradient is zero)."""
+    example = segment_examples(_prepare_prompts(disc, processor, [prompt]), [segments])[:1]
+    scores, _, _ = run_examples(disc, example, special_ids(processor)[1], batch_size=1)
+    return scores.sum() * 0.0

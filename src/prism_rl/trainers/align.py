@@ -17,6 +17,10 @@ One step:
    still updates, on the regulariser alone (as the reference does);
 6. update the policy with PPO-clip (no KL, no entropy bonus).
 Health: the teacher-minus-student gap per segment (the reference run settles near 4.5).
+
+Under torchrun the policy and the discriminator are sharded (FSDP2); each rank plays whole
+groups of the step's prompts, sampled under per-prompt seeds, and every normaliser and metric
+is summed over the ranks, so N processes give the one-process step.
 """
 
 from __future__ import annotations
@@ -26,20 +30,23 @@ from pathlib import Path
 import torch
 
 from .. import algorithms as A
+from .. import distributed as D
 from ..actor import NonfiniteGuard, on_policy, ppo_update, sequence_logprobs
-from ..config import AlignConfig
+from ..config import AlignConfig, ConfigError
 from ..data.prompt_format import check_prompts
 from ..data.records import BadRecords, DataError
 from ..data.stream import PromptStream, prompt_pool
 from ..eval.perception import record_perception
-from ..models.discriminator import Discriminator, SegmentScores, score_segments
+from ..models.discriminator import Discriminator, SegmentScores, idle_forward, score_segments, scoring_forwards
+from ..models.loading import load_policy
 from ..models.segments import Segments, rollout_segments, text_segments
 from ..reward import batch_scores
 from ..rollout import make_engine
-from ..rollout.base import RolloutEngine, SamplingParams
-from .checkpoint import save_final
+from ..rollout.base import RolloutEngine, Rollouts, SamplingParams, concat_rollouts
+from .dist_checkpoint import is_sharded, save_final
 from .optim import build_optimizer, build_scheduler
 from .run import Run, load_stage_policy
+from .stage_disc import load_stage_disc, save_disc
 
 
 def row_prompts(prompts, n: int):
@@ -49,40 +56,75 @@ def row_prompts(prompts, n: int):
 
 @torch.no_grad()
 def reward_scores(disc: Discriminator, processor, prompts, segs: list[Segments | None], n: int,
-                  batch_size: int) -> SegmentScores:
-    """Segment scores of every rollout from the frozen (eval-mode) discriminator."""
+                  batch_size: int, teachers: Teachers | None = None) -> SegmentScores:
+    """Segment scores of every rollout from the frozen (eval-mode) discriminator. Under
+    torchrun a rank with fewer valid rollouts than another runs idle passes on a teacher
+    demonstration (``teachers``) so the sharded forwards stay collective, and the root's
+    gathered weights are freed afterwards (``distributed.reshard``)."""
     was = disc.training
     disc.eval()
+    # the most passes any rank runs, agreed before the first pass: an all-reduce between two
+    # ranks' forwards would interleave with FSDP2's all-gathers (measured: a hang at step 2)
+    mine = scoring_forwards(sum(s is not None for s in segs), batch_size)
+    most = int(D.all_reduce_max(mine)[0]) if D.is_distributed() else mine
     sc = score_segments(disc, processor, row_prompts(prompts, n), segs, batch_size=batch_size)
+    even_forwards(disc, processor, prompts[0], teachers[prompts[0].record] if teachers else None, most - mine)
+    sc.idle_forwards = most - mine
+    D.reshard(disc)
     disc.train(was)
     return sc
 
 
 def discriminator_step(disc: Discriminator, opt, sched, processor, prompts, segs: list[Segments | None],
-                       teachers: Teachers, n: int, cfg: AlignConfig) -> dict[str, float]:
+                       teachers: Teachers, n: int, cfg: AlignConfig, groups: list[int] | None = None,
+                       total_groups: int | None = None) -> dict[str, float]:
     """One discriminator update against the teachers of this step's prompts (step 5 above);
-    returns ``disc/`` metrics (of the whole step)."""
-    B, V = len(segs), sum(s is not None for s in segs)
+    returns ``disc/`` metrics (of the whole step).
+
+    ``prompts`` are this rank's prompts (all of them in one process), ``groups`` their indices
+    in the step's ``total_groups`` prompts. |V| and B are counted over every rank
+    (``all_reduce_sum``) and each group's loss is multiplied by ``grad_scale`` (N), so the
+    group-by-group backwards on N ranks add up to the one-process full-batch gradient; ranks
+    that scored fewer sequences for a group run idle passes (:func:`even_forwards`)."""
+    groups = list(range(len(prompts))) if groups is None else groups
+    total_groups = len(prompts) if total_groups is None else total_groups
+    V, B = (int(x) for x in D.all_reduce_sum(sum(s is not None for s in segs), len(segs)))
     params = [p for p in disc.parameters() if p.requires_grad]
-    kept = []
+    bs = cfg.disc.batch_size
+    counts = [scoring_forwards(sum(s is not None for s in segs[gi * n:(gi + 1) * n]), bs) for gi in range(len(prompts))]
+    most = [int(x) for x in D.all_reduce_max(*counts)] if D.is_distributed() else counts
+    kept, idle = [], sum(most) - sum(counts)
     for gi, prompt in enumerate(prompts):
-        group = segs[gi * n:(gi + 1) * n]
-        t = score_segments(disc, processor, [prompt], [teachers[prompt.record]], batch_size=cfg.disc.batch_size)
-        s = score_segments(disc, processor, [prompt] * n, group, batch_size=cfg.disc.batch_size)
+        group, teacher = segs[gi * n:(gi + 1) * n], teachers[prompt.record]
+        t = score_segments(disc, processor, [prompt], [teacher], batch_size=bs)
+        s = score_segments(disc, processor, [prompt] * n, group, batch_size=bs)
         scores = (t.cap.expand(n), s.cap, t.reason.expand(n), s.reason)
         loss, _ = A.discriminator_loss(*scores, s.valid, reg_coef=cfg.align.reg_coef, num_valid=V, num_rows=B)
-        loss.backward()
-        kept.append([x.detach() for x in scores] + [s.valid])
-    full = [torch.cat(col) for col in zip(*kept)]
-    loss, m = A.discriminator_loss(*full[:4], full[4], reg_coef=cfg.align.reg_coef)
+        loss = loss + even_forwards(disc, processor, prompt, teacher, most[gi] - counts[gi])
+        (loss * D.grad_scale()).backward()     # FSDP2 averages over ranks: scale to the sum
+        kept.append(torch.stack([*(x.detach().float() for x in scores), s.valid.float()], 1))
+    rows = [g * n + j for g in groups for j in range(n)]
+    full = D.gather_rows(torch.cat(kept) if kept else torch.zeros(0, 5), rows, total_groups * n).float().unbind(1)
+    loss, m = A.discriminator_loss(*full[:4], full[4].bool(), reg_coef=cfg.align.reg_coef)
     out = {f"disc/{k}": v for k, v in m.items() if k != "num_valid"}
     out["disc/loss"] = float(loss)
-    out["disc/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.disc_optim.grad_clip))
+    out["disc/idle_passes"] = int(D.all_reduce_sum(idle)[0])   # passes run only to keep the ranks in step
+    out["disc/grad_norm"] = D.clip_grad_norm(params, cfg.disc_optim.grad_clip)   # torchrun: over all shards
     opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)
     out["disc/lr"] = sched.get_last_lr()[0]
     return out
+
+
+def even_forwards(disc: Discriminator, processor, prompt, teacher: Segments, count: int) -> torch.Tensor:
+    """``count`` idle discriminator passes (``models.discriminator.idle_forward``), summed: a
+    zero that a rank adds to its loss when it scored fewer sequences than another rank, so all
+    ranks run the same collective forwards and backwards. One process: ``count`` is 0."""
+    total = torch.zeros((), device=disc.device)
+    for _ in range(count):
+        total = total + idle_forward(disc, processor, prompt, teacher)
+    return total
 
 
 class Teachers:
@@ -115,15 +157,28 @@ def check_align_prompts(records, cfg: AlignConfig) -> None:
         check_prompts(records, "prism", "alignment's format penalty", fixes)
 
 
+def check_distributed(cfg: AlignConfig) -> None:
+    """Under torchrun each rank samples whole groups, the same number: ``rollout.prompts_per_step``
+    must split evenly over the processes."""
+    w = D.world()
+    if w > 1 and cfg.rollout.prompts_per_step % w:
+        raise ConfigError(f"rollout.prompts_per_step ({cfg.rollout.prompts_per_step}) must be a multiple of the "
+                          f"number of processes ({w}): each rank samples whole groups, the same number")
+    if w > 1 and cfg.align.seed_per_prompt is False:
+        raise ConfigError("align.seed_per_prompt=false: under torchrun each prompt is sampled under its own seed "
+                          "(so the samples do not depend on the rank); leave it unset or true")
+
+
 def train_align(cfg: AlignConfig, resume: bool = False, halt_at_step: int | None = None) -> Path:
     """Run the adversarial alignment game; returns the folder of the final policy (or, when
-    halted early, of the checkpoint's policy to resume from)."""
+    halted early, of the checkpoint's policy to resume from). Under torchrun the policy and
+    the discriminator are sharded (FSDP2) and each rank plays its share of the prompts."""
     run = Run(cfg, "align", resume=resume)
-    ckpt = run.ckpt
+    check_distributed(cfg)
+    ckpt = None if run.ckpt is None or is_sharded(run.ckpt) else run.ckpt  # a sharded one is loaded by run.track
     model, processor = load_stage_policy(cfg, run.device, None if ckpt is None else ckpt / "policy")
-    disc = Discriminator.load(cfg.disc.path if ckpt is None else ckpt / "disc", run.device, dtype=torch.float32,
-                              gradient_checkpointing=cfg.disc.gradient_checkpointing)
-    disc.train()
+    disc = load_stage_disc(cfg.disc.path, run.device, resume_from=None if ckpt is None else ckpt / "disc",
+                           gradient_checkpointing=cfg.disc.gradient_checkpointing)
     bad = BadRecords()
     d = cfg.data
     prompts = prompt_pool(d.train, processor, max_prompt_length=d.max_prompt_length, limit=d.limit,
@@ -138,14 +193,15 @@ def train_align(cfg: AlignConfig, resume: bool = False, halt_at_step: int | None
     run.track({"policy": model, "disc": disc}, processor,
               {"optimizer": opt, "scheduler": sched, "disc_optimizer": d_opt, "disc_scheduler": d_sched,
                "stream": stream})
-    engine = make_engine(cfg.rollout.engine, model, processor, run.device,
+    gen_model = D.rollout_model(model, lambda: load_policy(cfg.model, run.device, trainable=False)[0])  # torchrun: full copy
+    engine = make_engine(cfg.rollout.engine, gen_model, processor, run.device,
                          cache_implementation=cfg.rollout.cache_implementation, fused=cfg.rollout.fused)
     run.begin(cfg.train.steps, halt_at_step, prompts=len(prompts), bad_records=bad.count, disc_variant=disc.variant)
     guard = NonfiniteGuard(run.out)
 
     def save_both(final: Path) -> Path:
         save_final(final / "policy", model, processor)
-        disc.save(final / "disc", processor)
+        save_disc(final / "disc", disc, processor)
         return final
 
     with run:
@@ -159,17 +215,43 @@ def train_align(cfg: AlignConfig, resume: bool = False, halt_at_step: int | None
         return run.finish(save_both, {"steps": run.step}) / "policy"
 
 
+def step_seed(seed: int, step: int, prompt: int) -> int:
+    """The seed prompt ``prompt`` of step ``step`` is sampled under (one group per seed):
+    ``(seed * 1_000_003 + step) * 1_000_033 + prompt``, distinct for every (step, prompt)."""
+    return (seed * 1_000_003 + step) * 1_000_033 + prompt
+
+
+def sample(engine: RolloutEngine, prompts, groups: list[int], params: SamplingParams, cfg: AlignConfig,
+           step: int) -> Rollouts:
+    """The rollouts of this rank's ``prompts`` (``groups``: their indices in the step's batch,
+    the group ids). Seeded per prompt (``align.seed_per_prompt``, always under torchrun): each
+    group is generated alone under :func:`step_seed`, so its samples do not depend on which rank
+    drew it or on the rest of the batch. Otherwise one batched call on the run's RNG stream."""
+    per_prompt = cfg.align.seed_per_prompt if cfg.align.seed_per_prompt is not None else D.is_distributed()
+    if not per_prompt:
+        return engine.generate(prompts, params, group_offset=groups[0] if groups else 0)
+    parts = []
+    for g, p in zip(groups, prompts):
+        torch.manual_seed(step_seed(cfg.train.seed, step, g))
+        parts.append(engine.generate([p], params, group_offset=g))
+    return concat_rollouts(parts, engine.pad_id)
+
+
 def align_step(run: Run, step: int, model, disc: Discriminator, processor, engine: RolloutEngine, stream: PromptStream,
                teachers: Teachers, cfg: AlignConfig, opt, sched, d_opt, d_sched, guard: NonfiniteGuard) -> dict:
-    """One step of the game (steps 1-6 above); returns its metrics."""
+    """One step of the game (steps 1-6 above); returns its metrics. Under torchrun this rank
+    plays whole groups of the step's prompts (``rl.rank_prompts``' split); the discriminator
+    loss and the PPO update use global normalisers and the metrics are the global batch's."""
     r = cfg.rollout
     params = SamplingParams(n=r.n, max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p)
     batch_prompts = stream.take(r.prompts_per_step)
+    groups = D.my_share([len(p) for p in batch_prompts])
+    mine = [batch_prompts[g] for g in groups]
     with run.timer("rollout"):
-        ro = engine.generate(batch_prompts, params)
+        ro = sample(engine, mine, groups, params, cfg, step)
     with run.timer("score"):
         segs = rollout_segments(ro.response_ids, ro.response_mask, processor.tokenizer)
-        sc = reward_scores(disc, processor, batch_prompts, segs, r.n, cfg.disc.batch_size)
+        sc = reward_scores(disc, processor, mine, segs, r.n, cfg.disc.batch_size, teachers)
         adv, _ = A.align_advantages(sc.cap.cpu(), sc.reason.cpu(), sc.valid.cpu(), ro.group_ids,
                                     alpha=cfg.align.alpha, format_penalty=cfg.align.format_penalty)
     with run.timer("logprob"):  # on-policy: the update's forward gives the old log-probs and entropy
@@ -177,25 +259,46 @@ def align_step(run: Run, step: int, model, disc: Discriminator, processor, engin
             model, ro, cfg.ppo.micro_batch_size, run.device, temperature=r.temperature, with_entropy=True,
             chunk=cfg.train.logprob_chunk, token_budget=cfg.ppo.micro_token_budget)
     with run.timer("disc"):
-        d_metrics = discriminator_step(disc, d_opt, d_sched, processor, batch_prompts, segs, teachers, r.n,
-                                       cfg) if cfg.align.disc_update else {}
+        d_metrics = discriminator_step(disc, d_opt, d_sched, processor, mine, segs, teachers, r.n, cfg, groups,
+                                       len(batch_prompts)) if cfg.align.disc_update else {}
     with run.timer("update"):
         upd = ppo_update(model, opt, sched, ro, adv, old_lp, cfg.ppo, cfg.optim.grad_clip, run.device,
                          temperature=r.temperature, seed=cfg.train.seed + step - 1, chunk=cfg.train.logprob_chunk)
+    with run.timer("weight_sync"):  # torchrun: full weights gathered into the rollout copy (one process: no-op)
+        D.sync_weights(model, engine.model)
     guard.check(upd, step)
-    verifiable = batch_scores(ro.texts, [rec.ground_truth or "" for rec in ro.records])
-    perception = [p for rec, t in zip(ro.records, ro.texts) if (p := record_perception(rec, t)) is not None]
-    any_valid = bool(sc.valid.any())
     if ent is not None:
-        upd["entropy"] = float(A.masked_mean(ent, ro.response_mask))
+        ent_sum, tokens = D.all_reduce_sum(float((ent * ro.response_mask).sum()), float(ro.response_mask.sum()))
+        upd["entropy"] = ent_sum / max(tokens, 1.0)
+    return {**d_metrics, **{f"actor/{k}": v for k, v in upd.items()}, "actor/lr": sched.get_last_lr()[0],
+            **step_metrics(ro, sc, adv, groups, len(batch_prompts) * r.n)}
+
+
+def step_metrics(ro: Rollouts, sc: SegmentScores, adv: torch.Tensor, groups: list[int], total: int) -> dict:
+    """The step's rollout and reward metrics over the global batch: this rank's rows placed at
+    their global positions (``distributed.gather_rows``; group g's rows are g*n .. g*n+n-1)
+    and the expert load pooled by scored tokens, so N processes log the one-process values."""
+    n = len(ro) // max(len(groups), 1)
+    verifiable = batch_scores(ro.texts, [rec.ground_truth or "" for rec in ro.records])
+    # the captions' perception score, on synthetic problems that carry their scene (eval/perception.py)
+    perception = [record_perception(rec, t) for rec, t in zip(ro.records, ro.texts)]
+    cols = torch.stack([adv.abs().float().cpu(), sc.cap.float().cpu(), sc.reason.float().cpu(), sc.valid.float().cpu(),
+                        torch.tensor([v.acc for v in verifiable], dtype=torch.float32),
+                        ro.response_lengths.float().cpu(),
+                        torch.tensor([p or 0.0 for p in perception], dtype=torch.float32),
+                        torch.tensor([p is not None for p in perception], dtype=torch.float32)], 1)
+    table = D.gather_rows(cols, [g * n + j for g in groups for j in range(n)], total)
+    adv_abs, cap, reason, valid, acc, length, percept, scored = table.unbind(1)
+    v = valid.bool()
+    load = D.all_reduce_sum(*(sc.expert_load.double().cpu() * sc.tokens).tolist(), sc.tokens, sc.idle_forwards)
+    idle = int(load.pop())
     return {
-        **d_metrics, **{f"actor/{k}": v for k, v in upd.items()}, "actor/adv_abs_mean": float(adv.abs().mean()),
-        "actor/lr": sched.get_last_lr()[0],
-        "disc/student_cap_mean": float(sc.cap[sc.valid].mean()) if any_valid else 0.0,
-        "disc/student_reason_mean": float(sc.reason[sc.valid].mean()) if any_valid else 0.0,
-        "disc/expert_load": sc.expert_load.tolist(),
-        "rollout/format": float(sc.valid.float().mean()), "rollout/acc": sum(v.acc for v in verifiable) / len(ro),
-        "rollout/response_len_mean": float(ro.response_lengths.float().mean()),
-        # the captions' perception score, on synthetic problems that carry their scene
-        **({"rollout/perception": sum(perception) / len(perception)} if perception else {}),
+        "disc/idle_score_passes": idle,
+        "actor/adv_abs_mean": float(adv_abs.mean()),
+        "disc/student_cap_mean": float(cap[v].mean()) if v.any() else 0.0,
+        "disc/student_reason_mean": float(reason[v].mean()) if v.any() else 0.0,
+        "disc/expert_load": [x / load[-1] for x in load[:-1]] if load[-1] > 0 else [0.0] * (len(load) - 1),
+        "rollout/format": float(valid.mean()), "rollout/acc": float(acc.mean()),
+        "rollout/response_len_mean": float(length.mean()),
+        **({"rollout/perception": float(percept.sum() / scored.sum())} if scored.any() else {}),
     }

@@ -15,6 +15,8 @@ a rollout that sampled the same text, so warm-up trains on the inputs alignment 
 Pairs come from a JSONL in the reference layout, or are built here by sampling the SFT policy
 on the alignment prompts (``sample_pairs``). A held-out split reports pair accuracy and the
 mean teacher-minus-student gap per segment. Checkpoints resume exactly, like every stage's.
+Under torchrun the discriminator is sharded (FSDP2) and each rank scores an equal share of
+every step's pairs, with the global pair count as B (:func:`pair_batch_step`).
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .. import algorithms as A
+from .. import distributed as D
 from ..actor import NonfiniteGuard
-from ..config import ModelConfig, WarmupConfig, WarmupDataConfig, rl_response_limit
+from ..config import ConfigError, ModelConfig, WarmupConfig, WarmupDataConfig, rl_response_limit
 from ..data.images import configure_images
 from ..data.layouts import PairRecord, read_pairs, write_pairs
 from ..data.processing import Encoded, encode_prompt_checked, load_prompts, skip_or_raise
@@ -44,6 +47,7 @@ from ..rollout import make_engine
 from ..rollout.base import SamplingParams
 from .optim import build_optimizer, build_scheduler
 from .run import Run
+from .stage_disc import load_stage_disc, save_disc
 
 
 def sample_pairs(policy_dir: str, data: str, out: str, *, n: int = 1, max_new_tokens: int | None = None,
@@ -98,9 +102,15 @@ class PairInput:
     teacher: Segments
     student: Segments
 
+    def _segs(self) -> tuple[torch.Tensor, ...]:
+        return self.teacher.caption, self.teacher.reasoning, self.student.caption, self.student.reasoning
+
     def longest(self) -> int:
-        segs = (self.teacher.caption, self.teacher.reasoning, self.student.caption, self.student.reasoning)
-        return len(self.prompt) + max(int(x.numel()) for x in segs)
+        return len(self.prompt) + max(int(x.numel()) for x in self._segs())
+
+    def tokens(self) -> int:
+        """Tokens of the four sequences the pair feeds (its cost when pairs are shared out)."""
+        return 4 * len(self.prompt) + sum(int(x.numel()) for x in self._segs())
 
 
 def pair_inputs(processor, pairs: list[PairRecord], data: WarmupDataConfig, eos_id: int,
@@ -142,36 +152,61 @@ def pair_metrics(t_cap, s_cap, t_reason, s_reason, aux: float, loads: list) -> d
 
 
 def pair_batch_step(disc: Discriminator, processor, items: list[PairInput], aux_coef: float, batch_size: int,
-                    backward: bool) -> tuple[float, dict]:
+                    backward: bool, real: int | None = None) -> tuple[float, dict]:
     """Score a batch of pairs chunk by chunk (``batch_size`` sequences per forward), and
-    backpropagate each chunk's share of the loss when ``backward``; returns (loss, metrics)."""
-    items = sorted(items, key=PairInput.longest)
+    backpropagate each chunk's share of the loss when ``backward``; returns (loss, metrics).
+
+    Under torchrun each rank scores an equal, token-balanced share of ``items``
+    (:func:`distributed.my_share`); the normaliser B of :func:`warmup_loss` is the global pair
+    count and each chunk's loss is multiplied by ``grad_scale`` (N), so FSDP2's gradient average
+    is the one-process gradient. The loss, scores and expert loads are summed over ranks, so the
+    metrics are the global batch's. ``real``: only the first ``real`` items count in the
+    metrics (the rest are repeats that make the count divide by the ranks)."""
+    share = sorted(D.my_share([it.tokens() for it in items]), key=lambda i: items[i].longest())
     per_chunk = max(1, batch_size // 2)     # each pair feeds 2 teacher and 2 student sequences
-    cols, loads, total, auxes = [[], [], [], []], [], 0.0, []
-    for c in range(0, len(items), per_chunk):
-        chunk = items[c:c + per_chunk]
-        prompts = [it.prompt for it in chunk]
-        t = score_segments(disc, processor, prompts, [it.teacher for it in chunk], batch_size=batch_size)
-        s = score_segments(disc, processor, prompts, [it.student for it in chunk], batch_size=batch_size)
+    mine, total, aux_sum = [], 0.0, 0.0
+    load_sum, n_loads = None, 0
+    for c in range(0, len(share), per_chunk):
+        rows = share[c:c + per_chunk]
+        prompts = [items[i].prompt for i in rows]
+        t = score_segments(disc, processor, prompts, [items[i].teacher for i in rows], batch_size=batch_size)
+        s = score_segments(disc, processor, prompts, [items[i].student for i in rows], batch_size=batch_size)
         aux = 0.5 * (t.aux_loss + s.aux_loss)
         loss = warmup_loss(t, s, aux, aux_coef, len(items))
         if backward:
-            loss.backward()
+            (loss * D.grad_scale()).backward()     # FSDP2 averages over ranks: scale to the sum
         total += float(loss.detach())
-        for col, x in zip(cols, (t.cap, s.cap, t.reason, s.reason)):
-            col.append(x.detach())
-        auxes.append(float(aux.detach()) * len(chunk) / len(items))
-        loads += [t.expert_load, s.expert_load]
-    full = [torch.cat(col) for col in cols]
-    return total, pair_metrics(*full, aux=sum(auxes), loads=loads)
+        mine.append(torch.stack([t.cap, s.cap, t.reason, s.reason], 1).detach())
+        aux_sum += float(aux.detach()) * len(rows) / len(items)
+        for load in (t.expert_load, s.expert_load):
+            load_sum = load.detach().cpu().double() if load_sum is None else load_sum + load.detach().cpu()
+            n_loads += 1
+    return _global_pair_metrics(mine, share, len(items), real, total, aux_sum, load_sum, n_loads)
+
+
+def _global_pair_metrics(mine: list[torch.Tensor], share: list[int], n_items: int, real: int | None, total: float,
+                         aux_sum: float, load_sum: torch.Tensor | None, n_loads: int) -> tuple[float, dict]:
+    """(loss, metrics) of the whole batch from this rank's chunks: the score table gathered in
+    item order (``distributed.gather_rows``), loss and pair-weighted aux summed over ranks, the
+    expert load the mean over every rank's scoring passes."""
+    table = D.gather_rows(torch.cat(mine) if mine else torch.zeros(0, 4), share, n_items)[:real].float()
+    experts = 0 if load_sum is None else load_sum.numel()
+    sums = D.all_reduce_sum(total, aux_sum, n_loads, *(load_sum.tolist() if experts else []))
+    total, aux_sum, n_loads = sums[0], sums[1], sums[2]
+    loads = [torch.tensor(sums[3:]) / n_loads] if experts and n_loads else []
+    return total, pair_metrics(*table.unbind(1), aux=aux_sum, loads=loads)
 
 
 @torch.no_grad()
 def evaluate_pairs(disc: Discriminator, processor, items: list[PairInput], batch_size: int) -> dict:
-    """Held-out pair accuracy and mean teacher-minus-student gap per segment (dropout off)."""
+    """Held-out pair accuracy and mean teacher-minus-student gap per segment (dropout off).
+    Under torchrun the ranks score shares of the pairs (padded with repeats to a multiple of
+    the number of ranks, which the metrics leave out)."""
     was = disc.training
     disc.eval()
-    _, m = pair_batch_step(disc, processor, items, 0.0, batch_size, backward=False)
+    padded = [items[i % len(items)] for i in range(len(items) + -len(items) % D.world())] if items else items
+    _, m = pair_batch_step(disc, processor, padded, 0.0, batch_size, backward=False, real=len(items))
+    D.reshard(disc)   # free the root's gathered weights before the next forward with gradients
     disc.train(was)
     keys = ("cap_acc", "reason_acc", "cap_gap", "reason_gap", "bt_cap", "bt_reason")
     return {f"heldout_{k}": m[k] for k in keys} | {"heldout_pairs": len(items)}
@@ -181,13 +216,21 @@ def _disc_metrics(m: dict) -> dict:
     return {f"disc/{k}": v for k, v in m.items()}
 
 
+def check_distributed(cfg: WarmupConfig) -> None:
+    """Under torchrun every rank scores an equal share of each step's pairs (the forwards are
+    collective), so ``train.batch_size`` must split evenly over the processes."""
+    if D.world() > 1 and cfg.train.batch_size % D.world():
+        raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) must be a multiple of the number of processes "
+                          f"({D.world()}): each rank scores the same number of pairs per step")
+
+
 def train_warmup(cfg: WarmupConfig, resume: bool = False, halt_at_step: int | None = None) -> Path:
     """Warm up the discriminator at ``cfg.disc.path``; returns the folder of the trained one
     (or, when halted early, of the checkpoint to resume from)."""
     run = Run(cfg, "warmup", resume=resume, desc="disc-warmup")
-    disc = Discriminator.load(cfg.disc.path if run.ckpt is None else run.ckpt, run.device, dtype=torch.float32,
-                              gradient_checkpointing=cfg.disc.gradient_checkpointing)
-    disc.train()
+    check_distributed(cfg)
+    disc = load_stage_disc(cfg.disc.path, run.device, resume_from=run.ckpt,
+                           gradient_checkpointing=cfg.disc.gradient_checkpointing)
     processor = load_processor(cfg.disc.path, cfg.data.max_pixels, cfg.data.min_pixels)
     configure_images(cfg.data)
     eos, _ = special_ids(processor)
@@ -228,7 +271,7 @@ def train_warmup(cfg: WarmupConfig, resume: bool = False, halt_at_step: int | No
             idx = [train[i] for i in stream[(step - 1) * bs: step * bs]]
             loss, m = pair_batch_step(disc, processor, [pairs[i] for i in idx], cfg.train.aux_coef,
                                       cfg.disc.batch_size, backward=True)
-            gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+            gnorm = D.clip_grad_norm(params, cfg.optim.grad_clip)   # torchrun: the norm over all shards
             if guard.step_ok(step, loss, gnorm):   # a NaN/inf step is skipped; three in a row stop the run
                 opt.step()
             sched.step()
@@ -242,5 +285,5 @@ def train_warmup(cfg: WarmupConfig, resume: bool = False, halt_at_step: int | No
         if run.step == steps:
             after = evaluate_pairs(disc, processor, held_pairs, cfg.disc.batch_size) if held else {}
             run.log(steps, {"event": "end", **_disc_metrics(after)}, force=True)
-        return run.finish(lambda folder: disc.save(folder, processor),
+        return run.finish(lambda folder: save_disc(folder, disc, processor),
                           {"steps": steps, "before": before, "after": after, "wall_s": time.time() - t0})
