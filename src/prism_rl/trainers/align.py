@@ -38,14 +38,13 @@ from ..data.records import BadRecords, DataError
 from ..data.stream import PromptStream, prompt_pool
 from ..eval.perception import record_perception
 from ..models.discriminator import Discriminator, SegmentScores, idle_forward, score_segments, scoring_forwards
-from ..models.loading import load_policy
 from ..models.segments import Segments, rollout_segments, text_segments
 from ..reward import batch_scores
 from ..rollout import make_engine
 from ..rollout.base import RolloutEngine, Rollouts, SamplingParams, concat_rollouts
 from .dist_checkpoint import is_sharded, save_final
 from .optim import build_optimizer, build_scheduler
-from .run import Run, load_stage_policy
+from .run import Run, load_stage_policy, stage_rollout_model
 from .stage_disc import load_stage_disc, save_disc
 
 
@@ -193,7 +192,7 @@ def train_align(cfg: AlignConfig, resume: bool = False, halt_at_step: int | None
     run.track({"policy": model, "disc": disc}, processor,
               {"optimizer": opt, "scheduler": sched, "disc_optimizer": d_opt, "disc_scheduler": d_sched,
                "stream": stream})
-    gen_model = D.rollout_model(model, lambda: load_policy(cfg.model, run.device, trainable=False)[0])  # torchrun: full copy
+    gen_model = stage_rollout_model(cfg, model, run.device)   # torchrun: an unsharded copy (LoRA layers too)
     engine = make_engine(cfg.rollout.engine, gen_model, processor, run.device,
                          cache_implementation=cfg.rollout.cache_implementation, fused=cfg.rollout.fused)
     run.begin(cfg.train.steps, halt_at_step, prompts=len(prompts), bad_records=bad.count, disc_variant=disc.variant)

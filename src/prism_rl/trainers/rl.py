@@ -25,7 +25,6 @@ from ..data.stream import PromptStream, prompt_pool, with_ground_truth
 from ..eval.evaluate import summarize
 from ..eval.sampling import generate_and_score
 from ..models.loading import load_policy, special_ids
-from ..models.lora import add_lora
 from ..reward import batch_scores, compute_score
 from ..reward.builtins import builtin_reward, is_builtin
 from ..reward.plugins import RewardFn, load_reward_option
@@ -35,7 +34,7 @@ from ..rollout.noise import combine
 from .dist_checkpoint import save_final
 from .optim import build_optimizer, build_scheduler
 from .rl_dist import all_groups, global_group_ids, share_kept
-from .run import Run, load_stage_policy
+from .run import Run, load_stage_policy, stage_rollout_model
 
 
 def score(ro: Rollouts, cfg: RLConfig, reward_fn: RewardFn | None) -> dict[str, torch.Tensor]:
@@ -226,8 +225,7 @@ def train_rl(cfg: RLConfig, resume: bool = False, halt_at_step: int | None = Non
     sched = build_scheduler(opt, cfg.optim, cfg.train.steps * cfg.algo.ppo_epochs * cfg.algo.mini_batches)
     stream = PromptStream(prompts, cfg.train.seed, bad=bad if d.skip_bad else None)
     run.track({"": model}, processor, {"optimizer": opt, "scheduler": sched, "stream": stream})
-    gen_model = D.rollout_model(model, lambda: add_lora(load_policy(cfg.model, run.device, trainable=False)[0],
-                                                        cfg.model.lora))  # torchrun: full copy, same LoRA layers
+    gen_model = stage_rollout_model(cfg, model, run.device)   # torchrun: an unsharded copy
     engine = make_engine(cfg.rollout.engine, gen_model, processor, run.device,
                          cache_implementation=cfg.rollout.cache_implementation, fused=cfg.rollout.fused)
     run.begin(cfg.train.steps, halt_at_step, algo=cfg.algo.name, prompts=len(prompts), bad_records=bad.count)

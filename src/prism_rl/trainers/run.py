@@ -196,6 +196,14 @@ def check_cpu_offload(model_cfg) -> None:
                           "with torchrun --nproc-per-node N")
 
 
+def stage_rollout_model(cfg, model, device: torch.device):
+    """The model a stage's rollout engine samples: the policy itself in one process; under
+    torchrun an unsharded copy with the same LoRA layers (``distributed.rollout_model``),
+    refreshed from the shards after each update by ``distributed.sync_weights``."""
+    return D.rollout_model(model, lambda: add_lora(load_policy(cfg.model, device, trainable=False)[0],
+                                                   cfg.model.lora))
+
+
 def load_stage_policy(cfg, device: torch.device, resume_from: Path | None = None):
     """The stage's trainable policy and processor: from ``cfg.model`` or, when resuming, from
     the checkpoint folder ``resume_from``; with ``cfg.model.lora`` LoRA adapters are injected
