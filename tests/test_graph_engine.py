@@ -147,3 +147,21 @@ def test_a_batch_over_the_memory_budget_runs_in_waves(policy, prompts):
     small.kv_budget_bytes = small.row_bytes(prompts, params)                      # not even one prompt
     with pytest.raises(RuntimeError, match="over the engine's budget"):
         small.generate(prompts, params)
+
+
+def test_a_smaller_call_reuses_the_buffers_and_gives_a_fresh_engines_tokens(policy, prompts):
+    """A server's batches vary in size: a call that fits the buffers of an earlier, larger one
+    steps in their first slots (no new buffers, so no new CUDA graphs on a GPU) and samples
+    what a fresh engine samples; a larger call gets new buffers."""
+    model, proc = policy
+    params = SamplingParams(n=2, max_new_tokens=12, temperature=0.0, return_logprobs=True)
+    engine = GraphEngine(model, proc)
+    engine.generate(prompts, params)
+    big = engine.state
+    small = engine.generate(prompts[1:3], params)
+    assert engine.state is big
+    fresh = GraphEngine(model, proc).generate(prompts[1:3], params)
+    assert torch.equal(small.response_ids, fresh.response_ids)
+    assert (small.logprobs - fresh.logprobs).abs().max() < 1e-5
+    engine.generate(prompts, SamplingParams(n=3, max_new_tokens=12, temperature=0.0))
+    assert engine.state is not big and engine.state.rows == 3 * len(prompts)

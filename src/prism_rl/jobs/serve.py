@@ -12,7 +12,8 @@ are exactly the ones the model was trained with.
 Batching: one background worker owns the model. Each request is encoded in a thread, then
 put on an asyncio queue. The worker takes the first waiting request, waits up to
 ``batch_wait_ms`` for more (up to ``max_batch``), groups them by sampling settings and runs
-one ``HFEngine.generate`` per group on its own generation thread, so the event loop keeps
+one rollout-engine ``generate`` per group (``make_engine('auto')``: the
+graph engine on a GPU, transformers' ``generate`` on the CPU) on its own generation thread, so the event loop keeps
 accepting requests (which form the next batch) while the model works.
 
 Every error is answered in OpenAI's shape ``{"error": {message, type, param, code}}`` with a
@@ -53,8 +54,8 @@ from ..config import ModelConfig
 from ..data.processing import Encoded, encode_prompt
 from ..data.records import DataError
 from ..models.loading import load_policy
-from ..rollout.base import SamplingParams
-from ..rollout.hf import HFEngine
+from ..rollout import make_engine
+from ..rollout.base import RolloutEngine, SamplingParams
 from .serve_guards import Admission, ApiKeyMiddleware, BodyLimitMiddleware, ClientGone, unless_gone
 from .serve_requests import (
     APIError,
@@ -203,7 +204,7 @@ class BatchStats:
 class BatchWorker:
     """The only user of the model: collects queued requests into batches and generates."""
 
-    def __init__(self, engine: HFEngine, max_batch: int, batch_wait_ms: float):
+    def __init__(self, engine: RolloutEngine, max_batch: int, batch_wait_ms: float):
         self.engine = engine
         self.max_batch = max_batch
         self.wait_s = batch_wait_ms / 1000
@@ -305,7 +306,7 @@ class BatchWorker:
                 j.future.set_result(choices)
 
     def _generate(self, jobs: list[Job]) -> list[list[Choice]]:
-        """One ``HFEngine.generate`` for the group (runs in a worker thread)."""
+        """One ``engine.generate`` for the group (runs in the one worker thread)."""
         key = jobs[0].key
         params = SamplingParams(n=key.n, max_new_tokens=key.max_new_tokens,
                                 temperature=key.temperature, top_p=key.top_p)
@@ -321,7 +322,7 @@ class BatchWorker:
         return out
 
     def _choice(self, ids: list[int], text: str, finish: str, stops: tuple[str, ...]) -> Choice:
-        # stop strings are applied after generation (HFEngine has no per-row stop strings):
+        # stop strings are applied after generation (the engines stop rows on EOS only):
         # the text is cut before the stop and the tokens are counted up to its end
         hit = first_stop(text, stops)
         if hit is None:
@@ -365,7 +366,7 @@ def context_limit(model) -> int:
 @dataclass
 class ServerState:
     name: str
-    engine: HFEngine
+    engine: RolloutEngine
     worker: BatchWorker
     max_context: int
     max_tokens_limit: int
@@ -460,7 +461,7 @@ def create_app(model_dir: str | Path, *, model_name: str | None = None, api_key:
     if file_url_dir is not None and not Path(file_url_dir).is_dir():
         raise NotADirectoryError(f"--allow-file-urls {file_url_dir}: not a folder")
     model, processor = load_policy(ModelConfig(path=str(model_dir), dtype=dtype), trainable=False)
-    engine = HFEngine(model, processor)
+    engine = make_engine("auto", model, processor)   # the graph engine on a GPU (its buffers are reused by smaller batches)
     state = ServerState(
         name=model_name or default_model_name(model_dir), engine=engine,
         worker=BatchWorker(engine, max_batch, batch_wait_ms),

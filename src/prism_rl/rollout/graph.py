@@ -239,9 +239,11 @@ class GraphEngine:
     # ---------------------------------------------------------------- prefill
 
     def _state_for(self, rows: int, length: int) -> DecodeState:
-        """Reuse the buffers (and so the captured graphs) when the shape is the same."""
+        """Reuse the buffers (and so the captured graphs) when they hold ``rows`` slots of
+        ``length`` positions: a smaller call (a server's batch, an eval's last one) steps in the
+        first slots of the larger buffers, and keeps the graphs captured for them."""
         st = self.state
-        if st is None or st.rows != rows or st.length != length:
+        if st is None or st.rows < rows or st.length < length:
             self.graphs.clear()     # graphs point into the old buffers and their memory pool
             self.pool, self.state = None, None
             if self.device.type == "cuda":
