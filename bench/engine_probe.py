@@ -46,7 +46,8 @@ def timed(fn):
     return out, time.perf_counter() - t
 
 
-VARIANTS = {"module": {"fused": False}, "fused": {"fused": True}, "fused-splitk": {"fused": True, "split_k": True}}
+VARIANTS = {"module": {"fused": False}, "fused": {"fused": True, "split_k": False},
+            "fused-splitk": {"fused": True, "split_k": True}}
 
 
 def agreement(hf, graph, ps, name: str) -> None:

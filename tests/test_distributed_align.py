@@ -104,12 +104,15 @@ def test_warmup_on_two_processes_equals_one_process(game, tmp_path):
     aux term are normalised by the global 4 pairs and the gradient scaled by N; losses, held-out
     metrics (3 of the 8 pairs held out: padded to 4 on 2 ranks) and the final discriminator agree.
     ``disc.batch_size=2`` makes every scoring pass one sequence pair in both runs, so the
-    router's load-balancing loss (a per-pass statistic) is the same too."""
+    router's load-balancing loss (a per-pass statistic) is the same too. The 2-process run keeps
+    the discriminator's shards in host memory (``disc.cpu_offload``), which must not change a
+    number; in one process that setting is refused, naming it."""
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(_warmup_args(game, one)) == 0
-    torchrun(2, "-m", "prism_rl.cli", *_warmup_args(game, two), "train.save_every=2")
+    torchrun(2, "-m", "prism_rl.cli", *_warmup_args(game, two), "train.save_every=2", "disc.cpu_offload=true")
     _assert_same_warmup(one, two, game)
     assert _chunks(two / "checkpoint-2") == {2}      # every discriminator tensor was held in two shards
+    assert main(_warmup_args(game, tmp_path / "offload_one") + ["disc.cpu_offload=true"]) == 2
 
 
 def _chunks(ckpt) -> set[int]:

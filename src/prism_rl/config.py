@@ -349,6 +349,9 @@ class DiscConfig(Section):
     path: str = Field("runs/quickstart/disc", description="Discriminator folder (prism disc init).")
     batch_size: int = Field(16, gt=0, description="Sequences per discriminator forward.")
     gradient_checkpointing: bool = False
+    cpu_offload: bool = Field(
+        False, description="Under torchrun: keep the discriminator's FSDP2 shards, gradients and optimizer states "
+        "in host memory (as model.cpu_offload does for the policy); an error in one process.")
 
 
 class WarmupTrainConfig(Section):

@@ -119,7 +119,7 @@ class GraphEngine:
     def __init__(self, model, processor, device: torch.device | None = None, *, use_graphs: bool | None = None,
                  check_every: int = 16, decode_dtype: torch.dtype | None = None,
                  kv_budget_bytes: int | None = None, kv_fraction: float = 0.6, fused: bool | None = None,
-                 split_k: bool = False):
+                 split_k: bool | None = None):
         """``decode_dtype``: the dtype the decode step runs in. Default: bf16 on CUDA for a model
         held in fp32 (the trainers keep fp32 master weights), else the model's own. A different
         dtype decodes with a copy of the text weights, refreshed at every ``generate`` (so it
@@ -129,7 +129,9 @@ class GraphEngine:
         ``fused``: decode with :class:`~prism_rl.rollout.fused.FusedDecoder` (fused weights, few
         kernels); default on CUDA when the text decoder is dense and Triton imports; ``False``
         keeps the module path. ``split_k``: the fused path's attention is the Triton
-        flash-decoding kernel (reads each row's live keys only) instead of SDPA over the bucket."""
+        flash-decoding kernel (reads each row's live keys only) instead of SDPA over the bucket;
+        default on wherever the fused path runs on CUDA (measured faster than SDPA on an H200:
+        docs/PERFORMANCE.md, issue-13 section)."""
         self.model, self.processor = model, processor
         self.device = device or next(model.parameters()).device
         self.lm = model.model.language_model
@@ -156,10 +158,12 @@ class GraphEngine:
         vision = getattr(model.config, "vision_config", None)
         self.merge = getattr(vision, "spatial_merge_size", 2)
 
-    def _fused_decoder(self, fused: bool | None, split_k: bool) -> FusedDecoder | None:
+    def _fused_decoder(self, fused: bool | None, split_k: bool | None) -> FusedDecoder | None:
         reason = unfusable_reason(self.lm)
         if fused is None:
             fused = self.device.type == "cuda" and reason is None and kernels.triton is not None
+        if split_k is None:
+            split_k = bool(fused) and self.device.type == "cuda"
         if split_k and not fused:
             raise ValueError("split_k attention is a kernel of the fused decode path: it needs fused=True")
         if split_k and self.device.type != "cuda" and not kernels.INTERPRET:

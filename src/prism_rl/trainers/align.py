@@ -44,7 +44,7 @@ from ..rollout import make_engine
 from ..rollout.base import RolloutEngine, Rollouts, SamplingParams, concat_rollouts
 from .dist_checkpoint import is_sharded, save_final
 from .optim import build_optimizer, build_scheduler
-from .run import Run, load_stage_policy, stage_rollout_model
+from .run import Run, check_cpu_offload, load_stage_policy, stage_rollout_model
 from .stage_disc import load_stage_disc, save_disc
 
 
@@ -176,8 +176,9 @@ def train_align(cfg: AlignConfig, resume: bool = False, halt_at_step: int | None
     check_distributed(cfg)
     ckpt = None if run.ckpt is None or is_sharded(run.ckpt) else run.ckpt  # a sharded one is loaded by run.track
     model, processor = load_stage_policy(cfg, run.device, None if ckpt is None else ckpt / "policy")
+    check_cpu_offload(cfg.disc, "disc")
     disc = load_stage_disc(cfg.disc.path, run.device, resume_from=None if ckpt is None else ckpt / "disc",
-                           gradient_checkpointing=cfg.disc.gradient_checkpointing)
+                           gradient_checkpointing=cfg.disc.gradient_checkpointing, cpu_offload=cfg.disc.cpu_offload)
     bad = BadRecords()
     d = cfg.data
     prompts = prompt_pool(d.train, processor, max_prompt_length=d.max_prompt_length, limit=d.limit,

@@ -187,12 +187,12 @@ def outcome(folder: Path, finished: str, stopped_by: str | None = None) -> str:
     return f"{how} {step}, checkpoint: {folder} (continue with --resume)"
 
 
-def check_cpu_offload(model_cfg) -> None:
-    """``model.cpu_offload`` moves FSDP2 shards to host memory; one process shards nothing, so
+def check_cpu_offload(section, name: str = "model") -> None:
+    """``<name>.cpu_offload`` moves FSDP2 shards to host memory; one process shards nothing, so
     the setting would do nothing there: an error rather than a silently ignored setting."""
-    if model_cfg.cpu_offload and not D.is_distributed():
-        raise ConfigError("model.cpu_offload=true applies only under torchrun (it offloads the FSDP2 shards of a "
-                          "distributed run); one process holds no shards: set model.cpu_offload=false or launch "
+    if section.cpu_offload and not D.is_distributed():
+        raise ConfigError(f"{name}.cpu_offload=true applies only under torchrun (it offloads the FSDP2 shards of a "
+                          f"distributed run); one process holds no shards: set {name}.cpu_offload=false or launch "
                           "with torchrun --nproc-per-node N")
 
 

@@ -20,14 +20,14 @@ from .dist_checkpoint import gather_full_state_dict, is_sharded
 
 
 def load_stage_disc(path: str | Path, device: torch.device, *, resume_from: Path | None = None,
-                    gradient_checkpointing: bool = False) -> Discriminator:
+                    gradient_checkpointing: bool = False, cpu_offload: bool = False) -> Discriminator:
     """The trainable (fp32, train-mode) discriminator from ``path`` or, when resuming from a
     one-process checkpoint, from ``resume_from``; sharded under torchrun (weights loaded on the
-    CPU first, each rank then keeps its shard)."""
+    CPU first, each rank then keeps its shard; ``cpu_offload``: in host memory)."""
     src = resume_from if resume_from is not None and not is_sharded(resume_from) else path
     disc = Discriminator.load(src, D.load_device(device), dtype=torch.float32,
                               gradient_checkpointing=gradient_checkpointing)
-    disc = D.shard_model(disc, device)
+    disc = D.shard_model(disc, device, cpu_offload=cpu_offload)   # cpu_offload: shards in host memory
     disc.train()
     return disc
 

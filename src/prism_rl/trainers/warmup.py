@@ -46,7 +46,7 @@ from ..models.segments import Segments, text_segments
 from ..rollout import make_engine
 from ..rollout.base import SamplingParams
 from .optim import build_optimizer, build_scheduler
-from .run import Run
+from .run import Run, check_cpu_offload
 from .stage_disc import load_stage_disc, save_disc
 
 
@@ -229,8 +229,9 @@ def train_warmup(cfg: WarmupConfig, resume: bool = False, halt_at_step: int | No
     (or, when halted early, of the checkpoint to resume from)."""
     run = Run(cfg, "warmup", resume=resume, desc="disc-warmup")
     check_distributed(cfg)
+    check_cpu_offload(cfg.disc, "disc")
     disc = load_stage_disc(cfg.disc.path, run.device, resume_from=run.ckpt,
-                           gradient_checkpointing=cfg.disc.gradient_checkpointing)
+                           gradient_checkpointing=cfg.disc.gradient_checkpointing, cpu_offload=cfg.disc.cpu_offload)
     processor = load_processor(cfg.disc.path, cfg.data.max_pixels, cfg.data.min_pixels)
     configure_images(cfg.data)
     eos, _ = special_ids(processor)
