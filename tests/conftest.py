@@ -36,3 +36,15 @@ def png_bytes(color: str = "red", size: int = 96, shape: str = "circle") -> byte
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def mixed_prompts(proc, images: int) -> list:
+    """``images`` prompts of growing length with images of growing size, then one text-only
+    prompt, encoded: mixed prompt lengths for the rollout engines' tests."""
+    from prism_rl.data.processing import encode_prompt
+    from prism_rl.data.records import ImageRef, Record
+
+    recs = [Record(id=str(i), messages=[{"role": "user", "content": "<image>" + "How many circles? " * (1 + 2 * i)}],
+                   images=[ImageRef(data=png_bytes(size=64 + 32 * i))]) for i in range(images)]
+    recs.append(Record(id="t", messages=[{"role": "user", "content": "A question without an image."}]))
+    return [encode_prompt(proc, r) for r in recs]

@@ -16,8 +16,6 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model
 
 from prism_rl.config import ModelConfig, RolloutConfig
-from prism_rl.data.processing import encode_prompt
-from prism_rl.data.records import ImageRef, Record
 from prism_rl.models.loading import load_policy
 from prism_rl.rollout import make_engine
 from prism_rl.rollout.base import SamplingParams
@@ -25,7 +23,7 @@ from prism_rl.rollout.fused import FusedDecoder, effective_weight, unfusable_rea
 from prism_rl.rollout.graph import GraphEngine
 from prism_rl.rollout.hf import HFEngine
 
-from conftest import png_bytes
+from conftest import mixed_prompts
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -49,10 +47,7 @@ def policy(tiny_model_dir):
 @pytest.fixture(scope="module")
 def prompts(policy):
     _, proc = policy
-    recs = [Record(id=str(i), messages=[{"role": "user", "content": "<image>" + "How many circles? " * (1 + 2 * i)}],
-                   images=[ImageRef(data=png_bytes(size=64 + 32 * i))]) for i in range(2)]
-    recs.append(Record(id="t", messages=[{"role": "user", "content": "A question without an image."}]))
-    return [encode_prompt(proc, r) for r in recs]
+    return mixed_prompts(proc, 2)
 
 
 GREEDY = SamplingParams(n=2, max_new_tokens=20, temperature=0.0, return_logprobs=True)

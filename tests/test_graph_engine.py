@@ -9,15 +9,13 @@ import torch
 
 from prism_rl.actor import sequence_logprobs
 from prism_rl.config import ModelConfig
-from prism_rl.data.processing import encode_prompt
-from prism_rl.data.records import ImageRef, Record
 from prism_rl.models.loading import load_policy
 from prism_rl.rollout import make_engine
 from prism_rl.rollout.base import SamplingParams
 from prism_rl.rollout.graph import GraphEngine, batch_buckets
 from prism_rl.rollout.hf import HFEngine
 
-from conftest import png_bytes
+from conftest import mixed_prompts
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +36,7 @@ def policy(tiny_model_dir):
 def prompts(policy):
     """Mixed prompt lengths, images of two sizes, and one text-only prompt."""
     _, proc = policy
-    recs = [Record(id=str(i), messages=[{"role": "user", "content": "<image>" + "How many circles? " * (1 + 2 * i)}],
-                   images=[ImageRef(data=png_bytes(size=64 + 32 * i))]) for i in range(3)]
-    recs.append(Record(id="t", messages=[{"role": "user", "content": "A question without an image."}]))
-    return [encode_prompt(proc, r) for r in recs]
+    return mixed_prompts(proc, 3)
 
 
 def _both(policy, prompts, params, eos=None, **kw):
