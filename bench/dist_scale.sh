@@ -7,7 +7,9 @@
 # peak memory per card is nvidia-smi's (the caching allocator's reservation plus the CUDA
 # context), sampled every 0.5 s, beside rank 0's `memory/peak_gib` from the run's metrics.
 # Usage (repo root, GPU machine): bash bench/dist_scale.sh OUT [PART ...]
-#   parts: build rl4b_1 rl4b_2 rl8b align8b (default: all, in that order)
+#   parts: build rl4b_1 rl4b_2 rl8b align8b (default: all, in that order), and scale1 scale2
+#   scale4 scale8: issue 17's scaling workload (4B, GRPO, 32 prompts x 16 samples x 2,048 tokens,
+#   one warm-up and one timed step) on 1, 2, 4 or 8 GPUs; align8b and rl8b take NGPU (default 2)
 #   PART_MAX_S=N: stop a run after N s even if its steps are not all logged (default 600)
 #   SMALL=1: tiny shapes and lengths, 96 px images: the same runs on a CPU in a few minutes (a smoke test)
 set -uo pipefail
@@ -16,9 +18,10 @@ PARTS=${*:-build rl4b_1 rl4b_2 rl8b align8b}
 W=${WORK:-/tmp/dist_scale}
 mkdir -p "$OUT" "$W"
 P1="python3 -m prism_rl.cli"
-P2="python3 -m torch.distributed.run --standalone --nproc-per-node 2 -m prism_rl.cli"
-S2=2b S4=4b S8=8b IMG=448 T4=512 T8=8192 TA=6144
-[ "${SMALL:-0}" = 1 ] && { S2=tiny S4=tiny S8=tiny IMG=96 T4=16 T8=24 TA=24; }
+P2="python3 -m torch.distributed.run --standalone --nproc-per-node ${NGPU:-2} -m prism_rl.cli"
+pn() { if [ "$1" = 1 ]; then echo "$P1"; else echo "python3 -m torch.distributed.run --standalone --nproc-per-node $1 -m prism_rl.cli"; fi; }
+S2=2b S4=4b S8=8b IMG=448 T4=512 T8=8192 TA=6144 TS=2048
+[ "${SMALL:-0}" = 1 ] && { S2=tiny S4=tiny S8=tiny IMG=96 T4=16 T8=24 TA=24 TS=16; }
 RL=(--algo grpo --config configs/quickstart/rl.yaml data.train=$W/data/align.parquet data.eval=
     rollout.temperature=1.0 data.max_prompt_length=2048 optim.lr=1e-6 model.gradient_checkpointing=true
     train.save_every=null train.log_every=1)
@@ -67,6 +70,9 @@ for part in $PARTS; do
                data.max_prompt_length=2048 optim.lr=1e-6 disc_optim.lr=1e-6 ppo.micro_batch_size=2 disc.batch_size=4 \
                model.gradient_checkpointing=true disc.gradient_checkpointing=true disc.cpu_offload=true \
                train.save_every=null train.log_every=1 train.steps=1 ;;
+    scale[1248]) n=${part#scale}
+      timed $part 2 $(pn $n) rl "${RL[@]}" model.path=$W/m4b train.steps=2 rollout.prompts_per_step=32 rollout.n=16 \
+        rollout.max_new_tokens=$TS algo.micro_batch_size=16 ;;
     *) echo "unknown part $part"; exit 2 ;;
   esac
 done

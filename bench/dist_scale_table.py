@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import statistics
 import sys
 from pathlib import Path
 
+NGPU = int(os.environ.get("NGPU", "2"))   # the GPUs bench/dist_scale.sh gave rl8b and align8b
 RUNS = [("rl4b_1", "RL step, 4B, 16 prompts x 8 x 512 tokens", 1), ("rl4b_2", "same", 2),
-        ("rl8b", "RL step, 8B, 2 prompts x 8 x 8,192 tokens", 2),
-        ("align8b", "alignment step, 8B policy + 2B-upcycled 4-expert disc, 2 prompts x 16 x 6,144 tokens", 2)]
+        ("rl8b", "RL step, 8B, 2 prompts x 8 x 8,192 tokens", NGPU),
+        ("align8b", "alignment step, 8B policy + 2B-upcycled 4-expert disc, 2 prompts x 16 x 6,144 tokens", NGPU)]
 
 
 def steps(path: Path) -> list[dict]:
@@ -45,6 +47,37 @@ def summary(rows: list[dict]) -> dict:
     return out
 
 
+SCALE = "RL step, 4B, 32 prompts x 16 x 2,048 tokens (issue 17)"
+RECIPE = (500, 1500)   # the paper's alignment and RL step counts
+
+
+def scaling(out_dir: Path) -> None:
+    """Issue 17's table: step time, tokens/s per GPU, efficiency against 1 GPU, peak per card."""
+    runs = {n: steps(out_dir / f"scale{n}.metrics.jsonl") for n in (1, 2, 4, 8)}
+    runs = {n: r for n, r in runs.items() if r}
+    if not runs:
+        return
+    print(f"\n{SCALE}\n\n| GPUs | step (s) | tokens/s per GPU | efficiency vs 1 GPU | peak per card, nvidia-smi (GiB) |")
+    print("|---|---|---|---|---|")
+    base = summary(runs[1])["step_s"] if 1 in runs else None
+    for n, rows in runs.items():
+        s = summary(rows)
+        tok = statistics.median(r["timing/tokens_per_s"] for r in (rows[1:] or rows) if "timing/tokens_per_s" in r)
+        eff = f"{base / (n * s['step_s']):.0%}" if base else "n/a (no 1-GPU run)"
+        peaks = smi_peaks(out_dir / f"smi_scale{n}.csv")
+        cards = " / ".join(f"{peaks[i]:.0f}" for i in sorted(peaks)[:n]) if peaks else "n/a"
+        print(f"| {n} | {s['step_s']:.1f} | {tok / n:,.0f} | {eff} | {cards} |")
+
+
+def recipe(out_dir: Path) -> None:
+    """Wall clock of the paper's step counts at the measured 8B step times (one step each)."""
+    a, r = steps(out_dir / "align8b.metrics.jsonl"), steps(out_dir / "rl8b.metrics.jsonl")
+    if a and r:
+        hours = (RECIPE[0] * summary(a)["step_s"] + RECIPE[1] * summary(r)["step_s"]) / 3600
+        print(f"\nrecipe estimate: {RECIPE[0]} alignment + {RECIPE[1]} RL steps at these step times: {hours:.1f} h "
+              "(SFT, warm-up, evaluation and checkpoints not counted)")
+
+
 def main(out: str) -> int:
     out_dir = Path(out)
     print("| run | GPUs | step (s) | speed-up | peak per card, nvidia-smi (GiB) "
@@ -63,6 +96,8 @@ def main(out: str) -> int:
         speed = f"{base / s['step_s']:.2f}x" if name == "rl4b_2" and base else ""
         cards = " / ".join(f"{peaks[i]:.1f}" for i in sorted(peaks)[:gpus]) if peaks else "n/a"
         print(f"| {label} | {gpus} | {s['step_s']:.1f} | {speed} | {cards} | {s['rank0_peak']:.1f} | {s['split']} |")
+    scaling(out_dir)
+    recipe(out_dir)
     return 0
 
 
