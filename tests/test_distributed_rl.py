@@ -106,10 +106,12 @@ def test_rl_on_two_nodes_equals_one_node_with_two_processes(tiny_model_dir, rl_d
 
 def test_rl_with_per_row_seeds_on_two_processes_equals_one_process(tiny_model_dir, rl_data, tmp_path):
     """``rollout.per_row_seeds``: each response's noise is keyed by its prompt's place in the
-    global batch, so 2 processes sample what 1 samples, and train to the same weights."""
+    global batch, so 2 processes sample what 1 samples, and train to the same weights. With a
+    KL term, so the FSDP2-sharded reference policy's log-probs enter the loss too."""
     one, two = tmp_path / "one", tmp_path / "two"
     args = lambda out: _rl_args(tiny_model_dir, rl_data, out, "rollout.per_row_seeds=true",  # noqa: E731
-                                f"data.eval={rl_data / 'test.parquet'}", "train.eval_every=1", "train.eval_limit=5")
+                                f"data.eval={rl_data / 'test.parquet'}", "train.eval_every=1", "train.eval_limit=5",
+                                "algo.kl_coef=0.05")
     assert main(args(one)) == 0
     torchrun(2, "-m", "prism_rl.cli", *args(two))
     assert min(r["actor/grad_norm"] for r in _rows(one)) > 1e-3 and _moved(one, tiny_model_dir) > 1e-4
@@ -119,6 +121,7 @@ def test_rl_with_per_row_seeds_on_two_processes_equals_one_process(tiny_model_di
         assert len(keys) == 14 and {k for k in b if k.startswith(("rollout/", "eval/"))} == set(keys)
         assert [b[k] for k in keys] == pytest.approx([a[k] for k in keys], rel=1e-5, abs=1e-6), keys
     assert 0 < _rows(one)[0]["eval/acc"] < 1 and 0 < _rows(one)[0]["rollout/truncated_frac"] <= 1
+    assert _rows(one)[1]["actor/kl"] > 0 and _rows(two)[1]["actor/kl"] == pytest.approx(_rows(one)[1]["actor/kl"], rel=1e-4)
 
 
 @pytest.mark.slow

@@ -220,7 +220,9 @@ def train_rl(cfg: RLConfig, resume: bool = False, halt_at_step: int | None = Non
         if d.eval and cfg.train.eval_every else []
     if need_truth:
         eval_prompts = with_ground_truth(eval_prompts, d.skip_bad, bad)
-    ref = load_policy(cfg.model, run.device, trainable=False)[0] if cfg.algo.kl_coef > 0 else None
+    ref = None
+    if cfg.algo.kl_coef > 0:   # the frozen reference policy; under torchrun sharded like the policy (FSDP2)
+        ref = D.shard_model(load_policy(cfg.model, D.load_device(run.device), trainable=False)[0], run.device)
     opt = build_optimizer(model.parameters(), cfg.optim)
     sched = build_scheduler(opt, cfg.optim, cfg.train.steps * cfg.algo.ppo_epochs * cfg.algo.mini_batches)
     stream = PromptStream(prompts, cfg.train.seed, bad=bad if d.skip_bad else None)
