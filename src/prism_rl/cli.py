@@ -497,6 +497,15 @@ def _message(e: Exception) -> str:
     return str(e)
 
 
+def _leave_process_group() -> None:
+    """Under torchrun, every rank waits for the others and leaves the process group before the
+    interpreter exits (``distributed.shutdown``): a rank that exited with the backend's threads
+    alive aborted ("terminate called without an active exception", SIGABRT) after a finished
+    run. Nothing to do in one process, or when the command never imported torch.distributed."""
+    if "prism_rl.distributed" in sys.modules:
+        sys.modules["prism_rl.distributed"].shutdown()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     threads = args.threads or int(os.environ.get("PRISM_THREADS", "0") or 0)
@@ -507,6 +516,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         args.fn(args)
+        _leave_process_group()
     except USER_ERRORS as e:
         if args.verbose:
             traceback.print_exc()
