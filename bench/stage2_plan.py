@@ -94,7 +94,7 @@ PRESETS = {
         warmup=["train.max_steps=2", "train.batch_size=8", "train.heldout_frac=0.25"],
         align_steps=1, rl_steps=1, prompts_per_step=2, samples=4, max_new_tokens=40, micro_batch=8,
         disc_batch=8, eval_batch=8, eval_limit=6, procs_per_gpu=1, threads=1, eval_reserve_min=2.0, budget_min=10.0),
-    # 2 H200s, about 7 minutes: a ~23M-parameter Qwen3-VL, RL at the spec's 32 prompts x 16 samples
+    # 2 H200s, about 7 minutes: a ~22.5M-parameter Qwen3-VL, RL at the spec's 32 prompts x 16 samples
     # (sizes estimated in docs/RESULTS.md, "Stage-2 study").
     "gpu": Preset(
         problems=20000, test_frac=0.15, align_frac=0.2, teacher_frac=0.2, public_error_rate=0.3,
