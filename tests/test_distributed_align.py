@@ -195,6 +195,33 @@ def test_align_on_two_processes_equals_one_process(game, tmp_path):
                           _disc_weights(game / "disc"), atol=1e-4)
 
 
+@pytest.mark.slow
+def test_align_halted_on_two_processes_resumes_on_one(game, tmp_path):
+    """Alignment stopped after step 1 on 2 processes (a sharded checkpoint: policy, discriminator,
+    both optimizers) and resumed as one process ends where the uninterrupted 1-process run does:
+    the same step-2 metrics and both final models. Per-prompt seeds on both sides, so the
+    samples do not depend on the number of processes."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(_align_args(game, one, "align.seed_per_prompt=true")) == 0
+    torchrun(2, "-m", "prism_rl.cli", *_align_args(game, two, "align.seed_per_prompt=true"), "--halt-at-step", "1")
+    assert len(list((two / "checkpoint-1" / "dcp").glob("*.distcp"))) == 2
+    assert main(_align_args(game, two, "align.seed_per_prompt=true") + ["--resume"]) == 0
+    starts = _rows(two, "event")
+    assert [r["event"] for r in starts if r["event"] == "start"] == ["start", "start"]
+    assert [r["resumed_from"] for r in starts if r["event"] == "start"][1]    # it resumed, not restarted
+    assert [r["step"] for r in _rows(two, "actor/pg_loss")] == [1, 2]       # step 1 is not run again
+    a, b = _rows(one, "actor/pg_loss")[-1], _rows(two, "actor/pg_loss")[-1]
+    assert a["step"] == b["step"] == 2
+    for k in ("actor/pg_loss", "actor/grad_norm", "disc/loss", "disc/grad_norm", "rollout/format",
+              "rollout/response_len_mean"):
+        assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
+    _assert_weights_close(load_file(one / "final" / "policy" / "model.safetensors"),
+                          load_file(two / "final" / "policy" / "model.safetensors"),
+                          load_file(game / "policy" / "model.safetensors"), atol=1e-4)
+    _assert_weights_close(_disc_weights(one / "final" / "disc"), _disc_weights(two / "final" / "disc"),
+                          _disc_weights(game / "disc"), atol=1e-4)
+
+
 def test_align_prompts_that_do_not_split_over_the_processes_are_refused(game, tmp_path):
     err = torchrun(2, "-m", "prism_rl.cli", *_align_args(game, tmp_path / "odd", "rollout.prompts_per_step=3"),
                    ok=False, timeout=120)
