@@ -4,6 +4,8 @@ sampling, and sampled log-probs equal to a teacher-forced forward."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -160,3 +162,23 @@ def test_a_smaller_call_reuses_the_buffers_and_gives_a_fresh_engines_tokens(poli
     assert (small.logprobs - fresh.logprobs).abs().max() < 1e-5
     engine.generate(prompts, SamplingParams(n=3, max_new_tokens=12, temperature=0.0))
     assert engine.state is not big and engine.state.rows == 3 * len(prompts)
+
+
+def test_per_row_seeded_samples_equal_the_hf_engines_in_any_batch_or_wave(policy, prompts):
+    """``SamplingParams(seed=...)`` (``rollout.per_row_seeds``): each response is the Gumbel-max
+    draw keyed by (seed, its prompt's key, its sample number), the same function in both
+    engines, so the graph engine samples the hf engine's responses token for token (fp32, CPU),
+    and the same ones for a prompt alone, batched with others, or in a later wave."""
+    model, proc = policy
+    params = SamplingParams(n=3, max_new_tokens=16, temperature=0.8, top_p=0.9, seed=7, return_logprobs=True)
+    hf = HFEngine(model, proc).generate(prompts, params)
+    graph = GraphEngine(model, proc).generate(prompts, params)
+    assert torch.equal(hf.response_ids, graph.response_ids) and torch.equal(hf.response_mask, graph.response_mask)
+    assert (hf.logprobs - graph.logprobs).abs().max() < 1e-4
+    assert len({tuple(r.tolist()) for r in graph.response_ids}) > 4          # samples differ from one another
+    one_row = GraphEngine(model, proc).row_bytes(prompts, params) * params.n
+    torch.manual_seed(99)                                                   # the global RNG plays no part
+    waves = GraphEngine(model, proc, kv_budget_bytes=one_row).generate(prompts, params)   # one prompt per wave
+    assert torch.equal(waves.response_ids, graph.response_ids)
+    alone = GraphEngine(model, proc).generate(prompts[2:3], replace(params, prompt_keys=[2]))
+    assert torch.equal(alone.response_ids[:, :graph.response_ids.shape[1]], graph.response_ids[6:9, :alone.response_ids.shape[1]])

@@ -76,16 +76,3 @@ def test_hf_engine_samples_a_prompt_the_same_alone_or_batched(tiny_model_dir):
     assert len({tuple(t) for t in tokens(both, range(6))}) > 2   # samples differ from one another
     other = engine.generate(prompts[1:], SamplingParams(**{**params, "seed": 12}, prompt_keys=[1]))
     assert tokens(other, [0, 1, 2]) != tokens(alone, [0, 1, 2])
-
-
-def test_per_row_seeds_with_the_graph_engine_is_refused(tiny_model_dir, tmp_path, capsys):
-    from prism_rl.cli import main
-
-    from conftest import CONFIGS
-
-    assert main(["data", "synth", "--out", str(tmp_path / "data"), "--n", "40", "--seed", "1"]) == 0
-    code = main(["rl", "--config", str(CONFIGS / "quickstart" / "rl.yaml"), f"model.path={tiny_model_dir}",
-                 f"data.train={tmp_path / 'data' / 'align.parquet'}", "data.eval=", f"output_dir={tmp_path / 'run'}",
-                 "rollout.engine=graph", "rollout.per_row_seeds=true", "data.check_prompt_format=false"])
-    err = capsys.readouterr().err
-    assert code == 2 and "rollout.per_row_seeds=true needs rollout.engine=hf (rollout.engine=graph samples with the graph" in err

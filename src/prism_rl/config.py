@@ -240,7 +240,8 @@ class RolloutConfig(Section):
         False, description="Sample each response from its own noise stream, keyed by train.seed, the step, the "
         "prompt's place in the step's batch and the sample number (Gumbel-max on a counter hash; the same "
         "distribution): the samples then do not depend on batching or on the number of torchrun processes, so "
-        "runs on 1 and N GPUs, and a run resumed on another number of GPUs, sample the same responses. Engine hf.")
+        "runs on 1 and N GPUs, and a run resumed on another number of GPUs, sample the same responses. "
+        "Both engines (the same draws in each).")
 
 
 class PPOConfig(Section):

@@ -37,6 +37,7 @@ from __future__ import annotations
 import copy
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -47,8 +48,19 @@ from ..models.mrope import mrope_position_ids
 from . import kernels
 from .base import Rollouts, SamplingParams, concat_rollouts, sampled_rollouts
 from .fused import FusedDecoder, unfusable_reason
+from .noise import gumbel, row_key, top_p_filter
 
 ATTN_BUCKET = 256   # attention lengths are rounded up to a multiple of this (one graph each)
+
+
+def _prompt_keys(params: SamplingParams, prompts: int) -> list[int] | None:
+    """The prompts' noise keys of a per-row seeded call (default 0, 1, ...), else None."""
+    if params.seed is None:
+        return None
+    keys = list(params.prompt_keys) if params.prompt_keys is not None else list(range(prompts))
+    if len(keys) != prompts:
+        raise ValueError(f"prompt_keys has {len(keys)} keys for {prompts} prompts")
+    return keys
 
 
 def _bucket(n: int, step: int) -> int:
@@ -298,16 +310,32 @@ class GraphEngine:
 
     # ---------------------------------------------------------------- sampling
 
-    def _sample(self, logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None):
+    def _row_keys(self, params: SamplingParams, B: int) -> torch.Tensor | None:
+        """(B + 1,) int64 noise keys of the wave's rows (``noise.row_key(seed, prompt key, j)``
+        for sample j of each prompt; the last entry is the filler slots' spare row), or None
+        when the call is not per-row seeded (``params.seed``) or is greedy."""
+        if params.seed is None or params.temperature == 0:
+            return None
+        keys = [row_key(params.seed, k, j) for k in params.prompt_keys for j in range(params.n)]
+        return torch.tensor(keys + [0], dtype=torch.int64, device=self.device)
+
+    def _sample(self, logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None, t: int = 0,
+                keys: torch.Tensor | None = None):
         """(token, log-prob of it under softmax(logits / T)) per row, all on the device, no sync.
 
         Sampling is the exponential race ``argmax_v p_v / E_v`` with ``E_v ~ Exp(1)`` i.i.d.,
         which draws ``v`` with probability ``p_v`` (``torch.multinomial`` would sync the host).
+        With per-row ``keys`` it is the Gumbel-max draw ``argmax_v top_p(z / T)_v + G(key, t, v)``
+        of ``rollout/noise.py``, the same function of (row key, step, token) as the hf engine's,
+        so a response does not depend on its batch, wave or slot.
         """
         scores = logits + self.suppress_bias
         greedy = params.temperature == 0
         if greedy:
             tok = scores.argmax(-1)
+        elif keys is not None:
+            z = top_p_filter(scores / params.temperature, params.top_p)
+            tok = (z.double() + gumbel(keys, t, z.shape[-1])).argmax(-1)
         else:
             scores = scores / params.temperature
             if params.top_p < 1.0:
@@ -335,8 +363,10 @@ class GraphEngine:
                 self.shadow.refresh(self.lm, self.head)
             if self.fused is not None and self.fused.refresh(self.lm, self.head):
                 self.graphs.clear()     # the policy's embedding or head moved: graphs read the old one
+            keys = _prompt_keys(params, len(prompts))
             for s in range(0, len(prompts), per_wave):
-                parts.append(self._wave(prompts[s:s + per_wave], params, group_offset + s))
+                wave = params if keys is None else replace(params, prompt_keys=keys[s:s + per_wave])
+                parts.append(self._wave(prompts[s:s + per_wave], wave, group_offset + s))
         finally:
             self.model.train(was_training)
         return concat_rollouts(parts, self.pad_id)
@@ -391,9 +421,10 @@ class GraphEngine:
         seed = int(torch.randint(0, 2**62, (1,)).item())   # from the global RNG: seeded runs repeat
         gen = torch.Generator(device=self.device).manual_seed(seed)
         slots = _Slots(B, params.max_new_tokens, self.pad_id, self.device)
+        keys = self._row_keys(params, B)   # per-row seeded sampling: each slot's key, by its original row
         rows, buckets = B, batch_buckets(B)
         for t in range(params.max_new_tokens):
-            tok, lp = self._sample(logits[:rows], params, gen)
+            tok, lp = self._sample(logits[:rows], params, gen, t, None if keys is None else keys[slots.row[:rows]])
             live = ~slots.done[:rows]
             slots.tokens[:rows, t] = torch.where(live, tok, self.pad_id)
             if lp is not None:

@@ -173,17 +173,6 @@ def check_distributed(cfg: RLConfig) -> None:
                           f"number of processes ({w}): each rank samples whole groups, the same number")
 
 
-def check_engine(cfg: RLConfig, device: torch.device) -> None:
-    """``rollout.per_row_seeds`` is implemented by the hf engine only (the graph engine, which
-    ``auto`` picks on CUDA, samples from one generator per batch): refuse it there, before any
-    model is loaded, rather than sample without it."""
-    r = cfg.rollout
-    engine = "graph" if r.engine == "graph" or (r.engine == "auto" and device.type == "cuda") else "hf"
-    if r.per_row_seeds and engine != "hf":
-        raise ConfigError(f"rollout.per_row_seeds=true needs rollout.engine=hf (rollout.engine={r.engine} "
-                          f"samples with the graph engine here); set rollout.engine=hf or rollout.per_row_seeds=false")
-
-
 def check_rl_prompts(records: list[Record], cfg: RLConfig) -> None:
     """Stop before training when the prompts ask for a response format that ``reward.function``
     does not score (:func:`~prism_rl.data.prompt_format.check_prompts`); a plug-in reward's
@@ -206,7 +195,6 @@ def train_rl(cfg: RLConfig, resume: bool = False, halt_at_step: int | None = Non
     reward_fn = load_reward_option(cfg.reward.function, "reward.function")
     run = Run(cfg, "rl", resume=resume, desc=f"rl-{cfg.algo.name}")
     check_distributed(cfg)
-    check_engine(cfg, run.device)
     model, processor = load_stage_policy(cfg, run.device, run.ckpt)
     eos, _ = special_ids(processor)
     bad = BadRecords()
