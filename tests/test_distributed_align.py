@@ -228,13 +228,34 @@ def test_align_prompts_that_do_not_split_over_the_processes_are_refused(game, tm
     assert "rollout.prompts_per_step (3) must be a multiple of the number of processes (2)" in err
 
 
-def test_gather_rows_and_step_seeds_in_one_process():
-    """One process: ``gather_rows`` places the rows it is given (the rest stay 0), and every
-    (step, prompt) gets its own sampling seed."""
+def test_gather_rows_in_one_process():
+    """One process: ``gather_rows`` places the rows it is given (the rest stay 0)."""
     from prism_rl.distributed import gather_rows
-    from prism_rl.trainers.align import step_seed
 
     table = gather_rows(torch.tensor([[1.5, 2.0], [3.0, 4.0]]), [2, 0], 3)
     assert table.tolist() == [[3.0, 4.0], [0.0, 0.0], [1.5, 2.0]] and table.dtype == torch.float64
-    seeds = {step_seed(s, t, p) for s in range(2) for t in range(1, 50) for p in range(64)}
-    assert len(seeds) == 2 * 49 * 64
+
+
+def test_seeded_alignment_samples_do_not_depend_on_the_batch(game):
+    """``align.seed_per_prompt``: one batched call whose responses are keyed by (step, the
+    prompt's index in the step's batch, sample), so a rank holding groups 1 and 3 samples what
+    the full batch samples for them, with their global group ids; another step samples anew."""
+    from prism_rl.config import AlignConfig, ModelConfig
+    from prism_rl.data.layouts import read_records
+    from prism_rl.data.processing import encode_prompt
+    from prism_rl.models.loading import load_policy
+    from prism_rl.rollout.base import SamplingParams
+    from prism_rl.rollout.hf import HFEngine
+    from prism_rl.trainers.align import sample
+
+    model, proc = load_policy(ModelConfig(path=str(game / "policy")), torch.device("cpu"), trainable=False)
+    prompts = [encode_prompt(proc, r) for r in read_records(game / "data" / "align.parquet")[:4]]
+    cfg = AlignConfig.model_validate({"align": {"seed_per_prompt": True}})
+    engine, params = HFEngine(model, proc), SamplingParams(n=2, max_new_tokens=10, temperature=1.0)
+    full = sample(engine, prompts, [0, 1, 2, 3], params, cfg, step=3)
+    part = sample(engine, [prompts[1], prompts[3]], [1, 3], params, cfg, step=3)
+    rows = lambda ro, idx: [ro.response_ids[r][ro.response_mask[r].bool()].tolist() for r in idx]  # noqa: E731
+    assert rows(part, range(4)) == rows(full, [2, 3, 6, 7])
+    assert part.group_ids.tolist() == [1, 1, 3, 3] and full.group_ids.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert rows(sample(engine, prompts, [0, 1, 2, 3], params, cfg, step=4), range(8)) != rows(full, range(8))
+

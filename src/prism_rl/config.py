@@ -382,9 +382,9 @@ class AlignParams(Section):
     reg_coef: float = Field(0.001, ge=0, description="Weight of the mean squared discriminator score.")
     disc_update: bool = Field(True, description="Train the discriminator each step (the game).")
     seed_per_prompt: bool | None = Field(
-        None, description="Sample each prompt's group alone under its own seed (train.seed, step, prompt), so the "
-        "samples do not depend on the batch or the number of processes (one generate call per prompt: slower). "
-        "Unset: on under torchrun, off in one process.")
+        None, description="Key each response's sampling noise by (train.seed, step, its prompt's place in the "
+        "step's batch, its sample number) (rollout/noise.py, one batched call), so the samples do not depend on "
+        "the batch or the number of processes. Unset: on under torchrun, off in one process (the run's RNG stream).")
 
 
 class AlignConfig(Section):

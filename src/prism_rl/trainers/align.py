@@ -25,6 +25,7 @@ is summed over the ranks, so N processes give the one-process step.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -41,7 +42,8 @@ from ..models.discriminator import Discriminator, SegmentScores, idle_forward, s
 from ..models.segments import Segments, rollout_segments, text_segments
 from ..reward import batch_scores
 from ..rollout import make_engine
-from ..rollout.base import RolloutEngine, Rollouts, SamplingParams, concat_rollouts
+from ..rollout.base import RolloutEngine, Rollouts, SamplingParams
+from ..rollout.noise import combine
 from .dist_checkpoint import is_sharded, save_final
 from .optim import build_optimizer, build_scheduler
 from .run import Run, check_cpu_offload, load_stage_policy, stage_rollout_model
@@ -215,26 +217,21 @@ def train_align(cfg: AlignConfig, resume: bool = False, halt_at_step: int | None
         return run.finish(save_both, {"steps": run.step}) / "policy"
 
 
-def step_seed(seed: int, step: int, prompt: int) -> int:
-    """The seed prompt ``prompt`` of step ``step`` is sampled under (one group per seed):
-    ``(seed * 1_000_003 + step) * 1_000_033 + prompt``, distinct for every (step, prompt)."""
-    return (seed * 1_000_003 + step) * 1_000_033 + prompt
-
-
 def sample(engine: RolloutEngine, prompts, groups: list[int], params: SamplingParams, cfg: AlignConfig,
            step: int) -> Rollouts:
     """The rollouts of this rank's ``prompts`` (``groups``: their indices in the step's batch,
-    the group ids). Seeded per prompt (``align.seed_per_prompt``, always under torchrun): each
-    group is generated alone under :func:`step_seed`, so its samples do not depend on which rank
-    drew it or on the rest of the batch. Otherwise one batched call on the run's RNG stream."""
+    the group ids), in one batched call. Seeded per prompt (``align.seed_per_prompt``, always
+    under torchrun): every response's sampling noise is keyed by (``combine(train.seed, step)``,
+    its prompt's index in the step's batch, its sample number) (``SamplingParams.seed``, ``rollout/noise.py``;
+    both engines draw the same), so its samples do not depend on which rank drew the prompt or
+    on the rest of the batch. Otherwise the run's RNG stream."""
     per_prompt = cfg.align.seed_per_prompt if cfg.align.seed_per_prompt is not None else D.is_distributed()
     if not per_prompt:
         return engine.generate(prompts, params, group_offset=groups[0] if groups else 0)
-    parts = []
-    for g, p in zip(groups, prompts):
-        torch.manual_seed(step_seed(cfg.train.seed, step, g))
-        parts.append(engine.generate([p], params, group_offset=g))
-    return concat_rollouts(parts, engine.pad_id)
+    keyed = replace(params, seed=combine(cfg.train.seed, step), prompt_keys=list(groups))
+    ro = engine.generate(prompts, keyed, group_offset=0)
+    ro.group_ids = torch.tensor(groups, dtype=ro.group_ids.dtype)[ro.group_ids]   # the groups' global indices
+    return ro
 
 
 def align_step(run: Run, step: int, model, disc: Discriminator, processor, engine: RolloutEngine, stream: PromptStream,
