@@ -106,7 +106,7 @@ def _lora_model(policy):
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for name, prm in model.named_parameters():
-            if "lora_B" in name:
+            if "lora_A" in name or "lora_B" in name:   # both drawn here: peft's init of A reads the global RNG
                 prm.copy_(0.2 * torch.randn(prm.shape, generator=g))
     return model.eval()
 
@@ -131,7 +131,9 @@ def test_fused_path_of_a_lora_policy_equals_its_module_path(policy, prompts):
     a = GraphEngine(model, proc, fused=False).generate(prompts, GREEDY)
     b = GraphEngine(model, proc, fused=True).generate(prompts, GREEDY)
     base = GraphEngine(policy[0], proc, fused=True).generate(prompts, GREEDY)
-    assert torch.equal(a.response_ids, b.response_ids) and (a.logprobs - b.logprobs).abs().max() < 1e-5
+    # 1e-4 as for the engines elsewhere: W + BA folded into one fp32 weight rounds differently from
+    # x W + (x A) B, by ~1e-5 nats over 20 tokens for some adapter draws
+    assert torch.equal(a.response_ids, b.response_ids) and (a.logprobs - b.logprobs).abs().max() < 1e-4
     assert not torch.equal(b.response_ids, base.response_ids)                  # the adapter is applied
 
 
