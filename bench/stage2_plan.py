@@ -94,6 +94,14 @@ PRESETS = {
         warmup=["train.max_steps=2", "train.batch_size=8", "train.heldout_frac=0.25"],
         align_steps=1, rl_steps=1, prompts_per_step=2, samples=4, max_new_tokens=40, micro_batch=8,
         disc_batch=8, eval_batch=8, eval_limit=6, procs_per_gpu=1, threads=1, eval_reserve_min=2.0, budget_min=10.0),
+    # 2 cores, about an hour for 2 seeds of the core arms, the control and the ablations: the quick
+    # start's model (~0.74M parameters) and lengths, the study's data shape, 8 prompts x 8 samples.
+    "cpu": Preset(
+        problems=6000, test_frac=0.15, align_frac=0.2, teacher_frac=0.2, public_error_rate=0.3, spec={},
+        sft=["train.epochs=4"], pairs_limit=448, min_pairs=64, warmup=[],
+        align_steps=20, rl_steps=30, prompts_per_step=8, samples=8, max_new_tokens=160, micro_batch=64,
+        disc_batch=64, eval_batch=64, eval_limit=448, procs_per_gpu=1, threads=1, eval_reserve_min=5.0,
+        budget_min=75.0),
     # 2 H200s, about 7 minutes: a ~22.5M-parameter Qwen3-VL, RL at the spec's 32 prompts x 16 samples
     # (sizes estimated in docs/RESULTS.md, "Stage-2 study").
     "gpu": Preset(
