@@ -2,8 +2,8 @@
 
 Works for every stage: it draws the panels whose metrics the run logged. For the alignment
 stage this is the paper's training-dynamics figure: the teacher-minus-student score gap per
-segment, the discriminator's loss and pair accuracy, the policy's format rate and response
-length, and the per-expert routing load.
+segment, the discriminator's loss and pair accuracy, the policy's format rate, perception
+score (on synthetic problems) and response length, and the per-expert routing load.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ PANELS = [
     ("reward", ["rollout/reward", "rollout/reward_all"]),
     ("accuracy", ["rollout/acc", "eval/acc"]),
     ("format rate", ["rollout/format", "eval/format"]),
+    ("perception score (caption facts right)", ["rollout/perception"]),
     ("response length (tokens)", ["rollout/response_len_mean"]),
     ("SFT loss", ["actor/loss"]),
     ("policy clip fraction", ["actor/clip_frac"]),
@@ -41,14 +42,19 @@ def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [p[0] for p in pts], [float(p[1]) for p in pts]
 
 
+def drawn_panels(rows: list[dict]) -> list[tuple[str, list[str]]]:
+    """The panels of :data:`PANELS` that ``rows`` logged, each with the keys it logged."""
+    panels = [(t, [k for k in keys if _series(rows, k)[0]]) for t, keys in PANELS]
+    return [(t, keys) for t, keys in panels if keys]
+
+
 def plot_run(run_dir: str | Path) -> list[Path]:
     """Write ``training_curves.png`` (and ``expert_load.png`` when routing was logged)."""
     run = Path(run_dir)
     rows = read_metrics(run / "metrics.jsonl")
     if not rows:
         raise FileNotFoundError(f"{run / 'metrics.jsonl'}: no metrics to plot")
-    panels = [(t, [k for k in keys if _series(rows, k)[0]]) for t, keys in PANELS]
-    panels = [(t, keys) for t, keys in panels if keys]
+    panels = drawn_panels(rows)
     out = []
     if panels:
         cols = 3
