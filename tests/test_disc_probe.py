@@ -8,10 +8,11 @@ import sys
 
 import pytest
 
-from conftest import ROOT
 from prism_rl.cli import main
 from prism_rl.data.layouts import read_records
 from prism_rl.models.discriminator import init_discriminator
+
+from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "bench"))
 
