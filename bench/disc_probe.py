@@ -15,6 +15,10 @@ teacher's phrasing gives ``none`` a gap as large as the slips'.
 
     python bench/disc_probe.py --disc RUN/s0/varied/disc/moe/warmup/final --data RUN/data/varied/sft.json \\
         [--limit 150] [--out probe.json]
+
+``--write-pairs OUT.jsonl --data POOL`` (no ``--disc``) writes the pool's teacher-vs-slipped-public
+pairs as warm-up pairs instead: training on them (``prism disc warmup``) tells whether the
+discriminator can learn the content difference at all when nothing else separates the two.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import torch
 
 from prism_rl.config import WarmupDataConfig
 from prism_rl.data.images import configure_images
-from prism_rl.data.layouts import PairRecord, read_records
+from prism_rl.data.layouts import PairRecord, read_records, write_pairs
 from prism_rl.data.records import BadRecords, Record
 from prism_rl.format import SYSTEM_PROMPT, split_text
 from prism_rl.models.discriminator import Discriminator
@@ -98,13 +102,25 @@ def table(results: dict[str, dict[str, dict]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--disc", action="append", required=True, help="a discriminator folder (repeatable)")
+    ap.add_argument("--disc", action="append", default=[], help="a discriminator folder (repeatable)")
     ap.add_argument("--data", action="append", required=True, help="its SFT pool (sft.json), one per --disc")
     ap.add_argument("--name", action="append", help="a label per --disc (default: the folder)")
     ap.add_argument("--limit", type=int, default=150, help="pairs per slip kind (0: all)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--out", help="write the metrics as JSON here")
+    ap.add_argument("--write-pairs", metavar="OUT.jsonl",
+                    help="write --data's teacher vs slipped-public pairs (perception and reasoning) as warm-up pairs")
     a = ap.parse_args(argv)
+    if a.write_pairs:
+        groups = probe_pairs(read_records(a.data[0]))
+        pairs = groups["perception"] + groups["reasoning"]
+        random.Random(0).shuffle(pairs)
+        write_pairs(pairs, a.write_pairs)
+        print(f"{a.write_pairs}: {len(pairs)} pairs ({len(groups['perception'])} perception, "
+              f"{len(groups['reasoning'])} reasoning slips)")
+        return 0
+    if not a.disc:
+        ap.error("--disc is required (or --write-pairs)")
     if len(a.data) != len(a.disc) or (a.name and len(a.name) != len(a.disc)):
         ap.error("give one --data (and, if any, one --name) per --disc")
     torch.manual_seed(0)

@@ -49,3 +49,15 @@ def test_identical_segments_score_a_zero_gap(pools, tiny_model_dir, tmp_path):
     assert res["none"]["cap_acc"] == 0.0                                  # a tie is not "teacher above"
     assert res["reasoning"]["cap_gap"] == 0.0 and res["reasoning"]["reason_gap"] != 0.0
     assert "| x | none | 6 | 0.00 | +0.00 |" in table({"x": res})
+
+
+def test_write_pairs_gives_warmup_pairs_of_the_slipped_demonstrations(pools, tmp_path):
+    from disc_probe import main as probe_main
+
+    from prism_rl.data.layouts import read_pairs
+    groups = probe_pairs(read_records(pools / "teacher" / "sft.json"))
+    out = tmp_path / "slips.jsonl"
+    assert probe_main(["--data", str(pools / "teacher" / "sft.json"), "--write-pairs", str(out)]) == 0
+    back = read_pairs(out)
+    assert len(back) == len(groups["perception"]) + len(groups["reasoning"])
+    assert all(p.teacher_cot != p.student_cot for p in back) and back[0].record.images
