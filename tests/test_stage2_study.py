@@ -144,3 +144,23 @@ def test_a_job_is_redone_when_its_start_policy_changed(tmp_path):
     (tmp_path / "run" / START_FILE).write_text("/rl/checkpoint-4")
     assert _same_start(job, "/rl/checkpoint-4") and not _same_start(job, "/rl/final")
     assert _same_start(Job("sft", ["true"], tmp_path / "x"), None)   # a job without a source
+
+
+def test_paired_compare_of_two_arms_hand_checked(tmp_path):
+    from paired_compare import compare, render
+
+    def write(name, accs):
+        d = tmp_path / name / "heldout-test"
+        d.mkdir(parents=True)
+        d.joinpath("samples.jsonl").write_text("".join(
+            json.dumps({"id": f"p{i}", "acc": a, "perception": 0.5, "tokens": 10, "format": 1.0}) + "\n"
+            for i, a in enumerate(accs)))
+        return str(tmp_path / name)
+
+    # seed 0: A right on p0, p1; B on p0. seed 1: A on p0; B on p0, p2.
+    res = compare([write("a0", [1, 1, 0]), write("a1", [1, 0, 0])], [write("b0", [1, 0, 0]), write("b1", [1, 0, 1])])
+    assert res["a"][0]["acc"] == pytest.approx(2 / 3) and res["b"][1]["acc"] == pytest.approx(2 / 3)
+    # per problem, averaged over the seeds: p0 0, p1 (1 + 0) / 2, p2 (0 - 1) / 2 -> mean 0
+    assert res["acc"]["mean"] == pytest.approx(0.0) and res["acc"]["problems"] == 3
+    assert res["perception"]["mean"] == 0.0 and res["perception"]["lo"] == res["perception"]["hi"] == 0.0
+    assert "A - B acc: +0.0" in render(res, "A", "B")
