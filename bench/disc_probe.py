@@ -35,8 +35,9 @@ import torch
 from prism_rl.config import WarmupDataConfig
 from prism_rl.data.images import configure_images
 from prism_rl.data.layouts import PairRecord, read_records, write_pairs
+from prism_rl.data.pairs import pair_prompt_record
 from prism_rl.data.records import BadRecords, Record
-from prism_rl.format import SYSTEM_PROMPT, split_text
+from prism_rl.format import split_text
 from prism_rl.models.discriminator import Discriminator
 from prism_rl.models.loading import load_processor, special_ids
 from prism_rl.trainers.warmup import evaluate_pairs, pair_inputs
@@ -46,7 +47,7 @@ GROUPS = ("none", "perception", "reasoning")
 
 def probe_pairs(records: list[Record]) -> dict[str, list[PairRecord]]:
     """Per slip kind, (teacher, public) pairs of the problems that have both demonstrations;
-    the prompt is the PRISM system prompt and the problem's own turns."""
+    the prompt is built as ``prism disc pairs`` builds it (``pair_prompt_record``)."""
     by_problem: dict[str, list[Record]] = defaultdict(list)
     for r in records:
         by_problem[r.extra.get("problem_id", r.id)].append(r)
@@ -56,9 +57,7 @@ def probe_pairs(records: list[Record]) -> dict[str, list[PairRecord]]:
         if teacher is None:
             continue
         t = split_text(teacher.response)
-        prompt = Record(id=teacher.id, messages=[{"role": "system", "content": SYSTEM_PROMPT},
-                                                 *(m for m in teacher.messages if m["role"] not in ("system", "assistant"))],
-                        images=teacher.images, ground_truth=teacher.ground_truth, task=teacher.task)
+        prompt = pair_prompt_record(teacher)
         for r in recs:
             kind = r.extra.get("public_error")
             s = split_text(r.response) if r.extra.get("style") == "public" else None

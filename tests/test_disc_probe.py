@@ -9,13 +9,14 @@ import sys
 import pytest
 
 from prism_rl.cli import main
-from prism_rl.data.layouts import read_records
+from prism_rl.data.layouts import read_pairs, read_records
 from prism_rl.models.discriminator import init_discriminator
 
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "bench"))
 
+from disc_probe import main as probe_main  # noqa: E402
 from disc_probe import probe, probe_pairs, table  # noqa: E402
 
 
@@ -52,9 +53,6 @@ def test_identical_segments_score_a_zero_gap(pools, tiny_model_dir, tmp_path):
 
 
 def test_write_pairs_gives_warmup_pairs_of_the_slipped_demonstrations(pools, tmp_path):
-    from disc_probe import main as probe_main
-
-    from prism_rl.data.layouts import read_pairs
     groups = probe_pairs(read_records(pools / "teacher" / "sft.json"))
     out = tmp_path / "slips.jsonl"
     assert probe_main(["--data", str(pools / "teacher" / "sft.json"), "--write-pairs", str(out)]) == 0

@@ -28,7 +28,7 @@ from prism_rl.data.layouts import PairRecord, read_records, write_pairs
 from prism_rl.data.records import BadRecords, DataError, Record
 from prism_rl.format import SYSTEM_PROMPT, split_text
 
-__all__ = ["build_pairs"]
+__all__ = ["build_pairs", "pair_prompt_record"]
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def build_pairs(curated_path: str | Path, policy_samples_path: str | Path,
             bad.add(where, "student response is format-invalid")
             continue
         rec, (t_caption, t_cot) = found
-        pairs.append(PairRecord(record=_prompt_record(rec), teacher_caption=t_caption,
+        pairs.append(PairRecord(record=pair_prompt_record(rec), teacher_caption=t_caption,
                                 student_caption=student[0], teacher_cot=t_cot,
                                 student_cot=student[1]))
     write_pairs(pairs, out_path)
@@ -71,7 +71,7 @@ def _teacher_segments(rec: Record) -> tuple[str, str]:
     return split
 
 
-def _prompt_record(rec: Record) -> Record:
+def pair_prompt_record(rec: Record) -> Record:
     """The pair's prompt: the PRISM system prompt and the problem's own turns, no target."""
     messages = [{"role": "system", "content": SYSTEM_PROMPT},
                 *(dict(m) for m in rec.messages if m["role"] != "system")]
