@@ -47,7 +47,8 @@ def share_kept(ro: Rollouts | None, sc: dict | None, pad_id: int) -> tuple[Rollo
         return None, None
     ro = concat_rollouts([p[0] for p in parts], pad_id)
     sc = {k: torch.cat([p[1][k] for p in parts]) for k in parts[0][1]}
-    groups = sorted(set(ro.group_ids.tolist()))
+    ids = ro.group_ids.tolist()
+    groups = sorted(set(ids))
     usable = len(groups) - len(groups) % D.world()
     if usable < len(groups):
         log.warning("dynamic sampling kept %d groups, not a multiple of the %d processes: training on the first %d",
@@ -55,8 +56,8 @@ def share_kept(ro: Rollouts | None, sc: dict | None, pad_id: int) -> tuple[Rollo
     if usable == 0:
         return None, None
     groups = groups[:usable]
-    first_row = {g: ro.group_ids.tolist().index(g) for g in groups}
+    first_row = {g: ids.index(g) for g in groups}
     cost = [float(ro.prompt_mask[first_row[g]].sum()) for g in groups]
     mine = {groups[i] for i in D.my_share(cost)}
-    rows = sorted((i for i, g in enumerate(ro.group_ids.tolist()) if g in mine), key=lambda i: (int(ro.group_ids[i]), i))
+    rows = sorted((i for i, g in enumerate(ids) if g in mine), key=lambda i: (ids[i], i))
     return ro.select(rows), {k: v[rows] for k, v in sc.items()}
