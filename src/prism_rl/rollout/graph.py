@@ -48,19 +48,14 @@ from ..models.mrope import mrope_position_ids
 from . import kernels
 from .base import Rollouts, SamplingParams, concat_rollouts, sampled_rollouts
 from .fused import FusedDecoder, unfusable_reason
-from .noise import gumbel, row_key, top_p_filter
+from .noise import gumbel, prompt_keys_or_default, row_keys, top_p_filter
 
 ATTN_BUCKET = 256   # attention lengths are rounded up to a multiple of this (one graph each)
 
 
 def _prompt_keys(params: SamplingParams, prompts: int) -> list[int] | None:
     """The prompts' noise keys of a per-row seeded call (default 0, 1, ...), else None."""
-    if params.seed is None:
-        return None
-    keys = list(params.prompt_keys) if params.prompt_keys is not None else list(range(prompts))
-    if len(keys) != prompts:
-        raise ValueError(f"prompt_keys has {len(keys)} keys for {prompts} prompts")
-    return keys
+    return None if params.seed is None else prompt_keys_or_default(params.prompt_keys, prompts)
 
 
 def _bucket(n: int, step: int) -> int:
@@ -316,7 +311,7 @@ class GraphEngine:
         when the call is not per-row seeded (``params.seed``) or is greedy."""
         if params.seed is None or params.temperature == 0:
             return None
-        keys = [row_key(params.seed, k, j) for k in params.prompt_keys for j in range(params.n)]
+        keys = row_keys(params.seed, params.prompt_keys, params.n)
         return torch.tensor(keys + [0], dtype=torch.int64, device=self.device)
 
     def _sample(self, logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None, t: int = 0,

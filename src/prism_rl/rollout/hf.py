@@ -13,7 +13,7 @@ from transformers import LogitsProcessorList
 from ..data.processing import Encoded, collate
 from ..models.loading import special_ids, vision_token_ids
 from .base import Rollouts, SamplingParams, sampled_rollouts
-from .noise import RowNoise, row_key
+from .noise import RowNoise, prompt_keys_or_default, row_keys
 
 
 class HFEngine:
@@ -68,8 +68,6 @@ class HFEngine:
     def _row_noise(self, prompts: list[Encoded], params: SamplingParams, inputs: dict) -> RowNoise:
         """Per-row seeded sampling (``noise.RowNoise``): row ``i*n + j`` (sample j of prompt i)
         keyed by ``row_key(params.seed, prompt_keys[i], j)``."""
-        keys = params.prompt_keys if params.prompt_keys is not None else list(range(len(prompts)))
-        if len(keys) != len(prompts):
-            raise ValueError(f"prompt_keys has {len(keys)} keys for {len(prompts)} prompts")
-        rows = torch.tensor([row_key(params.seed, k, j) for k in keys for j in range(params.n)], dtype=torch.int64)
+        keys = prompt_keys_or_default(params.prompt_keys, len(prompts))
+        rows = torch.tensor(row_keys(params.seed, keys, params.n), dtype=torch.int64)
         return RowNoise(rows, inputs["input_ids"].shape[1], params.temperature, params.top_p)

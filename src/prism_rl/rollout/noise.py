@@ -51,6 +51,20 @@ def row_key(seed: int, prompt_key: int, sample: int) -> int:
     return combine(seed, prompt_key, sample)
 
 
+def prompt_keys_or_default(prompt_keys: list[int] | None, prompts: int) -> list[int]:
+    """The prompts' keys of a seeded call: ``prompt_keys`` (their places in the global batch),
+    by default ``0 .. prompts-1``; a count that does not match raises ``ValueError``."""
+    keys = list(prompt_keys) if prompt_keys is not None else list(range(prompts))
+    if len(keys) != prompts:
+        raise ValueError(f"prompt_keys has {len(keys)} keys for {prompts} prompts")
+    return keys
+
+
+def row_keys(seed: int, prompt_keys: list[int], n: int) -> list[int]:
+    """Row ``i*n + j`` (sample j of prompt i): ``row_key(seed, prompt_keys[i], j)``."""
+    return [row_key(seed, k, j) for k in prompt_keys for j in range(n)]
+
+
 def gumbel(keys: torch.Tensor, position: int, vocab: int) -> torch.Tensor:
     """(B, V) standard Gumbel noise, entry (b, v) a function of (keys[b], position, v) only:
     ``u = (mix32(mix32(k_b ^ mix32(t + GOLDEN)) ^ v*GOLDEN) + 1/2) / 2^32``, ``G = -log(-log u)``."""
