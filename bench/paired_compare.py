@@ -1,11 +1,12 @@
-"""Compare two arms evaluated outside the study harness: per seed and mean ± std of accuracy and
+"""Compare two arms that one study's report does not pair (``prism eval`` runs made outside the
+study harness, or arms of two study folders): per seed and mean ± std of accuracy and
 perception, and the paired per-problem bootstrap interval of A minus B (``stage2_report``'s
 statistics: each problem's difference averaged over the seeds both arms have).
 
 Each arm is a list of ``prism eval`` run folders (or their ``samples.jsonl``),
 one per seed, in seed order:
 
-    python bench/paired_compare.py --a runs/content/eval/prism_grpo_content_s{0,1,2} \\
+    python bench/paired_compare.py --a runs/other/eval/prism_grpo_s{0,1,2} \\
         --b runs/s2cpu/eval/grpo_s{0,1,2}/heldout-test [--a-name X --b-name Y]
 """
 

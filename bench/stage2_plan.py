@@ -11,11 +11,16 @@ An *arm* is one pipeline whose final policy is evaluated on the shared held-out 
   ``dense`` (no upcycling), ``textonly`` (never sees the image), ``nowarmup`` (the upcycled
   discriminator aligned against without warm-up);
 * ``sft_varied`` / ``grpo_varied`` / ``prism_grpo_varied``: the control, on data whose public
-  demonstrations are in other templates than the teacher's (style-mismatched).
+  demonstrations are in other templates than the teacher's (style-mismatched);
+* ``aligned_content`` / ``prism_grpo_content``: ``aligned`` / ``prism_grpo`` against the
+  ``content`` discriminator: the same MoE init, warmed up not on the SFT policy's samples but on
+  pairs that differ in content only (the teacher's demonstration against a public one with one
+  perception or reasoning slip, in the teacher's template), from a second synthetic pool
+  (``data/content``, ``bench/disc_probe.py --write-pairs``).
 
 Every seed has its own tiny model init, SFT, warm-up pairs, discriminators and RL runs; the
 data (and so the held-out problems) are shared by all seeds and arms, which makes the
-comparison paired per problem.
+comparison paired per problem. The content pool and its pairs are data too: shared by all seeds.
 """
 
 from __future__ import annotations
@@ -29,7 +34,16 @@ from pathlib import Path
 ALGOS = ("grpo", "dapo", "gspo")
 DISC_VARIANTS = {"moe": [], "segment": ["--routing", "segment"], "dense": ["--dense"], "textonly": ["--text-only"]}
 ABLATIONS = ("segment", "dense", "textonly", "nowarmup")
+INIT_OF = {"nowarmup": "moe", "content": "moe"}   # variants that reuse another variant's discriminator init
 CONFIGS = Path("configs/quickstart")
+BENCH = Path(__file__).resolve().parent
+
+# The synthetic pools (``prism data synth``): seed, teacher share of the SFT problems, public slip
+# rate (None: the preset's) and public style. ``content`` is another draw than the study's
+# (seed 1) in which every SFT problem has the teacher's demonstration and a public one with one
+# slip in the teacher's template, so that its pairs differ in content and in nothing else.
+POOLS = {"matched": (0, None, None, "teacher"), "varied": (0, None, None, "varied"),
+         "content": (1, 1.0, 1.0, "teacher")}
 
 
 @dataclass(frozen=True)
@@ -39,7 +53,7 @@ class Arm:
 
     name: str
     data: str = "matched"
-    disc: str | None = None   # moe | segment | dense | textonly | nowarmup
+    disc: str | None = None   # moe | segment | dense | textonly | nowarmup | content
     algo: str | None = None
 
 
@@ -50,6 +64,7 @@ def _arms() -> dict[str, Arm]:
     arms += [Arm(f"prism_grpo_{v}", disc=v, algo="grpo") for v in ABLATIONS]
     arms += [Arm("sft_varied", data="varied"), Arm("grpo_varied", data="varied", algo="grpo"),
              Arm("prism_grpo_varied", data="varied", disc="moe", algo="grpo")]
+    arms += [Arm("aligned_content", disc="content"), Arm("prism_grpo_content", disc="content", algo="grpo")]
     return {a.name: a for a in arms}
 
 
@@ -163,10 +178,12 @@ class Planner:
         return self.ov.get(stage, [])
 
     def data(self, v: str, arm: str) -> str:
+        """The synthetic pool ``v`` of ``POOLS``, at the preset's size and splits."""
         p, d = self.p, self.out / "data" / v
-        argv = prism(1, "data", "synth", "--out", d, "--n", p.problems, "--seed", 0, "--test-frac", p.test_frac,
-                     "--align-frac", p.align_frac, "--teacher-frac", p.teacher_frac, "--public-error-rate",
-                     p.public_error_rate, "--public-style", "teacher" if v == "matched" else "varied")
+        seed, teacher, slips, style = POOLS[v]
+        argv = prism(1, "data", "synth", "--out", d, "--n", p.problems, "--seed", seed, "--test-frac", p.test_frac,
+                     "--align-frac", p.align_frac, "--teacher-frac", p.teacher_frac if teacher is None else teacher,
+                     "--public-error-rate", p.public_error_rate if slips is None else slips, "--public-style", style)
         return self.add(Job(f"data-{v}", argv, d / "stats.json", gpu=False), arm)
 
     def sft(self, v: str, s: int, arm: str, prio: int) -> str:
@@ -181,24 +198,39 @@ class Planner:
         return self.add(Job(f"sft-{v}-s{s}", argv, root / "sft" / "final" / "config.json", [tiny], priority=prio), arm)
 
     def disc(self, v: str, s: int, variant: str, arm: str, prio: int) -> tuple[str, Path]:
-        """The discriminator the alignment plays against: warmed up, or (``nowarmup``) just upcycled."""
+        """The discriminator the alignment plays against: warmed up on the SFT policy's pairs, on
+        the content pool's (``content``), or (``nowarmup``) just upcycled."""
         p, root = self.p, self.out / f"s{s}" / v
         sft = self.sft(v, s, arm, prio)
-        kind = "moe" if variant == "nowarmup" else variant
+        kind = INIT_OF.get(variant, variant)
         init = root / "disc" / kind / "init"
         init_job = self.add(Job(f"disc-init-{kind}-{v}-s{s}", prism(1, "disc", "init", "--from", root / "sft" / "final",
                                                                      "--out", init, "--seed", s, *DISC_VARIANTS[kind]),
                                 init / "prism_discriminator.json", [sft], gpu=False, priority=prio), arm)
         if variant == "nowarmup":
             return init_job, init
-        pairs = self.add(self._pairs(v, s, sft, prio), arm)
-        warm = root / "disc" / kind / "warmup"
+        if variant == "content":
+            pairs, pairs_file = self.content_pairs(arm)
+        else:
+            pairs, pairs_file = self.add(self._pairs(v, s, sft, prio), arm), root / "pairs.jsonl"
+        warm = root / "disc" / variant / "warmup"
         argv = prism(p.threads, "disc", "warmup", "--config", CONFIGS / "warmup.yaml", f"disc.path={init}",
-                     f"data.train={root / 'pairs.jsonl'}", f"output_dir={warm}", f"train.seed={s}", *p.warmup,
+                     f"data.train={pairs_file}", f"output_dir={warm}", f"train.seed={s}", *p.warmup,
                      *self._x("warmup"))
-        job = self.add(Job(f"warmup-{kind}-{v}-s{s}", argv, warm / "final" / "prism_discriminator.json",
+        job = self.add(Job(f"warmup-{variant}-{v}-s{s}", argv, warm / "final" / "prism_discriminator.json",
                            [init_job, pairs], priority=prio), arm)
         return job, warm / "final"
+
+    def content_pairs(self, arm: str) -> tuple[str, Path]:
+        """The content discriminator's warm-up pairs, one file for every seed: the content pool's
+        teacher demonstrations against its slipped public ones (``disc_probe.py --write-pairs``;
+        its report of what was written and skipped, written last, marks the job done)."""
+        d = self.out / "data" / "content"
+        dep = self.data("content", arm)
+        argv = [sys.executable, BENCH / "disc_probe.py", "--data", d / "sft.json", "--write-pairs", d / "pairs.jsonl",
+                "--out", d / "pairs.report.json"]
+        job = Job("pairs-content", list(map(str, argv)), d / "pairs.report.json", [dep], gpu=False)
+        return self.add(job, arm), d / "pairs.jsonl"
 
     def _pairs(self, v: str, s: int, sft: str, prio: int) -> Job:
         """Warm-up pairs: the teacher's segments against the SFT policy's samples (``prism disc
@@ -209,7 +241,7 @@ class Planner:
         argv = prism(p.threads, "disc", "pairs", "--policy", root / "sft" / "final", "--data", d / "align.parquet",
                      "--out", root / "pairs.jsonl", "--max-new-tokens", p.max_new_tokens, "--limit", p.pairs_limit,
                      "--seed", s, "--batch-prompts", p.eval_batch)
-        code = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); from stage2_plan import "
+        code = (f"import sys; sys.path.insert(0, {str(BENCH)!r}); from stage2_plan import "
                 f"top_up_pairs; top_up_pairs({str(root / 'pairs.jsonl')!r}, {str(d / 'align.parquet')!r}, "
                 f"{p.pairs_limit}, {p.min_pairs})")
         chain = " && ".join(" ".join(map(shlex.quote, map(str, c))) for c in (argv, [sys.executable, "-c", code]))

@@ -126,6 +126,9 @@ def comparisons(arms: list[str]) -> list[tuple[str, str, str]]:
     out += [(f"prism_{a}", a, f"PRISM+{a.upper()} beats SFT+{a.upper()} at matched compute") for a in ALGOS]
     out += [(f"prism_grpo_{v}", "prism_grpo", f"ablation {v}: differs from the MoE discriminator") for v in ABLATIONS]
     out += [("prism_grpo_varied", "grpo_varied", "control (style-mismatched public data): PRISM+GRPO vs SFT+GRPO")]
+    out += [("aligned_content", "sft", "content discriminator: stage 2 repairs the SFT policy's perception"),
+            ("prism_grpo_content", "grpo", "content discriminator: PRISM+GRPO beats SFT+GRPO at matched compute"),
+            ("prism_grpo_content", "prism_grpo", "content discriminator: differs from the study's warm-up")]
     return [c for c in out if c[0] in arms and c[1] in arms]
 
 
@@ -168,7 +171,7 @@ def collect(out: Path, preset, arms: list[str], seeds: list[int], state: dict, j
                 mean, lo, hi = paired_bootstrap_ci(diffs)
                 entry[m] = {"mean": mean, "lo": lo, "hi": hi, "n_problems": len(diffs), "seeds": common}
         if "acc" in entry:
-            key = "perception" if a == "aligned" and "perception" in entry else "acc"
+            key = "perception" if a.startswith("aligned") and "perception" in entry else "acc"
             entry["verdict"] = verdict(entry[key]["lo"], entry[key]["hi"], key)
         res["comparisons"].append(entry)
     res["alignment"] = alignment_dynamics(out, seeds)

@@ -1,5 +1,6 @@
 """bench/stage2_study.py, the stage-2 study harness (issue 16): the paired bootstrap interval,
-the job graph's matched compute and shared stages, and (slow) a CPU run end to end."""
+the job graph's matched compute and shared stages, the content discriminator's arms, and (slow)
+a CPU run end to end."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "bench"))
 
+from disc_probe import build_parser as probe_parser  # noqa: E402
 from stage2_plan import ARMS, PRESETS, Job, Planner, planned_steps, resolve_policy  # noqa: E402
 from stage2_report import comparisons, mean_std, paired_bootstrap_ci, paired_diffs, verdict  # noqa: E402
 from stage2_study import START_FILE, _same_start, chain_lengths  # noqa: E402
@@ -79,6 +81,73 @@ def test_plan_matches_compute_and_shares_stages(tmp_path):
                                                    ("prism_grpo_nowarmup", "prism_grpo")]
 
 
+def test_content_arms_run_the_content_pool_and_its_slip_pairs(tmp_path):
+    """The content discriminator's arms at the cpu preset: the commands the one-off script of
+    the first CPU study ran (its measured numbers are in docs/RESULTS.md), in the study's graph."""
+    arms = ["prism_grpo", "aligned_content", "prism_grpo_content"]
+    jobs = Planner(tmp_path, PRESETS["cpu"], arms, [0, 1], {"warmup": ["optim.lr=1e-4"]}).plan()
+    d = tmp_path / "data" / "content"
+    data = jobs["data-content"]
+    assert data.argv[data.argv.index("data"):] == [
+        "data", "synth", "--out", str(d), "--n", "6000", "--seed", "1", "--test-frac", "0.15", "--align-frac", "0.2",
+        "--teacher-frac", "1.0", "--public-error-rate", "1.0", "--public-style", "teacher"]
+    pairs = jobs["pairs-content"]   # one pairs file for every seed, from the content pool
+    assert pairs.argv[1:] == [str(ROOT / "bench" / "disc_probe.py"), "--data", str(d / "sft.json"),
+                              "--write-pairs", str(d / "pairs.jsonl"), "--out", str(d / "pairs.report.json")]
+    assert pairs.deps == ["data-content"] and pairs.done == d / "pairs.report.json" and not pairs.gpu
+    assert pairs.arms == {"aligned_content", "prism_grpo_content"} and jobs["pairs-matched-s0"].arms == {"prism_grpo"}
+    for s in (0, 1):
+        root = tmp_path / f"s{s}" / "matched"
+        warm, align = jobs[f"warmup-content-matched-s{s}"], jobs[f"align-content-matched-s{s}"]
+        assert warm.deps == [f"disc-init-moe-matched-s{s}", "pairs-content"]   # the study's MoE init
+        assert _arg(warm.argv, "disc.path") == str(root / "disc" / "moe" / "init")
+        assert _arg(warm.argv, "data.train") == str(d / "pairs.jsonl") and "optim.lr=1e-4" in warm.argv
+        assert _arg(warm.argv, "output_dir") == str(root / "disc" / "content" / "warmup")
+        assert align.deps == [warm.name] and _arg(align.argv, "disc.path") == str(root / "disc" / "content" / "warmup" / "final")
+        rl, base_rl = jobs[f"rl-prism_grpo_content-s{s}"], jobs[f"rl-prism_grpo-s{s}"]
+        assert rl.deps == [align.name] and rl.source == ("align", root / "align" / "content")
+        # everything else as the prism_grpo arm: 20 alignment + 30 GRPO steps at 8 x 8, 160 new tokens
+        assert _but(align.argv, "disc.path", "output_dir") == _but(jobs[f"align-moe-matched-s{s}"].argv, "disc.path",
+                                                                   "output_dir")
+        assert _but(rl.argv, "output_dir") == _but(base_rl.argv, "output_dir")
+        assert [_arg(align.argv, k) for k in ("train.steps", "rollout.prompts_per_step", "rollout.n",
+                                              "rollout.max_new_tokens")] == ["20", "8", "8", "160"]
+        assert _arg(rl.argv, "train.steps") == "30" and _arg(align.argv, "model.path") == str(root / "sft" / "final")
+        for arm, dep in (("aligned_content", align.name), ("prism_grpo_content", rl.name)):
+            ev = jobs[f"eval-{arm}-s{s}"]
+            assert ev.deps == [dep] and ev.argv[ev.argv.index("--name") + 1] == f"{arm}_s{s}"
+            assert ev.argv[ev.argv.index("--data") + 1] == str(tmp_path / "data" / "matched" / "test.parquet")
+            assert "data.limit=448" in ev.argv
+    assert planned_steps(PRESETS["cpu"], ARMS["aligned_content"]) == {"align": 20, "rl": 0}
+    assert planned_steps(PRESETS["cpu"], ARMS["prism_grpo_content"]) == {"align": 20, "rl": 30}
+    assert chain_lengths(jobs)["data-content"] == 5   # content pool, pairs, warm-up, alignment, RL, eval
+    assert [c[:2] for c in comparisons(arms + ["sft", "grpo"])] == [
+        ("prism_grpo", "grpo"), ("aligned_content", "sft"), ("prism_grpo_content", "grpo"),
+        ("prism_grpo_content", "prism_grpo")]
+
+
+def test_content_warmup_is_the_measured_two_epochs_and_scales_with_the_preset(tmp_path):
+    from prism_rl.cli import build_parser
+    from prism_rl.config import WarmupConfig, load_config
+
+    for name, p in PRESETS.items():
+        jobs = Planner(tmp_path / name, p, ["prism_grpo_content"], [0], {}).plan()
+        argv = jobs["data-content"].argv
+        assert argv[argv.index("--n") + 1] == str(p.problems) and argv[argv.index("--test-frac") + 1] == str(p.test_frac)
+        warm = jobs["warmup-content-matched-s0"].argv
+        assert _but(warm, "disc.path", "data.train", "output_dir") == _but(
+            Planner(tmp_path / name, p, ["prism_grpo"], [0], {}).plan()["warmup-moe-matched-s0"].argv,
+            "disc.path", "data.train", "output_dir")   # the preset's warm-up settings, as for the study's pairs
+        a = build_parser().parse_args(warm[warm.index("prism_rl.cli") + 1:])
+        cfg = load_config(WarmupConfig, ROOT / a.config, a.overrides)
+        assert cfg.train.epochs == 2   # the script's explicit train.epochs=2 is the config's (and presets') value
+
+
+def _but(argv: list[str], *keys: str) -> list[str]:
+    """``argv`` without the ``key=value`` overrides of ``keys`` (what two jobs may differ in)."""
+    return [a for a in argv if a.split("=", 1)[0] not in keys]
+
+
 def test_resolve_policy_prefers_final_then_newest_checkpoint(tmp_path):
     run = tmp_path / "align"
     assert resolve_policy("align", run) == (None, None)
@@ -125,6 +194,9 @@ def test_gpu_preset_commands_parse_and_their_configs_load(tmp_path):
     classes = {"sft": SFTConfig, "warmup": WarmupConfig, "align": AlignConfig, "rl": RLConfig, "eval": EvalConfig}
     loaded = set()
     for job in jobs.values():
+        if job.argv[1].endswith("disc_probe.py"):   # the content pairs: a bench script, not the CLI
+            assert probe_parser().parse_args(job.argv[2:]).write_pairs
+            continue
         argv = job.argv if job.argv[0] != "sh" else job.argv[2].split(" && ")[0].split()
         cli = [x.replace("{policy}", str(tmp_path / "policy")) for x in argv[argv.index("prism_rl.cli") + 1:]]
         a = build_parser().parse_args(cli)
