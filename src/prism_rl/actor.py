@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable
+from contextlib import nullcontext
 
 import torch
 
@@ -32,6 +33,7 @@ from . import distributed as D
 from .config import PPOConfig
 from .models.loading import autocast_for
 from .models.logprobs import response_logprobs
+from .models.shared_vision import shared_vision
 from .rollout.base import Rollouts, micro_batch
 
 log = logging.getLogger(__name__)
@@ -83,19 +85,23 @@ def on_policy(ppo: PPOConfig) -> bool:
 
 
 def sequence_logprobs(model, ro: Rollouts, micro: int, device: torch.device, *, temperature: float = 1.0,
-                      with_entropy: bool = False, chunk: int = 2048, token_budget: int | None = None):
+                      with_entropy: bool = False, chunk: int = 2048, token_budget: int | None = None,
+                      share_vision: bool = True):
     """No-grad per-token log-probs (and entropy) of every rollout row, (B, R), 0 off the
     response; computed in length-sorted micro-batches of ``micro`` padded rows, or packed to
-    ``token_budget`` tokens (:func:`split_micro`)."""
+    ``token_budget`` tokens (:func:`split_micro`). With ``share_vision`` the vision tower runs
+    once per distinct image of the batch (``models/shared_vision.py``), not once per row."""
     B, R = ro.response_ids.shape
     logp = torch.zeros(B, R)
     ent = torch.zeros(B, R)
     with torch.no_grad(), autocast_for(device):
+        shared = shared_vision(model, ro, list(range(B)), device) if share_vision else None
         for rows, real in same_count(split_micro(ro, by_length(ro, range(B)), micro, token_budget)):
             batch, P, mask = micro_batch(ro, rows)
             batch = {k: v.to(device) for k, v in batch.items()}
-            out = response_logprobs(model, batch, P, temperature=temperature, chunk_size=chunk,
-                                    with_entropy=with_entropy, packed=token_budget is not None)
+            with shared.serving(rows) if shared else nullcontext():
+                out = response_logprobs(model, batch, P, temperature=temperature, chunk_size=chunk,
+                                        with_entropy=with_entropy, packed=token_budget is not None)
             if not real:  # distributed: a repeat that keeps the ranks' forward counts equal
                 continue
             lp, en = out if with_entropy else (out, None)
@@ -108,18 +114,19 @@ def sequence_logprobs(model, ro: Rollouts, micro: int, device: torch.device, *, 
 
 def _micro_loss(model, ro: Rollouts, rows: list[int], adv: torch.Tensor, old_lp: torch.Tensor | None, ppo: PPOConfig,
                 device: torch.device, temperature: float, chunk: int, kl_coef: float,
-                ref_lp: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, float]]:
+                ref_lp: torch.Tensor | None, shared=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, float]]:
     """(policy loss aggregated as ``ppo.agg`` says, token-mean regulariser, response mask,
     metrics) of one micro-batch. The regulariser is ``kl_coef * KL - entropy_coef * H`` averaged
     over the micro-batch's tokens: a token mean whatever ``agg``, so the caller weighs it by
     token share. ``old_lp=None``: the old log-probs are this forward's own, detached; the
-    metrics then add ``entropy_sum``, the summed entropy of the micro-batch's response tokens."""
+    metrics then add ``entropy_sum``, the summed entropy of the micro-batch's response tokens.
+    ``shared``: the mini-batch's :class:`~prism_rl.models.shared_vision.SharedVision`, if any."""
     batch, P, mask = micro_batch(ro, rows)
     batch = {k: v.to(device) for k, v in batch.items()}
     mask = mask.to(device)
     Rm = mask.shape[1]
     want_ent = ppo.entropy_coef > 0 or old_lp is None
-    with autocast_for(device):
+    with autocast_for(device), shared.serving(rows) if shared else nullcontext():
         out = response_logprobs(model, batch, P, temperature=temperature, chunk_size=chunk,
                                 with_entropy=want_ent, packed=ppo.micro_token_budget is not None)
     lp, ent = out if want_ent else (out, None)
@@ -143,7 +150,7 @@ def _micro_loss(model, ro: Rollouts, rows: list[int], adv: torch.Tensor, old_lp:
 def ppo_update(model, opt: torch.optim.Optimizer, sched, ro: Rollouts, adv: torch.Tensor, old_lp: torch.Tensor | None,
                ppo: PPOConfig, grad_clip: float, device: torch.device, *, temperature: float = 1.0,
                kl_coef: float = 0.0, ref_lp: torch.Tensor | None = None, seed: int = 0,
-               chunk: int = 2048) -> dict[str, float]:
+               chunk: int = 2048, share_vision: bool = True) -> dict[str, float]:
     """PPO-clip updates: ``ppo_epochs`` passes over ``mini_batches`` shuffled mini-batches.
 
     Each mini-batch's loss is aggregated exactly as if it were one batch: its micro-batches
@@ -162,6 +169,10 @@ def ppo_update(model, opt: torch.optim.Optimizer, sched, ro: Rollouts, adv: torc
     Under torchrun each rank holds its share of the rollouts (whole groups); a mini-batch is the
     union of the ranks' k-th mini-batches, and its token (or row) count is summed over ranks,
     so the loss is the global one: with one mini-batch, N processes give the 1-process update.
+
+    ``share_vision``: the vision tower runs once per distinct image of a mini-batch (a GRPO
+    group's n rows share one), its features shared by the micro-batches and its gradient
+    back-propagated once, summed over the uses (``models/shared_vision.py``); same update.
     """
     if old_lp is None and not on_policy(ppo):
         raise ValueError(f"old_lp=None (old log-probs from the update's own forward) needs one PPO epoch and one "
@@ -178,9 +189,10 @@ def ppo_update(model, opt: torch.optim.Optimizer, sched, ro: Rollouts, adv: torc
         for mb in [perm[i:i + size] for i in range(0, B, size)]:
             mb = by_length(ro, mb)
             tokens, n_rows = D.all_reduce_sum(float(ro.response_mask[mb].sum()), len(mb))  # global normalisers
+            shared = shared_vision(model, ro, mb, device) if share_vision else None
             for rows, real in same_count(split_micro(ro, mb, ppo.micro_batch_size, ppo.micro_token_budget)):
                 loss, reg, mask, m = _micro_loss(model, ro, rows, adv, old_lp, ppo, device, temperature, chunk,
-                                                 kl_coef, ref_lp)
+                                                 kl_coef, ref_lp, shared)
                 w_tok = float(mask.sum()) / tokens
                 w = w_tok if ppo.agg == "token-mean" else len(rows) / n_rows
                 total = loss * w + reg * w_tok
@@ -191,6 +203,8 @@ def ppo_update(model, opt: torch.optim.Optimizer, sched, ro: Rollouts, adv: torc
                 for k, v in m.items():
                     sums[k] = sums.get(k, 0.0) + float(v) * (w_tok if k == "kl" else w)
                 sums["pg_loss"] = sums.get("pg_loss", 0.0) + float(total.detach())
+            if shared is not None:
+                shared.backward()   # the tower's gradient, summed over every row that showed each image
             _apply(params, opt, sched, grad_clip, sums, len(mb))
             n_updates += 1
     skips = int(sums.pop("nonfinite_grad_skips", 0))

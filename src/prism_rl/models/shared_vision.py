@@ -1,0 +1,217 @@
+"""One vision-tower pass per distinct image of a rollout batch, shared by the rows that show it.
+
+A GRPO group is one prompt sampled ``n`` times, so a batch of ``prompts x n`` rows holds each
+image ``n`` times, and the training forward would run the vision tower on every copy. Here the
+tower runs once per distinct image and every row's forward reads those features instead:
+
+- :func:`distinct_images` finds the copies: images of rows with the same ``group_ids`` whose
+  grids and patches are equal (compared, not assumed, so a caller that reuses group ids for
+  different prompts gets no wrong sharing - only less of it);
+- :class:`SharedVision` computes the distinct images' features (the merged image embeddings and
+  the deepstack features) and, inside :meth:`SharedVision.serving`, patches the model's
+  ``get_image_features`` to hand each micro-batch the slices of those features for its rows.
+
+With gradients (``train=True``) the features are leaves: every micro-batch's backward adds its
+share of d loss / d feature into their ``.grad``, and :meth:`SharedVision.backward` then runs the
+tower once more on the distinct images and back-propagates the summed gradients through it, a
+chunk of images at a time. By the chain rule the tower's gradient is the sum over the feature's
+uses, so this equals the per-row computation up to float summation order; the tower's work drops
+from ``rows`` images to ``distinct`` images times (forward + forward + backward), ~n-fold for
+GRPO groups of n. The memory it holds between micro-batches is the features and their
+gradients (tokens x hidden per feature level), not the tower's activations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from .loading import autocast_for
+
+
+def vision_owner(model) -> torch.nn.Module | None:
+    """The module that owns the vision tower as a child named ``visual`` and has
+    ``get_image_features`` (``Qwen3VLModel``, also under a PEFT wrapper), or None."""
+    for m in model.modules():
+        if "visual" in m._modules and callable(getattr(m, "get_image_features", None)):
+            return m
+    return None
+
+
+def distinct_images(ro, rows: list[int]) -> tuple[list[int], list[int]]:
+    """``(image_of, firsts)`` for the images of ``rows`` in row order: ``image_of[i]`` is the
+    position in ``firsts`` of image i's distinct copy, ``firsts`` the global image index (into
+    ``ro.image_grid_thw``) of each distinct image's first occurrence. Two images are the same
+    when their rows share a group id, they sit at the same position in their rows, and their
+    grids and patches are equal."""
+    per_row, imgs_per_row = ro.extras["patches_per_row"], ro.extras["images_per_row"]
+    img_off = [0]
+    for k in imgs_per_row:
+        img_off.append(img_off[-1] + k)
+    patches = ro.image_grid_thw.prod(-1).tolist()
+    p_off = [0]
+    for p in patches:
+        p_off.append(p_off[-1] + p)
+    assert p_off[-1] == sum(per_row), "patches_per_row does not match image_grid_thw"
+    groups = ro.group_ids.tolist()
+    seen: dict[tuple[int, int], list[int]] = {}   # (group, position in row) -> distinct slots
+    image_of: list[int] = []
+    firsts: list[int] = []
+    for r in rows:
+        for pos in range(imgs_per_row[r]):
+            g = img_off[r] + pos
+            slot = next((s for s in seen.get((groups[r], pos), []) if _same(ro, p_off, firsts[s], g)), None)
+            if slot is None:
+                slot = len(firsts)
+                firsts.append(g)
+                seen.setdefault((groups[r], pos), []).append(slot)
+            image_of.append(slot)
+    return image_of, firsts
+
+
+def _same(ro, p_off: list[int], a: int, b: int) -> bool:
+    if a == b:
+        return True
+    return (torch.equal(ro.image_grid_thw[a], ro.image_grid_thw[b])
+            and torch.equal(ro.pixel_values[p_off[a]:p_off[a + 1]], ro.pixel_values[p_off[b]:p_off[b + 1]]))
+
+
+def shared_vision(model, ro, rows: list[int], device: torch.device, *, chunk: int = 32) -> SharedVision | None:
+    """A :class:`SharedVision` for ``rows`` when it saves work - the rows hold images and some
+    are copies - else None (the forwards then run the tower per row as before). Gradients flow
+    into the tower when grad mode is on and any tower parameter requires one. Not under
+    torchrun: FSDP2 gathers the tower's parameters in the whole model's forward only."""
+    from .. import distributed as D
+    if ro.pixel_values is None or D.is_distributed():
+        return None
+    owner = vision_owner(model)
+    if owner is None:
+        return None
+    image_of, firsts = distinct_images(ro, rows)
+    if len(firsts) == len(image_of):
+        return None
+    train = torch.is_grad_enabled() and any(p.requires_grad for p in owner.visual.parameters())
+    return SharedVision(model, ro, rows, device, train=train, chunk=chunk, distinct=(image_of, firsts))
+
+
+class SharedVision:
+    """The vision features of ``rows``' distinct images, served to the forwards of those rows.
+
+    ``chunk``: images per vision-tower call when computing or back-propagating (bounds the
+    tower's activation memory whatever the number of distinct images).
+    """
+
+    def __init__(self, model, ro, rows: list[int], device: torch.device, *, train: bool, chunk: int = 32,
+                 distinct: tuple[list[int], list[int]] | None = None):
+        self.owner = vision_owner(model)
+        if self.owner is None:
+            raise ValueError("SharedVision needs a model with a vision tower (a `visual` child and get_image_features)")
+        self.device, self.train, self.chunk = device, train, chunk
+        self.image_of, firsts = distinct or distinct_images(ro, rows)
+        self.row_images = self._row_images(ro, rows)
+        grids = ro.image_grid_thw
+        patches = grids.prod(-1).tolist()
+        starts = [0]
+        for p in patches:
+            starts.append(starts[-1] + p)
+        self.pixels = [ro.pixel_values[starts[g]:starts[g + 1]] for g in firsts]
+        self.grids = [grids[g:g + 1] for g in firsts]
+        self.merge = self.owner.visual.spatial_merge_size ** 2
+        with torch.no_grad():
+            self.levels, self.kind = self._features(0, len(firsts))
+        if train:
+            self.levels = [t.detach().requires_grad_() for t in self.levels]
+        sizes = [int(g.prod()) // self.merge for g in self.grids]
+        self.tok_off = [0]
+        for s in sizes:
+            self.tok_off.append(self.tok_off[-1] + s)
+
+    @staticmethod
+    def _row_images(ro, rows: list[int]) -> dict[int, range]:
+        """Row -> the range of its images in the ``rows``-order image list."""
+        out, at = {}, 0
+        for r in rows:
+            k = ro.extras["images_per_row"][r]
+            out[r] = range(at, at + k)
+            at += k
+        return out
+
+    @property
+    def distinct(self) -> int:
+        return len(self.pixels)
+
+    @property
+    def images(self) -> int:
+        return len(self.image_of)
+
+    def _features(self, lo: int, hi: int) -> tuple[list[torch.Tensor], list[str]]:
+        """Features of distinct images ``lo:hi`` as flat (tokens, hidden) tensors, one per level
+        (the merged embeddings first, then each deepstack level), computed ``chunk`` images at
+        a time by the model's own ``get_image_features``; ``kind`` records how each deepstack
+        level came back (one tensor, or a tuple per image: transformers versions differ)."""
+        parts: list[list[torch.Tensor]] = []
+        kind: list[str] = []
+        original = type(self.owner).get_image_features
+        for s in range(lo, hi, self.chunk):
+            e = min(hi, s + self.chunk)
+            pix = torch.cat(self.pixels[s:e]).to(self.device)
+            thw = torch.cat(self.grids[s:e]).to(self.device)
+            with autocast_for(self.device):
+                out = original(self.owner, pix, thw, return_dict=True)
+            kind = ["tuple" if isinstance(f, (tuple, list)) else "tensor" for f in out.deepstack_features]
+            flat = [torch.cat(out.pooler_output)] + [torch.cat(f) if k == "tuple" else f
+                                                     for f, k in zip(out.deepstack_features, kind)]
+            parts.append(flat)
+            self.output_type = type(out)
+        return [torch.cat(level) for level in zip(*parts)], kind
+
+    def _slices(self, level: torch.Tensor, images: list[int]) -> list[torch.Tensor]:
+        return [level[self.tok_off[u]:self.tok_off[u + 1]] for u in images]
+
+    def _served(self, images: list[int]):
+        """``get_image_features``' output for ``images`` (distinct slots, in the forward's order)."""
+        pooled = tuple(self._slices(self.levels[0], images))
+        deep = []
+        for level, k in zip(self.levels[1:], self.kind):
+            pieces = self._slices(level, images)
+            deep.append(tuple(pieces) if k == "tuple" else torch.cat(pieces))
+        return self.output_type(pooler_output=pooled, deepstack_features=deep)
+
+    @contextlib.contextmanager
+    def serving(self, rows: list[int]) -> Iterator[None]:
+        """Inside the block, the model's vision features for a forward over ``rows`` (in this
+        order, each one of the rows given at construction) come from the shared features."""
+        images = [self.image_of[i] for r in rows for i in self.row_images[r]]
+        expected = sum(int(self.grids[u].prod()) for u in images)
+
+        def get_image_features(pixel_values, image_grid_thw=None, **kwargs):
+            if int(pixel_values.shape[0]) != expected or int(image_grid_thw.shape[0]) != len(images):
+                raise RuntimeError(f"shared vision features were set up for {len(images)} images of {expected} "
+                                   f"patches, the forward brought {int(image_grid_thw.shape[0])} of "
+                                   f"{int(pixel_values.shape[0])}")
+            return self._served(images)
+
+        self.owner.get_image_features = get_image_features
+        try:
+            yield
+        finally:
+            self.owner.__dict__.pop("get_image_features", None)
+
+    def backward(self) -> None:
+        """Back-propagate the gradients the forwards left on the shared features through the
+        vision tower (recomputed ``chunk`` images at a time); a no-op without gradients."""
+        if not self.train:
+            return
+        grads = [t.grad for t in self.levels]
+        if all(g is None for g in grads):
+            return
+        for s in range(0, self.distinct, self.chunk):
+            e = min(self.distinct, s + self.chunk)
+            lo, hi = self.tok_off[s], self.tok_off[e]
+            outs, _ = self._features(s, e)
+            pairs = [(o, g[lo:hi]) for o, g in zip(outs, grads) if g is not None]
+            torch.autograd.backward([o for o, _ in pairs], [g.to(o.dtype) for o, g in pairs])
+        for t in self.levels:
+            t.grad = None
