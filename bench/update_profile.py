@@ -1,0 +1,188 @@
+"""Where the GRPO update's time goes: ``ppo_update`` on 64 rollouts, variants timed and profiled.
+
+    PYTHONPATH=src:bench python bench/update_profile.py --out update_profile.json      # H200, ~3 min
+    PYTHONPATH=src:bench python bench/update_profile.py --smoke                        # CPU, tiny shape
+
+The rows are the ``rlstep`` suite's 8 prompts x 8 samples (448 px images, responses spread over
+the room that ``--longest`` leaves, prompt + response included) at the 2B shape; the update is ``ppo_update`` with
+one mini-batch, as ``rl_step`` runs it. Each variant changes one thing from the ``rlstep`` setting
+(fp32 master weights under bf16 autocast, gradient checkpointing, micro-batch 16, old log-probs
+from the update's own forward, as ``rl_step`` does with one PPO epoch and one mini-batch) and
+reports the median of ``--reps`` timed updates after a warm-up, with its model FLOPs
+(``harness.bounds.train_flops``) as MFU. Then the base variant runs once under the profiler:
+its CUDA kernels grouped into GEMMs / attention / elementwise+norm / optimizer / copies, the
+top kernels, and the GPU's busy share of the wall time (a low share means the host's launches
+are the bound, not the kernels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from harness.bounds import Counts
+from harness.common import Ctx
+from harness.measure import calibrate, free, median, peak_gib, reset_peak, sync
+from harness.shapes import REAL, TINY, build_processor
+from harness.train import rollouts_for, training_model, workload_flops
+
+from prism_rl.actor import ppo_update, sequence_logprobs
+from prism_rl.config import AlgoConfig, OptimConfig
+from prism_rl.models.mrope import install_batched_rope_index
+from prism_rl.trainers.optim import build_optimizer, build_scheduler
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    micro: int = 16
+    checkpointing: bool = True
+    bf16_weights: bool = False     # model weights in bf16 (no fp32 master copy, no autocast casts)
+    freeze_vision: bool = False    # no gradient through the vision tower
+    on_policy: bool = True         # old log-probs from the update's own forward (old_lp=None), as rl_step
+    share_vision: bool = True      # the vision tower once per distinct image (models/shared_vision.py)
+
+
+VARIANTS = (Variant("base (rlstep: fp32 master, ckpt, micro 16)"),
+            Variant("vision tower per row", share_vision=False),
+            Variant("micro 64", micro=64),
+            Variant("no checkpointing", checkpointing=False),
+            Variant("bf16 weights", bf16_weights=True),
+            Variant("vision frozen", freeze_vision=True),
+            Variant("old log-probs from a separate pass", on_policy=False))
+
+GROUPS = (("gemm", r"gemm|cutlass|sm90_xmma|nvjet|cublas|matmul|wgmma"),
+          ("attention", r"flash|fmha|attention|sdpa|efficient"),
+          ("optimizer", r"adam|multi_tensor|foreach"),
+          ("copy/cast", r"copy|cast|convert|memcpy|memset|fill"),
+          ("norm/elementwise/reduce", r"."))
+
+
+def build(ctx: Ctx, v: Variant, shape: str):
+    model = training_model(shape, ctx)
+    install_batched_rope_index(model)
+    if not v.checkpointing:
+        off = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+        off()
+    if v.bf16_weights:
+        model.to(torch.bfloat16)
+    if v.freeze_vision:
+        for p in model.model.visual.parameters():
+            p.requires_grad_(False)
+    return model
+
+
+def one_variant(ctx: Ctx, v: Variant, shape: str, rows: int, longest: int, reps: int, profile: bool) -> dict:
+    """Median update seconds, MFU and peak memory of variant ``v``; the profile of one update if asked."""
+    model = build(ctx, v, shape)
+    counts = Counts.of(model)
+    ro = rollouts_for(ctx, rows, longest, model.config.text_config.vocab_size)
+    flops, tokens = workload_flops(counts, ro)
+    algo = AlgoConfig(micro_batch_size=v.micro)
+    adv = torch.randn(len(ro), generator=torch.Generator().manual_seed(0))
+    optim = OptimConfig(lr=1e-6, schedule="constant", warmup_ratio=0.0)
+    opt = build_optimizer([p for p in model.parameters() if p.requires_grad], optim)
+    sched = build_scheduler(opt, optim, 100)
+
+    def update():   # the separate old log-prob pass, when the variant needs one, is part of its cost
+        old_lp = None if v.on_policy else sequence_logprobs(model, ro, v.micro, ctx.device,
+                                                            share_vision=v.share_vision)
+        return ppo_update(model, opt, sched, ro, adv, old_lp, algo, 1.0, ctx.device, share_vision=v.share_vision)
+    update()
+    reset_peak(ctx.device)
+    secs = []
+    for _ in range(reps):
+        sync(ctx.device)
+        t0 = time.perf_counter()
+        update()
+        sync(ctx.device)
+        secs.append(time.perf_counter() - t0)
+    out = {"variant": v.name, "update_s": median(secs), "updates_s": secs, "tokens": tokens, "model_flops": flops,
+           "mfu": flops / median(secs) / ctx.calib["matmul_flops_per_s"], "peak_gib": peak_gib(ctx.device)}
+    if profile:
+        out["profile"] = profiled(ctx, update)
+    return out   # the model and optimizer die with this frame; the caller frees the cache
+
+
+def profiled(ctx: Ctx, update) -> dict:
+    """Kernel time by group, the top kernels, and the GPU-busy share of one update's wall time."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ctx.device.type == "cuda" else [])
+    sync(ctx.device)
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        update()
+        sync(ctx.device)
+    wall = time.perf_counter() - t0
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    by_name: dict[str, list[float]] = {}
+    for e in kernels:
+        t = by_name.setdefault(e.name, [0.0, 0])
+        t[0] += e.device_time / 1e6
+        t[1] += 1
+    groups = {g: 0.0 for g, _ in GROUPS}
+    for name, (s, _) in by_name.items():
+        groups[next(g for g, pat in GROUPS if re.search(pat, name, re.I))] += s
+    busy = sum(s for s, _ in by_name.values())
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:15]
+    return {"wall_s": wall, "kernel_s": busy, "gpu_busy_share": busy / wall if wall else None,
+            "kernels": sum(c for _, c in by_name.values()), "groups_s": groups,
+            "top": [{"name": n[:90], "s": s, "calls": c} for n, (s, c) in top]}
+
+
+def table(results: list[dict]) -> str:
+    base = results[0]["update_s"]
+    lines = ["| variant | update | vs base | MFU | peak |", "|---|---|---|---|---|"]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['variant']} | {r['error']} | | | |")
+            continue
+        lines.append(f"| {r['variant']} | {r['update_s']:.2f} s | {base / r['update_s']:.2f}x | {r['mfu']:.1%} | "
+                     f"{r['peak_gib'] or 0:.1f} GiB |")
+    prof = results[0].get("profile")
+    if prof:
+        lines += ["", f"profile of the base update: wall {prof['wall_s']:.2f} s, kernels {prof['kernel_s']:.2f} s "
+                  f"({prof['gpu_busy_share']:.0%} busy), {prof['kernels']} kernels",
+                  "| group | kernel s |", "|---|---|"]
+        lines += [f"| {g} | {s:.3f} |" for g, s in prof["groups_s"].items()]
+        lines += ["", "| top kernel | s | calls |", "|---|---|---|"]
+        lines += [f"| `{t['name']}` | {t['s']:.3f} | {t['calls']} |" for t in prof["top"]]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="CPU, tiny shape, 8 rows")
+    ap.add_argument("--rows", type=int, default=64)
+    ap.add_argument("--longest", type=int, default=512, help="prompt + response tokens of the longest row")
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--variants", default=None, help="comma-separated substrings of variant names (default all)")
+    ap.add_argument("--out", default="update_profile.json")
+    a = ap.parse_args(argv)
+    device = torch.device("cpu" if a.smoke else "cuda")
+    work = TINY if a.smoke else REAL
+    shape, rows, longest = ("tiny", 8, 320) if a.smoke else ("2b", a.rows, a.longest)
+    ctx = Ctx(device=device, calib=calibrate(device, work.copy_bytes, work.matmul_n), work=work, reps=a.reps,
+              engine="hf", processor=build_processor(448), image_size=448, tmp=Path("."), emit=print)
+    variants = [v for v in VARIANTS if a.variants is None or any(s in v.name for s in a.variants.split(","))]
+    results = []
+    for i, v in enumerate(variants):
+        try:
+            results.append(one_variant(ctx, v, shape, rows, longest, a.reps, profile=i == 0))
+            free(device)
+        except Exception as e:  # noqa: BLE001 - one failing variant (e.g. out of memory) keeps the others
+            results.append({"variant": v.name, "error": f"{type(e).__name__}: {str(e)[:120]}"})
+            free(device)
+        print(json.dumps({k: v for k, v in results[-1].items() if k != "profile"}), flush=True)
+        Path(a.out).write_text(json.dumps({"calib": ctx.calib, "rows": rows, "longest": longest, "results": results},
+                                          indent=1))
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
