@@ -50,6 +50,17 @@ VARIANTS = {"module": {"fused": False}, "fused": {"fused": True, "split_k": Fals
             "fused-splitk": {"fused": True, "split_k": True}}
 
 
+def set_attn(spec: str) -> None:
+    """Set the split-K kernel's launch settings: 'default' or split,block,warps,stages."""
+    from prism_rl.rollout import kernels as K
+    if not hasattr(set_attn, "default"):
+        set_attn.default = dict(K.ATTN_CONFIG)
+    K.ATTN_CONFIG.update(set_attn.default)
+    if spec != "default":
+        split, block, warps, stages = map(int, spec.split(","))
+        K.ATTN_CONFIG.update(split_keys=split, block_n=block, num_warps=warps, num_stages=stages)
+
+
 def agreement(hf, graph, ps, name: str) -> None:
     """Greedy bf16 tokens of ``graph`` vs generate, and log-probs before the first difference."""
     g = SamplingParams(n=2, max_new_tokens=64, temperature=0.0, return_logprobs=True)
@@ -73,6 +84,11 @@ def main():
     ap.add_argument("--profile", action="store_true",
                     help="profile 128 decode steps of the first --variants at the first --rows and stop")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--attn", nargs="+", default=["default"],
+                    help="split-K attention launch settings to measure, each 'default' or split,block,warps,stages "
+                         "(bench/attn_sweep.py prints the fastest)")
+    ap.add_argument("--no-generate", action="store_true",
+                    help="skip transformers' generate (its rate, the ratio and the agreement checks)")
     a = ap.parse_args()
     bw = copy_bandwidth()
     model, proc = build(Path(a.tiny_dir), "cuda")
@@ -102,7 +118,7 @@ def main():
         print(f"eager: {t:.3f} s")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=80))
         return
-    for name, eng in engines.items():
+    for name, eng in engines.items() if not a.no_generate else ():
         agreement(hf, eng, ps, name)
     from prism_rl.actor import sequence_logprobs
     for name, eng in engines.items():
@@ -123,10 +139,14 @@ def main():
         sp = SamplingParams(n=n, max_new_tokens=a.new, temperature=1.0)
         mean_ctx = sum(int(p.input_ids.numel()) for p in pp) / len(pp) + a.new / 2
         bound = R * bw / (text_bytes + R * mean_ctx * kv_per_token)
-        ro2, th = timed(lambda: hf.generate(pp, sp))  # noqa: B023 (called at once)
-        hf_tps = int(ro2.response_mask.sum()) / th
-        ro2 = None
-        for name, eng in engines.items():
+        th = hf_tps = float("nan")
+        if not a.no_generate:
+            ro2, th = timed(lambda: hf.generate(pp, sp))  # noqa: B023 (called at once)
+            hf_tps = int(ro2.response_mask.sum()) / th
+            ro2 = None
+        for name, eng, attn in [(v, e, c) for v, e in engines.items() for c in a.attn]:
+            set_attn(attn)
+            name = name if attn == "default" else f"{name}[{attn}]"
             eng.capture_s = 0.0
             eng.generate(pp, SamplingParams(n=n, max_new_tokens=32, temperature=1.0))     # capture
             cap = eng.capture_s

@@ -46,6 +46,7 @@ class Variant:
     freeze_vision: bool = False    # no gradient through the vision tower
     on_policy: bool = True         # old log-probs from the update's own forward (old_lp=None), as rl_step
     share_vision: bool = True      # the vision tower once per distinct image (models/shared_vision.py)
+    compiled: bool = False         # torch.compile each text decoder layer (fuses norms, rotary, SiLU-mul, adds)
 
 
 VARIANTS = (Variant("base (rlstep: fp32 master, ckpt, micro 16)"),
@@ -54,7 +55,8 @@ VARIANTS = (Variant("base (rlstep: fp32 master, ckpt, micro 16)"),
             Variant("no checkpointing", checkpointing=False),
             Variant("bf16 weights", bf16_weights=True),
             Variant("vision frozen", freeze_vision=True),
-            Variant("old log-probs from a separate pass", on_policy=False))
+            Variant("old log-probs from a separate pass", on_policy=False),
+            Variant("compiled decoder layers", compiled=True))
 
 GROUPS = (("gemm", r"gemm|cutlass|sm90_xmma|nvjet|cublas|matmul|wgmma"),
           ("attention", r"flash|fmha|attention|sdpa|efficient"),
@@ -71,6 +73,10 @@ def build(ctx: Ctx, v: Variant, shape: str):
         off()
     if v.bf16_weights:
         model.to(torch.bfloat16)
+    if v.compiled:   # regional compilation of each layer's parts (the layer itself holds the checkpoint call)
+        for layer in model.model.language_model.layers:
+            for part in (layer.self_attn, layer.mlp, layer.input_layernorm, layer.post_attention_layernorm):
+                part.compile(dynamic=True)
     if v.freeze_vision:
         for p in model.model.visual.parameters():
             p.requires_grad_(False)
@@ -93,7 +99,10 @@ def one_variant(ctx: Ctx, v: Variant, shape: str, rows: int, longest: int, reps:
         old_lp = None if v.on_policy else sequence_logprobs(model, ro, v.micro, ctx.device,
                                                             share_vision=v.share_vision)
         return ppo_update(model, opt, sched, ro, adv, old_lp, algo, 1.0, ctx.device, share_vision=v.share_vision)
+    t0 = time.perf_counter()
     update()
+    first_s = time.perf_counter() - t0   # the warm-up update, compilation included
+    update()   # a second warm-up: a compiled variant meets new micro-batch shapes in its first update
     reset_peak(ctx.device)
     secs = []
     for _ in range(reps):
@@ -102,7 +111,8 @@ def one_variant(ctx: Ctx, v: Variant, shape: str, rows: int, longest: int, reps:
         update()
         sync(ctx.device)
         secs.append(time.perf_counter() - t0)
-    out = {"variant": v.name, "update_s": median(secs), "updates_s": secs, "tokens": tokens, "model_flops": flops,
+    out = {"variant": v.name, "first_update_s": first_s, "update_s": median(secs), "updates_s": secs,
+           "tokens": tokens, "model_flops": flops,
            "mfu": flops / median(secs) / ctx.calib["matmul_flops_per_s"], "peak_gib": peak_gib(ctx.device)}
     if profile:
         out["profile"] = profiled(ctx, update)

@@ -34,6 +34,9 @@ except ImportError:   # pragma: no cover - the venv ships Triton; a CPU-only ins
     triton = None
 
 SPLIT_KEYS = 256    # keys per split of the flash-decoding kernel
+# Launch settings of the split kernel; num_warps / num_stages None = Triton's defaults.
+# bench/attn_sweep.py measures the alternatives on a GPU (and may set them for a probe).
+ATTN_CONFIG = {"split_keys": SPLIT_KEYS, "block_n": 64, "num_warps": None, "num_stages": None}
 # Triton 3.8's interpreter returns garbage from a bf16 tl.dot: under it the dots run in fp32.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -271,13 +274,16 @@ def silu_mul_triton(gate_up, block: int = 1024):
 
 
 def decode_attention_triton(q, k_cache, v_cache, cache_pos, attn_len: int, scale: float,
-                            split_keys: int = SPLIT_KEYS, block_n: int = 64):
+                            split_keys: int | None = None, block_n: int | None = None):
     """Flash-decoding (see the module docstring): ``ceil(attn_len / split_keys)`` splits per
     (row, KV head); a split past a row's live length exits at once. q (B, Hq, D) -> (B, Hq*D).
     Dots run on the tensor cores in bf16/fp16 (fp32 accumulate), in exact fp32 for fp32."""
     B, Hq, D = q.shape
     Hkv = k_cache.shape[1]
     G = Hq // Hkv
+    split_keys = split_keys or ATTN_CONFIG["split_keys"]
+    block_n = block_n or ATTN_CONFIG["block_n"]
+    launch = {k: ATTN_CONFIG[k] for k in ("num_warps", "num_stages") if ATTN_CONFIG[k] is not None}
     splits = -(-attn_len // split_keys)
     o = torch.empty(B, Hkv, splits, G, D, dtype=torch.float32, device=q.device)
     m = torch.empty(B, Hkv, splits, G, dtype=torch.float32, device=q.device)
@@ -287,7 +293,7 @@ def decode_attention_triton(q, k_cache, v_cache, cache_pos, attn_len: int, scale
     _attn_split_kernel[(B, Hkv, splits)](q, k_cache, v_cache, cache_pos, o, m, lsum, scale, Hq, Hkv, D, splits,
                                          split_keys, ks[0], ks[1], ks[2], vs[0], vs[1], vs[2], G=G,
                                          BLOCK_G=max(16, _pow2(G)), BLOCK_N=block_n, BLOCK_D=max(16, _pow2(D)),
-                                         IEEE=q.dtype == torch.float32 or INTERPRET)
+                                         IEEE=q.dtype == torch.float32 or INTERPRET, **launch)
     y = torch.empty(B, Hq * D, dtype=q.dtype, device=q.device)
     _attn_combine_kernel[(B, Hq)](o, m, lsum, y, Hq, Hkv, D, splits, G=G, BLOCK_S=max(2, _pow2(splits)),
                                   BLOCK_D=_pow2(D))
