@@ -9,7 +9,6 @@ import torch
 from prism_rl.actor import ppo_update, sequence_logprobs
 from prism_rl.config import AlgoConfig
 from prism_rl.models.shared_vision import SharedVision, distinct_images, shared_vision, vision_owner
-
 from test_train_step import CPU, _policy, _rollouts
 
 ADV = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0, 0.3, -0.7, 1.5])
@@ -105,3 +104,41 @@ def test_serving_refuses_a_forward_over_other_rows(policy):
     batch, _, _ = micro_batch(ro, [0, 3])
     with s.serving([0]), pytest.raises(RuntimeError, match="set up for 1 images"):
         model(**batch)
+
+
+def test_two_images_per_row_are_told_apart_by_position(tiny_model_dir):
+    """A prompt with two different images: each position is its own distinct image, shared by
+    the group's rows; the update still equals the per-row one."""
+    from prism_rl.data.processing import encode_prompt
+    from prism_rl.data.records import ImageRef, Record
+    from prism_rl.rollout.base import SamplingParams
+    from prism_rl.rollout.hf import HFEngine
+
+    from conftest import png_bytes
+
+    def run(share: bool):
+        model, proc = _policy(tiny_model_dir)
+        rec = Record(id="0", messages=[{"role": "user", "content": "<image><image>Same colour?"}],
+                     images=[ImageRef(data=png_bytes("red")), ImageRef(data=png_bytes("blue", shape="square"))])
+        torch.manual_seed(1)
+        ro = HFEngine(model, proc).generate([encode_prompt(proc, rec)], SamplingParams(n=3, max_new_tokens=8))
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        before = [p.detach().clone() for p in model.parameters()]
+        ppo_update(model, opt, sched, ro, ADV[:3], None, AlgoConfig(micro_batch_size=2), grad_clip=1e9, device=CPU,
+                   share_vision=share)
+        return ro, torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)])
+
+    ro, shared = run(True)
+    assert ro.extras["images_per_row"] == [2, 2, 2]
+    assert distinct_images(ro, [0, 1, 2]) == ([0, 1, 0, 1, 0, 1], [0, 1])
+    _, plain = run(False)
+    assert plain.abs().max() > 0
+    assert torch.allclose(shared, plain, atol=1e-6, rtol=1e-4), (shared - plain).abs().max()
+
+
+def test_inconsistent_image_inputs_are_refused(policy):
+    _, ro = policy
+    ro.extras["patches_per_row"][0] += 4
+    with pytest.raises(ValueError, match="image inputs are inconsistent"):
+        distinct_images(ro, list(range(9)))

@@ -54,7 +54,9 @@ def distinct_images(ro, rows: list[int]) -> tuple[list[int], list[int]]:
     p_off = [0]
     for p in patches:
         p_off.append(p_off[-1] + p)
-    assert p_off[-1] == sum(per_row), "patches_per_row does not match image_grid_thw"
+    if p_off[-1] != sum(per_row) or p_off[-1] != ro.pixel_values.shape[0]:
+        raise ValueError(f"rollouts hold {ro.pixel_values.shape[0]} image patches, patches_per_row sums to "
+                         f"{sum(per_row)} and image_grid_thw to {p_off[-1]}: the image inputs are inconsistent")
     groups = ro.group_ids.tolist()
     seen: dict[tuple[int, int], list[int]] = {}   # (group, position in row) -> distinct slots
     image_of: list[int] = []
