@@ -20,20 +20,9 @@ import json
 import time
 
 import torch
+from harness.measure import copy_bandwidth
 
 from prism_rl.rollout import kernels as K
-
-
-def copy_bandwidth(nbytes: int = 2 << 30) -> float:
-    x = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    y.copy_(x)
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(10):
-        y.copy_(x)
-    torch.cuda.synchronize()
-    return 2 * nbytes * 10 / (time.perf_counter() - t)
 
 
 def inputs(rows: int, prompt: int, new: int, length: int = 1024, hq: int = 16, hkv: int = 8, d: int = 128):
@@ -84,7 +73,7 @@ def main() -> None:
     ap.add_argument("--out", default="attn_sweep.json")
     a = ap.parse_args()
     default = dict(K.ATTN_CONFIG)
-    bw = copy_bandwidth()
+    bw = copy_bandwidth(torch.device("cuda"), 2 << 30)
     grid = list(itertools.product([128, 256, 512], [32, 64, 128], [2, 4, 8], [2, 3]))
     results = []
     for rows in a.rows:

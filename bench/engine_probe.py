@@ -20,22 +20,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_gpu import build, prompts  # noqa: E402
+from harness.measure import copy_bandwidth  # noqa: E402
 
 from prism_rl.rollout.base import SamplingParams  # noqa: E402
 from prism_rl.rollout.graph import GraphEngine  # noqa: E402
 from prism_rl.rollout.hf import HFEngine  # noqa: E402
-
-
-def copy_bandwidth() -> float:
-    x = torch.empty(2 * 2**30, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    y.copy_(x)
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(10):
-        y.copy_(x)
-    torch.cuda.synchronize()
-    return 2 * x.numel() * 10 / (time.perf_counter() - t)
 
 
 def timed(fn):
@@ -90,7 +79,7 @@ def main():
     ap.add_argument("--no-generate", action="store_true",
                     help="skip transformers' generate (its rate, the ratio and the agreement checks)")
     a = ap.parse_args()
-    bw = copy_bandwidth()
+    bw = copy_bandwidth(torch.device("cuda"), 2 << 30)
     model, proc = build(Path(a.tiny_dir), "cuda")
     model = model.to(torch.bfloat16).eval()
     text_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "visual" not in n)
