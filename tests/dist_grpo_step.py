@@ -1,5 +1,5 @@
 """Two GRPO steps on the tiny model, run by tests/test_distributed.py as one process and under
-``torchrun --nproc-per-node 2`` (usage: ``dist_grpo_step.py MODEL_DIR OUT_DIR``).
+``torchrun --nproc-per-node 2`` (usage: ``dist_grpo_step.py MODEL_DIR OUT_DIR [spread|one-rank]``).
 
 Each rank takes its prompts of the global batch (``rl.rank_prompts``: whole groups), samples
 them with the rollout engine on the unsharded rollout copy (``distributed.rollout_model``),
@@ -29,6 +29,7 @@ from prism_rl.config import AlgoConfig, ModelConfig, OptimConfig
 from prism_rl.data.processing import encode_prompt
 from prism_rl.data.records import ImageRef, Record
 from prism_rl.models.loading import load_policy
+from prism_rl.models.shared_vision import vision_owner
 from prism_rl.rollout.base import SamplingParams, concat_rollouts
 from prism_rl.rollout.hf import HFEngine
 from prism_rl.trainers.dist_checkpoint import gather_full_state_dict
@@ -38,17 +39,20 @@ from prism_rl.trainers.rl import rank_prompts
 from conftest import png_bytes
 
 N, STEPS = 4, 2
-PROMPTS = [("<image>How many?", "red"), ("Add the digits of 12345.", None),
-           ("<image>What colour is the big shape here, please?", "blue"), ("Name a prime number.", None)]
+QUESTIONS = ["How many?", "Add the digits of 12345.", "What colour is the big shape here, please?", "Name a prime number."]
+# which prompts show an image: "spread" two (the cost-balanced split gives each of 2 ranks one),
+# "one-rank" one, so the other rank has none and runs the shared vision pass's dummy images
+LAYOUTS = {"spread": {0: "red", 2: "blue"}, "one-rank": {0: "red"}}
 
 
-def records() -> list[Record]:
-    return [Record(id=str(i), messages=[{"role": "user", "content": text}],
-                   images=[ImageRef(data=png_bytes(colour))] if colour else [])
-            for i, (text, colour) in enumerate(PROMPTS)]
+def records(layout: str = "spread") -> list[Record]:
+    colours = LAYOUTS[layout]
+    return [Record(id=str(i), messages=[{"role": "user", "content": ("<image>" if i in colours else "") + text}],
+                   images=[ImageRef(data=png_bytes(colours[i]))] if i in colours else [])
+            for i, text in enumerate(QUESTIONS)]
 
 
-def main(model_dir: str, out_dir: str) -> None:
+def main(model_dir: str, out_dir: str, layout: str = "spread") -> None:
     device = D.init_from_env()
     cfg = ModelConfig(path=model_dir)
     torch.manual_seed(0)
@@ -56,12 +60,14 @@ def main(model_dir: str, out_dir: str) -> None:
     model = D.shard_model(model, device)
     gen = D.rollout_model(model, lambda: load_policy(cfg, device, trainable=False)[0])
     engine = HFEngine(gen, proc)
-    prompts = [encode_prompt(proc, r) for r in records()]
+    prompts = [encode_prompt(proc, r) for r in records(layout)]
     mine = rank_prompts(prompts)
     index = [next(i for i, p in enumerate(prompts) if p is q) for q in mine]
     algo = AlgoConfig(micro_batch_size=3)
     opt = build_optimizer(model.parameters(), OptimConfig(lr=1e-3, schedule="constant", warmup_steps=0))
     sched = build_scheduler(opt, OptimConfig(lr=1e-3, schedule="constant", warmup_steps=0), STEPS)
+    seen: list[int] = []   # patches through the vision tower (models/shared_vision.py runs it per distinct image)
+    vision_owner(model).visual.register_forward_pre_hook(lambda m, args: seen.append(int(args[0].shape[0])))
     report = []
     for step in range(STEPS):
         parts = []
@@ -72,6 +78,7 @@ def main(model_dir: str, out_dir: str) -> None:
         ids = ro.response_ids.masked_fill(~ro.response_mask.bool(), 1)
         reward = ((ids % 3 == 0) & ro.response_mask.bool()).sum(1) / ro.response_mask.sum(1).clamp(min=1)
         adv = A.grpo_advantages(reward.float(), ro.group_ids)
+        seen.clear()
         old_lp = sequence_logprobs(model, ro, micro=3, device=device)
         upd = ppo_update(model, opt, sched, ro, adv, old_lp, algo, 1.0, device, seed=step)
         t = time.perf_counter()
@@ -81,7 +88,7 @@ def main(model_dir: str, out_dir: str) -> None:
         responses = {str(g): [ro.response_ids[r][ro.response_mask[r].bool()].tolist() for r in range(len(ro))
                               if int(ro.group_ids[r]) == g] for g in ro.group_ids.unique().tolist()}
         report.append({"adv": groups, "responses": responses, "pg_loss": upd["pg_loss"], "grad_norm": upd["grad_norm"],
-                       "sync_s": sync_s})
+                       "sync_s": sync_s, "tower_patches": sum(seen), "row_patches": sum(ro.extras["patches_per_row"])})
     state = gather_full_state_dict(model)
     out = Path(out_dir)
     (out / f"rank{D.rank()}.json").write_text(json.dumps(report))
@@ -91,4 +98,4 @@ def main(model_dir: str, out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:4])

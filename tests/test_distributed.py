@@ -133,19 +133,22 @@ def test_micro_batch_of_text_rows_from_a_batch_with_images(tiny_model_dir):
     assert torch.allclose(lp[:, :lp1.shape[1]], lp1, atol=1e-5) and lp1.abs().sum() > 0
 
 
-def test_grpo_steps_on_two_processes_equal_one_process(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("layout", ["spread", "one-rank"])
+def test_grpo_steps_on_two_processes_equal_one_process(tiny_model_dir, tmp_path, layout):
+    from dist_grpo_step import N
     """Two GRPO steps (tests/dist_grpo_step.py): whole groups per rank, rollouts on the unsharded
     rollout copy, old log-probs and the PPO update on the sharded policy, weights gathered into
     the copy for step 2. Same rollouts (so the weight sync is right), advantages, pg_loss and
     grad norm per step, and final weights within tolerance (AdamW's normalised step turns
-    gradient rounding of ~1e-7 into weight differences of up to ~2e-5 at lr 1e-3)."""
+    gradient rounding of ~1e-7 into weight differences of up to ~2e-5 at lr 1e-3). ``one-rank``:
+    one image prompt, so the rank without it makes the shared vision pass's dummy calls."""
     script = ROOT / "tests" / "dist_grpo_step.py"
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
-    out = subprocess.run([sys.executable, str(script), str(tiny_model_dir), str(one)], env=_env(), capture_output=True,
-                         text=True, timeout=240)
+    out = subprocess.run([sys.executable, str(script), str(tiny_model_dir), str(one), layout], env=_env(),
+                         capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stderr[-4000:]
-    torchrun(2, str(script), str(tiny_model_dir), str(two))
+    torchrun(2, str(script), str(tiny_model_dir), str(two), layout)
     ref = json.loads((one / "rank0.json").read_text())
     ranks = [json.loads((two / f"rank{r}.json").read_text()) for r in (0, 1)]
     for step, want in enumerate(ref):
@@ -160,6 +163,14 @@ def test_grpo_steps_on_two_processes_equal_one_process(tiny_model_dir, tmp_path)
         for r in got:
             assert r["pg_loss"] == pytest.approx(want["pg_loss"], abs=1e-6)
             assert r["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
+        # one tower pass per distinct image (old log-probs; update: features + backward), not one per
+        # row and pass: with N samples per prompt that is 3 passes over 1/N of the rows' patches
+        assert want["tower_patches"] * N == 3 * want["row_patches"]
+        assert sum(r["tower_patches"] for r in got) >= want["tower_patches"]   # plus any dummy images
+        if layout == "one-rank":   # exactly one rank saw images; the other ran 3 dummy images of 4 patches
+            assert sorted(r["row_patches"] > 0 for r in got) == [False, True]
+            assert sorted(r["tower_patches"] for r in got) == [3 * 4, want["tower_patches"]]
+        assert sum(r["tower_patches"] for r in got) < 2 * want["row_patches"]   # below per-row work
     w1, w2 = torch.load(one / "weights.pt"), torch.load(two / "weights.pt")
     assert w1.keys() - w2.keys() == {"lm_head.weight"} and not w2.keys() - w1.keys()   # the tied head: saved once
     start = load_file(tiny_model_dir / "model.safetensors")

@@ -142,3 +142,14 @@ def test_inconsistent_image_inputs_are_refused(policy):
     ro.extras["patches_per_row"][0] += 4
     with pytest.raises(ValueError, match="image inputs are inconsistent"):
         distinct_images(ro, list(range(9)))
+
+
+def test_dummy_image_is_one_merged_token_through_the_tower(policy):
+    """Under torchrun a rank with fewer distinct images runs this in the others' extra tower calls."""
+    model, ro = policy
+    s = shared_vision(model, ro, list(range(9)), CPU)
+    pix, thw = s._dummy()
+    assert pix.shape[1] == ro.pixel_values.shape[1] and thw.tolist() == [[1, 2, 2]]
+    from prism_rl.models.shared_vision import _flat
+    flat, kind = _flat(s._tower(pix, thw))
+    assert [tuple(t.shape) for t in flat] == [(1, t.shape[1]) for t in s.levels] and kind == s.kind

@@ -222,6 +222,10 @@ def shard_model(model: torch.nn.Module, device: torch.device, *, cpu_offload: bo
     if hasattr(model, "model"):  # the trainers call the backbone, not model.forward: route it through the root's hooks
         model.backbone_forward = types.MethodType(_backbone_forward, model)
         register_fsdp_forward_method(model, "backbone_forward")
+    from .models.shared_vision import vision_owner
+    if vision_owner(model) is not None:  # the tower alone, for models/shared_vision.py: also through the root's hooks
+        model.vision_features = types.MethodType(_vision_features, model)
+        register_fsdp_forward_method(model, "vision_features")
     return model
 
 
@@ -235,6 +239,14 @@ def _backbone_forward(self, **inputs):
     """``self.model(**inputs)`` as a method of the root, so that FSDP2 gathers the root's shards
     (and sets up the backward) when the trainers run the backbone without ``forward``."""
     return self.model(**inputs)
+
+
+def _vision_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor):
+    """The vision tower's ``get_image_features`` output for these images, as a method of the root
+    (the tower's weights live in the root unit, gathered in the root's forward only)."""
+    from .models.shared_vision import vision_owner
+    owner = vision_owner(self)
+    return type(owner).get_image_features(owner, pixel_values, image_grid_thw, return_dict=True)
 
 
 def reshard(model: torch.nn.Module) -> None:

@@ -19,6 +19,13 @@ uses, so this equals the per-row computation up to float summation order; the to
 from ``rows`` images to ``distinct`` images times (forward + forward + backward), ~n-fold for
 GRPO groups of n. The memory it holds between micro-batches is the features and their
 gradients (tokens x hidden per feature level), not the tower's activations.
+
+Under torchrun (FSDP2) the tower sits in the root unit, whose weights are gathered only in the
+root's forward: the tower runs through ``vision_features``, a forward method that
+``distributed.shard_model`` registers on the root. Every tower call is then collective, so all
+ranks make the same number of them: sharing is on everywhere when any rank's rows hold an
+image, and a rank with fewer chunks of distinct images (none, say) runs a one-token dummy image
+instead, with zero gradient.
 """
 
 from __future__ import annotations
@@ -83,19 +90,33 @@ def _same(ro, p_off: list[int], a: int, b: int) -> bool:
 def shared_vision(model, ro, rows: list[int], device: torch.device, *, chunk: int = 32) -> SharedVision | None:
     """A :class:`SharedVision` for ``rows`` when it saves work - the rows hold images and some
     are copies - else None (the forwards then run the tower per row as before). Gradients flow
-    into the tower when grad mode is on and any tower parameter requires one. Not under
-    torchrun: FSDP2 gathers the tower's parameters in the whole model's forward only."""
+    into the tower when grad mode is on and any tower parameter requires one. Under torchrun
+    the decision is global: on for every rank when any rank's rows hold an image."""
     from .. import distributed as D
-    if ro.pixel_values is None or D.is_distributed():
-        return None
     owner = vision_owner(model)
     if owner is None:
         return None
-    image_of, firsts = distinct_images(ro, rows)
-    if len(firsts) == len(image_of):
+    mine = ro.pixel_values is not None and any(ro.extras["images_per_row"][r] for r in rows)
+    if D.is_distributed():
+        if not D.all_reduce_max(float(mine))[0]:
+            return None
+    elif not mine:
+        return None
+    distinct = distinct_images(ro, rows) if mine else ([], [])
+    if not D.is_distributed() and len(distinct[1]) == len(distinct[0]):
         return None
     train = torch.is_grad_enabled() and any(p.requires_grad for p in owner.visual.parameters())
-    return SharedVision(model, ro, rows, device, train=train, chunk=chunk, distinct=(image_of, firsts))
+    return SharedVision(model, ro, rows, device, train=train, chunk=chunk, distinct=distinct)
+
+
+def _flat(out) -> tuple[list[torch.Tensor], list[str]]:
+    """``get_image_features``' output as flat (tokens, hidden) tensors, the merged embeddings first,
+    then each deepstack level, and how each deepstack level came back (one tensor, or a tuple per
+    image: transformers versions differ)."""
+    kind = ["tuple" if isinstance(f, (tuple, list)) else "tensor" for f in out.deepstack_features]
+    flat = [torch.cat(out.pooler_output)] + [torch.cat(f) if k == "tuple" else f
+                                             for f, k in zip(out.deepstack_features, kind)]
+    return flat, kind
 
 
 class SharedVision:
@@ -107,22 +128,31 @@ class SharedVision:
 
     def __init__(self, model, ro, rows: list[int], device: torch.device, *, train: bool, chunk: int = 32,
                  distinct: tuple[list[int], list[int]] | None = None):
-        self.owner = vision_owner(model)
+        from .. import distributed as D
+        self.model, self.owner = model, vision_owner(model)
         if self.owner is None:
             raise ValueError("SharedVision needs a model with a vision tower (a `visual` child and get_image_features)")
         self.device, self.train, self.chunk = device, train, chunk
         self.image_of, firsts = distinct or distinct_images(ro, rows)
         self.row_images = self._row_images(ro, rows)
-        grids = ro.image_grid_thw
-        patches = grids.prod(-1).tolist()
-        starts = [0]
-        for p in patches:
-            starts.append(starts[-1] + p)
-        self.pixels = [ro.pixel_values[starts[g]:starts[g + 1]] for g in firsts]
-        self.grids = [grids[g:g + 1] for g in firsts]
+        self.pixels, self.grids = [], []
+        if firsts:
+            grids = ro.image_grid_thw
+            starts = [0]
+            for p in grids.prod(-1).tolist():
+                starts.append(starts[-1] + p)
+            self.pixels = [ro.pixel_values[starts[g]:starts[g + 1]] for g in firsts]
+            self.grids = [grids[g:g + 1] for g in firsts]
         self.merge = self.owner.visual.spatial_merge_size ** 2
+        self.distributed = D.is_distributed()
+        chunks = -(-len(firsts) // chunk)
+        self.chunks = int(D.all_reduce_max(chunks)[0]) if self.distributed else chunks
+        self.kind: list[str] = []
         with torch.no_grad():
-            self.levels, self.kind = self._features(0, len(firsts))
+            self.levels = self._features(0, len(firsts))
+            for _ in range(self.chunks - chunks):   # the other ranks' extra collective tower calls
+                self._tower(*self._dummy())
+        D.reshard(self.model)   # a no-grad root forward leaves the root gathered (see distributed.reshard)
         if train:
             self.levels = [t.detach().requires_grad_() for t in self.levels]
         sizes = [int(g.prod()) // self.merge for g in self.grids]
@@ -148,26 +178,34 @@ class SharedVision:
     def images(self) -> int:
         return len(self.image_of)
 
-    def _features(self, lo: int, hi: int) -> tuple[list[torch.Tensor], list[str]]:
+    def _tower(self, pix: torch.Tensor, thw: torch.Tensor):
+        """``get_image_features`` of the model's own code; under FSDP2 through the root's registered
+        ``vision_features`` so that the root's weights are gathered."""
+        fn = getattr(self.model, "vision_features", None)
+        with autocast_for(self.device):
+            if fn is not None:
+                return fn(pix.to(self.device), thw.to(self.device))
+            return type(self.owner).get_image_features(self.owner, pix.to(self.device), thw.to(self.device),
+                                                       return_dict=True)
+
+    def _dummy(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One image of one merged token (m x m patches of zeros) for a rank's extra tower calls."""
+        cfg = self.owner.visual.config
+        m = cfg.spatial_merge_size
+        dim = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size ** 2
+        return torch.zeros(m * m, dim), torch.tensor([[1, m, m]])
+
+    def _features(self, lo: int, hi: int) -> list[torch.Tensor]:
         """Features of distinct images ``lo:hi`` as flat (tokens, hidden) tensors, one per level
-        (the merged embeddings first, then each deepstack level), computed ``chunk`` images at
-        a time by the model's own ``get_image_features``; ``kind`` records how each deepstack
-        level came back (one tensor, or a tuple per image: transformers versions differ)."""
+        (:func:`_flat`), computed ``chunk`` images at a time."""
         parts: list[list[torch.Tensor]] = []
-        kind: list[str] = []
-        original = type(self.owner).get_image_features
         for s in range(lo, hi, self.chunk):
             e = min(hi, s + self.chunk)
-            pix = torch.cat(self.pixels[s:e]).to(self.device)
-            thw = torch.cat(self.grids[s:e]).to(self.device)
-            with autocast_for(self.device):
-                out = original(self.owner, pix, thw, return_dict=True)
-            kind = ["tuple" if isinstance(f, (tuple, list)) else "tensor" for f in out.deepstack_features]
-            flat = [torch.cat(out.pooler_output)] + [torch.cat(f) if k == "tuple" else f
-                                                     for f, k in zip(out.deepstack_features, kind)]
+            out = self._tower(torch.cat(self.pixels[s:e]), torch.cat(self.grids[s:e]))
+            flat, self.kind = _flat(out)
             parts.append(flat)
             self.output_type = type(out)
-        return [torch.cat(level) for level in zip(*parts)], kind
+        return [torch.cat(level) for level in zip(*parts)]
 
     def _slices(self, level: torch.Tensor, images: list[int]) -> list[torch.Tensor]:
         return [level[self.tok_off[u]:self.tok_off[u + 1]] for u in images]
@@ -203,17 +241,22 @@ class SharedVision:
 
     def backward(self) -> None:
         """Back-propagate the gradients the forwards left on the shared features through the
-        vision tower (recomputed ``chunk`` images at a time); a no-op without gradients."""
+        vision tower (recomputed ``chunk`` images at a time); a no-op without gradients (under
+        torchrun the calls are made anyway, with zero gradients: they are collective)."""
         if not self.train:
             return
         grads = [t.grad for t in self.levels]
-        if all(g is None for g in grads):
+        if not self.distributed and all(g is None for g in grads):
             return
-        for s in range(0, self.distinct, self.chunk):
-            e = min(self.distinct, s + self.chunk)
+        for c in range(self.chunks):
+            s, e = c * self.chunk, min(self.distinct, (c + 1) * self.chunk)
+            if s >= e:   # this rank has no more distinct images: the dummy call the others wait for
+                outs, _ = _flat(self._tower(*self._dummy()))
+                torch.autograd.backward(outs, [torch.zeros_like(o) for o in outs])
+                continue
             lo, hi = self.tok_off[s], self.tok_off[e]
-            outs, _ = self._features(s, e)
-            pairs = [(o, g[lo:hi]) for o, g in zip(outs, grads) if g is not None]
-            torch.autograd.backward([o for o, _ in pairs], [g.to(o.dtype) for o, g in pairs])
+            outs = self._features(s, e)
+            gs = [torch.zeros_like(o) if g is None else g[lo:hi].to(o.dtype) for o, g in zip(outs, grads)]
+            torch.autograd.backward(outs, gs)
         for t in self.levels:
             t.grad = None
