@@ -222,11 +222,19 @@ def shard_model(model: torch.nn.Module, device: torch.device, *, cpu_offload: bo
     if hasattr(model, "model"):  # the trainers call the backbone, not model.forward: route it through the root's hooks
         model.backbone_forward = types.MethodType(_backbone_forward, model)
         register_fsdp_forward_method(model, "backbone_forward")
-    from .models.shared_vision import vision_owner
     if vision_owner(model) is not None:  # the tower alone, for models/shared_vision.py: also through the root's hooks
         model.vision_features = types.MethodType(_vision_features, model)
         register_fsdp_forward_method(model, "vision_features")
     return model
+
+
+def vision_owner(model) -> torch.nn.Module | None:
+    """The module that owns the vision tower as a child named ``visual`` and has
+    ``get_image_features`` (``Qwen3VLModel``, also under a PEFT or FSDP2 wrapper), or None."""
+    for m in model.modules():
+        if "visual" in m._modules and callable(getattr(m, "get_image_features", None)):
+            return m
+    return None
 
 
 def vision_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -244,7 +252,6 @@ def _backbone_forward(self, **inputs):
 def _vision_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor):
     """The vision tower's ``get_image_features`` output for these images, as a method of the root
     (the tower's weights live in the root unit, gathered in the root's forward only)."""
-    from .models.shared_vision import vision_owner
     owner = vision_owner(self)
     return type(owner).get_image_features(owner, pixel_values, image_grid_thw, return_dict=True)
 

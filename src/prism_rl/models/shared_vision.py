@@ -35,16 +35,11 @@ from collections.abc import Iterator
 
 import torch
 
+from .. import distributed as D
+from ..distributed import vision_owner
 from .loading import autocast_for
 
-
-def vision_owner(model) -> torch.nn.Module | None:
-    """The module that owns the vision tower as a child named ``visual`` and has
-    ``get_image_features`` (``Qwen3VLModel``, also under a PEFT wrapper), or None."""
-    for m in model.modules():
-        if "visual" in m._modules and callable(getattr(m, "get_image_features", None)):
-            return m
-    return None
+__all__ = ["SharedVision", "distinct_images", "shared_vision", "vision_owner"]
 
 
 def distinct_images(ro, rows: list[int]) -> tuple[list[int], list[int]]:
@@ -92,7 +87,6 @@ def shared_vision(model, ro, rows: list[int], device: torch.device, *, chunk: in
     are copies - else None (the forwards then run the tower per row as before). Gradients flow
     into the tower when grad mode is on and any tower parameter requires one. Under torchrun
     the decision is global: on for every rank when any rank's rows hold an image."""
-    from .. import distributed as D
     owner = vision_owner(model)
     if owner is None:
         return None
@@ -128,7 +122,6 @@ class SharedVision:
 
     def __init__(self, model, ro, rows: list[int], device: torch.device, *, train: bool, chunk: int = 32,
                  distinct: tuple[list[int], list[int]] | None = None):
-        from .. import distributed as D
         self.model, self.owner = model, vision_owner(model)
         if self.owner is None:
             raise ValueError("SharedVision needs a model with a vision tower (a `visual` child and get_image_features)")
