@@ -195,3 +195,21 @@ def test_cpu_smoke_runs_every_suite_and_writes_the_docs_section(tmp_path):
     for r in by_suite["rollout"] + by_suite["train"] + by_suite["rlstep"][:2]:
         assert r["peer"] > 0 and r["ours"] > 0 and r["ratio"] > 0 and 0 < r["fraction"] < 1, r
     assert "| memory TINY" in doc.read_text() and report.BEGIN in doc.read_text()
+
+
+def test_update_profile_smoke_times_each_variant_on_the_same_rows(tmp_path):
+    """bench/update_profile.py on the CPU: every asked variant updates the same rows (same tokens
+    and model FLOPs), its MFU is those FLOPs over its median time at the calibrated peak, and the
+    first variant (the base) is the one profiled."""
+    import update_profile
+    out = tmp_path / "u.json"
+    update_profile.main(["--smoke", "--reps", "1", "--variants", "base,per row,frozen", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    res = saved["results"]
+    assert [r["variant"] for r in res] == [v.name for v in update_profile.VARIANTS
+                                           if any(s in v.name for s in ("base", "per row", "frozen"))]
+    assert len({(r["tokens"], r["model_flops"]) for r in res}) == 1 and res[0]["tokens"] > 0
+    for r in res:
+        assert r["update_s"] == sorted(r["updates_s"])[len(r["updates_s"]) // 2]
+        assert r["mfu"] == pytest.approx(r["model_flops"] / r["update_s"] / saved["calib"]["matmul_flops_per_s"])
+    assert "profile" in res[0] and all("profile" not in r for r in res[1:])
