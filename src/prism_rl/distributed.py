@@ -223,7 +223,7 @@ def shard_model(model: torch.nn.Module, device: torch.device, *, cpu_offload: bo
         model.backbone_forward = types.MethodType(_backbone_forward, model)
         register_fsdp_forward_method(model, "backbone_forward")
     if vision_owner(model) is not None:  # the tower alone, for models/shared_vision.py: also through the root's hooks
-        model.vision_features = types.MethodType(_vision_features, model)
+        model.vision_features = types.MethodType(vision_features, model)
         register_fsdp_forward_method(model, "vision_features")
     return model
 
@@ -249,10 +249,12 @@ def _backbone_forward(self, **inputs):
     return self.model(**inputs)
 
 
-def _vision_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor):
-    """The vision tower's ``get_image_features`` output for these images, as a method of the root
-    (the tower's weights live in the root unit, gathered in the root's forward only)."""
-    owner = vision_owner(self)
+def vision_features(model: torch.nn.Module, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor):
+    """The vision tower's ``get_image_features`` output for these images: the class's method, so
+    an instance patch (``models/shared_vision.py``) does not answer it. ``shard_model`` registers
+    it as a forward method of the FSDP2 root (the tower's weights live in the root unit, gathered
+    in the root's forward only)."""
+    owner = vision_owner(model)
     return type(owner).get_image_features(owner, pixel_values, image_grid_thw, return_dict=True)
 
 

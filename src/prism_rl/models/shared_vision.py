@@ -31,6 +31,7 @@ instead, with zero gradient.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterator
 
 import torch
@@ -42,6 +43,16 @@ from .loading import autocast_for
 __all__ = ["SharedVision", "distinct_images", "shared_vision", "vision_owner"]
 
 
+def _offsets(sizes) -> list[int]:
+    """Start of each item and the end of the last: ``[0, s0, s0 + s1, ...]``."""
+    return list(itertools.accumulate(sizes, initial=0))
+
+
+def _patch_offsets(ro) -> list[int]:
+    """Start of each image's patches in ``ro.pixel_values`` (and their total, last)."""
+    return _offsets(ro.image_grid_thw.prod(-1).tolist())
+
+
 def distinct_images(ro, rows: list[int]) -> tuple[list[int], list[int]]:
     """``(image_of, firsts)`` for the images of ``rows`` in row order: ``image_of[i]`` is the
     position in ``firsts`` of image i's distinct copy, ``firsts`` the global image index (into
@@ -49,13 +60,7 @@ def distinct_images(ro, rows: list[int]) -> tuple[list[int], list[int]]:
     when their rows share a group id, they sit at the same position in their rows, and their
     grids and patches are equal."""
     per_row, imgs_per_row = ro.extras["patches_per_row"], ro.extras["images_per_row"]
-    img_off = [0]
-    for k in imgs_per_row:
-        img_off.append(img_off[-1] + k)
-    patches = ro.image_grid_thw.prod(-1).tolist()
-    p_off = [0]
-    for p in patches:
-        p_off.append(p_off[-1] + p)
+    img_off, p_off = _offsets(imgs_per_row), _patch_offsets(ro)
     if p_off[-1] != sum(per_row) or p_off[-1] != ro.pixel_values.shape[0]:
         raise ValueError(f"rollouts hold {ro.pixel_values.shape[0]} image patches, patches_per_row sums to "
                          f"{sum(per_row)} and image_grid_thw to {p_off[-1]}: the image inputs are inconsistent")
@@ -130,12 +135,9 @@ class SharedVision:
         self.row_images = self._row_images(ro, rows)
         self.pixels, self.grids = [], []
         if firsts:
-            grids = ro.image_grid_thw
-            starts = [0]
-            for p in grids.prod(-1).tolist():
-                starts.append(starts[-1] + p)
+            starts = _patch_offsets(ro)
             self.pixels = [ro.pixel_values[starts[g]:starts[g + 1]] for g in firsts]
-            self.grids = [grids[g:g + 1] for g in firsts]
+            self.grids = [ro.image_grid_thw[g:g + 1] for g in firsts]
         self.merge = self.owner.visual.spatial_merge_size ** 2
         self.distributed = D.is_distributed()
         chunks = -(-len(firsts) // chunk)
@@ -148,10 +150,7 @@ class SharedVision:
         D.reshard(self.model)   # a no-grad root forward leaves the root gathered (see distributed.reshard)
         if train:
             self.levels = [t.detach().requires_grad_() for t in self.levels]
-        sizes = [int(g.prod()) // self.merge for g in self.grids]
-        self.tok_off = [0]
-        for s in sizes:
-            self.tok_off.append(self.tok_off[-1] + s)
+        self.tok_off = _offsets(int(g.prod()) // self.merge for g in self.grids)   # each image's merged tokens
 
     @staticmethod
     def _row_images(ro, rows: list[int]) -> dict[int, range]:
@@ -174,12 +173,11 @@ class SharedVision:
     def _tower(self, pix: torch.Tensor, thw: torch.Tensor):
         """``get_image_features`` of the model's own code; under FSDP2 through the root's registered
         ``vision_features`` so that the root's weights are gathered."""
-        fn = getattr(self.model, "vision_features", None)
+        fn = getattr(self.model, "vision_features", None)   # registered by distributed.shard_model
         with autocast_for(self.device):
             if fn is not None:
                 return fn(pix.to(self.device), thw.to(self.device))
-            return type(self.owner).get_image_features(self.owner, pix.to(self.device), thw.to(self.device),
-                                                       return_dict=True)
+            return D.vision_features(self.model, pix.to(self.device), thw.to(self.device))
 
     def _dummy(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One image of one merged token (m x m patches of zeros) for a rank's extra tower calls."""
