@@ -17,10 +17,9 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import time
 
 import torch
-from harness.measure import copy_bandwidth
+from harness.measure import copy_bandwidth, timed
 
 from prism_rl.rollout import kernels as K
 
@@ -36,13 +35,10 @@ def inputs(rows: int, prompt: int, new: int, length: int = 1024, hq: int = 16, h
 
 
 def time_call(fn, reps: int = 50) -> float:
+    """Mean seconds of one call over ``reps`` calls after a warm-up call (compilation)."""
     fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / reps
+    secs, _ = timed(lambda: [fn() for _ in range(reps)], torch.device("cuda"))
+    return secs / reps
 
 
 def sweep(rows: int, prompt: int, new: int, bw: float, grid) -> list[dict]:

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from harness.bounds import Counts
 from harness.common import Ctx
-from harness.measure import calibrate, free, median, peak_gib, reset_peak, sync
+from harness.measure import calibrate, free, median, peak_gib, reset_peak, sync, timed
 from harness.shapes import REAL, TINY, build_processor
 from harness.train import rollouts_for, training_model, workload_flops
 
@@ -99,18 +99,10 @@ def one_variant(ctx: Ctx, v: Variant, shape: str, rows: int, longest: int, reps:
         old_lp = None if v.on_policy else sequence_logprobs(model, ro, v.micro, ctx.device,
                                                             share_vision=v.share_vision)
         return ppo_update(model, opt, sched, ro, adv, old_lp, algo, 1.0, ctx.device, share_vision=v.share_vision)
-    t0 = time.perf_counter()
-    update()
-    first_s = time.perf_counter() - t0   # the warm-up update, compilation included
+    first_s, _ = timed(update, ctx.device)   # the warm-up update, compilation included
     update()   # a second warm-up: a compiled variant meets new micro-batch shapes in its first update
     reset_peak(ctx.device)
-    secs = []
-    for _ in range(reps):
-        sync(ctx.device)
-        t0 = time.perf_counter()
-        update()
-        sync(ctx.device)
-        secs.append(time.perf_counter() - t0)
+    secs = [timed(update, ctx.device)[0] for _ in range(reps)]
     out = {"variant": v.name, "first_update_s": first_s, "update_s": median(secs), "updates_s": secs,
            "tokens": tokens, "model_flops": flops,
            "mfu": flops / median(secs) / ctx.calib["matmul_flops_per_s"], "peak_gib": peak_gib(ctx.device)}
