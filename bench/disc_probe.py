@@ -203,5 +203,6 @@ def main(argv: list[str] | None = None) -> int:
     print(table(results))
     return 0
 
+
 if __name__ == "__main__":
     sys.exit(main())
