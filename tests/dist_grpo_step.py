@@ -94,7 +94,7 @@ def main(model_dir: str, out_dir: str, layout: str = "spread") -> None:
     (out / f"rank{D.rank()}.json").write_text(json.dumps(report))
     if D.is_main():
         torch.save({k: v.detach().cpu() for k, v in state.items()}, out / "weights.pt")
-    D.barrier()
+    D.finish()
 
 
 if __name__ == "__main__":

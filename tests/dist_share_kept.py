@@ -38,7 +38,7 @@ def main(out: str) -> None:
         report.append({"groups": got.group_ids.tolist(), "texts": got.texts, "reward": scores["reward"].tolist(),
                        "ids": got.response_ids[:, 0].tolist()})
     Path(out, f"rank{D.rank()}.json").write_text(json.dumps(report))
-    D.barrier()
+    D.finish()
 
 
 if __name__ == "__main__":

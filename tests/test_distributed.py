@@ -83,6 +83,41 @@ def _sft_args(model_dir, data_root, out, grad_accum: int) -> list[str]:
             "data.max_length=256"]
 
 
+_FINISH_SCRIPT = """
+import atexit, sys, time
+from pathlib import Path
+from prism_rl import distributed as D
+
+out = Path(sys.argv[1])
+D.init_from_env()
+code = int(sys.argv[2]) if D.rank() == 1 else 0   # rank 1 fails or not; rank 0 succeeds
+atexit.register(lambda: (out / f"atexit{D.rank()}").write_text(str(time.time())))
+if D.rank() == 1:
+    time.sleep(1.0)
+(out / f"done{D.rank()}").write_text(str(time.time()))
+print(f"rank {D.rank()} unflushed", end="")
+D.finish(code)
+raise SystemExit(99)   # not reached: finish ends the process
+"""
+
+
+@pytest.mark.parametrize("code", [0, 3])
+def test_finish_ends_a_rank_with_its_code_after_exit_handlers(tmp_path, code):
+    """``distributed.finish``: the exit code given (not the 99 after it), Python's exit handlers
+    run and stdout flushed; after success rank 0 waits at the barrier for rank 1 (1 s late);
+    after rank 1's error it does not wait for rank 0 (stuck at that barrier until torchrun
+    stops it)."""
+    script = tmp_path / "finish.py"
+    script.write_text(_FINISH_SCRIPT)
+    out = torchrun(2, str(script), str(tmp_path), str(code), ok=code == 0)
+    assert "rank 1 unflushed" in out and float((tmp_path / "atexit1").read_text()) >= float((tmp_path / "done1").read_text())
+    if code:
+        assert "exitcode  : 3" in out and "exitcode  : 99" not in out
+    else:
+        assert "rank 0 unflushed" in out and "exitcode" not in out
+        assert float((tmp_path / "atexit0").read_text()) >= float((tmp_path / "done1").read_text())
+
+
 def test_sft_on_two_processes_equals_one_process(tiny_model_dir, sft_data, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(_sft_args(tiny_model_dir, sft_data, one, grad_accum=4)) == 0        # global batch 2 x 4 x 1

@@ -497,17 +497,24 @@ def _message(e: Exception) -> str:
     return str(e)
 
 
-def _leave_process_group() -> None:
-    """Under torchrun, every rank waits for the others and leaves the process group before the
-    interpreter exits (``distributed.shutdown``): a rank that exited with the backend's threads
-    alive aborted ("terminate called without an active exception", SIGABRT) after a finished
-    run. Nothing to do in one process, or when the command never imported torch.distributed."""
+def _end_torchrun_worker(code: int) -> None:
+    """Under torchrun, end the process here with ``code`` (``distributed.finish``: a barrier
+    after success, then ``os._exit``, skipping the interpreter teardown in which finished ranks
+    aborted now and then). Nothing to do in one process, or when the command never imported
+    torch.distributed."""
     if "prism_rl.distributed" in sys.modules:
-        sys.modules["prism_rl.distributed"].shutdown()
+        sys.modules["prism_rl.distributed"].finish(code)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    code = _run(args)
+    _end_torchrun_worker(code)
+    return code
+
+
+def _run(args) -> int:
+    """Run the parsed command; its exit code, an error printed as one line."""
     threads = args.threads or int(os.environ.get("PRISM_THREADS", "0") or 0)
     if threads > 0:
         import torch
@@ -516,7 +523,6 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         args.fn(args)
-        _leave_process_group()
     except USER_ERRORS as e:
         if args.verbose:
             traceback.print_exc()

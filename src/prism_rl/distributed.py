@@ -16,8 +16,10 @@ FSDP2 averages gradients over ranks (sum / N), so a rank's loss is multiplied by
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import sys
 import types
 import warnings
 from collections.abc import Sequence
@@ -351,11 +353,23 @@ def all_gather(obj) -> list:
     return out
 
 
-def shutdown() -> None:
-    """Leave the process group at the end of a command: a barrier (no rank exits while another
-    still talks to it), then ``destroy_process_group``, so the interpreter's exit does not tear
-    down the backend's live threads (seen: a rank of ``prism eval`` aborting with "terminate
-    called without an active exception" while rank 0 still wrote the report). No-op alone."""
-    if dist.is_available() and dist.is_initialized():
+def finish(code: int = 0) -> None:
+    """End a ``torchrun`` worker: on success (``code`` 0) a barrier first, so no rank leaves
+    while another still talks to it; then Python's exit handlers, flushed stdio, and
+    ``os._exit(code)``. No-op outside torchrun or before joining its process group.
+
+    Why not a plain exit: the interpreter's teardown destroys the backend's C++ objects in no
+    set order, and a rank of a finished run aborted there now and then (SIGABRT, "terminate
+    called without an active exception"), turning a good run into a failed job - in CI, once
+    after ``prism rl`` and twice after ``prism eval``, the last time with a barrier and
+    ``destroy_process_group`` already before the exit. Every file a command writes is closed
+    before this point, so skipping that teardown loses nothing. After an error the barrier is
+    left out: the other ranks may never reach it."""
+    if not (launched() and dist.is_available() and dist.is_initialized()):
+        return
+    if code == 0:
         dist.barrier()
-        dist.destroy_process_group()
+    atexit._run_exitfuncs()   # our own handlers (the math-verify workers) and logging's flush
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)

@@ -183,7 +183,6 @@ def eval_command(a, print_fn: Callable[[str], None] = print) -> None:
         D.init_from_env()
         print_fn = print_fn if D.is_main() else _silent
     (_run_benchmark if a.benchmark else _run_heldout)(a, cfg, print_fn)
-    D.shutdown()   # torchrun: every rank done before any exits
 
 
 def _silent(line: str) -> None:
