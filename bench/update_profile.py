@@ -11,8 +11,9 @@ from the update's own forward, as ``rl_step`` does with one PPO epoch and one mi
 reports the median of ``--reps`` timed updates after a warm-up, with its model FLOPs
 (``harness.bounds.train_flops``) as MFU. Then the base variant runs once under the profiler:
 its CUDA kernels grouped into GEMMs / attention / elementwise+norm / optimizer / copies, the
-top kernels, and the GPU's busy share of the wall time (a low share means the host's launches
-are the bound, not the kernels).
+top kernels, the GPU's busy share of the wall time (a low share means the host's launches
+are the bound, not the kernels), the aten ops that own the most kernel time with their input
+shapes (which copy is it?), and the host's waits on the GPU (each drains the launch queue).
 """
 
 from __future__ import annotations
@@ -117,7 +118,7 @@ def profiled(ctx: Ctx, update) -> dict:
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ctx.device.type == "cuda" else [])
     sync(ctx.device)
     t0 = time.perf_counter()
-    with profile(activities=acts) as prof:
+    with profile(activities=acts, record_shapes=True) as prof:
         update()
         sync(ctx.device)
     wall = time.perf_counter() - t0
@@ -134,7 +135,30 @@ def profiled(ctx: Ctx, update) -> dict:
     top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:15]
     return {"wall_s": wall, "kernel_s": busy, "gpu_busy_share": busy / wall if wall else None,
             "kernels": sum(c for _, c in by_name.values()), "groups_s": groups,
-            "top": [{"name": n[:90], "s": s, "calls": c} for n, (s, c) in top]}
+            "top": [{"name": n[:90], "s": s, "calls": c} for n, (s, c) in top],
+            "top_ops": top_ops(prof, on_gpu=bool(kernels)), "host_waits": host_waits(prof)}
+
+
+def top_ops(prof, on_gpu: bool, n: int = 20) -> list[dict]:
+    """The aten ops with the most self kernel time (self CPU time without a GPU), grouped by
+    their input shapes: which op, on which tensors, a group of kernels comes from."""
+    key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
+    ops = [e for e in prof.key_averages(group_by_input_shape=True) if e.key.startswith("aten::")]
+    ops.sort(key=lambda e: -getattr(e, key))
+    return [{"op": e.key, "shapes": str(e.input_shapes)[:160], "s": getattr(e, key) / 1e6, "calls": e.count}
+            for e in ops[:n]]
+
+
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+
+
+def host_waits(prof) -> dict:
+    """Calls in which the host waits for the GPU (synchronisations, and blocking copies, which
+    ``cudaMemcpy`` without Async is), their count and host seconds: each one empties the launch
+    queue, so the GPU idles while the host launches what follows."""
+    waits = [e for e in prof.key_averages() if e.key in SYNC_CALLS]
+    return {"calls": sum(e.count for e in waits), "host_s": sum(e.cpu_time_total for e in waits) / 1e6,
+            "by_call": {e.key: e.count for e in waits}}
 
 
 def table(results: list[dict]) -> str:
@@ -154,6 +178,10 @@ def table(results: list[dict]) -> str:
         lines += [f"| {g} | {s:.3f} |" for g, s in prof["groups_s"].items()]
         lines += ["", "| top kernel | s | calls |", "|---|---|---|"]
         lines += [f"| `{t['name']}` | {t['s']:.3f} | {t['calls']} |" for t in prof["top"]]
+        lines += ["", "| top op | input shapes | s | calls |", "|---|---|---|---|"]
+        lines += [f"| {t['op']} | {t['shapes']} | {t['s']:.3f} | {t['calls']} |" for t in prof["top_ops"]]
+        w = prof["host_waits"]
+        lines += ["", f"host waits on the GPU: {w['calls']} calls, {w['host_s']:.3f} s ({w['by_call']})"]
     return "\n".join(lines)
 
 

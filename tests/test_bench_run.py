@@ -200,7 +200,7 @@ def test_cpu_smoke_runs_every_suite_and_writes_the_docs_section(tmp_path):
 def test_update_profile_smoke_times_each_variant_on_the_same_rows(tmp_path):
     """bench/update_profile.py on the CPU: every asked variant updates the same rows (same tokens
     and model FLOPs), its MFU is those FLOPs over its median time at the calibrated peak, and the
-    first variant (the base) is the one profiled."""
+    first variant (the base) is the one profiled, its ops listed with their input shapes."""
     import update_profile
     out = tmp_path / "u.json"
     update_profile.main(["--smoke", "--reps", "1", "--variants", "base,per row,frozen", "--out", str(out)])
@@ -213,3 +213,8 @@ def test_update_profile_smoke_times_each_variant_on_the_same_rows(tmp_path):
         assert r["update_s"] == sorted(r["updates_s"])[len(r["updates_s"]) // 2]
         assert r["mfu"] == pytest.approx(r["model_flops"] / r["update_s"] / saved["calib"]["matmul_flops_per_s"])
     assert "profile" in res[0] and all("profile" not in r for r in res[1:])
+    ops = res[0]["profile"]["top_ops"]   # on the CPU: self CPU time, so the attention and matmuls show
+    assert ops and all(o["op"].startswith("aten::") and o["calls"] > 0 for o in ops)
+    assert [o["s"] for o in ops] == sorted((o["s"] for o in ops), reverse=True)
+    assert any(o["op"] == "aten::mm" and o["shapes"].startswith("[[") for o in ops)
+    assert res[0]["profile"]["host_waits"]["calls"] == 0   # no GPU to wait for
