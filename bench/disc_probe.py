@@ -199,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     for i, (d, data) in enumerate(zip(a.disc, a.data)):
         results[a.name[i] if a.name else d] = probe(d, data, a.limit or None, a.batch_size)
     if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(results, indent=1))
     print(table(results))
     return 0

@@ -99,6 +99,7 @@ class Preset:
     threads: int
     eval_reserve_min: float    # the end of the budget kept for evaluations
     budget_min: float
+    probe_limit: int = 150     # pairs per slip kind in each discriminator's probe (disc_probe.py)
 
 
 PRESETS = {
@@ -108,7 +109,8 @@ PRESETS = {
         sft=["train.max_steps=8", "train.batch_size=8"], pairs_limit=12, min_pairs=12,
         warmup=["train.max_steps=2", "train.batch_size=8", "train.heldout_frac=0.25"],
         align_steps=1, rl_steps=1, prompts_per_step=2, samples=4, max_new_tokens=40, micro_batch=8,
-        disc_batch=8, eval_batch=8, eval_limit=6, procs_per_gpu=1, threads=1, eval_reserve_min=2.0, budget_min=10.0),
+        disc_batch=8, eval_batch=8, eval_limit=6, procs_per_gpu=1, threads=1, eval_reserve_min=2.0, budget_min=10.0,
+        probe_limit=8),
     # 2 cores, about an hour for 2 seeds of the core arms, the control and the ablations: the quick
     # start's model (~0.74M parameters) and lengths, the study's data shape, 8 prompts x 8 samples.
     "cpu": Preset(
@@ -208,6 +210,7 @@ class Planner:
                                                                      "--out", init, "--seed", s, *DISC_VARIANTS[kind]),
                                 init / "prism_discriminator.json", [sft], gpu=False, priority=prio), arm)
         if variant == "nowarmup":
+            self.probe(v, s, variant, init_job, init, arm)
             return init_job, init
         if variant == "content":
             pairs, pairs_file = self.content_pairs(arm)
@@ -219,7 +222,18 @@ class Planner:
                      *self._x("warmup"))
         job = self.add(Job(f"warmup-{variant}-{v}-s{s}", argv, warm / "final" / "prism_discriminator.json",
                            [init_job, pairs], priority=prio), arm)
+        self.probe(v, s, variant, job, warm / "final", arm)
         return job, warm / "final"
+
+    def probe(self, v: str, s: int, variant: str, dep: str, disc: Path, arm: str) -> None:
+        """What the discriminator that alignment will play against rewards, measured on the
+        study's own pool (``disc_probe.py``: teacher vs public demonstrations of one problem,
+        grouped by the public one's slip: none, perception, reasoning). Analysis only: no stage
+        waits for it, and it runs on the CPU (its cost is not counted to the arm)."""
+        folder = self.out / f"s{s}" / v / "disc" / variant
+        argv = [sys.executable, BENCH / "disc_probe.py", "--disc", disc, "--data", self.out / "data" / v / "sft.json",
+                "--name", f"{v}/{variant}", "--limit", self.p.probe_limit, "--out", folder / "probe.json"]
+        self.add(Job(f"probe-{variant}-{v}-s{s}", list(map(str, argv)), folder / "probe.json", [dep], gpu=False), arm)
 
     def content_pairs(self, arm: str) -> tuple[str, Path]:
         """The content discriminator's warm-up pairs, one file for every seed: the content pool's

@@ -112,6 +112,30 @@ def alignment_dynamics(out: Path, seeds: list[int]) -> dict[str, dict]:
                    for key in (*keys, "steps")} for name, runs in found.items()}
 
 
+PROBE_KEYS = ("cap_acc", "cap_gap", "reason_acc", "reason_gap")
+SLIPS = ("none", "perception", "reasoning")
+
+
+def discriminator_probes(out: Path, seeds: list[int]) -> dict[str, dict]:
+    """Per warmed-up discriminator (data/variant) and public slip kind: the seeds probed, the
+    pairs per seed, and the mean over those seeds of ``disc_probe.py``'s caption and reasoning
+    accuracy and gap (a seed whose group had no pair is left out of that group's mean)."""
+    found: dict[str, list[dict]] = {}
+    for s in seeds:
+        for f in sorted((out / f"s{s}").glob("*/disc/*/probe.json")):
+            for name, res in json.loads(f.read_text()).items():
+                found.setdefault(name, []).append(res)
+    table: dict[str, dict] = {}
+    for name, runs in found.items():
+        table[name] = {}
+        for kind in SLIPS:
+            got = [r[kind] for r in runs if kind in r]
+            scored = [g for g in got if g["pairs"]]
+            table[name][kind] = {"seeds": len(got), "pairs": [g["pairs"] for g in got]} | {
+                k: _avg([g[k] for g in scored]) for k in PROBE_KEYS}
+    return table
+
+
 def _avg(vals: list) -> float | None:
     vals = [v for v in vals if v is not None]
     return sum(vals) / len(vals) if vals else None
@@ -175,6 +199,7 @@ def collect(out: Path, preset, arms: list[str], seeds: list[int], state: dict, j
             entry["verdict"] = verdict(entry[key]["lo"], entry[key]["hi"], key)
         res["comparisons"].append(entry)
     res["alignment"] = alignment_dynamics(out, seeds)
+    res["probes"] = discriminator_probes(out, seeds)
     res["warmup_pairs"] = {f"{f.parent.name}/s{s}": json.loads(f.read_text())
                            for s in seeds for f in sorted((out / f"s{s}").glob("*/pairs.topup.json"))}
     del res["rows"]
@@ -235,6 +260,18 @@ def render(res: dict, header: dict) -> str:
             cells = [f"{_num(d[k][0])} -> {_num(d[k][1])}" for k in
                      ("disc/cap_gap", "disc/reason_gap", "rollout/perception", "rollout/acc", "rollout/format")]
             lines.append(f"| {name} | {', '.join(map(str, d['steps']))} | " + " | ".join(cells) + " |")
+    if res["probes"]:
+        lines += ["", "What each discriminator rewards, before alignment (`bench/disc_probe.py` on the study's pool: "
+                  "the teacher's demonstration against a public one of the same problem, by the public one's slip; "
+                  "acc = share of pairs the teacher wins, gap = mean score difference; mean over the seeds). "
+                  "Content shows as gaps on the slips and none on `none`; a gap on `none` as large as on the slips "
+                  "is style:", "",
+                  "| discriminator | public slip | seeds | pairs per seed | caption acc | caption gap | reasoning acc | "
+                  "reasoning gap |", "|---|---|---|---|---|---|---|---|"]
+        for name, kinds in res["probes"].items():
+            for kind, m in kinds.items():
+                cells = " | ".join(_num(m[k], signed=k.endswith("gap")) for k in PROBE_KEYS)
+                lines.append(f"| {name} | {kind} | {m['seeds']} | {', '.join(map(str, m['pairs']))} | {cells} |")
     topped = {k: v for k, v in res["warmup_pairs"].items() if v["public_pairs_added"]}
     if topped:
         lines += ["", "Warm-up pairs topped up with public demonstrations (the SFT policy closed the format too "
@@ -245,8 +282,8 @@ def render(res: dict, header: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _num(v) -> str:
-    return "-" if v is None else f"{v:.2f}"
+def _num(v, signed: bool = False) -> str:
+    return "-" if v is None else f"{v:+.2f}" if signed else f"{v:.2f}"
 
 
 def write_report(out: Path, preset, arms: list[str], seeds: list[int], state: dict, jobs: dict, name: str,

@@ -16,7 +16,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from disc_probe import build_parser as probe_parser  # noqa: E402
 from stage2_plan import ARMS, PRESETS, Job, Planner, planned_steps, resolve_policy  # noqa: E402
-from stage2_report import comparisons, mean_std, paired_bootstrap_ci, paired_diffs, verdict  # noqa: E402
+from stage2_report import (comparisons, discriminator_probes, mean_std, paired_bootstrap_ci,  # noqa: E402
+                           paired_diffs, render, verdict)
 from stage2_study import START_FILE, _same_start, chain_lengths  # noqa: E402
 
 
@@ -126,6 +127,51 @@ def test_content_arms_run_the_content_pool_and_its_slip_pairs(tmp_path):
         ("prism_grpo_content", "prism_grpo")]
 
 
+def test_every_discriminator_is_probed_on_the_study_pool_and_nothing_waits_for_it(tmp_path):
+    arms = ["prism_grpo", "prism_grpo_nowarmup", "prism_grpo_content", "prism_grpo_varied"]
+    jobs = Planner(tmp_path, PRESETS["cpu"], arms, [0, 1], {}).plan()
+    probes = {n: j for n, j in jobs.items() if n.startswith("probe-")}
+    assert sorted(probes) == sorted(f"probe-{v}-s{s}" for s in (0, 1)
+                                    for v in ("moe-matched", "nowarmup-matched", "content-matched", "moe-varied"))
+    for s in (0, 1):
+        for variant, data, dep, disc in (
+                ("moe", "matched", f"warmup-moe-matched-s{s}", "disc/moe/warmup/final"),
+                ("nowarmup", "matched", f"disc-init-moe-matched-s{s}", "disc/moe/init"),
+                ("content", "matched", f"warmup-content-matched-s{s}", "disc/content/warmup/final"),
+                ("moe", "varied", f"warmup-moe-varied-s{s}", "disc/moe/warmup/final")):
+            job, root = probes[f"probe-{variant}-{data}-s{s}"], tmp_path / f"s{s}" / data
+            assert job.deps == [dep] and not job.gpu and job.done == root / "disc" / variant / "probe.json"
+            assert job.argv[1:] == [str(ROOT / "bench" / "disc_probe.py"), "--disc", str(root / disc), "--data",
+                                    str(tmp_path / "data" / data / "sft.json"), "--name", f"{data}/{variant}",
+                                    "--limit", "150", "--out", str(job.done)]
+    assert not any(d in probes for j in jobs.values() for d in j.deps)   # analysis only
+    assert chain_lengths(jobs)["warmup-moe-matched-s0"] == 3   # alignment, RL, eval: the probe adds no link
+
+
+def test_probes_are_averaged_over_seeds_per_discriminator_and_slip(tmp_path):
+    """The report's probe table: the mean over seeds of each group's metrics; a seed whose group
+    had no pair is listed with 0 pairs and left out of the mean."""
+    def metrics(pairs, cap_gap):
+        return {"pairs": pairs, "cap_acc": 0.5 + cap_gap, "cap_gap": cap_gap, "reason_acc": 0.5, "reason_gap": 0.0,
+                "skipped": 0} if pairs else {"pairs": 0, "skipped": 0}
+    for s, (none, perc) in {0: ((10, 0.0), (6, 0.1)), 1: ((12, 0.2), (0, None))}.items():
+        f = tmp_path / f"s{s}" / "matched" / "disc" / "moe" / "probe.json"
+        f.parent.mkdir(parents=True)
+        f.write_text(json.dumps({"matched/moe": {"none": metrics(*none), "perception": metrics(*perc),
+                                                 "records_skipped": {}}}))
+    got = discriminator_probes(tmp_path, [0, 1, 2])
+    assert list(got) == ["matched/moe"] and set(got["matched/moe"]) == {"none", "perception", "reasoning"}
+    none, perc, reason = (got["matched/moe"][k] for k in ("none", "perception", "reasoning"))
+    assert none["seeds"] == 2 and none["pairs"] == [10, 12]
+    assert none["cap_gap"] == pytest.approx(0.1) and none["cap_acc"] == pytest.approx(0.6)
+    assert perc["pairs"] == [6, 0] and perc["cap_gap"] == pytest.approx(0.1) and perc["reason_acc"] == 0.5
+    assert reason == {"seeds": 0, "pairs": [], "cap_acc": None, "cap_gap": None, "reason_acc": None, "reason_gap": None}
+    md = render({"arms": {}, "comparisons": [], "alignment": {}, "probes": got, "warmup_pairs": {}, "not_run": {}},
+                {"preset": "cpu", "seeds": [0, 1], "gpus": 0, "budget_min": 1, "wall_min": 0.0})
+    assert "| matched/moe | none | 2 | 10, 12 | 0.60 | +0.10 | 0.50 | +0.00 |" in md
+    assert "| matched/moe | perception | 2 | 6, 0 | 0.60 | +0.10 | 0.50 | +0.00 |" in md
+
+
 def test_content_warmup_is_the_measured_two_epochs_and_scales_with_the_preset(tmp_path):
     from prism_rl.cli import build_parser
     from prism_rl.config import WarmupConfig, load_config
@@ -179,6 +225,9 @@ def test_cpu_smoke_study_end_to_end(tmp_path):
     assert (cmp["a"], cmp["b"]) == ("prism_grpo", "grpo") and cmp["acc"]["n_problems"] == 6
     assert cmp["acc"]["lo"] <= cmp["acc"]["mean"] <= cmp["acc"]["hi"]
     assert "rollout/perception" in res["alignment"]["matched/moe"]
+    probe = res["probes"]["matched/moe"]   # the warmed-up discriminator, probed on the smoke pool
+    assert {k: probe[k]["seeds"] for k in probe} == {"none": 1, "perception": 1, "reasoning": 1}
+    assert all(0 <= n <= 8 for k in probe for n in probe[k]["pairs"]) and sum(probe["none"]["pairs"]) > 0
     md = (out / "results.md").read_text()
     assert md.startswith("# Stage-2 study (issue 16)") and "| prism_grpo | grpo |" in md
 
@@ -194,8 +243,9 @@ def test_gpu_preset_commands_parse_and_their_configs_load(tmp_path):
     classes = {"sft": SFTConfig, "warmup": WarmupConfig, "align": AlignConfig, "rl": RLConfig, "eval": EvalConfig}
     loaded = set()
     for job in jobs.values():
-        if job.argv[1].endswith("disc_probe.py"):   # the content pairs: a bench script, not the CLI
-            assert probe_parser().parse_args(job.argv[2:]).write_pairs
+        if job.argv[1].endswith("disc_probe.py"):   # the content pairs and the probes: a bench script, not the CLI
+            a = probe_parser().parse_args(job.argv[2:])
+            assert a.write_pairs if job.name == "pairs-content" else (len(a.disc) == len(a.data) == 1 and a.out)
             continue
         argv = job.argv if job.argv[0] != "sh" else job.argv[2].split(" && ")[0].split()
         cli = [x.replace("{policy}", str(tmp_path / "policy")) for x in argv[argv.index("prism_rl.cli") + 1:]]
