@@ -16,8 +16,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from disc_probe import build_parser as probe_parser  # noqa: E402
 from stage2_plan import ARMS, PRESETS, Job, Planner, planned_steps, resolve_policy  # noqa: E402
-from stage2_report import (comparisons, discriminator_probes, mean_std, paired_bootstrap_ci,  # noqa: E402
-                           paired_diffs, render, verdict)
+from stage2_report import comparisons, discriminator_probes, mean_std, paired_bootstrap_ci, paired_diffs, render, verdict  # noqa: E402
 from stage2_study import START_FILE, _same_start, chain_lengths  # noqa: E402
 
 
