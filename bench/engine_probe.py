@@ -6,7 +6,9 @@ of each graph-engine variant with transformers' generate in bf16, tokens/s of ea
 time, and the fraction of the decode bound (text weights + the KV cache read once per step at
 the measured copy bandwidth). Variants: ``module`` (GraphEngine(fused=False), the module
 path), ``fused`` (fused weights + Triton kernels, SDPA attention), ``fused-splitk`` (the same
-with the split-K flash-decoding attention kernel).
+with the split-K flash-decoding attention kernel), ``fused-splitk-torchsample`` (that, drawing
+tokens with torch ops instead of the one sampling kernel). ``--seeded``: the timed runs sample
+with per-row seeds (``rollout.per_row_seeds``: counter-hash noise), as a multi-GPU run would.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ def timed(fn):
 
 
 VARIANTS = {"module": {"fused": False}, "fused": {"fused": True, "split_k": False},
-            "fused-splitk": {"fused": True, "split_k": True}}
+            "fused-splitk": {"fused": True, "split_k": True},
+            "fused-splitk-torchsample": {"fused": True, "split_k": True, "sample_kernel": False}}
 
 
 def set_attn(spec: str) -> None:
@@ -76,6 +79,7 @@ def main():
     ap.add_argument("--attn", nargs="+", default=["default"],
                     help="split-K attention launch settings to measure, each 'default' or split,block,warps,stages "
                          "(bench/attn_sweep.py prints the fastest)")
+    ap.add_argument("--seeded", action="store_true", help="time per-row seeded sampling (rollout.per_row_seeds)")
     ap.add_argument("--no-generate", action="store_true",
                     help="skip transformers' generate (its rate, the ratio and the agreement checks)")
     a = ap.parse_args()
@@ -125,7 +129,8 @@ def main():
         n = a.n
         k = max(1, R // n)
         pp = (ps * ((k + len(ps) - 1) // len(ps)))[:k]
-        sp = SamplingParams(n=n, max_new_tokens=a.new, temperature=1.0)
+        seeded = {"seed": 1, "prompt_keys": list(range(k))} if a.seeded else {}
+        sp = SamplingParams(n=n, max_new_tokens=a.new, temperature=1.0, **seeded)
         mean_ctx = sum(int(p.input_ids.numel()) for p in pp) / len(pp) + a.new / 2
         bound = R * bw / (text_bytes + R * mean_ctx * kv_per_token)
         th = hf_tps = float("nan")

@@ -83,9 +83,67 @@ def engine_check(tiny_dir: str) -> dict:
     params = SamplingParams(n=2, max_new_tokens=8, temperature=0.0, return_logprobs=True)
     a = GraphEngine(model, proc, fused=False).generate(prompts, params)
     b = GraphEngine(model, proc, fused=True, split_k=True).generate(prompts, params)
-    return {"same_tokens": bool(torch.equal(a.response_ids, b.response_ids)),
-            "distinct_rows": len({tuple(r.tolist()) for r in a.response_ids}),
-            "logprob_diff": float((a.logprobs - b.logprobs).abs().max())}
+    out = {"same_tokens": bool(torch.equal(a.response_ids, b.response_ids)),
+           "distinct_rows": len({tuple(r.tolist()) for r in a.response_ids}),
+           "logprob_diff": float((a.logprobs - b.logprobs).abs().max())}
+    return out | sampler_engine_check(model, proc, prompts)
+
+
+def sampler_engine_check(model, proc, prompts) -> dict:
+    """The engine with the one-kernel sampler (``sample_kernel=True``, as on CUDA) against the
+    torch path: greedy and per-row seeded runs give the same tokens and log-probs (the kernel
+    computes the same formula); an unseeded run repeats under the same global seed."""
+    from dataclasses import replace
+
+    from prism_rl.rollout.base import SamplingParams
+    from prism_rl.rollout.graph import GraphEngine
+
+    def run(kernel: bool, params, seed: int = 0):
+        eng = GraphEngine(model, proc, sample_kernel=kernel)
+        torch.manual_seed(seed)
+        return eng.generate(prompts, params)
+
+    greedy = SamplingParams(n=2, max_new_tokens=8, temperature=0.0, return_logprobs=True)
+    keyed = SamplingParams(n=3, max_new_tokens=8, temperature=0.8, return_logprobs=True, seed=7, prompt_keys=[4, 9])
+    res = {}
+    for name, params in (("greedy", greedy), ("keyed", keyed)):
+        a, b = run(False, params), run(True, params)
+        res[f"sampler_{name}_same"] = bool(torch.equal(a.response_ids, b.response_ids))
+        res[f"sampler_{name}_lp_diff"] = float((a.logprobs - b.logprobs).abs().max())
+    unkeyed = replace(keyed, seed=None, prompt_keys=None)
+    one, again, other = run(True, unkeyed), run(True, unkeyed), run(True, unkeyed, seed=1)
+    res["sampler_unkeyed_repeats"] = bool(torch.equal(one.response_ids, again.response_ids))
+    res["sampler_unkeyed_seed_matters"] = not torch.equal(one.response_ids, other.response_ids)
+    res["sampler_unkeyed_distinct_rows"] = len({tuple(r.tolist()) for r in one.response_ids})
+    return res
+
+
+def sampler_check(g: torch.Generator) -> dict:
+    """The sampling kernel against :func:`sample_ref` on (5, 1000) logits with three suppressed
+    tokens, a block of 256 (V not a multiple of it), greedy and two temperatures, three steps:
+    tokens equal (count of rows that differ) and the largest log-prob difference; and the torch
+    reference against the engine's torch formula (``x / T``, softmax of unprocessed logits)."""
+    from prism_rl.rollout.noise import gumbel
+    from prism_rl.rollout.sampling import sample_ref, sample_triton
+
+    x = 3 * torch.randn(5, 1000, generator=g)
+    x[2, 500:] += 4.0                     # a row whose best tokens sit in a later block
+    bias = torch.zeros(1000)
+    bias[[3, 17, 999]] = float("-inf")
+    keys = torch.randint(0, 2**32, (5,), generator=g)
+    out = {"token_mismatches": 0, "lp_diff": 0.0, "ref_vs_engine_formula": 0, "suppressed_drawn": 0, "distinct": set()}
+    for temp in (0.0, 0.7, 1.0):
+        for t in (0, 3, 200):
+            (ta, la), (tb, lb) = sample_ref(x, bias, keys, t, temp), sample_triton(x, bias, keys, t, temp, block=256)
+            out["token_mismatches"] += int((ta != tb).sum())
+            out["lp_diff"] = max(out["lp_diff"], float((la - lb).abs().max()))
+            out["suppressed_drawn"] += int(bias[tb].isinf().sum())
+            out["distinct"].add(tuple(tb.tolist()))
+            z = x + bias if temp == 0 else (x + bias) / temp
+            engine_tok = z.argmax(-1) if temp == 0 else (z.double() + gumbel(keys, t, 1000)).argmax(-1)
+            out["ref_vs_engine_formula"] += int((engine_tok != ta).sum())
+    out["distinct"] = len(out["distinct"])
+    return out
 
 
 def main():
@@ -94,7 +152,8 @@ def main():
         print(json.dumps(engine_check(sys.argv[2])))
         return
     g = torch.Generator().manual_seed(0)
-    print(json.dumps({str(dt).split(".")[-1]: check(dt, g) for dt in (torch.float32, torch.bfloat16)}))
+    res = {str(dt).split(".")[-1]: check(dt, g) for dt in (torch.float32, torch.bfloat16)}
+    print(json.dumps(res | {"sampler": sampler_check(g)}))
 
 
 if __name__ == "__main__":

@@ -218,3 +218,21 @@ def test_update_profile_smoke_times_each_variant_on_the_same_rows(tmp_path):
     assert [o["s"] for o in ops] == sorted((o["s"] for o in ops), reverse=True)
     assert any(o["op"] == "aten::mm" and o["shapes"].startswith("[[") for o in ops)
     assert res[0]["profile"]["host_waits"]["calls"] == 0   # no GPU to wait for
+
+
+def test_sampler_probe_smoke_under_the_interpreter(tmp_path):
+    """bench/sampler_probe.py on the CPU (TRITON_INTERPRET=1, a subprocess: the flag is read when
+    Triton is imported): every mode at 4 rows; greedy and seeded draws of the kernel are the torch
+    path's, and every log-prob is log_softmax of the drawn token."""
+    import os
+    out = tmp_path / "s.json"
+    env = os.environ | {"TRITON_INTERPRET": "1",
+                        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "bench"), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "sampler_probe.py"), "--smoke", "--out", str(out)],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    res = json.loads(out.read_text())["results"]
+    assert [(r["rows"], r["mode"]) for r in res] == [(4, "greedy"), (4, "unseeded"), (4, "seeded")]
+    assert [r["same_tokens"] for r in res] == [True, None, True]
+    assert all(r["lp_diff_vs_log_softmax"] < 1e-5 for r in res)
+    assert res[2]["lp_diff_vs_torch"] < 1e-5 and all(r["speedup"] == r["torch_s"] / r["kernel_s"] for r in res)

@@ -168,6 +168,11 @@ def test_split_k_attention_in_the_engine_under_the_interpreter(tiny_model_dir):
     got = _interpreted("--engine", str(tiny_model_dir))
     assert got["distinct_rows"] >= 2 and got["same_tokens"], got
     assert got["logprob_diff"] < 1e-5, got
+    # the one-kernel sampler in the engine: the torch path's draws, greedy and per-row seeded
+    assert got["sampler_greedy_same"] and got["sampler_keyed_same"], got
+    assert got["sampler_greedy_lp_diff"] < 1e-5 and got["sampler_keyed_lp_diff"] < 1e-5, got
+    assert got["sampler_unkeyed_repeats"] and got["sampler_unkeyed_seed_matters"], got
+    assert got["sampler_unkeyed_distinct_rows"] >= 4, got   # 6 rows, each its own noise stream
 
 
 def test_triton_kernels_equal_torch_references_under_the_interpreter():
@@ -185,6 +190,9 @@ def test_triton_kernels_equal_torch_references_under_the_interpreter():
             assert vs_ref < tol and vs_exact < tol, (dtype, name, vs_ref, vs_exact)
             assert ref_vs_exact < tol                               # the reference itself is the right math
     assert diffs["float32"]["qk_rope_v_cache"][0] == 0.0           # v is copied, not computed
+    s = diffs["sampler"]   # 9 calls x 5 rows: the kernel's draws are the reference's, none suppressed
+    assert s["token_mismatches"] == 0 and s["lp_diff"] < 1e-5 and s["suppressed_drawn"] == 0, s
+    assert s["ref_vs_engine_formula"] == 0 and s["distinct"] >= 6, s   # greedy repeats over t: 1 + 6 sampled
 
 
 def test_rollout_fused_config_reaches_the_engine(policy):
@@ -213,6 +221,7 @@ def test_triton_kernels_compile_for_an_h100_class_gpu(dt):
     from triton.backends.compiler import GPUTarget
 
     from prism_rl.rollout import kernels as K
+    from prism_rl.rollout import sampling as S
     ints = ("HQ", "HKV", "D", "SPLITS", "CHUNK", "H", "INTER", "kc_b", "kc_h", "kc_t", "vc_b", "vc_h", "vc_t")
     types = {n: "i32" for n in ints} | {"eps": "fp32", "scale": "fp32", "pos_ptr": "*i64"}
     types |= {n: f"*{dt}" for n in ("x_ptr", "w_ptr", "y_ptr", "qkv_ptr", "qn_ptr", "kn_ptr", "cos_ptr", "sin_ptr",
@@ -222,6 +231,13 @@ def test_triton_kernels_compile_for_an_h100_class_gpu(dt):
                (K._silu_mul_kernel, {"BLOCK": 1024}),
                (K._attn_split_kernel, {"G": 2, "BLOCK_G": 16, "BLOCK_N": 64, "BLOCK_D": 128, "IEEE": dt == "fp32"}),
                (K._attn_combine_kernel, {"G": 2, "BLOCK_S": 4, "BLOCK_D": 128})]
+    sampler = {"x_ptr": "*fp32", "c_ptr": "*fp32", "key_ptr": "*i64", "tok_ptr": "*i64", "lp_ptr": "*fp32",
+               "V": "i32", "stride": "i32", "t_mix": "i32", "s": "fp32"}
+    kernels += [(S._sample_kernel, {"GREEDY": greedy, "BLOCK": 4096}) for greedy in (True, False)]
     for fn, consts in kernels:
-        compiled = triton.compile(_signature(fn, types, consts), target=GPUTarget("cuda", 90, 32))
+        compiled = triton.compile(_signature(fn, sampler if fn is S._sample_kernel else types, consts),
+                                  target=GPUTarget("cuda", 90, 32))
         assert len(compiled.asm["cubin"]) > 1000, fn
+        if fn is S._sample_kernel and not consts["GREEDY"]:   # the noise hash in 32-bit integer arithmetic
+            ptx = compiled.asm["ptx"]
+            assert "mul.lo.s32" in ptx and "shr.u32" in ptx and "shr.s32" not in ptx

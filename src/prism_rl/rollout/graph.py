@@ -22,7 +22,9 @@ model has to read the text weights and the KV cache once; everything else is ove
 - On CUDA the step is captured as a CUDA graph per (batch bucket, attention-length bucket)
   and replayed: no recompilation when prompt lengths change, one launch per step.
 - **Sampling** runs on the device (temperature, top-k, top-p, a seeded generator); vision
-  placeholder ids are suppressed as in :class:`~prism_rl.rollout.hf.HFEngine`. The host syncs
+  placeholder ids are suppressed as in :class:`~prism_rl.rollout.hf.HFEngine`. On CUDA without
+  top-p one Triton kernel per step draws every row's token and its log-prob in one read of the
+  logits (:mod:`.sampling`: Gumbel-max on each row's counter-hash noise). The host syncs
   only every ``check_every`` steps, to stop when every row has ended and to **compact**: once
   at most half a batch bucket is still running, the running rows move to the front and the
   step continues in the smaller bucket, so finished rows stop costing.
@@ -48,7 +50,8 @@ from ..models.mrope import mrope_position_ids
 from . import kernels
 from .base import Rollouts, SamplingParams, concat_rollouts, sampled_rollouts
 from .fused import FusedDecoder, unfusable_reason
-from .noise import gumbel, prompt_keys_or_default, row_keys, top_p_filter
+from .noise import prompt_keys_or_default, row_keys
+from .sampling import sample
 
 ATTN_BUCKET = 256   # attention lengths are rounded up to a multiple of this (one graph each)
 
@@ -126,7 +129,7 @@ class GraphEngine:
     def __init__(self, model, processor, device: torch.device | None = None, *, use_graphs: bool | None = None,
                  check_every: int = 16, decode_dtype: torch.dtype | None = None,
                  kv_budget_bytes: int | None = None, kv_fraction: float = 0.6, fused: bool | None = None,
-                 split_k: bool | None = None):
+                 split_k: bool | None = None, sample_kernel: bool | None = None):
         """``decode_dtype``: the dtype the decode step runs in. Default: bf16 on CUDA for a model
         held in fp32 (the trainers keep fp32 master weights), else the model's own. A different
         dtype decodes with a copy of the text weights, refreshed at every ``generate`` (so it
@@ -138,7 +141,9 @@ class GraphEngine:
         keeps the module path. ``split_k``: the fused path's attention is the Triton
         flash-decoding kernel (reads each row's live keys only) instead of SDPA over the bucket;
         default on wherever the fused path runs on CUDA (measured faster than SDPA on an H200:
-        docs/PERFORMANCE.md, issue-13 section)."""
+        docs/PERFORMANCE.md, issue-13 section). ``sample_kernel``: draw tokens with the one
+        Triton kernel of :mod:`.sampling` wherever no top-p applies; default on CUDA when
+        Triton imports (``False``: the torch ops, for comparison)."""
         self.model, self.processor = model, processor
         self.device = device or next(model.parameters()).device
         self.lm = model.model.language_model
@@ -154,6 +159,8 @@ class GraphEngine:
         vocab = self.head.out_features
         self.suppress_bias = torch.zeros(vocab, dtype=torch.float32, device=self.device)
         self.suppress_bias[[i for i in vision_token_ids(processor.tokenizer) if i < vocab]] = float("-inf")
+        auto = self.device.type == "cuda" and kernels.triton is not None
+        self.sample_kernel = auto if sample_kernel is None else sample_kernel
         self.use_graphs = (self.device.type == "cuda") if use_graphs is None else use_graphs
         self.check_every = check_every
         self.kv_budget_bytes, self.kv_fraction = kv_budget_bytes, kv_fraction
@@ -316,32 +323,13 @@ class GraphEngine:
 
     def _sample(self, logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None, t: int = 0,
                 keys: torch.Tensor | None = None):
-        """(token, log-prob of it under softmax(logits / T)) per row, all on the device, no sync.
+        """(token, log-prob of it under softmax(logits / T)) per row, all on the device, no sync
+        (:func:`.sampling.sample`: one Triton kernel where :meth:`_one_kernel` holds)."""
+        return sample(logits, self.suppress_bias, params, gen, t, keys, kernel=self._one_kernel(params))
 
-        Sampling is the exponential race ``argmax_v p_v / E_v`` with ``E_v ~ Exp(1)`` i.i.d.,
-        which draws ``v`` with probability ``p_v`` (``torch.multinomial`` would sync the host).
-        With per-row ``keys`` it is the Gumbel-max draw ``argmax_v top_p(z / T)_v + G(key, t, v)``
-        of ``rollout/noise.py``, the same function of (row key, step, token) as the hf engine's,
-        so a response does not depend on its batch, wave or slot.
-        """
-        scores = logits + self.suppress_bias
-        greedy = params.temperature == 0
-        if greedy:
-            tok = scores.argmax(-1)
-        elif keys is not None:
-            z = top_p_filter(scores / params.temperature, params.top_p)
-            tok = (z.double() + gumbel(keys, t, z.shape[-1])).argmax(-1)
-        else:
-            scores = scores / params.temperature
-            if params.top_p < 1.0:
-                scores = _top_p(scores, params.top_p)
-            probs = torch.softmax(scores, -1)
-            tok = (probs / torch.empty_like(probs).exponential_(generator=gen)).argmax(-1)
-        lp = None
-        if params.return_logprobs:
-            z = logits if greedy else logits / params.temperature
-            lp = torch.log_softmax(z, -1).gather(-1, tok[:, None])[:, 0]
-        return tok, lp
+    def _one_kernel(self, params: SamplingParams) -> bool:
+        """Whether :mod:`.sampling`'s kernel draws this call's tokens: on CUDA with Triton, no top-p."""
+        return self.sample_kernel and params.top_p >= 1.0
 
     # ---------------------------------------------------------------- generate
 
@@ -417,6 +405,9 @@ class GraphEngine:
         gen = torch.Generator(device=self.device).manual_seed(seed)
         slots = _Slots(B, params.max_new_tokens, self.pad_id, self.device)
         keys = self._row_keys(params, B)   # per-row seeded sampling: each slot's key, by its original row
+        if keys is None and params.temperature > 0 and self._one_kernel(params):
+            # unseeded sampling through the kernel: each row a random key for this wave, drawn from gen
+            keys = torch.randint(0, 2**32, (B + 1,), generator=gen, device=self.device)
         rows, buckets = B, batch_buckets(B)
         for t in range(params.max_new_tokens):
             tok, lp = self._sample(logits[:rows], params, gen, t, None if keys is None else keys[slots.row[:rows]])
@@ -512,13 +503,3 @@ class _Slots:
     def result(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         self.flush(rows)
         return self.out_tokens[:self.spare], self.out_logprobs[:self.spare]
-
-
-def _top_p(scores: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Keep the smallest set of tokens whose probabilities sum to at least ``top_p`` (at least
-    one): sorted ascending, drop tokens whose cumulative probability is ``<= 1 - top_p``."""
-    sorted_scores, idx = torch.sort(scores, descending=False)
-    cum = torch.softmax(sorted_scores, -1).cumsum(-1)
-    drop = cum <= (1 - top_p)
-    drop[:, -1] = False
-    return scores.scatter(1, idx, sorted_scores.masked_fill(drop, float("-inf")))

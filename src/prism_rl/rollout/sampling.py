@@ -1,0 +1,168 @@
+"""The decode loop's sampling step: a token and its log-prob per row from fp32 logits, on the
+device without a host sync, as torch ops (:func:`sample_torch`, any device and setting) or as
+one Triton kernel (:func:`sample_triton`: CUDA, or CPU under ``TRITON_INTERPRET=1``) that the
+engine uses on CUDA whenever no top-p applies (:func:`sample` picks).
+
+The torch path. Unseeded, a draw is the exponential race ``argmax_v p_v / E_v`` with ``E_v ~
+Exp(1)`` i.i.d. from the call's generator, which draws ``v`` with probability ``p_v``
+(``torch.multinomial`` would sync the host); with per-row ``keys`` it is the Gumbel-max draw
+``argmax_v top_p(z / T)_v + G(key, t, v)`` of ``rollout/noise.py``, the same function of (row
+key, step, token) as the hf engine's, so a response does not depend on its batch, wave or slot.
+The log-prob is ``log_softmax(x / T)`` of the unprocessed logits ``x``, as the hf engine returns it.
+
+The kernel. Per row ``b`` of the logits ``x`` (B, V), with the engine's suppression bias ``c``
+(0, or -inf on tokens never to be sampled) and ``s = fl32(1 / fl32(T))`` (a CUDA tensor divided
+by a Python float is multiplied by this reciprocal, so the kernel draws what the torch path
+draws there):
+
+    greedy (T = 0):  token = argmax_v (x_v + c_v),                     logp = log_softmax(x)_token
+    sampled:         token = argmax_v ((x_v + c_v) s + G(k_b, t, v)),  logp = log_softmax(x s)_token
+
+with ``G`` the counter-hash Gumbel noise (row key ``k_b``, step ``t``) in fp64 as in
+``noise.gumbel``. Ties go to the lowest index, as ``torch.argmax``. An unseeded call gives each
+row a random key per wave instead (same law). Why a kernel: in torch the keyed noise is ~20
+elementwise passes over (B, V) int64 arrays (at 512 rows x 151,936 tokens each pass moves ~1.2
+GB), and even unkeyed sampling makes ~8 passes (bias, scale, softmax, noise, race, argmax,
+log_softmax, gather); one program per row here reads the row's logits once, keeping a running
+maximum and sum of exponentials for the log-softmax and the best noisy score for the draw.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import SamplingParams
+from .noise import GOLDEN, M32, gumbel, mix32, top_p_filter
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:   # pragma: no cover - the venv ships Triton; a CPU-only install may not
+    triton = None
+
+
+def sample(logits: torch.Tensor, bias: torch.Tensor, params: SamplingParams, gen: torch.Generator | None, t: int,
+           keys: torch.Tensor | None, kernel: bool):
+    """(token, log-prob or None) per row: :func:`sample_triton` when ``kernel`` and the call is
+    greedy or keyed (the caller gives unseeded rows random keys to use it), else
+    :func:`sample_torch`."""
+    greedy = params.temperature == 0
+    if kernel and params.top_p >= 1.0 and (greedy or keys is not None):
+        tok, lp = sample_triton(logits, bias, keys, t, params.temperature)
+        return tok, lp if params.return_logprobs else None
+    return sample_torch(logits, bias, params, gen, t, keys)
+
+
+def sample_torch(logits: torch.Tensor, bias: torch.Tensor, params: SamplingParams, gen: torch.Generator | None,
+                 t: int, keys: torch.Tensor | None):
+    """The torch path of the module docstring: greedy, keyed Gumbel-max, or the exponential race."""
+    scores = logits + bias
+    greedy = params.temperature == 0
+    if greedy:
+        tok = scores.argmax(-1)
+    elif keys is not None:
+        z = top_p_filter(scores / params.temperature, params.top_p)
+        tok = (z.double() + gumbel(keys, t, z.shape[-1])).argmax(-1)
+    else:
+        scores = scores / params.temperature
+        if params.top_p < 1.0:
+            scores = _top_p(scores, params.top_p)
+        probs = torch.softmax(scores, -1)
+        tok = (probs / torch.empty_like(probs).exponential_(generator=gen)).argmax(-1)
+    lp = None
+    if params.return_logprobs:
+        z = logits if greedy else logits / params.temperature
+        lp = torch.log_softmax(z, -1).gather(-1, tok[:, None])[:, 0]
+    return tok, lp
+
+
+def _top_p(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of tokens whose probabilities sum to at least ``top_p`` (at least
+    one): sorted ascending, drop tokens whose cumulative probability is ``<= 1 - top_p``."""
+    sorted_scores, idx = torch.sort(scores, descending=False)
+    cum = torch.softmax(sorted_scores, -1).cumsum(-1)
+    drop = cum <= (1 - top_p)
+    drop[:, -1] = False
+    return scores.scatter(1, idx, sorted_scores.masked_fill(drop, float("-inf")))
+
+
+def inverse_temperature(temperature: float) -> float:
+    """``fl32(1 / fl32(T))``: the factor CUDA's ``tensor / T`` multiplies fp32 logits by."""
+    t = torch.tensor(temperature, dtype=torch.float32)
+    return float(torch.tensor(1.0, dtype=torch.float32) / t)
+
+
+def sample_ref(logits: torch.Tensor, bias: torch.Tensor, keys: torch.Tensor | None, t: int, temperature: float):
+    """(token, log-prob) per row as the kernel computes them (module docstring), in torch: the
+    reference the kernel is tested against (fp32 logits; ``keys`` (B,) int64, unused when greedy)."""
+    if temperature == 0:
+        tok = (logits + bias).argmax(-1)
+        z = logits
+    else:
+        s = inverse_temperature(temperature)
+        tok = (((logits + bias) * s).double() + gumbel(keys, t, logits.shape[-1])).argmax(-1)
+        z = logits * s
+    return tok, torch.log_softmax(z, -1).gather(-1, tok[:, None])[:, 0]
+
+
+def sample_triton(logits: torch.Tensor, bias: torch.Tensor, keys: torch.Tensor | None, t: int, temperature: float,
+                  block: int = 4096):
+    """:func:`sample_ref` as one kernel, one program per row. ``logits`` (B, V) fp32 with unit
+    stride along V; ``keys`` (B,) int64 (ignored when greedy)."""
+    B, V = logits.shape
+    assert logits.dtype == torch.float32 and logits.stride(1) == 1 and bias.is_contiguous()
+    greedy = temperature == 0
+    tok = torch.empty(B, dtype=torch.int64, device=logits.device)
+    lp = torch.empty(B, dtype=torch.float32, device=logits.device)
+    if B == 0:
+        return tok, lp
+    t_mix = mix32((t + GOLDEN) & M32)
+    t_mix -= (t_mix >> 31) << 32          # as a signed 32-bit int: one argument type for every step
+    keys = tok if greedy else keys        # any int64 buffer: greedy reads no key
+    _sample_kernel[(B,)](logits, bias, keys, tok, lp, V, logits.stride(0), t_mix,
+                         1.0 if greedy else inverse_temperature(temperature), GREEDY=greedy, BLOCK=block)
+    return tok, lp
+
+
+if triton is not None:
+    @triton.jit
+    def _mix32(x):
+        """lowbias32 on uint32 (multiplies wrap mod 2^32), as ``noise.mix32``."""
+        x = x ^ (x >> 16)
+        x = x * 0x7FEB352D
+        x = x ^ (x >> 15)
+        x = x * 0x846CA68B
+        return x ^ (x >> 16)
+
+    @triton.jit(do_not_specialize=["t_mix"])
+    def _sample_kernel(x_ptr, c_ptr, key_ptr, tok_ptr, lp_ptr, V, stride, t_mix, s,
+                       GREEDY: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        base = x_ptr + row.to(tl.int64) * stride
+        key = _mix32(tl.load(key_ptr + row).to(tl.uint32) ^ t_mix.to(tl.uint32, bitcast=True))
+        best = tl.full((), float("-inf"), tl.float64)
+        best_i = tl.full((), 0, tl.int32)
+        m = tl.full((), float("-inf"), tl.float32)   # running max of x s, and sum of exp(x s - m)
+        total = tl.full((), 0.0, tl.float32)
+        for off in range(0, V, BLOCK):
+            idx = off + tl.arange(0, BLOCK)
+            live = idx < V
+            x = tl.load(base + idx, mask=live, other=float("-inf"))
+            z = (x + tl.load(c_ptr + idx, mask=live, other=0.0)) * s
+            y = x * s
+            m_new = tl.maximum(m, tl.max(y, 0))
+            total = total * tl.exp(m - m_new) + tl.sum(tl.where(live, tl.exp(y - m_new), 0.0), 0)
+            m = m_new
+            if GREEDY:
+                score = z.to(tl.float64)
+            else:
+                h = _mix32(_mix32(key ^ (idx.to(tl.uint32) * 0x9E3779B9)))
+                u = (h.to(tl.float64) + 0.5) / 4294967296.0
+                score = z.to(tl.float64) - tl.log(-tl.log(u))
+            score = tl.where(live, score, float("-inf"))
+            top = tl.max(score, 0)
+            better = top > best              # strictly: an equal score later keeps the earlier index
+            best_i = tl.where(better, off + tl.argmax(score, 0), best_i)
+            best = tl.where(better, top, best)
+        tl.store(tok_ptr + row, best_i.to(tl.int64))
+        tl.store(lp_ptr + row, tl.load(base + best_i) * s - m - tl.log(total))
