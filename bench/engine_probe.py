@@ -7,7 +7,8 @@ time, and the fraction of the decode bound (text weights + the KV cache read onc
 the measured copy bandwidth). Variants: ``module`` (GraphEngine(fused=False), the module
 path), ``fused`` (fused weights + Triton kernels, SDPA attention), ``fused-splitk`` (the same
 with the split-K flash-decoding attention kernel), ``fused-splitk-torchsample`` (that, drawing
-tokens with torch ops instead of the one sampling kernel). ``--seeded``: the timed runs sample
+tokens with torch ops instead of the one sampling kernel), ``fused-splitk-prefill1`` (that,
+prefilling one prompt per forward instead of packing them). ``--seeded``: the timed runs sample
 with per-row seeds (``rollout.per_row_seeds``: counter-hash noise), as a multi-GPU run would.
 """
 
@@ -39,7 +40,8 @@ def timed(fn):
 
 VARIANTS = {"module": {"fused": False}, "fused": {"fused": True, "split_k": False},
             "fused-splitk": {"fused": True, "split_k": True},
-            "fused-splitk-torchsample": {"fused": True, "split_k": True, "sample_kernel": False}}
+            "fused-splitk-torchsample": {"fused": True, "split_k": True, "sample_kernel": False},
+            "fused-splitk-prefill1": {"fused": True, "split_k": True, "prefill_tokens": 1}}
 
 
 def set_attn(spec: str) -> None:

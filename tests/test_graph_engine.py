@@ -182,3 +182,41 @@ def test_per_row_seeded_samples_equal_the_hf_engines_in_any_batch_or_wave(policy
     assert torch.equal(waves.response_ids, graph.response_ids)
     alone = GraphEngine(model, proc).generate(prompts[2:3], replace(params, prompt_keys=[2]))
     assert torch.equal(alone.response_ids[:, :graph.response_ids.shape[1]], graph.response_ids[6:9, :alone.response_ids.shape[1]])
+
+
+def test_packed_prefill_is_one_forward_with_each_prompts_own_cache(policy, prompts):
+    """Prompts (mixed lengths, images of two sizes, a text-only one) prefilled packed in one
+    forward leave the cache, positions and first logits that one forward per prompt leaves
+    (fp32, 1e-5), and the rollouts are the same tokens; a token budget splits the packs."""
+    model, proc = policy
+    params = SamplingParams(n=2, max_new_tokens=12, temperature=0.0, return_logprobs=True)
+    forwards = []
+    hook = model.model.language_model.register_forward_pre_hook(lambda m, a, k: forwards.append(k["inputs_embeds"].shape[1]),
+                                                                with_kwargs=True)
+    try:
+        runs = {}
+        for budget in (1, 10_000):
+            eng = GraphEngine(model, proc, prefill_tokens=budget)
+            forwards.clear()
+            eng._state_for(len(prompts) * 2, 512)
+            first = eng._prefill(prompts, 2)
+            st = eng.state
+            state = {"keys": [k.clone() for k in st.keys], "values": [v.clone() for v in st.values],
+                     "cache_pos": st.cache_pos.clone(), "rope_pos": st.rope_pos.clone()}
+            runs[budget] = (first, state, list(forwards), eng.generate(prompts, params))
+    finally:
+        hook.remove()
+    (f1, s1, fw1, r1), (fp, sp, fwp, rp) = runs[1], runs[10_000]
+    lengths = [len(p) for p in prompts]
+    assert fw1 == lengths and fwp == [sum(lengths)]            # one forward per prompt vs one packed forward
+    assert (f1 - fp).abs().max() < 1e-5
+    assert torch.equal(s1["cache_pos"], sp["cache_pos"]) and torch.equal(s1["rope_pos"], sp["rope_pos"])
+    assert s1["cache_pos"][::2].tolist() == lengths and len(set(s1["rope_pos"].tolist())) == len(prompts)
+    for k1, kp, v1, vp in zip(s1["keys"], sp["keys"], s1["values"], sp["values"]):
+        assert k1.abs().max() > 0 and (k1 - kp).abs().max() < 1e-5 and (v1 - vp).abs().max() < 1e-5
+    assert torch.equal(r1.response_ids, rp.response_ids) and (r1.logprobs - rp.logprobs).abs().max() < 1e-5
+    budget = lengths[0] + lengths[1]   # the first two fill a pack; the rest go in packs within it
+    groups = GraphEngine(model, proc, prefill_tokens=budget)._prefill_groups(prompts)
+    assert groups[0] == [0, 1] and sum(groups, []) == list(range(len(prompts)))
+    assert all(len(g) == 1 or sum(lengths[i] for i in g) <= budget for g in groups)
+    assert all(sum(lengths[i] for i in a) + lengths[b[0]] > budget for a, b in zip(groups, groups[1:]))

@@ -5,9 +5,11 @@ Why: transformers' ``generate`` spends most of a decode step in Python and in ke
 (it ran at 6-7% of an H200's memory-bandwidth bound on a 2B model). A decode step of a dense
 model has to read the text weights and the KV cache once; everything else is overhead. Here:
 
-- **Prefill** runs the full model (vision tower included) once per prompt, batch 1, no padding;
-  its KV entries are copied into the static cache for the prompt's ``n`` sample rows, so 16
-  samples share one prefill (transformers prefills each repeated row).
+- **Prefill** runs the full model (vision tower included) once per prompt, without padding:
+  consecutive prompts are packed into one sequence (block-diagonal causal mask, each prompt's
+  own M-RoPE positions) up to ``prefill_tokens`` per forward, so a wave of 64 prompts costs a
+  few forwards, not 64. Each prompt's KV entries are copied into the static cache for its ``n``
+  sample rows, so 16 samples share one prefill (transformers prefills each repeated row).
 - **Decode** is this module's own forward of the text decoder on one token per row, reading
   the model's own modules (projections, norms, MLP or MoE block, head), so any Qwen3-VL(-MoE)
   checkpoint works without conversion. A decode token is text, so its M-RoPE position is the
@@ -47,6 +49,7 @@ import torch.nn.functional as F
 from ..data.processing import Encoded, collate
 from ..models.loading import special_ids, vision_token_ids
 from ..models.mrope import mrope_position_ids
+from ..models.packing import pack_batch
 from . import kernels
 from .base import Rollouts, SamplingParams, concat_rollouts, sampled_rollouts
 from .fused import FusedDecoder, unfusable_reason
@@ -91,6 +94,11 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def _cache_of(out):
+    """The KV cache a forward with ``use_cache=True`` returned (its key differs across 5.x)."""
+    return out["cache"] if "cache" in out else out["past_key_values"]
+
+
 def _kv_of(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(keys, values) (1, H_kv, L, D) of one layer of a transformers cache (any 5.x layout)."""
     if hasattr(cache, "layers"):
@@ -129,7 +137,7 @@ class GraphEngine:
     def __init__(self, model, processor, device: torch.device | None = None, *, use_graphs: bool | None = None,
                  check_every: int = 16, decode_dtype: torch.dtype | None = None,
                  kv_budget_bytes: int | None = None, kv_fraction: float = 0.6, fused: bool | None = None,
-                 split_k: bool | None = None, sample_kernel: bool | None = None):
+                 split_k: bool | None = None, sample_kernel: bool | None = None, prefill_tokens: int = 8192):
         """``decode_dtype``: the dtype the decode step runs in. Default: bf16 on CUDA for a model
         held in fp32 (the trainers keep fp32 master weights), else the model's own. A different
         dtype decodes with a copy of the text weights, refreshed at every ``generate`` (so it
@@ -143,7 +151,8 @@ class GraphEngine:
         default on wherever the fused path runs on CUDA (measured faster than SDPA on an H200:
         docs/PERFORMANCE.md, issue-13 section). ``sample_kernel``: draw tokens with the one
         Triton kernel of :mod:`.sampling` wherever no top-p applies; default on CUDA when
-        Triton imports (``False``: the torch ops, for comparison)."""
+        Triton imports (``False``: the torch ops, for comparison). ``prefill_tokens``: prompts
+        are prefilled packed together up to this many tokens per forward (1: one at a time)."""
         self.model, self.processor = model, processor
         self.device = device or next(model.parameters()).device
         self.lm = model.model.language_model
@@ -161,6 +170,7 @@ class GraphEngine:
         self.suppress_bias[[i for i in vision_token_ids(processor.tokenizer) if i < vocab]] = float("-inf")
         auto = self.device.type == "cuda" and kernels.triton is not None
         self.sample_kernel = auto if sample_kernel is None else sample_kernel
+        self.prefill_tokens = prefill_tokens
         self.use_graphs = (self.device.type == "cuda") if use_graphs is None else use_graphs
         self.check_every = check_every
         self.kv_budget_bytes, self.kv_fraction = kv_budget_bytes, kv_fraction
@@ -272,28 +282,74 @@ class GraphEngine:
 
     def _prefill(self, prompts: list[Encoded], n: int) -> torch.Tensor:
         """Fill the cache with every prompt's KV (copied to its ``n`` slots), set positions;
-        returns the logits (B, V) of each slot's first response token."""
-        st = self.state
-        first = torch.empty(len(prompts) * n, st.logits.shape[1], dtype=torch.float32, device=self.device)
-        for p_i, p in enumerate(prompts):
-            inputs = {"input_ids": p.input_ids[None], "attention_mask": torch.ones_like(p.input_ids)[None],
-                      "mm_token_type_ids": p.mm_token_type_ids[None]}
-            if p.pixel_values is not None:
-                inputs |= {"pixel_values": p.pixel_values, "image_grid_thw": p.image_grid_thw}
-            inputs = {k: v.to(self.device) for k, v in inputs.items()}
-            with self._prefill_autocast():
-                out = self.model(**inputs, use_cache=True, logits_to_keep=1)
-            length = int(p.input_ids.numel())
-            rows = slice(p_i * n, (p_i + 1) * n)
-            cache = out["cache"] if "cache" in out else out["past_key_values"]
-            for i in range(len(self.lm.layers)):
-                k, v = _kv_of(cache, i)
-                st.keys[i][rows, :, :length] = k[0]
-                st.values[i][rows, :, :length] = v[0]
-            st.cache_pos[rows] = length
-            st.rope_pos[rows] = self._next_position(inputs)
-            first[rows] = out.logits[0, -1].float()
+        returns the logits (B, V) of each slot's first response token. Consecutive prompts of
+        up to ``prefill_tokens`` tokens together go through the model as one packed sequence
+        (:meth:`_prefill_packed`); a longer prompt goes alone."""
+        first = torch.empty(len(prompts) * n, self.state.logits.shape[1], dtype=torch.float32, device=self.device)
+        for group in self._prefill_groups(prompts):
+            if len(group) == 1:
+                self._prefill_one(prompts[group[0]], group[0], n, first)
+            else:
+                self._prefill_packed([prompts[i] for i in group], group, n, first)
         return first
+
+    def _prefill_groups(self, prompts: list[Encoded]) -> list[list[int]]:
+        """Consecutive prompts packed together up to ``prefill_tokens`` tokens (each alone when
+        the model has no M-RoPE image token, whose packed positions :func:`pack_batch` builds)."""
+        if self.image_token_id is None:
+            return [[i] for i in range(len(prompts))]
+        groups: list[list[int]] = []
+        tokens = 0
+        for i, p in enumerate(prompts):
+            if groups and tokens + len(p) <= self.prefill_tokens:
+                groups[-1].append(i)
+                tokens += len(p)
+            else:
+                groups.append([i])
+                tokens = len(p)
+        return groups
+
+    def _prefill_one(self, p: Encoded, p_i: int, n: int, first: torch.Tensor) -> None:
+        inputs = {"input_ids": p.input_ids[None], "attention_mask": torch.ones_like(p.input_ids)[None],
+                  "mm_token_type_ids": p.mm_token_type_ids[None]}
+        if p.pixel_values is not None:
+            inputs |= {"pixel_values": p.pixel_values, "image_grid_thw": p.image_grid_thw}
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        with self._prefill_autocast():
+            out = self.model(**inputs, use_cache=True, logits_to_keep=1)
+        self._store_prefill(_cache_of(out), [(p_i, 0, len(p))], [self._next_position(inputs)], n)
+        first[p_i * n:(p_i + 1) * n] = out.logits[0, -1].float()
+
+    def _prefill_packed(self, ps: list[Encoded], idx: list[int], n: int, first: torch.Tensor) -> None:
+        """One forward of ``ps`` packed into one sequence (``models/packing.py``: block-diagonal
+        causal mask, each prompt's own M-RoPE positions), so each prompt's keys, values and
+        last logits are those of its own forward, up to float rounding; the logits are taken
+        at the prompts' last tokens only."""
+        batch = {k: v.to(self.device) for k, v in collate(ps, self.pad_id, side="left").items()}
+        packed = pack_batch(self.model, batch)
+        lengths = [len(p) for p in ps]
+        ends = torch.tensor(lengths).cumsum(0)
+        with self._prefill_autocast():
+            out = self.model(**packed, use_cache=True, logits_to_keep=(ends - 1).to(self.device))
+        pos = packed["position_ids"][1:, 0]   # M-RoPE (t, h, w) ids of the packed tokens
+        nxt = torch.stack([pos[:, e - ln:e].max() for e, ln in zip(ends.tolist(), lengths)]) + 1
+        spans = [(p_i, e - ln, ln) for p_i, e, ln in zip(idx, ends.tolist(), lengths)]
+        self._store_prefill(_cache_of(out), spans, nxt.tolist(), n)
+        for j, p_i in enumerate(idx):
+            first[p_i * n:(p_i + 1) * n] = out.logits[0, j].float()
+
+    def _store_prefill(self, cache, spans: list[tuple[int, int, int]], next_pos: list[int], n: int) -> None:
+        """Copy each prompt's KV span ``(prompt index, start, length)`` of the forward's cache to
+        its ``n`` slots, and set their cache index and rotary position."""
+        st = self.state
+        for i in range(len(self.lm.layers)):
+            k, v = _kv_of(cache, i)
+            for p_i, start, length in spans:
+                st.keys[i][p_i * n:(p_i + 1) * n, :, :length] = k[0, :, start:start + length]
+                st.values[i][p_i * n:(p_i + 1) * n, :, :length] = v[0, :, start:start + length]
+        for (p_i, _, length), nxt in zip(spans, next_pos):
+            st.cache_pos[p_i * n:(p_i + 1) * n] = length
+            st.rope_pos[p_i * n:(p_i + 1) * n] = nxt
 
     def _prefill_autocast(self):
         """Prefill in the decode dtype (as the trainers' bf16 autocast forward does)."""
