@@ -87,6 +87,45 @@ def test_chunked_response_logprobs_match_reference(tiny_model_dir):
     assert (lp[~m] == 0).all()
 
 
+def _rl_batch(encs, pad):
+    """The RL layout: prompts left-padded to a common width P, responses right-padded after them."""
+    P = max(e.prompt_len for e in encs)
+    width = P + max(len(e) - e.prompt_len for e in encs)
+    ids = torch.full((len(encs), width), pad)
+    mask, mm = torch.zeros_like(ids), torch.zeros_like(ids)
+    for i, e in enumerate(encs):
+        shift = P - e.prompt_len
+        ids[i, shift:shift + len(e)] = e.input_ids
+        mask[i, shift:shift + len(e)] = 1
+        mm[i, shift:shift + len(e)] = e.mm_token_type_ids
+    batch = collate(encs, pad)
+    batch.update(input_ids=ids, attention_mask=mask, mm_token_type_ids=mm)
+    return batch, P
+
+
+def test_host_side_token_selection_gives_the_same_logprobs_entropy_and_gradients(tiny_model_dir):
+    """``response_logprobs(host_mask=...)`` (indices picked on the host, no device sync) against
+    the boolean-mask path: log-probs, entropy and the weights' gradients equal, padded and packed;
+    positions off the response stay 0."""
+    model, _, encs, pad = _setup(tiny_model_dir)
+    batch, P = _rl_batch(encs, pad)
+    m = batch["attention_mask"][:, P:].bool()
+    w = torch.randn(m.shape, generator=torch.Generator().manual_seed(0))
+    params = [p for p in model.parameters() if p.requires_grad]
+    for packed in (False, True):
+        got = []
+        for host in (None, batch["attention_mask"]):
+            model.zero_grad(set_to_none=True)
+            lp, ent = response_logprobs(model, batch, P, chunk_size=5, with_entropy=True, packed=packed, host_mask=host)
+            ((lp * w).sum() + ent.sum()).backward()
+            got.append((lp.detach(), ent.detach(), [p.grad.clone() for p in params]))
+        (lp0, en0, g0), (lp1, en1, g1) = got
+        assert m.sum() > 10 and (lp1[~m] == 0).all() and (en1[~m] == 0).all() and (lp1[m] < 0).all()
+        assert (lp0 - lp1).abs().max() < 1e-6 and (en0 - en1).abs().max() < 1e-6
+        assert max(float((a - b).abs().max()) for a, b in zip(g0, g1)) < 1e-6
+        assert sum(float(g.abs().sum()) for g in g1) > 0
+
+
 def _entropy(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of each row of ``logits`` (N, V) through the package's chunked head: the head is
     the identity, so the hidden states are the logits."""

@@ -92,59 +92,71 @@ def sequence_logprobs(model, ro: Rollouts, micro: int, device: torch.device, *, 
     ``token_budget`` tokens (:func:`split_micro`). With ``share_vision`` the vision tower runs
     once per distinct image of the batch (``models/shared_vision.py``), not once per row."""
     B, R = ro.response_ids.shape
-    logp = torch.zeros(B, R)
-    ent = torch.zeros(B, R)
+    logp = torch.zeros(B, R, device=device)   # filled on the device, brought to the host once
+    ent = torch.zeros(B, R, device=device)
     with torch.no_grad(), autocast_for(device):
         shared = shared_vision(model, ro, list(range(B)), device) if share_vision else None
         for rows, real in same_count(split_micro(ro, by_length(ro, range(B)), micro, token_budget)):
-            batch, P, mask = micro_batch(ro, rows)
-            batch = {k: v.to(device) for k, v in batch.items()}
+            batch, P, mask, host_mask, _ = _to_device(ro, rows, device)
             with shared.serving(rows) if shared else nullcontext():
                 out = response_logprobs(model, batch, P, temperature=temperature, chunk_size=chunk,
-                                        with_entropy=with_entropy, packed=token_budget is not None)
+                                        with_entropy=with_entropy, packed=token_budget is not None,
+                                        host_mask=host_mask)
             if not real:  # distributed: a repeat that keeps the ranks' forward counts equal
                 continue
             lp, en = out if with_entropy else (out, None)
-            logp[rows, :mask.shape[1]] = lp.float().cpu() * mask
+            idx = torch.tensor(rows).to(device, non_blocking=True)
+            logp[idx, :mask.shape[1]] = lp.float() * mask
             if en is not None:
-                ent[rows, :mask.shape[1]] = en.float().cpu() * mask
+                ent[idx, :mask.shape[1]] = en.float() * mask
     D.reshard(model)  # distributed: free the root's gathered weights before the update's forwards
-    return (logp, ent) if with_entropy else logp
+    return (logp.cpu(), ent.cpu()) if with_entropy else logp.cpu()
+
+
+def _to_device(ro: Rollouts, rows: list[int], device: torch.device):
+    """The micro-batch of ``rows`` on ``device`` (copies that do not wait for the device's queued
+    work: host-to-device from ordinary memory is staged at once), its response start, response
+    mask on the device, attention mask kept on the host (for host-side token selection), and
+    response token count."""
+    batch, P, mask = micro_batch(ro, rows)
+    host_mask, n_tokens = batch["attention_mask"], float(mask.sum())
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    return batch, P, mask.to(device, non_blocking=True), host_mask, n_tokens
 
 
 def _micro_loss(model, ro: Rollouts, rows: list[int], adv: torch.Tensor, old_lp: torch.Tensor | None, ppo: PPOConfig,
                 device: torch.device, temperature: float, chunk: int, kl_coef: float,
-                ref_lp: torch.Tensor | None, shared=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, float]]:
-    """(policy loss aggregated as ``ppo.agg`` says, token-mean regulariser, response mask,
+                ref_lp: torch.Tensor | None, shared=None) -> tuple[torch.Tensor, torch.Tensor, float, dict[str, torch.Tensor]]:
+    """(policy loss aggregated as ``ppo.agg`` says, token-mean regulariser, response token count,
     metrics) of one micro-batch. The regulariser is ``kl_coef * KL - entropy_coef * H`` averaged
     over the micro-batch's tokens: a token mean whatever ``agg``, so the caller weighs it by
     token share. ``old_lp=None``: the old log-probs are this forward's own, detached; the
     metrics then add ``entropy_sum``, the summed entropy of the micro-batch's response tokens.
-    ``shared``: the mini-batch's :class:`~prism_rl.models.shared_vision.SharedVision`, if any."""
-    batch, P, mask = micro_batch(ro, rows)
-    batch = {k: v.to(device) for k, v in batch.items()}
-    mask = mask.to(device)
+    ``shared``: the mini-batch's :class:`~prism_rl.models.shared_vision.SharedVision`, if any.
+    The metrics are 0-dim tensors on the device and the count comes from the host's mask, so
+    nothing here makes the host wait for the device (the caller reads the metrics once)."""
+    batch, P, mask, host_mask, n_tokens = _to_device(ro, rows, device)
     Rm = mask.shape[1]
     want_ent = ppo.entropy_coef > 0 or old_lp is None
     with autocast_for(device), shared.serving(rows) if shared else nullcontext():
         out = response_logprobs(model, batch, P, temperature=temperature, chunk_size=chunk,
-                                with_entropy=want_ent, packed=ppo.micro_token_budget is not None)
+                                with_entropy=want_ent, packed=ppo.micro_token_budget is not None, host_mask=host_mask)
     lp, ent = out if want_ent else (out, None)
-    old = lp.detach() if old_lp is None else old_lp[rows, :Rm].to(device)
+    old = lp.detach() if old_lp is None else old_lp[rows, :Rm].to(device, non_blocking=True)
     loss, m = A.policy_loss(
-        lp, old, adv[rows].to(device), mask, ratio_level=ppo.ratio_level,
+        lp, old, adv[rows].to(device, non_blocking=True), mask, ratio_level=ppo.ratio_level,
         clip_low=ppo.clip_low, clip_high=ppo.clip_high, clip_c=ppo.clip_c, agg=ppo.agg,
-        norm_len=ro.response_ids.shape[1])
+        norm_len=ro.response_ids.shape[1], as_tensors=True)
     reg = lp.new_zeros(())
     if kl_coef > 0 and ref_lp is not None:
-        kl = A.masked_mean(A.kl_penalty(lp, ref_lp[rows, :Rm].to(device), "low_var_kl"), mask)
+        kl = A.masked_mean(A.kl_penalty(lp, ref_lp[rows, :Rm].to(device, non_blocking=True), "low_var_kl"), mask)
         reg = reg + kl_coef * kl
-        m["kl"] = float(kl.detach())
+        m["kl"] = kl.detach()
     if ppo.entropy_coef > 0:
         reg = reg - ppo.entropy_coef * A.masked_mean(ent, mask)
     if old_lp is None:
-        m["entropy_sum"] = float((ent.detach() * mask).sum())
-    return loss, reg, mask, m
+        m["entropy_sum"] = (ent.detach() * mask).sum()
+    return loss, reg, n_tokens, m
 
 
 def ppo_update(model, opt: torch.optim.Optimizer, sched, ro: Rollouts, adv: torch.Tensor, old_lp: torch.Tensor | None,
@@ -191,22 +203,24 @@ def ppo_update(model, opt: torch.optim.Optimizer, sched, ro: Rollouts, adv: torc
             tokens, n_rows = D.all_reduce_sum(float(ro.response_mask[mb].sum()), len(mb))  # global normalisers
             shared = shared_vision(model, ro, mb, device) if share_vision else None
             for rows, real in same_count(split_micro(ro, mb, ppo.micro_batch_size, ppo.micro_token_budget)):
-                loss, reg, mask, m = _micro_loss(model, ro, rows, adv, old_lp, ppo, device, temperature, chunk,
-                                                 kl_coef, ref_lp, shared)
-                w_tok = float(mask.sum()) / tokens
+                loss, reg, n_tok, m = _micro_loss(model, ro, rows, adv, old_lp, ppo, device, temperature, chunk,
+                                                  kl_coef, ref_lp, shared)
+                w_tok = n_tok / tokens
                 w = w_tok if ppo.agg == "token-mean" else len(rows) / n_rows
                 total = loss * w + reg * w_tok
                 (total * (D.grad_scale() if real else 0.0)).backward()  # FSDP2 averages: scale to the sum
                 if not real:  # distributed: a repeat that keeps the ranks' backward counts equal
                     continue
-                entropy_sum += m.pop("entropy_sum", 0.0)
+                entropy_sum = entropy_sum + m.pop("entropy_sum", 0.0)   # device tensors: read once, below
                 for k, v in m.items():
-                    sums[k] = sums.get(k, 0.0) + float(v) * (w_tok if k == "kl" else w)
-                sums["pg_loss"] = sums.get("pg_loss", 0.0) + float(total.detach())
+                    sums[k] = sums.get(k, 0.0) + v * (w_tok if k == "kl" else w)
+                sums["pg_loss"] = sums.get("pg_loss", 0.0) + total.detach()
             if shared is not None:
                 shared.backward()   # the tower's gradient, summed over every row that showed each image
             _apply(params, opt, sched, grad_clip, sums, len(mb))
             n_updates += 1
+    sums = {k: float(v) for k, v in sums.items()}   # the host's one read of the update's metrics
+    entropy_sum = float(entropy_sum)
     skips = int(sums.pop("nonfinite_grad_skips", 0))
     norm_sum = sums.pop("grad_norm", None)  # averaged over the applied updates only
     sums = _global_sums(sums)

@@ -198,6 +198,7 @@ def policy_loss(
     clip_c: float | None = None,
     agg: str = "token-mean",
     norm_len: int | None = None,
+    as_tensors: bool = False,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO-clip surrogate (GRPO / DAPO at token level, GSPO at sequence level).
 
@@ -220,7 +221,9 @@ def policy_loss(
     ``clip_c``) = fraction with ``A < 0`` and ``L_t`` capped at ``-A c``; ``approx_kl`` = mean of
     the k3 estimator of KL(pi_old || pi), ``(r_t - 1) - log r_t`` with the token ratio
     ``r_t = exp(d_t)`` whatever ``ratio_level``; ``ratio_mean`` / ``ratio_max`` / ``ratio_min``
-    of the ratio actually used (the sequence ratio for GSPO).
+    of the ratio actually used (the sequence ratio for GSPO). Floats, or with ``as_tensors``
+    0-dim tensors on the loss's device, which a caller reads once per update instead of
+    syncing the host with the device for every metric of every micro-batch.
     """
     if ratio_level not in ("token", "sequence"):
         raise ValueError(f"unknown ratio_level {ratio_level!r}; expected 'token' or 'sequence'")
@@ -243,24 +246,25 @@ def policy_loss(
     pg1 = -adv * ratio
     pg2 = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
     loss_tok = torch.maximum(pg1, pg2)
-    metrics: dict[str, float] = {}
+    metrics: dict[str, torch.Tensor] = {}
     if clip_c is not None:
         pg3 = -adv * clip_c
         neg = adv < 0
-        metrics["dual_clip_frac"] = masked_mean((neg & (loss_tok > pg3)).to(d.dtype), m).item()
+        metrics["dual_clip_frac"] = masked_mean((neg & (loss_tok > pg3)).to(d.dtype), m).detach()
         loss_tok = torch.where(neg, torch.minimum(loss_tok, pg3), loss_tok)
     loss = aggregate_loss(loss_tok, m, agg, norm_len=norm_len)
 
     with torch.no_grad():
         r_det = ratio.detach()
-        any_valid = bool(m.any())
-        metrics["clip_frac"] = masked_mean((pg2 > pg1).to(d.dtype), m).item()
+        any_valid = m.any()
+        inf = torch.full((), float("inf"), dtype=r_det.dtype, device=r_det.device)
+        metrics["clip_frac"] = masked_mean((pg2 > pg1).to(d.dtype), m)
         tok_ratio = torch.exp(d.detach())
-        metrics["approx_kl"] = masked_mean(tok_ratio - 1.0 - d.detach(), m).item()
-        metrics["ratio_mean"] = masked_mean(r_det, m).item()
-        metrics["ratio_max"] = r_det[m].max().item() if any_valid else 0.0
-        metrics["ratio_min"] = r_det[m].min().item() if any_valid else 0.0
-    return loss, metrics
+        metrics["approx_kl"] = masked_mean(tok_ratio - 1.0 - d.detach(), m)
+        metrics["ratio_mean"] = masked_mean(r_det, m)
+        metrics["ratio_max"] = torch.where(any_valid, torch.where(m, r_det, -inf).amax(), 0.0)
+        metrics["ratio_min"] = torch.where(any_valid, torch.where(m, r_det, inf).amin(), 0.0)
+    return loss, (metrics if as_tensors else {k: v.item() for k, v in metrics.items()})
 
 
 # ----------------------------------------------------------------------------- KL

@@ -86,7 +86,7 @@ def head_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, *, tempera
 
 def response_logprobs(model, batch: dict[str, torch.Tensor], response_start: int, *,
                       temperature: float = 1.0, chunk_size: int = 2048, with_entropy: bool = False,
-                      packed: bool = False):
+                      packed: bool = False, host_mask: torch.Tensor | None = None):
     """Per-token log-probs (B, R) of the tokens at positions ``[response_start, L)``.
 
     The row layout is ``[prompt (left-padded) | response (right-padded)]`` with the response
@@ -95,7 +95,13 @@ def response_logprobs(model, batch: dict[str, torch.Tensor], response_start: int
     ``packed``: the backbone runs on the rows packed without padding (:func:`packed_hidden`);
     there the hidden state at t - 1 is the packed token just before t's (every row has at least
     one prompt token, so t - 1 is attended). Same values up to float rounding.
+    ``host_mask``: the batch's attention mask on the host, when the caller has it there: the
+    response tokens are then picked by indices computed on the host, since picking them with a
+    boolean mask on the device makes the host wait for the device (same values).
     """
+    if host_mask is not None:
+        return _response_logprobs_indexed(model, batch, response_start, host_mask.bool(), temperature=temperature,
+                                          chunk_size=chunk_size, with_entropy=with_entropy, packed=packed)
     ids, attended = batch["input_ids"], batch["attention_mask"].bool()
     y = ids[:, response_start:]
     valid = attended[:, response_start:]
@@ -111,6 +117,32 @@ def response_logprobs(model, batch: dict[str, torch.Tensor], response_start: int
     logp = logp.masked_scatter(valid, lp)
     ent = ent.masked_scatter(valid, en)
     return (logp, ent) if with_entropy else logp
+
+
+def _response_logprobs_indexed(model, batch: dict[str, torch.Tensor], response_start: int, attended: torch.Tensor,
+                               **kw):
+    """:func:`response_logprobs` with the token selection done on the host (``attended`` (B, L)
+    on the CPU): flat indices go to the device without a sync (``non_blocking``), and the
+    results are written back with ``index_put`` (differentiable) instead of ``masked_scatter``."""
+    ids = batch["input_ids"]
+    B, L = ids.shape
+    R = L - response_start
+    rows, cols = attended[:, response_start:].nonzero(as_tuple=True)
+    dev = ids.device
+    if kw.pop("packed"):
+        flat = (attended.flatten().cumsum(0) - 1).view(B, L)   # packed index of each attended token
+        h = packed_hidden(model, batch).index_select(0, (flat[rows, cols + response_start] - 1).to(dev, non_blocking=True))
+    else:
+        hidden = backbone_hidden(model, batch)
+        h = hidden.reshape(B * L, -1).index_select(0, (rows * L + cols + response_start - 1).to(dev, non_blocking=True))
+    y = ids.reshape(-1).index_select(0, (rows * L + cols + response_start).to(dev, non_blocking=True))
+    with_entropy = kw["with_entropy"]
+    lp, en = head_logprobs(model, h, y, **kw)
+    out = (rows * R + cols).to(dev, non_blocking=True)
+    logp = torch.zeros(B * R, dtype=torch.float32, device=dev).index_put((out,), lp).view(B, R)
+    if not with_entropy:
+        return logp
+    return logp, torch.zeros(B * R, dtype=torch.float32, device=dev).index_put((out,), en).view(B, R)
 
 
 def sft_loss(model, batch: dict[str, torch.Tensor], chunk_size: int = 2048) -> tuple[torch.Tensor, int]:
