@@ -143,6 +143,8 @@ def sampler_check(g: torch.Generator) -> dict:
             engine_tok = z.argmax(-1) if temp == 0 else (z.double() + gumbel(keys, t, 1000)).argmax(-1)
             out["ref_vs_engine_formula"] += int((engine_tok != ta).sum())
     out["distinct"] = len(out["distinct"])
+    from prism_rl.rollout.sampling import kernel_agrees
+    out["kernel_agrees"] = kernel_agrees(torch.device("cpu"))
     return out
 
 

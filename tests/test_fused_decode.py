@@ -193,6 +193,23 @@ def test_triton_kernels_equal_torch_references_under_the_interpreter():
     s = diffs["sampler"]   # 9 calls x 5 rows: the kernel's draws are the reference's, none suppressed
     assert s["token_mismatches"] == 0 and s["lp_diff"] < 1e-5 and s["suppressed_drawn"] == 0, s
     assert s["ref_vs_engine_formula"] == 0 and s["distinct"] >= 6, s   # greedy repeats over t: 1 + 6 sampled
+    assert s["kernel_agrees"] is True   # the engine's start-up check passes where the kernel is right
+
+
+def test_a_sampling_kernel_that_disagrees_with_its_reference_is_not_used(monkeypatch, caplog):
+    """``kernel_agrees`` (run once before the graph engine turns the kernel on): a kernel whose
+    tokens differ from the torch reference's is refused, with a warning saying so."""
+    from prism_rl.rollout import sampling
+
+    def off_by_one(x, bias, keys, t, temp):
+        tok, lp = sampling.sample_ref(x, bias, keys, t, temp)
+        return (tok + 1) % x.shape[1], lp
+    monkeypatch.setattr(sampling, "sample_triton", off_by_one)
+    with caplog.at_level("WARNING", logger="prism_rl.rollout.sampling"):
+        assert sampling.kernel_agrees.__wrapped__(torch.device("cpu")) is False
+    assert "disagrees with its torch reference" in caplog.text
+    monkeypatch.setattr(sampling, "sample_triton", sampling.sample_ref)
+    assert sampling.kernel_agrees.__wrapped__(torch.device("cpu")) is True
 
 
 def test_rollout_fused_config_reaches_the_engine(policy):

@@ -54,7 +54,7 @@ from . import kernels
 from .base import Rollouts, SamplingParams, concat_rollouts, sampled_rollouts
 from .fused import FusedDecoder, unfusable_reason
 from .noise import prompt_keys_or_default, row_keys
-from .sampling import sample
+from .sampling import kernel_agrees, sample
 
 ATTN_BUCKET = 256   # attention lengths are rounded up to a multiple of this (one graph each)
 
@@ -151,8 +151,10 @@ class GraphEngine:
         default on wherever the fused path runs on CUDA (measured faster than SDPA on an H200:
         docs/PERFORMANCE.md, issue-13 section). ``sample_kernel``: draw tokens with the one
         Triton kernel of :mod:`.sampling` wherever no top-p applies; default on CUDA when
-        Triton imports (``False``: the torch ops, for comparison). ``prefill_tokens``: prompts
-        are prefilled packed together up to this many tokens per forward (1: one at a time)."""
+        Triton imports and the kernel passes its check against the torch formula on this
+        device (``sampling.kernel_agrees``); ``False``: the torch ops, for comparison.
+        ``prefill_tokens``: prompts are prefilled packed together up to this many tokens per
+        forward (1: one at a time)."""
         self.model, self.processor = model, processor
         self.device = device or next(model.parameters()).device
         self.lm = model.model.language_model
@@ -168,7 +170,7 @@ class GraphEngine:
         vocab = self.head.out_features
         self.suppress_bias = torch.zeros(vocab, dtype=torch.float32, device=self.device)
         self.suppress_bias[[i for i in vision_token_ids(processor.tokenizer) if i < vocab]] = float("-inf")
-        auto = self.device.type == "cuda" and kernels.triton is not None
+        auto = self.device.type == "cuda" and kernels.triton is not None and kernel_agrees(self.device)
         self.sample_kernel = auto if sample_kernel is None else sample_kernel
         self.prefill_tokens = prefill_tokens
         self.use_graphs = (self.device.type == "cuda") if use_graphs is None else use_graphs
