@@ -83,7 +83,7 @@ class Preset:
     public_error_rate: float
     spec: dict
     sft: list[str]             # overrides of configs/quickstart/sft.yaml
-    pairs_limit: int
+    pairs_limit: int           # alignment prompts the SFT policy is sampled on for warm-up pairs
     min_pairs: int             # fewer valid policy samples than this: public demonstrations fill up
     warmup: list[str]
     align_steps: int
@@ -100,6 +100,7 @@ class Preset:
     eval_reserve_min: float    # the end of the budget kept for evaluations
     budget_min: float
     probe_limit: int = 150     # pairs per slip kind in each discriminator's probe (disc_probe.py)
+    pairs_n: int = 1           # samples per prompt for warm-up pairs (pairs_limit x pairs_n samples)
 
 
 PRESETS = {
@@ -126,11 +127,11 @@ PRESETS = {
         spec={"vocab_size": 2048, "hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 6,
               "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 64, "mrope_section": [8, 12, 12],
               "vision_hidden_size": 256, "vision_intermediate_size": 768, "vision_depth": 2, "vision_heads": 4},
-        sft=["train.epochs=2", "train.batch_size=128", "optim.lr=1e-3", "train.log_every=20"], pairs_limit=1024,
+        sft=["train.epochs=2", "train.batch_size=128", "optim.lr=1e-3", "train.log_every=20"], pairs_limit=2048,
         min_pairs=256, warmup=["train.epochs=2", "train.batch_size=64", "disc.batch_size=128"],
         align_steps=6, rl_steps=12, prompts_per_step=32, samples=16, max_new_tokens=128, micro_batch=128,
         disc_batch=128, eval_batch=512, eval_limit=None, procs_per_gpu=8, threads=2, eval_reserve_min=1.5,
-        budget_min=7.0),
+        budget_min=7.0, pairs_n=4),   # 8,192 warm-up samples: 1,024 taught the first run's discriminators nothing
 }
 
 
@@ -254,7 +255,7 @@ class Planner:
         p, d, root = self.p, self.out / "data" / v, self.out / f"s{s}" / v
         argv = prism(p.threads, "disc", "pairs", "--policy", root / "sft" / "final", "--data", d / "align.parquet",
                      "--out", root / "pairs.jsonl", "--max-new-tokens", p.max_new_tokens, "--limit", p.pairs_limit,
-                     "--seed", s, "--batch-prompts", p.eval_batch)
+                     "--n", p.pairs_n, "--seed", s, "--batch-prompts", max(1, p.eval_batch // p.pairs_n))
         code = (f"import sys; sys.path.insert(0, {str(BENCH)!r}); from stage2_plan import "
                 f"top_up_pairs; top_up_pairs({str(root / 'pairs.jsonl')!r}, {str(d / 'align.parquet')!r}, "
                 f"{p.pairs_limit}, {p.min_pairs})")

@@ -71,6 +71,8 @@ def test_plan_matches_compute_and_shares_stages(tmp_path):
     assert jobs["sft-matched-s0"].arms >= {"sft", "grpo", "prism_grpo"} and "sft-varied-s0" in jobs
     assert "--public-style" in jobs["data-varied"].argv and "varied" in jobs["data-varied"].argv
     assert jobs["data-matched"].argv[jobs["data-matched"].argv.index("--public-style") + 1] == "teacher"
+    pairs = jobs["pairs-matched-s1"].argv[2].split(" && ")[0].split()   # 2,048 prompts x 4 samples, 128 rows a call
+    assert [pairs[pairs.index(k) + 1] for k in ("--limit", "--n", "--batch-prompts", "--seed")] == ["2048", "4", "128", "1"]
     assert planned_steps(p, ARMS["grpo"]) == {"align": 0, "rl": p.align_steps + p.rl_steps}
     assert planned_steps(p, ARMS["prism_dapo"]) == {"align": p.align_steps, "rl": p.rl_steps}
     assert all(d in jobs for j in jobs.values() for d in j.deps)
