@@ -34,7 +34,8 @@ from pathlib import Path
 ALGOS = ("grpo", "dapo", "gspo")
 DISC_VARIANTS = {"moe": [], "segment": ["--routing", "segment"], "dense": ["--dense"], "textonly": ["--text-only"]}
 ABLATIONS = ("segment", "dense", "textonly", "nowarmup")
-INIT_OF = {"nowarmup": "moe", "content": "moe"}   # variants that reuse another variant's discriminator init
+INIT_OF = {"nowarmup": "moe", "content": "moe", "content_dense": "dense"}   # variants that reuse another's init
+CONTENT = ("content", "content_dense")   # warmed up on the content pool's slip-only pairs
 CONFIGS = Path("configs/quickstart")
 BENCH = Path(__file__).resolve().parent
 
@@ -53,7 +54,7 @@ class Arm:
 
     name: str
     data: str = "matched"
-    disc: str | None = None   # moe | segment | dense | textonly | nowarmup | content
+    disc: str | None = None   # moe | segment | dense | textonly | nowarmup | content | content_dense
     algo: str | None = None
 
 
@@ -64,7 +65,8 @@ def _arms() -> dict[str, Arm]:
     arms += [Arm(f"prism_grpo_{v}", disc=v, algo="grpo") for v in ABLATIONS]
     arms += [Arm("sft_varied", data="varied"), Arm("grpo_varied", data="varied", algo="grpo"),
              Arm("prism_grpo_varied", data="varied", disc="moe", algo="grpo")]
-    arms += [Arm("aligned_content", disc="content"), Arm("prism_grpo_content", disc="content", algo="grpo")]
+    for v in CONTENT:
+        arms += [Arm(f"aligned_{v}", disc=v), Arm(f"prism_grpo_{v}", disc=v, algo="grpo")]
     return {a.name: a for a in arms}
 
 
@@ -213,7 +215,7 @@ class Planner:
         if variant == "nowarmup":
             self.probe(v, s, variant, init_job, init, arm)
             return init_job, init
-        if variant == "content":
+        if variant in CONTENT:
             pairs, pairs_file = self.content_pairs(arm)
         else:
             pairs, pairs_file = self.add(self._pairs(v, s, sft, prio), arm), root / "pairs.jsonl"
@@ -318,6 +320,16 @@ class Planner:
             for s in self.seeds:
                 self.arm(arm, s, prio)
         return self.jobs
+
+
+UP_TO_PROBES = ("data-", "tiny-", "sft-", "disc-init-", "pairs-", "warmup-", "probe-")
+
+
+def up_to_probes(jobs: dict[str, Job]) -> dict[str, Job]:
+    """The jobs the arms' discriminators need, up to their warm-ups and probes: no alignment,
+    RL or evaluation (``stage2_study.py --probes-only``: what each discriminator rewards, at a
+    fraction of the study's cost)."""
+    return {n: j for n, j in jobs.items() if n.startswith(UP_TO_PROBES)}
 
 
 def resolve_policy(kind: str, out: Path) -> tuple[Path | None, int | None]:

@@ -152,7 +152,9 @@ def comparisons(arms: list[str]) -> list[tuple[str, str, str]]:
     out += [("prism_grpo_varied", "grpo_varied", "control (style-mismatched public data): PRISM+GRPO vs SFT+GRPO")]
     out += [("aligned_content", "sft", "content discriminator: stage 2 repairs the SFT policy's perception"),
             ("prism_grpo_content", "grpo", "content discriminator: PRISM+GRPO beats SFT+GRPO at matched compute"),
-            ("prism_grpo_content", "prism_grpo", "content discriminator: differs from the study's warm-up")]
+            ("prism_grpo_content", "prism_grpo", "content discriminator: differs from the study's warm-up"),
+            ("aligned_content_dense", "aligned_content", "content discriminator, dense: differs from MoE after alignment"),
+            ("prism_grpo_content_dense", "prism_grpo_content", "content discriminator, dense: differs from MoE")]
     return [c for c in out if c[0] in arms and c[1] in arms]
 
 

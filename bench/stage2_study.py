@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from stage2_plan import ARMS, DEFAULT_ARMS, PRESETS, Job, Planner, resolve_policy, with_steps  # noqa: E402
+from stage2_plan import ARMS, DEFAULT_ARMS, PRESETS, Job, Planner, resolve_policy, up_to_probes, with_steps  # noqa: E402
 from stage2_report import write_report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -235,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--align-steps", type=int, default=None)
     ap.add_argument("--rl-steps", type=int, default=None)
     ap.add_argument("--procs-per-gpu", type=int, default=None)
+    ap.add_argument("--probes-only", action="store_true",
+                    help="run only what the arms' discriminators need, up to their warm-ups and probes")
     ap.add_argument("--set", action="append", default=[], metavar="STAGE:KEY=VALUE",
                     help="extra override for a stage: sft, warmup, align, rl, grpo, dapo, gspo or eval")
     a = ap.parse_args(argv)
@@ -256,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     jobs = Planner(out, preset, arms, seeds, overrides).plan()
+    if a.probes_only:
+        jobs = up_to_probes(jobs)
     print(f"stage-2 study: preset {a.preset}, arms {', '.join(arms)}, seeds {seeds}, {len(jobs)} jobs, "
           f"{a.gpus or 'no'} GPUs x {per_gpu} processes, budget {preset.budget_min} min -> {out}", flush=True)
     state = Runner(jobs, out, a.gpus, per_gpu, preset.budget_min * 60, preset.eval_reserve_min * 60).run()

@@ -15,7 +15,7 @@ from conftest import ROOT
 sys.path.insert(0, str(ROOT / "bench"))
 
 from disc_probe import build_parser as probe_parser  # noqa: E402
-from stage2_plan import ARMS, PRESETS, Job, Planner, planned_steps, resolve_policy  # noqa: E402
+from stage2_plan import ARMS, PRESETS, Job, Planner, planned_steps, resolve_policy, up_to_probes  # noqa: E402
 from stage2_report import comparisons, discriminator_probes, mean_std, paired_bootstrap_ci, paired_diffs, render, verdict  # noqa: E402
 from stage2_study import START_FILE, _same_start, chain_lengths  # noqa: E402
 
@@ -147,6 +147,32 @@ def test_every_discriminator_is_probed_on_the_study_pool_and_nothing_waits_for_i
                                     "--limit", "150", "--out", str(job.done)]
     assert not any(d in probes for j in jobs.values() for d in j.deps)   # analysis only
     assert chain_lengths(jobs)["warmup-moe-matched-s0"] == 3   # alignment, RL, eval: the probe adds no link
+
+
+def test_dense_content_discriminator_and_the_probes_only_plan(tmp_path):
+    """``content_dense``: the dense init warmed up on the content pool's pairs, probed like the
+    MoE one; ``up_to_probes`` keeps the jobs the discriminators need, every dependency included,
+    and no alignment, RL or evaluation."""
+    arms = ["aligned", "aligned_content", "aligned_content_dense", "prism_grpo_content_dense"]
+    jobs = Planner(tmp_path, PRESETS["cpu"], arms, [0, 1], {}).plan()
+    root = tmp_path / "s1" / "matched"
+    warm = jobs["warmup-content_dense-matched-s1"]
+    assert warm.deps == ["disc-init-dense-matched-s1", "pairs-content"]
+    assert _arg(warm.argv, "disc.path") == str(root / "disc" / "dense" / "init")
+    assert _arg(warm.argv, "data.train") == str(tmp_path / "data" / "content" / "pairs.jsonl")
+    assert "--dense" in jobs["disc-init-dense-matched-s1"].argv
+    assert _but(warm.argv, "disc.path", "output_dir") == _but(jobs["warmup-content-matched-s1"].argv, "disc.path",
+                                                              "output_dir")
+    assert jobs["probe-content_dense-matched-s1"].deps == [warm.name]
+    assert _arg(jobs["align-content_dense-matched-s1"].argv, "disc.path") == str(root / "disc" / "content_dense" /
+                                                                              "warmup" / "final")
+    kept = up_to_probes(jobs)
+    assert {n.split("-")[0] for n in kept} == {"data", "tiny", "sft", "disc", "pairs", "warmup", "probe"}
+    assert all(d in kept for j in kept.values() for d in j.deps)
+    assert sorted(n for n in kept if n.startswith("probe-")) == sorted(
+        f"probe-{v}-matched-s{s}" for v in ("moe", "content", "content_dense") for s in (0, 1))
+    assert not any(n.startswith(("align-", "rl-", "eval-")) for n in kept) and any(n.startswith("align-") for n in jobs)
+    assert [c[:2] for c in comparisons(arms)] == [("aligned_content_dense", "aligned_content")]
 
 
 def test_probes_are_averaged_over_seeds_per_discriminator_and_slip(tmp_path):
