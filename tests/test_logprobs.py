@@ -104,9 +104,9 @@ def _rl_batch(encs, pad):
 
 
 def test_host_side_token_selection_gives_the_same_logprobs_entropy_and_gradients(tiny_model_dir):
-    """``response_logprobs(host_mask=...)`` (indices picked on the host, no device sync) against
-    the boolean-mask path: log-probs, entropy and the weights' gradients equal, padded and packed;
-    positions off the response stay 0."""
+    """``response_logprobs(host_mask=...)`` (indices picked from the host's mask, no device sync)
+    against the same selection from the batch's own mask: log-probs, entropy and the weights'
+    gradients equal, padded and packed; positions off the response stay 0."""
     model, _, encs, pad = _setup(tiny_model_dir)
     batch, P = _rl_batch(encs, pad)
     m = batch["attention_mask"][:, P:].bool()

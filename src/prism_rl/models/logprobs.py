@@ -96,53 +96,28 @@ def response_logprobs(model, batch: dict[str, torch.Tensor], response_start: int
     there the hidden state at t - 1 is the packed token just before t's (every row has at least
     one prompt token, so t - 1 is attended). Same values up to float rounding.
     ``host_mask``: the batch's attention mask on the host, when the caller has it there: the
-    response tokens are then picked by indices computed on the host, since picking them with a
-    boolean mask on the device makes the host wait for the device (same values).
+    response tokens are then picked by indices computed on the host and sent without waiting
+    for the device's queue (from the device's own mask, finding them makes the host wait).
     """
-    if host_mask is not None:
-        return _response_logprobs_indexed(model, batch, response_start, host_mask.bool(), temperature=temperature,
-                                          chunk_size=chunk_size, with_entropy=with_entropy, packed=packed)
-    ids, attended = batch["input_ids"], batch["attention_mask"].bool()
-    y = ids[:, response_start:]
-    valid = attended[:, response_start:]
-    if packed:
-        flat = (attended.flatten().cumsum(0) - 1).view(attended.shape)  # packed index of each attended token
-        h = packed_hidden(model, batch)[flat[:, response_start:][valid] - 1]
-    else:
-        h = backbone_hidden(model, batch)[:, response_start - 1:-1][valid]
-    logp = torch.zeros(y.shape, dtype=torch.float32, device=y.device)
-    ent = torch.zeros_like(logp)
-    lp, en = head_logprobs(model, h, y[valid], temperature=temperature,
-                           chunk_size=chunk_size, with_entropy=with_entropy)
-    logp = logp.masked_scatter(valid, lp)
-    ent = ent.masked_scatter(valid, en)
-    return (logp, ent) if with_entropy else logp
-
-
-def _response_logprobs_indexed(model, batch: dict[str, torch.Tensor], response_start: int, attended: torch.Tensor,
-                               **kw):
-    """:func:`response_logprobs` with the token selection done on the host (``attended`` (B, L)
-    on the CPU): flat indices go to the device without a sync (``non_blocking``), and the
-    results are written back with ``index_put`` (differentiable) instead of ``masked_scatter``."""
     ids = batch["input_ids"]
+    attended = (batch["attention_mask"] if host_mask is None else host_mask).bool()
     B, L = ids.shape
     R = L - response_start
-    rows, cols = attended[:, response_start:].nonzero(as_tuple=True)
-    dev = ids.device
-    if kw.pop("packed"):
-        flat = (attended.flatten().cumsum(0) - 1).view(B, L)   # packed index of each attended token
-        h = packed_hidden(model, batch).index_select(0, (flat[rows, cols + response_start] - 1).to(dev, non_blocking=True))
+    rows, cols = attended[:, response_start:].nonzero(as_tuple=True)   # the response tokens, row-major
+
+    def on_device(index: torch.Tensor) -> torch.Tensor:
+        return index.to(ids.device, non_blocking=True)   # a no-op for the device's own mask
+    if packed:
+        flat = (attended.flatten().cumsum(0) - 1).view(B, L)  # packed index of each attended token
+        h = packed_hidden(model, batch).index_select(0, on_device(flat[rows, cols + response_start] - 1))
     else:
-        hidden = backbone_hidden(model, batch)
-        h = hidden.reshape(B * L, -1).index_select(0, (rows * L + cols + response_start - 1).to(dev, non_blocking=True))
-    y = ids.reshape(-1).index_select(0, (rows * L + cols + response_start).to(dev, non_blocking=True))
-    with_entropy = kw["with_entropy"]
-    lp, en = head_logprobs(model, h, y, **kw)
-    out = (rows * R + cols).to(dev, non_blocking=True)
-    logp = torch.zeros(B * R, dtype=torch.float32, device=dev).index_put((out,), lp).view(B, R)
-    if not with_entropy:
-        return logp
-    return logp, torch.zeros(B * R, dtype=torch.float32, device=dev).index_put((out,), en).view(B, R)
+        h = backbone_hidden(model, batch).reshape(B * L, -1).index_select(0, on_device(rows * L + cols + response_start - 1))
+    y = ids.reshape(-1).index_select(0, on_device(rows * L + cols + response_start))
+    lp, en = head_logprobs(model, h, y, temperature=temperature, chunk_size=chunk_size, with_entropy=with_entropy)
+    out = on_device(rows * R + cols)
+    logp, ent = (torch.zeros(B * R, dtype=torch.float32, device=ids.device).index_put((out,), v).view(B, R)
+                 for v in (lp, en))
+    return (logp, ent) if with_entropy else logp
 
 
 def sft_loss(model, batch: dict[str, torch.Tensor], chunk_size: int = 2048) -> tuple[torch.Tensor, int]:
