@@ -54,7 +54,7 @@ from . import kernels
 from .base import Rollouts, SamplingParams, concat_rollouts, sampled_rollouts
 from .fused import FusedDecoder, unfusable_reason
 from .noise import prompt_keys_or_default, row_keys
-from .sampling import kernel_agrees, sample
+from .sampling import kernel_agrees, kernel_serves, sample
 
 ATTN_BUCKET = 256   # attention lengths are rounded up to a multiple of this (one graph each)
 
@@ -382,12 +382,8 @@ class GraphEngine:
     def _sample(self, logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None, t: int = 0,
                 keys: torch.Tensor | None = None):
         """(token, log-prob of it under softmax(logits / T)) per row, all on the device, no sync
-        (:func:`.sampling.sample`: one Triton kernel where :meth:`_one_kernel` holds)."""
-        return sample(logits, self.suppress_bias, params, gen, t, keys, kernel=self._one_kernel(params))
-
-    def _one_kernel(self, params: SamplingParams) -> bool:
-        """Whether :mod:`.sampling`'s kernel draws this call's tokens: on CUDA with Triton, no top-p."""
-        return self.sample_kernel and params.top_p >= 1.0
+        (:func:`.sampling.sample`: one Triton kernel where ``sample_kernel`` is on and no top-p applies)."""
+        return sample(logits, self.suppress_bias, params, gen, t, keys, kernel=self.sample_kernel)
 
     # ---------------------------------------------------------------- generate
 
@@ -463,7 +459,7 @@ class GraphEngine:
         gen = torch.Generator(device=self.device).manual_seed(seed)
         slots = _Slots(B, params.max_new_tokens, self.pad_id, self.device)
         keys = self._row_keys(params, B)   # per-row seeded sampling: each slot's key, by its original row
-        if keys is None and params.temperature > 0 and self._one_kernel(params):
+        if keys is None and params.temperature > 0 and kernel_serves(params, self.sample_kernel):
             # unseeded sampling through the kernel: each row a random key for this wave, drawn from gen
             keys = torch.randint(0, 2**32, (B + 1,), generator=gen, device=self.device)
         rows, buckets = B, batch_buckets(B)

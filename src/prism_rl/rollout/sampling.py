@@ -66,13 +66,18 @@ def kernel_agrees(device: torch.device) -> bool:
     return True
 
 
+def kernel_serves(params: SamplingParams, kernel: bool) -> bool:
+    """Whether :func:`sample` draws with the kernel when ``kernel`` is on: the kernel has no top-p."""
+    return kernel and params.top_p >= 1.0
+
+
 def sample(logits: torch.Tensor, bias: torch.Tensor, params: SamplingParams, gen: torch.Generator | None, t: int,
            keys: torch.Tensor | None, kernel: bool):
-    """(token, log-prob or None) per row: :func:`sample_triton` when ``kernel`` and the call is
-    greedy or keyed (the caller gives unseeded rows random keys to use it), else
+    """(token, log-prob or None) per row: :func:`sample_triton` where :func:`kernel_serves` and the
+    call is greedy or keyed (the caller gives unseeded rows random keys to use it), else
     :func:`sample_torch`."""
     greedy = params.temperature == 0
-    if kernel and params.top_p >= 1.0 and (greedy or keys is not None):
+    if kernel_serves(params, kernel) and (greedy or keys is not None):
         tok, lp = sample_triton(logits, bias, keys, t, params.temperature)
         return tok, lp if params.return_logprobs else None
     return sample_torch(logits, bias, params, gen, t, keys)
