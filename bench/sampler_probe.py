@@ -40,7 +40,7 @@ def one(rows: int, vocab: int, mode: str, device: torch.device, reps: int, bandw
     logits, bias, keys = inputs(rows, vocab, device)
     params = SamplingParams(n=1, max_new_tokens=1, return_logprobs=True, **MODES[mode])
     gen = torch.Generator(device=device).manual_seed(0)
-    row_keys = None if mode == "greedy" or mode == "unseeded" else keys
+    row_keys = keys if mode == "seeded" else None
     kernel_keys = None if mode == "greedy" else keys   # unseeded: the engine's random keys per wave
 
     def step(kernel: bool):

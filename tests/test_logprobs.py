@@ -61,32 +61,6 @@ def test_sequence_logprobs_same_alone_and_in_padded_batches(tiny_model_dir):
     assert len({len(e) for e in encs}) == len(encs)
 
 
-@torch.no_grad()
-def test_chunked_response_logprobs_match_reference(tiny_model_dir):
-    model, _, encs, pad = _setup(tiny_model_dir)
-    # RL layout: prompts left-padded to a common width P, responses right-padded after them
-    P = max(e.prompt_len for e in encs)
-    rows = []
-    for e in encs:
-        shift = P - e.prompt_len
-        rows.append((shift, e))
-    width = P + max(len(e) - e.prompt_len for e in encs)
-    ids = torch.full((len(encs), width), pad)
-    mask = torch.zeros_like(ids)
-    mm = torch.zeros_like(ids)
-    for i, (shift, e) in enumerate(rows):
-        ids[i, shift:shift + len(e)] = e.input_ids
-        mask[i, shift:shift + len(e)] = 1
-        mm[i, shift:shift + len(e)] = e.mm_token_type_ids
-    batch = collate(encs, pad)
-    batch.update(input_ids=ids, attention_mask=mask, mm_token_type_ids=mm)
-    lp = response_logprobs(model, batch, P, chunk_size=7)
-    ref = reference_token_logprobs(model, batch)[:, P - 1:]
-    m = mask[:, P:].bool()
-    assert torch.allclose(lp[m], ref[m], atol=1e-4)
-    assert (lp[~m] == 0).all()
-
-
 def _rl_batch(encs, pad):
     """The RL layout: prompts left-padded to a common width P, responses right-padded after them."""
     P = max(e.prompt_len for e in encs)
@@ -101,6 +75,18 @@ def _rl_batch(encs, pad):
     batch = collate(encs, pad)
     batch.update(input_ids=ids, attention_mask=mask, mm_token_type_ids=mm)
     return batch, P
+
+
+@torch.no_grad()
+def test_chunked_response_logprobs_match_reference(tiny_model_dir):
+    model, _, encs, pad = _setup(tiny_model_dir)
+    batch, P = _rl_batch(encs, pad)
+    mask = batch["attention_mask"]
+    lp = response_logprobs(model, batch, P, chunk_size=7)
+    ref = reference_token_logprobs(model, batch)[:, P - 1:]
+    m = mask[:, P:].bool()
+    assert torch.allclose(lp[m], ref[m], atol=1e-4)
+    assert (lp[~m] == 0).all()
 
 
 def test_host_side_token_selection_gives_the_same_logprobs_entropy_and_gradients(tiny_model_dir):
