@@ -2,6 +2,7 @@
 
     PYTHONPATH=src:bench python bench/sampler_probe.py --out sampler.json            # GPU, ~20 s
     TRITON_INTERPRET=1 PYTHONPATH=src:bench python bench/sampler_probe.py --smoke     # CPU, tiny vocab
+    PYTHONPATH=src:bench python bench/sampler_probe.py --sweep --out sweep.json       # GPU: block x splits
 
 Per batch size and mode (greedy; unseeded at T 1; per-row seeded at T 1, ``rollout.per_row_seeds``)
 on fp32 logits of the Qwen3-VL vocabulary (151,936) with a few suppressed ids: the median time of
@@ -21,7 +22,7 @@ import torch
 from harness.measure import copy_bandwidth, median, timed
 
 from prism_rl.rollout.base import SamplingParams
-from prism_rl.rollout.sampling import sample
+from prism_rl.rollout.sampling import default_splits, sample, sample_triton
 
 MODES = {"greedy": {"temperature": 0.0}, "unseeded": {"temperature": 1.0},
          "seeded": {"temperature": 1.0, "seed": 1, "prompt_keys": [0]}}
@@ -59,6 +60,29 @@ def one(rows: int, vocab: int, mode: str, device: torch.device, reps: int, bandw
             "lp_diff_vs_log_softmax": float((lp_ref - lp_k).abs().max())}
 
 
+def sweep(rows: int, vocab: int, device: torch.device, reps: int) -> list[dict]:
+    """The kernel's time per (block, programs per row), greedy and sampled, against the default's."""
+    logits, bias, keys = inputs(rows, vocab, device)
+    out = []
+    for temp in (0.0, 1.0):
+        for block in (1024, 2048, 4096):
+            for splits in (1, 2, 4, 8, 16, 32, None):
+                def step(b=block, sp=splits):
+                    return sample_triton(logits, bias, keys, 5, temp, block=b, splits=sp)
+                step()
+                t = median([timed(step, device)[0] for _ in range(reps)])
+                out.append({"rows": rows, "temperature": temp, "block": block, "kernel_s": t,
+                            "splits": splits or f"default ({default_splits(rows, -(-vocab // block), device)})"})
+    return out
+
+
+def sweep_table(results: list[dict]) -> str:
+    lines = ["| rows | T | block | programs per row | kernel |", "|---|---|---|---|---|"]
+    lines += [f"| {r['rows']} | {r['temperature']} | {r['block']} | {r['splits']} | {1e3 * r['kernel_s']:.3f} ms |"
+              for r in results]
+    return "\n".join(lines)
+
+
 def table(results: list[dict]) -> str:
     lines = ["| rows | mode | torch | kernel | speedup | kernel of bound | same tokens | log-prob diff |",
              "|---|---|---|---|---|---|---|---|"]
@@ -74,6 +98,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--smoke", action="store_true", help="CPU under TRITON_INTERPRET=1: 4 rows, 1,000 tokens")
     ap.add_argument("--rows", type=int, nargs="+", default=[64, 512])
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--sweep", action="store_true", help="also time the kernel per block size and programs per row")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     device = torch.device("cpu" if a.smoke else "cuda")
@@ -81,8 +106,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     bandwidth = copy_bandwidth(device, 1 << 24 if a.smoke else 2 << 30)
     results = [one(r, vocab, m, device, reps, bandwidth) for r in rows for m in MODES]
     print(table(results))
+    swept = [r for n in rows for r in sweep(n, vocab, device, reps)] if a.sweep else []
+    if swept:
+        print(sweep_table(swept))
     if a.out:
-        Path(a.out).write_text(json.dumps({"copy_bytes_per_s": bandwidth, "results": results}, indent=1))
+        Path(a.out).write_text(json.dumps({"copy_bytes_per_s": bandwidth, "results": results, "sweep": swept},
+                                          indent=1))
     return results
 
 

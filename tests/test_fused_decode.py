@@ -190,10 +190,19 @@ def test_triton_kernels_equal_torch_references_under_the_interpreter():
             assert vs_ref < tol and vs_exact < tol, (dtype, name, vs_ref, vs_exact)
             assert ref_vs_exact < tol                               # the reference itself is the right math
     assert diffs["float32"]["qk_rope_v_cache"][0] == 0.0           # v is copied, not computed
-    s = diffs["sampler"]   # 9 calls x 5 rows: the kernel's draws are the reference's, none suppressed
+    s = diffs["sampler"]   # 27 calls x 5 rows: the kernel's draws are the reference's, none suppressed
     assert s["token_mismatches"] == 0 and s["lp_diff"] < 1e-5 and s["suppressed_drawn"] == 0, s
     assert s["ref_vs_engine_formula"] == 0 and s["distinct"] >= 6, s   # greedy repeats over t: 1 + 6 sampled
     assert s["kernel_agrees"] is True   # the engine's start-up check passes where the kernel is right
+
+
+def test_sampling_kernel_splits_fill_the_card_and_never_exceed_the_blocks():
+    """``default_splits``: rows x splits reaches the programs wanted (16 on the CPU), at least one
+    program per row, at most one per block of the vocabulary."""
+    from prism_rl.rollout.sampling import default_splits
+    cpu = torch.device("cpu")
+    assert [default_splits(r, 75, cpu) for r in (1, 5, 16, 512)] == [16, 4, 1, 1]
+    assert default_splits(3, 2, cpu) == 2
 
 
 def test_a_sampling_kernel_that_disagrees_with_its_reference_is_not_used(monkeypatch, caplog):
@@ -249,8 +258,10 @@ def test_triton_kernels_compile_for_an_h100_class_gpu(dt):
                (K._attn_split_kernel, {"G": 2, "BLOCK_G": 16, "BLOCK_N": 64, "BLOCK_D": 128, "IEEE": dt == "fp32"}),
                (K._attn_combine_kernel, {"G": 2, "BLOCK_S": 4, "BLOCK_D": 128})]
     sampler = {"x_ptr": "*fp32", "c_ptr": "*fp32", "key_ptr": "*i64", "tok_ptr": "*i64", "lp_ptr": "*fp32",
-               "V": "i32", "stride": "i32", "t_mix": "i32", "s": "fp32"}
-    kernels += [(S._sample_kernel, {"GREEDY": greedy, "BLOCK": 4096}) for greedy in (True, False)]
+               "l_ptr": "*fp32", "best_ptr": "*fp64", "V": "i32", "stride": "i32", "t_mix": "i32", "s": "fp32",
+               "CHUNK": "i32"}
+    kernels += [(S._sample_kernel, {"GREEDY": greedy, "FINAL": final, "BLOCK": 2048})
+                for greedy in (True, False) for final in (True, False)]
     for fn, consts in kernels:
         compiled = triton.compile(_signature(fn, sampler if fn is S._sample_kernel else types, consts),
                                   target=GPUTarget("cuda", 90, 32))

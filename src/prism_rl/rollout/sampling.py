@@ -23,8 +23,9 @@ with ``G`` the counter-hash Gumbel noise (row key ``k_b``, step ``t``) in fp64 a
 row a random key per wave instead (same law). Why a kernel: in torch the keyed noise is ~20
 elementwise passes over (B, V) int64 arrays (at 512 rows x 151,936 tokens each pass moves ~1.2
 GB), and even unkeyed sampling makes ~8 passes (bias, scale, softmax, noise, race, argmax,
-log_softmax, gather); one program per row here reads the row's logits once, keeping a running
-maximum and sum of exponentials for the log-softmax and the best noisy score for the draw.
+log_softmax, gather); here the logits are read once, each of a few programs per row keeping a
+running maximum and sum of exponentials for the log-softmax and the best noisy score for the draw
+over its chunk of the vocabulary, and a small combine merging the chunks.
 """
 
 from __future__ import annotations
@@ -136,22 +137,57 @@ def sample_ref(logits: torch.Tensor, bias: torch.Tensor, keys: torch.Tensor | No
 
 
 def sample_triton(logits: torch.Tensor, bias: torch.Tensor, keys: torch.Tensor | None, t: int, temperature: float,
-                  block: int = 4096):
-    """:func:`sample_ref` as one kernel, one program per row. ``logits`` (B, V) fp32 with unit
-    stride along V; ``keys`` (B,) int64 (ignored when greedy)."""
+                  block: int = 2048, splits: int | None = None):
+    """:func:`sample_ref` as one kernel over ``splits`` programs per row (default
+    :func:`default_splits`), then, with more than one, a combine in torch ops. ``logits`` (B, V)
+    fp32 with unit stride along V; ``keys`` (B,) int64 (ignored when greedy).
+
+    Each program ``j`` scans its chunk ``C_j`` of the vocabulary and keeps ``m_j = max_{C_j} x s``,
+    ``l_j = sum_{C_j} exp(x s - m_j)``, and the best score and its index; the combine takes
+    ``M = max_j m_j``, ``L = sum_j exp(m_j - M) l_j``, the best score over chunks (the first on a tie,
+    so the lowest index, as ``torch.argmax``), and ``logp = x_token s - M - log L``. One program per
+    row leaves most of the card idle at 64 rows; the splits fill it."""
     B, V = logits.shape
     assert logits.dtype == torch.float32 and logits.stride(1) == 1 and bias.is_contiguous()
     greedy = temperature == 0
-    tok = torch.empty(B, dtype=torch.int64, device=logits.device)
-    lp = torch.empty(B, dtype=torch.float32, device=logits.device)
+    dev = logits.device
+    blocks = -(-V // block)
+    splits = min(max(1, splits or default_splits(B, blocks, dev)), blocks)
+    chunk = -(-blocks // splits) * block
+    splits = -(-V // chunk)
+    tok = torch.empty(B, splits, dtype=torch.int64, device=dev)
+    lp = torch.empty(B, splits, dtype=torch.float32, device=dev)     # the log-prob, or m_j with splits
     if B == 0:
-        return tok, lp
+        return tok[:, 0], lp[:, 0]
+    part_l = torch.empty(B, splits, dtype=torch.float32, device=dev) if splits > 1 else lp
+    part_best = torch.empty(B, splits, dtype=torch.float64, device=dev) if splits > 1 else lp
     t_mix = mix32((t + GOLDEN) & M32)
     t_mix -= (t_mix >> 31) << 32          # as a signed 32-bit int: one argument type for every step
     keys = tok if greedy else keys        # any int64 buffer: greedy reads no key
-    _sample_kernel[(B,)](logits, bias, keys, tok, lp, V, logits.stride(0), t_mix,
-                         1.0 if greedy else inverse_temperature(temperature), GREEDY=greedy, BLOCK=block)
-    return tok, lp
+    s = 1.0 if greedy else inverse_temperature(temperature)
+    _sample_kernel[(B, splits)](logits, bias, keys, tok, lp, part_l, part_best, V, logits.stride(0), t_mix, s, chunk,
+                                GREEDY=greedy, FINAL=splits == 1, BLOCK=block)
+    if splits == 1:
+        return tok[:, 0], lp[:, 0]
+    big_m = lp.max(1, keepdim=True).values
+    total = (part_l * torch.exp(lp - big_m)).sum(1)
+    tok = tok.gather(1, part_best.argmax(1, keepdim=True))[:, 0]
+    return tok, logits.gather(1, tok[:, None])[:, 0] * s - big_m[:, 0] - torch.log(total)
+
+
+@functools.cache
+def _programs_wanted(device: torch.device) -> int:
+    """Programs that keep ``device`` busy: four per streaming multiprocessor on CUDA; on the CPU
+    (Triton's interpreter, tests) a fixed 16."""
+    if device.type != "cuda":
+        return 16
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def default_splits(rows: int, blocks: int, device: torch.device) -> int:
+    """Programs per row for :func:`sample_triton`: enough that ``rows x splits`` reaches
+    :func:`_programs_wanted`, at most one per block of the vocabulary."""
+    return max(1, min(blocks, -(-_programs_wanted(device) // max(rows, 1))))
 
 
 if triton is not None:
@@ -165,16 +201,19 @@ if triton is not None:
         return x ^ (x >> 16)
 
     @triton.jit(do_not_specialize=["t_mix"])
-    def _sample_kernel(x_ptr, c_ptr, key_ptr, tok_ptr, lp_ptr, V, stride, t_mix, s,
-                       GREEDY: tl.constexpr, BLOCK: tl.constexpr):
+    def _sample_kernel(x_ptr, c_ptr, key_ptr, tok_ptr, lp_ptr, l_ptr, best_ptr, V, stride, t_mix, s, CHUNK,
+                       GREEDY: tl.constexpr, FINAL: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0)
+        part = tl.program_id(1)
+        out = row * tl.num_programs(1) + part
         base = x_ptr + row.to(tl.int64) * stride
         key = _mix32(tl.load(key_ptr + row).to(tl.uint32) ^ t_mix.to(tl.uint32, bitcast=True))
+        start = part * CHUNK
         best = tl.full((), float("-inf"), tl.float64)
-        best_i = tl.full((), 0, tl.int32)
+        best_i = start
         m = tl.full((), float("-inf"), tl.float32)   # running max of x s, and sum of exp(x s - m)
         total = tl.full((), 0.0, tl.float32)
-        for off in range(0, V, BLOCK):
+        for off in range(start, tl.minimum(start + CHUNK, V), BLOCK):
             idx = off + tl.arange(0, BLOCK)
             live = idx < V
             x = tl.load(base + idx, mask=live, other=float("-inf"))
@@ -194,5 +233,10 @@ if triton is not None:
             better = top > best              # strictly: an equal score later keeps the earlier index
             best_i = tl.where(better, off + tl.argmax(score, 0), best_i)
             best = tl.where(better, top, best)
-        tl.store(tok_ptr + row, best_i.to(tl.int64))
-        tl.store(lp_ptr + row, tl.load(base + best_i) * s - m - tl.log(total))
+        tl.store(tok_ptr + out, best_i.to(tl.int64))
+        if FINAL:
+            tl.store(lp_ptr + out, tl.load(base + best_i) * s - m - tl.log(total))
+        else:                                # the combine in sample_triton finishes the row
+            tl.store(lp_ptr + out, m)
+            tl.store(l_ptr + out, total)
+            tl.store(best_ptr + out, best)
