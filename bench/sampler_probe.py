@@ -67,8 +67,8 @@ def sweep(rows: int, vocab: int, device: torch.device, reps: int) -> list[dict]:
     for temp in (0.0, 1.0):
         for block in (1024, 2048, 4096):
             for splits in (1, 2, 4, 8, 16, 32, None):
-                def step(b=block, sp=splits):
-                    return sample_triton(logits, bias, keys, 5, temp, block=b, splits=sp)
+                def step(b=block, sp=splits, tp=temp):
+                    return sample_triton(logits, bias, keys, 5, tp, block=b, splits=sp)
                 step()
                 t = median([timed(step, device)[0] for _ in range(reps)])
                 out.append({"rows": rows, "temperature": temp, "block": block, "kernel_s": t,
