@@ -121,7 +121,7 @@ def sampler_engine_check(model, proc, prompts) -> dict:
 def sampler_check(g: torch.Generator) -> dict:
     """The sampling kernel against :func:`sample_ref` on (5, 1000) logits with three suppressed
     tokens, a block of 256 (V not a multiple of it), one, two and four programs per row (the
-    default on the CPU), greedy and two temperatures, three steps:
+    sampled default on the CPU), greedy and two temperatures, three steps:
     tokens equal (count of rows that differ) and the largest log-prob difference; and the torch
     reference against the engine's torch formula (``x / T``, softmax of unprocessed logits)."""
     from prism_rl.rollout.noise import gumbel
@@ -136,7 +136,7 @@ def sampler_check(g: torch.Generator) -> dict:
     for temp in (0.0, 0.7, 1.0):
         for t in (0, 3, 200):
             ta, la = sample_ref(x, bias, keys, t, temp)
-            for splits in (1, 3, None):   # one program per row; 3 asked (2 chunks of 512); the default 4
+            for splits in (1, 3, 4):   # one program per row; 3 asked (2 chunks of 512); 4 (the sampled default)
                 tb, lb = sample_triton(x, bias, keys, t, temp, block=256, splits=splits)
                 out["token_mismatches"] += int((ta != tb).sum())
                 out["lp_diff"] = max(out["lp_diff"], float((la - lb).abs().max()))

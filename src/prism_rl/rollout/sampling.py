@@ -137,10 +137,12 @@ def sample_ref(logits: torch.Tensor, bias: torch.Tensor, keys: torch.Tensor | No
 
 
 def sample_triton(logits: torch.Tensor, bias: torch.Tensor, keys: torch.Tensor | None, t: int, temperature: float,
-                  block: int = 2048, splits: int | None = None):
-    """:func:`sample_ref` as one kernel over ``splits`` programs per row (default
-    :func:`default_splits`), then, with more than one, a combine in torch ops. ``logits`` (B, V)
-    fp32 with unit stride along V; ``keys`` (B,) int64 (ignored when greedy).
+                  block: int | None = None, splits: int | None = None):
+    """:func:`sample_ref` as one kernel over ``splits`` programs per row, then, with more than one,
+    a combine in torch ops. ``logits`` (B, V) fp32 with unit stride along V; ``keys`` (B,) int64
+    (ignored when greedy). Defaults, from a sweep on an H200 (docs/PERFORMANCE.md, eighth
+    session): greedy, one program per row over blocks of 4,096; sampled (the fp64 noise makes it
+    compute-bound), :func:`default_splits` programs per row over blocks of 2,048.
 
     Each program ``j`` scans its chunk ``C_j`` of the vocabulary and keeps ``m_j = max_{C_j} x s``,
     ``l_j = sum_{C_j} exp(x s - m_j)``, and the best score and its index; the combine takes
@@ -151,8 +153,9 @@ def sample_triton(logits: torch.Tensor, bias: torch.Tensor, keys: torch.Tensor |
     assert logits.dtype == torch.float32 and logits.stride(1) == 1 and bias.is_contiguous()
     greedy = temperature == 0
     dev = logits.device
+    block = block or (4096 if greedy else 2048)
     blocks = -(-V // block)
-    splits = min(max(1, splits or default_splits(B, blocks, dev)), blocks)
+    splits = min(max(1, splits or (1 if greedy else default_splits(B, blocks, dev))), blocks)
     chunk = -(-blocks // splits) * block
     splits = -(-V // chunk)
     tok = torch.empty(B, splits, dtype=torch.int64, device=dev)
