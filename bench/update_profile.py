@@ -118,7 +118,8 @@ def profiled(ctx: Ctx, update) -> dict:
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ctx.device.type == "cuda" else [])
     sync(ctx.device)
     t0 = time.perf_counter()
-    with profile(activities=acts, record_shapes=True) as prof:
+    stacks = torch._C._profiler._ExperimentalConfig(verbose=True)   # without it torch 2.11 records no Python frames
+    with profile(activities=acts, record_shapes=True, with_stack=True, experimental_config=stacks) as prof:
         update()
         sync(ctx.device)
     wall = time.perf_counter() - t0
@@ -136,7 +137,9 @@ def profiled(ctx: Ctx, update) -> dict:
     return {"wall_s": wall, "kernel_s": busy, "gpu_busy_share": busy / wall if wall else None,
             "kernels": sum(c for _, c in by_name.values()), "groups_s": groups,
             "top": [{"name": n[:90], "s": s, "calls": c} for n, (s, c) in top],
-            "top_ops": top_ops(prof, on_gpu=bool(kernels)), "host_waits": host_waits(prof)}
+            "top_ops": top_ops(prof, on_gpu=bool(kernels)), "copy_sites": copy_sites(prof, on_gpu=bool(kernels)),
+            "sync_sites": sync_sites(prof),
+            "host_waits": host_waits(prof)}
 
 
 def top_ops(prof, on_gpu: bool, n: int = 20) -> list[dict]:
@@ -147,6 +150,43 @@ def top_ops(prof, on_gpu: bool, n: int = 20) -> list[dict]:
     ops.sort(key=lambda e: -getattr(e, key))
     return [{"op": e.key, "shapes": str(e.input_shapes)[:160], "s": getattr(e, key) / 1e6, "calls": e.count}
             for e in ops[:n]]
+
+
+COPY_OPS = ("aten::copy_", "aten::_to_copy", "aten::clone", "aten::cat", "aten::contiguous", "aten::index",
+            "aten::fill_", "aten::zero_")
+
+
+SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::equal", "aten::is_nonzero", "aten::masked_select",
+            "aten::_unique2", "aten::unique_consecutive", "aten::repeat_interleave")   # ops whose result the host reads
+
+
+def copy_sites(prof, on_gpu: bool, n: int = 12) -> list[dict]:
+    """The copy-like aten ops with the most self kernel time, grouped by the Python frames that
+    called them (the first frames outside torch): which code, not which op, the copies come from."""
+    key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
+    return op_sites(prof, COPY_OPS, lambda e: getattr(e, key) / 1e6, n)
+
+
+def sync_sites(prof, n: int = 12) -> list[dict]:
+    """The ops that make the host wait for the device's result (``.item()``, ``.tolist()``,
+    ``nonzero``, ``torch.equal`` ...), grouped by their callers, by number of calls."""
+    return op_sites(prof, SYNC_OPS, lambda e: float(e.count), n)
+
+
+def op_sites(prof, ops: tuple[str, ...], weight, n: int) -> list[dict]:
+    """Events of ``ops`` grouped by (op, the first three Python frames outside torch), top ``n``
+    by summed ``weight(event)``."""
+    sites: dict[tuple[str, str], list[float]] = {}
+    for e in prof.key_averages(group_by_stack_n=12):
+        if e.key not in ops:
+            continue
+        frames = [re.sub(r"^(nn\.Module: \w+?)_\d+$", r"\1", f)   # one site for every layer's instance
+                  for f in (e.stack or []) if not f.startswith("<built-in") and "torch/" not in f][:3]
+        site = sites.setdefault((e.key, " < ".join(frames) or "(torch internals)"), [0.0, 0])
+        site[0] += weight(e)
+        site[1] += e.count
+    top = sorted(sites.items(), key=lambda kv: -kv[1][0])[:n]
+    return [{"op": op, "site": site[:300], "s": s, "calls": c} for (op, site), (s, c) in top]
 
 
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
@@ -180,6 +220,10 @@ def table(results: list[dict]) -> str:
         lines += [f"| `{t['name']}` | {t['s']:.3f} | {t['calls']} |" for t in prof["top"]]
         lines += ["", "| top op | input shapes | s | calls |", "|---|---|---|---|"]
         lines += [f"| {t['op']} | {t['shapes']} | {t['s']:.3f} | {t['calls']} |" for t in prof["top_ops"]]
+        lines += ["", "| copy op | called from | s | calls |", "|---|---|---|---|"]
+        lines += [f"| {t['op']} | {t['site']} | {t['s']:.3f} | {t['calls']} |" for t in prof.get("copy_sites", [])]
+        lines += ["", "| op the host waits on | called from | calls |", "|---|---|---|"]
+        lines += [f"| {t['op']} | {t['site']} | {t['calls']} |" for t in prof.get("sync_sites", [])]
         w = prof["host_waits"]
         lines += ["", f"host waits on the GPU: {w['calls']} calls, {w['host_s']:.3f} s ({w['by_call']})"]
     return "\n".join(lines)

@@ -218,6 +218,13 @@ def test_update_profile_smoke_times_each_variant_on_the_same_rows(tmp_path):
     assert [o["s"] for o in ops] == sorted((o["s"] for o in ops), reverse=True)
     assert any(o["op"] == "aten::mm" and o["shapes"].startswith("[[") for o in ops)
     assert res[0]["profile"]["host_waits"]["calls"] == 0   # no GPU to wait for
+    sites = res[0]["profile"]["copy_sites"]   # copies by the code that made them
+    assert sites and all(c["op"] in update_profile.COPY_OPS and c["calls"] > 0 for c in sites)
+    assert [c["s"] for c in sites] == sorted((c["s"] for c in sites), reverse=True)
+    assert any("prism_rl" in c["site"] or "transformers" in c["site"] for c in sites)
+    waits = res[0]["profile"]["sync_sites"]   # what would make a GPU's host wait, by caller
+    assert waits and all(w["op"] in update_profile.SYNC_OPS for w in waits)
+    assert any("shared_vision.py" in w["site"] and w["op"] == "aten::equal" for w in waits)   # copies found by value
 
 
 def test_sampler_probe_smoke_under_the_interpreter(tmp_path):
