@@ -168,8 +168,9 @@ def copy_sites(prof, on_gpu: bool, n: int = 12) -> list[dict]:
 
 
 def sync_sites(prof, n: int = 12) -> list[dict]:
-    """The ops that make the host wait for the device's result (``.item()``, ``.tolist()``,
-    ``nonzero``, ``torch.equal`` ...), grouped by their callers, by number of calls."""
+    """The ops whose result the host reads (``.item()``, ``nonzero``, ``torch.equal`` ...),
+    grouped by their callers, by number of calls: on device tensors each makes the host wait
+    for the GPU; on host tensors (the rollouts') they cost nothing of the kind."""
     return op_sites(prof, SYNC_OPS, lambda e: float(e.count), n)
 
 
