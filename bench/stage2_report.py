@@ -145,16 +145,18 @@ def _avg(vals: list) -> float | None:
 
 
 def comparisons(arms: list[str]) -> list[tuple[str, str, str]]:
-    """(arm A, arm B, the claim A > B tests) for every pair the selected arms allow."""
+    """(arm A, arm B, the claim A > B tests) for every pair the selected arms allow. Each claim
+    is the paper's direction (the MoE discriminator beats each ablation of it, so A is the MoE
+    arm there), so a verdict's "supported" / "contradicted" reads against the paper."""
     out = [("aligned", "sft", "stage 2 repairs the SFT policy's perception (aligned vs SFT)")]
     out += [(f"prism_{a}", a, f"PRISM+{a.upper()} beats SFT+{a.upper()} at matched compute") for a in ALGOS]
-    out += [(f"prism_grpo_{v}", "prism_grpo", f"ablation {v}: differs from the MoE discriminator") for v in ABLATIONS]
+    out += [("prism_grpo", f"prism_grpo_{v}", f"ablation {v}: the MoE discriminator beats it") for v in ABLATIONS]
     out += [("prism_grpo_varied", "grpo_varied", "control (style-mismatched public data): PRISM+GRPO vs SFT+GRPO")]
     out += [("aligned_content", "sft", "content discriminator: stage 2 repairs the SFT policy's perception"),
             ("prism_grpo_content", "grpo", "content discriminator: PRISM+GRPO beats SFT+GRPO at matched compute"),
-            ("prism_grpo_content", "prism_grpo", "content discriminator: differs from the study's warm-up"),
-            ("aligned_content_dense", "aligned_content", "content discriminator, dense: differs from MoE after alignment"),
-            ("prism_grpo_content_dense", "prism_grpo_content", "content discriminator, dense: differs from MoE")]
+            ("prism_grpo_content", "prism_grpo", "content discriminator: beats the study's warm-up"),
+            ("aligned_content", "aligned_content_dense", "content discriminator: MoE beats dense after alignment"),
+            ("prism_grpo_content", "prism_grpo_content_dense", "content discriminator: MoE beats dense")]
     return [c for c in out if c[0] in arms and c[1] in arms]
 
 
