@@ -80,7 +80,7 @@ def test_plan_matches_compute_and_shares_stages(tmp_path):
     assert (h["eval-grpo-s0"], h["rl-grpo-s0"], h["rl-prism_grpo-s0"], h["align-moe-matched-s0"]) == (0, 1, 1, 2)
     assert h["pairs-matched-s0"] == 4 > h["rl-grpo-s0"] and h["sft-matched-s0"] == 5
     assert [c[:2] for c in comparisons(arms)] == [("aligned", "sft"), ("prism_grpo", "grpo"), ("prism_dapo", "dapo"),
-                                                   ("prism_grpo_nowarmup", "prism_grpo")]
+                                                   ("prism_grpo", "prism_grpo_nowarmup")]
 
 
 def test_content_arms_run_the_content_pool_and_its_slip_pairs(tmp_path):
@@ -172,7 +172,7 @@ def test_dense_content_discriminator_and_the_probes_only_plan(tmp_path):
     assert sorted(n for n in kept if n.startswith("probe-")) == sorted(
         f"probe-{v}-matched-s{s}" for v in ("moe", "content", "content_dense") for s in (0, 1))
     assert not any(n.startswith(("align-", "rl-", "eval-")) for n in kept) and any(n.startswith("align-") for n in jobs)
-    assert [c[:2] for c in comparisons(arms)] == [("aligned_content_dense", "aligned_content")]
+    assert [c[:2] for c in comparisons(arms)] == [("aligned_content", "aligned_content_dense")]
 
 
 def test_probes_are_averaged_over_seeds_per_discriminator_and_slip(tmp_path):
