@@ -236,7 +236,8 @@ def test_sigterm_and_sigint_stop_cleanly_and_resume_exactly(work, straight, stag
 def test_a_second_signal_stops_at_once(work):
     """SIGINT, then SIGTERM while the step finishes: exit 143 with one line, no traceback, no
     new checkpoint. The steps are made long (12 micro-batches each), so that the second signal
-    surely comes before the first one's checkpoint is written."""
+    comes before the first one's checkpoint is written (in the step, or right after it on a
+    loaded machine)."""
     out = work / "sft_twice"
     p = Prism(stage_args("sft", work, out) + ["train.grad_accum=12"], out, "twice")
     p.wait_for_step(SAVE_EVERY + 1)
@@ -248,7 +249,8 @@ def test_a_second_signal_stops_at_once(work):
     err = p.stderr.read_text()
     assert "Traceback" not in err and p.out_lines() == []
     last = err.strip().splitlines()[-1]
-    assert re.fullmatch(rf"prism sft: stopped at once by a second SIGTERM in step \d+; nothing saved since "
+    # "in step N", or "after step N" when a loaded machine runs the step out before the signal lands
+    assert re.fullmatch(rf"prism sft: stopped at once by a second SIGTERM (in|after) step \d+; nothing saved since "
                         rf"{re.escape(str(out))}/checkpoint-{SAVE_EVERY} \(continue with --resume\)", last), last
     assert before == [f"checkpoint-{SAVE_EVERY}"] and sorted(x.name for x in out.glob("checkpoint-*")) == before
 
