@@ -14,6 +14,8 @@ its CUDA kernels grouped into GEMMs / attention / elementwise+norm / optimizer /
 top kernels, the GPU's busy share of the wall time (a low share means the host's launches
 are the bound, not the kernels), the aten ops that own the most kernel time with their input
 shapes (which copy is it?), and the host's waits on the GPU (each drains the launch queue).
+A second profiled update records Python stacks: the copies, and the ops whose result the host
+reads, grouped by the code that called them.
 """
 
 from __future__ import annotations
@@ -113,13 +115,15 @@ def one_variant(ctx: Ctx, v: Variant, shape: str, rows: int, longest: int, reps:
 
 
 def profiled(ctx: Ctx, update) -> dict:
-    """Kernel time by group, the top kernels, and the GPU-busy share of one update's wall time."""
+    """Kernel time by group, the top kernels, and the GPU-busy share of one update's wall time;
+    then a second update recorded with Python stacks for the copy and host-read sites (recording
+    stacks slows the host severalfold, so the first update's wall time and busy share do not
+    carry that cost)."""
     from torch.profiler import ProfilerActivity, profile
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ctx.device.type == "cuda" else [])
     sync(ctx.device)
     t0 = time.perf_counter()
-    stacks = torch._C._profiler._ExperimentalConfig(verbose=True)   # without it torch 2.11 records no Python frames
-    with profile(activities=acts, record_shapes=True, with_stack=True, experimental_config=stacks) as prof:
+    with profile(activities=acts, record_shapes=True) as prof:
         update()
         sync(ctx.device)
     wall = time.perf_counter() - t0
@@ -134,12 +138,15 @@ def profiled(ctx: Ctx, update) -> dict:
         groups[next(g for g, pat in GROUPS if re.search(pat, name, re.I))] += s
     busy = sum(s for s, _ in by_name.values())
     top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:15]
+    stacks = torch._C._profiler._ExperimentalConfig(verbose=True)   # without it torch 2.11 records no Python frames
+    with profile(activities=acts, with_stack=True, experimental_config=stacks) as traced:
+        update()
+        sync(ctx.device)
     return {"wall_s": wall, "kernel_s": busy, "gpu_busy_share": busy / wall if wall else None,
             "kernels": sum(c for _, c in by_name.values()), "groups_s": groups,
             "top": [{"name": n[:90], "s": s, "calls": c} for n, (s, c) in top],
-            "top_ops": top_ops(prof, on_gpu=bool(kernels)), "copy_sites": copy_sites(prof, on_gpu=bool(kernels)),
-            "sync_sites": sync_sites(prof),
-            "host_waits": host_waits(prof)}
+            "top_ops": top_ops(prof, on_gpu=bool(kernels)), "host_waits": host_waits(prof),
+            "copy_sites": copy_sites(traced, on_gpu=bool(kernels)), "sync_sites": sync_sites(traced)}
 
 
 def top_ops(prof, on_gpu: bool, n: int = 20) -> list[dict]:
