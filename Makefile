@@ -11,8 +11,8 @@ PYTEST_ARGS ?=
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-cache-dir $(TORCH)
+	$(PY) -m pip install -q --no-cache-dir -e ".[test]"
 	touch $(STAMP)
 
 install: $(STAMP)
