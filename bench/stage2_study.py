@@ -28,6 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from stage2_dynamics import dynamics, plot  # noqa: E402
 from stage2_plan import ARMS, DEFAULT_ARMS, PRESETS, Job, Planner, resolve_policy, up_to_probes, with_steps  # noqa: E402
 from stage2_report import write_report  # noqa: E402
 
@@ -266,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     (out / "jobs.json").write_text(json.dumps({n: {**st, "arms": sorted(jobs[n].arms)} for n, st in state.items()},
                                               indent=1, default=str))
     md = write_report(out, preset, arms, seeds, state, jobs, a.preset, a.gpus)
+    curves = dynamics([out], seeds)
+    if any(series["disc/cap_gap"]["step"] for series in curves.values()):
+        plot(curves, out / "dynamics.png", f"stage-2 study {out.name}: alignment runs, mean over seeds (band: min-max)")
     print("\n" + md)
     return 0
 

@@ -15,6 +15,7 @@ from conftest import ROOT
 sys.path.insert(0, str(ROOT / "bench"))
 
 from disc_probe import build_parser as probe_parser  # noqa: E402
+from stage2_dynamics import alignment_runs, dynamics, plot, step_series  # noqa: E402
 from stage2_plan import ARMS, PRESETS, Job, Planner, planned_steps, resolve_policy, up_to_probes  # noqa: E402
 from stage2_report import comparisons, discriminator_probes, mean_std, paired_bootstrap_ci, paired_diffs, render, verdict  # noqa: E402
 from stage2_study import START_FILE, _same_start, chain_lengths  # noqa: E402
@@ -257,6 +258,7 @@ def test_cpu_smoke_study_end_to_end(tmp_path):
     assert all(0 <= n <= 8 for k in probe for n in probe[k]["pairs"]) and sum(probe["none"]["pairs"]) > 0
     md = (out / "results.md").read_text()
     assert md.startswith("# Stage-2 study (issue 16)") and "| prism_grpo | grpo |" in md
+    assert (out / "dynamics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"   # the alignment run's curves
 
 
 def test_gpu_preset_commands_parse_and_their_configs_load(tmp_path):
@@ -313,3 +315,36 @@ def test_paired_compare_of_two_arms_hand_checked(tmp_path):
     assert res["acc"]["mean"] == pytest.approx(0.0) and res["acc"]["problems"] == 3
     assert res["perception"]["mean"] == 0.0 and res["perception"]["lo"] == res["perception"]["hi"] == 0.0
     assert "A - B acc: +0.0" in render(res, "A", "B")
+
+
+def _align_metrics(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    start = [{"step": 0, "event": "start", "disc/cap_gap": 99.0}]   # an event row: never plotted
+    path.write_text("".join(json.dumps(r) + "\n" for r in start + [{**r, "timing/step_s": 1.0} for r in rows]))
+
+
+def test_alignment_dynamics_per_step_over_seeds_hand_checked(tmp_path):
+    out = tmp_path / "study"
+    # seed 0: steps 1-3; seed 1: steps 1-2 (stopped by a budget) - step 3 is seed 0's alone
+    _align_metrics(out / "s0/matched/align/moe/metrics.jsonl",
+                   [{"step": 1, "disc/cap_gap": 0.5, "disc/expert_load": [0.25, 0.75]},
+                    {"step": 2, "disc/cap_gap": 0.1, "disc/expert_load": [0.5, 0.5]},
+                    {"step": 3, "disc/cap_gap": -0.2}])
+    _align_metrics(out / "s1/matched/align/moe/metrics.jsonl",
+                   [{"step": 1, "disc/cap_gap": 0.1, "disc/expert_load": [0.4, 0.6]},
+                    {"step": 2, "disc/cap_gap": 0.3, "disc/expert_load": [0.9, 0.1]}])
+    _align_metrics(out / "s0/matched/align/dense/metrics.jsonl",
+                   [{"step": 1, "disc/cap_gap": 1.0, "disc/expert_load": []}])
+    runs = alignment_runs(out, [0, 1, 2])
+    assert sorted(runs) == ["matched/dense", "matched/moe"] and sorted(runs["matched/moe"]) == [0, 1]
+    gap = step_series(runs["matched/moe"], "disc/cap_gap")
+    assert gap["step"] == [1, 2, 3] and gap["n"] == [2, 2, 1]
+    assert gap["mean"] == pytest.approx([0.3, 0.2, -0.2]) and gap["lo"] == [0.1, 0.1, -0.2] and gap["hi"] == [0.5, 0.3, -0.2]
+    load = step_series(runs["matched/moe"], "disc/expert_load_max")   # max over experts, then over seeds
+    assert load["mean"] == pytest.approx([(0.75 + 0.6) / 2, (0.5 + 0.9) / 2]) and load["hi"] == [0.75, 0.9]
+    res = dynamics([out], [0, 1])
+    assert res["matched/dense"]["disc/expert_load_max"]["step"] == []   # a dense discriminator has no experts
+    png = plot(res, tmp_path / "d.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="no alignment metrics"):
+        plot(dynamics([tmp_path / "empty"], [0]), tmp_path / "none.png")
