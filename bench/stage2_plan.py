@@ -12,7 +12,7 @@ An *arm* is one pipeline whose final policy is evaluated on the shared held-out 
   discriminator aligned against without warm-up);
 * ``sft_varied`` / ``grpo_varied`` / ``prism_grpo_varied``: the control, on data whose public
   demonstrations are in other templates than the teacher's (style-mismatched);
-* ``aligned_content`` / ``prism_grpo_content``: ``aligned`` / ``prism_grpo`` against the
+* ``aligned_content`` / ``prism_<algo>_content``: ``aligned`` / ``prism_<algo>`` against the
   ``content`` discriminator: the same MoE init, warmed up not on the SFT policy's samples but on
   pairs that differ in content only (the teacher's demonstration against a public one with one
   perception or reasoning slip, in the teacher's template), from a second synthetic pool
@@ -66,7 +66,7 @@ def _arms() -> dict[str, Arm]:
     arms += [Arm("sft_varied", data="varied"), Arm("grpo_varied", data="varied", algo="grpo"),
              Arm("prism_grpo_varied", data="varied", disc="moe", algo="grpo")]
     for v in CONTENT:
-        arms += [Arm(f"aligned_{v}", disc=v), Arm(f"prism_grpo_{v}", disc=v, algo="grpo")]
+        arms += [Arm(f"aligned_{v}", disc=v)] + [Arm(f"prism_{algo}_{v}", disc=v, algo=algo) for algo in ALGOS]
     return {a.name: a for a in arms}
 
 

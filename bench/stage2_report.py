@@ -153,7 +153,8 @@ def comparisons(arms: list[str]) -> list[tuple[str, str, str]]:
     out += [("prism_grpo", f"prism_grpo_{v}", f"ablation {v}: the MoE discriminator beats it") for v in ABLATIONS]
     out += [("prism_grpo_varied", "grpo_varied", "control (style-mismatched public data): PRISM+GRPO vs SFT+GRPO")]
     out += [("aligned_content", "sft", "content discriminator: stage 2 repairs the SFT policy's perception"),
-            ("prism_grpo_content", "grpo", "content discriminator: PRISM+GRPO beats SFT+GRPO at matched compute"),
+            *[(f"prism_{a}_content", a, f"content discriminator: PRISM+{a.upper()} beats SFT+{a.upper()} at matched compute")
+              for a in ALGOS],
             ("prism_grpo_content", "prism_grpo", "content discriminator: beats the study's warm-up"),
             ("aligned_content", "aligned_content_dense", "content discriminator: MoE beats dense after alignment"),
             ("prism_grpo_content", "prism_grpo_content_dense", "content discriminator: MoE beats dense")]

@@ -127,6 +127,15 @@ def test_content_arms_run_the_content_pool_and_its_slip_pairs(tmp_path):
     assert [c[:2] for c in comparisons(arms + ["sft", "grpo"])] == [
         ("prism_grpo", "grpo"), ("aligned_content", "sft"), ("prism_grpo_content", "grpo"),
         ("prism_grpo_content", "prism_grpo")]
+    # the content discriminator under DAPO and GSPO: the same alignment run, then that algorithm,
+    # paired against that algorithm's baseline
+    more = Planner(tmp_path, PRESETS["cpu"], ["prism_dapo_content", "prism_gspo_content"], [0], {}).plan()
+    for algo in ("dapo", "gspo"):
+        rl = more[f"rl-prism_{algo}_content-s0"]
+        assert rl.deps == ["align-content-matched-s0"] and rl.argv[rl.argv.index("--algo") + 1] == algo
+        assert _arg(rl.argv, "train.steps") == "30"
+    assert [c[:2] for c in comparisons(["dapo", "gspo", "prism_dapo_content", "prism_gspo_content"])] == [
+        ("prism_dapo_content", "dapo"), ("prism_gspo_content", "gspo")]
 
 
 def test_every_discriminator_is_probed_on_the_study_pool_and_nothing_waits_for_it(tmp_path):
