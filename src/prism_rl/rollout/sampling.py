@@ -95,26 +95,13 @@ def sample_torch(logits: torch.Tensor, bias: torch.Tensor, params: SamplingParam
         z = top_p_filter(scores / params.temperature, params.top_p)
         tok = (z.double() + gumbel(keys, t, z.shape[-1])).argmax(-1)
     else:
-        scores = scores / params.temperature
-        if params.top_p < 1.0:
-            scores = _top_p(scores, params.top_p)
-        probs = torch.softmax(scores, -1)
+        probs = torch.softmax(top_p_filter(scores / params.temperature, params.top_p), -1)
         tok = (probs / torch.empty_like(probs).exponential_(generator=gen)).argmax(-1)
     lp = None
     if params.return_logprobs:
         z = logits if greedy else logits / params.temperature
         lp = torch.log_softmax(z, -1).gather(-1, tok[:, None])[:, 0]
     return tok, lp
-
-
-def _top_p(scores: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Keep the smallest set of tokens whose probabilities sum to at least ``top_p`` (at least
-    one): sorted ascending, drop tokens whose cumulative probability is ``<= 1 - top_p``."""
-    sorted_scores, idx = torch.sort(scores, descending=False)
-    cum = torch.softmax(sorted_scores, -1).cumsum(-1)
-    drop = cum <= (1 - top_p)
-    drop[:, -1] = False
-    return scores.scatter(1, idx, sorted_scores.masked_fill(drop, float("-inf")))
 
 
 def inverse_temperature(temperature: float) -> float:
