@@ -10,6 +10,7 @@ import random
 import statistics
 from pathlib import Path
 
+from stage2_dynamics import alignment_runs
 from stage2_plan import ABLATIONS, ALGOS, ARMS, eval_dir, planned_steps
 
 METRICS = ("acc", "perception", "tokens", "format")
@@ -97,13 +98,9 @@ def alignment_dynamics(out: Path, seeds: list[int]) -> dict[str, dict]:
     third of its steps for the caption/reasoning gaps, the rollouts' perception, accuracy and format."""
     keys = ("disc/cap_gap", "disc/reason_gap", "rollout/perception", "rollout/acc", "rollout/format")
     found: dict[str, list[dict]] = {}
-    for s in seeds:
-        for metrics in sorted((out / f"s{s}").glob("*/align/*/metrics.jsonl")):
-            rows = [json.loads(x) for x in metrics.read_text().splitlines() if '"timing/step_s"' in x]
-            if not rows:
-                continue
+    for name, by_seed in alignment_runs(out, seeds).items():
+        for rows in by_seed.values():
             k = max(1, len(rows) // 3)
-            name = f"{metrics.parent.parent.parent.name}/{metrics.parent.name}"
             found.setdefault(name, []).append({
                 key: (statistics.mean(r[key] for r in rows[:k] if key in r) if any(key in r for r in rows[:k]) else None,
                       statistics.mean(r[key] for r in rows[-k:] if key in r) if any(key in r for r in rows[-k:]) else None)
