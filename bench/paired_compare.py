@@ -7,7 +7,11 @@ Each arm is a list of ``prism eval`` run folders (or their ``samples.jsonl``),
 one per seed, in seed order:
 
     python bench/paired_compare.py --a runs/other/eval/prism_grpo_s{0,1,2} \\
-        --b runs/s2cpu/eval/grpo_s{0,1,2}/heldout-test [--a-name X --b-name Y]
+        --b runs/s2cpu/eval/grpo_s{0,1,2}/heldout-test [--a-name X --b-name Y] [--drop-empty]
+
+``--drop-empty`` leaves out every problem that some seed of either arm answered with an empty
+response at the token limit (the sign of NaN logits in an engine without the non-finite check)
+and says how many that was; without it they count as wrong.
 """
 
 from __future__ import annotations
@@ -30,11 +34,25 @@ def samples_file(path: str) -> Path:
     raise SystemExit(f"{path}: no samples.jsonl there (a prism eval run folder or the file itself)")
 
 
-def compare(a: list[str], b: list[str]) -> dict:
-    """Per-seed metrics of both arms and A - B paired intervals (points) for acc and perception."""
+def drop_empty(*arms: dict[int, dict[str, dict]]) -> int:
+    """Remove, from every seed of every arm, the problems some seed of some arm answered empty
+    at the token limit; returns how many problems that was."""
+    gone = {i for rows in arms for seed in rows.values() for i, r in seed.items() if r["empty_at_limit"]}
+    for rows in arms:
+        for seed in rows.values():
+            for i in gone:
+                seed.pop(i, None)
+    return len(gone)
+
+
+def compare(a: list[str], b: list[str], skip_empty: bool = False) -> dict:
+    """Per-seed metrics of both arms and A - B paired intervals (points) for acc and perception
+    (``skip_empty``: on the problems :func:`drop_empty` keeps)."""
     rows_a = {s: read_rows(samples_file(p)) for s, p in enumerate(a)}
     rows_b = {s: read_rows(samples_file(p)) for s, p in enumerate(b)}
-    out = {"a": {s: _per_seed(r) for s, r in rows_a.items()}, "b": {s: _per_seed(r) for s, r in rows_b.items()}}
+    dropped = drop_empty(rows_a, rows_b) if skip_empty else 0
+    out = {"a": {s: _per_seed(r) for s, r in rows_a.items()}, "b": {s: _per_seed(r) for s, r in rows_b.items()},
+           "dropped": dropped}
     for m in ("acc", "perception"):
         diffs, seeds = paired_diffs(rows_a, rows_b, m)
         if diffs:
@@ -44,9 +62,12 @@ def compare(a: list[str], b: list[str]) -> dict:
 
 
 def render(res: dict, a_name: str, b_name: str) -> str:
-    lines = []
+    lines = [f"left out: {res['dropped']} problems answered empty at the token limit"] if res.get("dropped") else []
     for key, name in (("a", a_name), ("b", b_name)):
-        accs = [100 * v["acc"] for v in res[key].values()]
+        accs = [100 * v["acc"] for v in res[key].values() if v["acc"] is not None]
+        if not accs:
+            lines.append(f"{name}: no problems left")
+            continue
         perc = [100 * v["perception"] for v in res[key].values() if v["perception"] is not None]
         m, s = mean_std(accs)
         pm = f", perception {mean_std(perc)[0]:.1f} ± {mean_std(perc)[1]:.1f}" if perc else ""
@@ -65,8 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--b", nargs="+", required=True, help="arm B's eval folders, one per seed (same order)")
     ap.add_argument("--a-name", default="A")
     ap.add_argument("--b-name", default="B")
+    ap.add_argument("--drop-empty", action="store_true",
+                    help="leave out problems any seed of either arm answered empty at the token limit")
     a = ap.parse_args(argv)
-    print(render(compare(a.a, a.b), a.a_name, a.b_name))
+    print(render(compare(a.a, a.b, a.drop_empty), a.a_name, a.b_name))
     return 0
 
 

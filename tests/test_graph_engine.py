@@ -4,6 +4,7 @@ sampling, and sampled log-probs equal to a teacher-forced forward."""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 
 import pytest
@@ -14,7 +15,7 @@ from prism_rl.config import ModelConfig
 from prism_rl.models.loading import load_policy
 from prism_rl.rollout import make_engine
 from prism_rl.rollout.base import SamplingParams
-from prism_rl.rollout.graph import GraphEngine, batch_buckets
+from prism_rl.rollout.graph import GraphEngine, NonfiniteLogits, batch_buckets
 from prism_rl.rollout.hf import HFEngine
 
 from conftest import mixed_prompts
@@ -220,3 +221,61 @@ def test_packed_prefill_is_one_forward_with_each_prompts_own_cache(policy, promp
     assert groups[0] == [0, 1] and sum(groups, []) == list(range(len(prompts)))
     assert all(len(g) == 1 or sum(lengths[i] for i in g) <= budget for g in groups)
     assert all(sum(lengths[i] for i in a) + lengths[b[0]] > budget for a, b in zip(groups, groups[1:]))
+
+
+def _poisoned(policy, token: int):
+    """A copy of the policy whose embedding row ``token`` is NaN: any forward that reads that
+    token goes non-finite from there on."""
+    model, proc = policy
+    bad = copy.deepcopy(model)
+    head = bad.get_output_embeddings()
+    head.weight = torch.nn.Parameter(head.weight.detach().clone())   # untied: only the input row is NaN
+    with torch.no_grad():
+        bad.model.language_model.embed_tokens.weight[token] = float("nan")
+    return bad, proc
+
+
+def _only_in(prompts, i: int) -> int:
+    """A text token of prompt ``i`` that no other prompt holds."""
+    others = set().union(*(set(p.input_ids.tolist()) for j, p in enumerate(prompts) if j != i))
+    return next(t for t in prompts[i].input_ids.tolist() if t not in others)
+
+
+def test_nan_prefill_logits_raise_naming_the_record(policy, prompts):
+    """A prompt whose forward is NaN stops the call with the record named (NaN logits would
+    otherwise argmax to token 0 every step: an empty response, read as a wrong answer). Alone it
+    stays NaN, and the embedding row shows up as a non-finite parameter."""
+    model, proc = _poisoned(policy, _only_in(prompts, len(prompts) - 1))    # the text-only prompt "t"
+    for budget in (1, 10_000):                                             # one forward per prompt, and packed
+        with pytest.raises(NonfiniteLogits) as err:
+            GraphEngine(model, proc, prefill_tokens=budget).generate(prompts, SamplingParams(n=2, max_new_tokens=4,
+                                                                                             temperature=0.0))
+        msg = str(err.value)
+        assert "records" in msg and "t" in msg.split("records ")[1].split(")")[0].split(", ")
+        assert "stay non-finite prefilled alone" in msg and "embed_tokens.weight" in msg
+
+
+def test_a_pack_spreading_one_prompts_nan_is_diagnosed_as_such(policy, prompts):
+    """Packed with four clean prompts ahead of it, a NaN prompt spoils the whole pack (masked
+    attention still multiplies its NaN values by zero weights); the four named records are
+    finite when prefilled alone, and the message says the pack spread it."""
+    wave = prompts[:3] + [prompts[0]] + [prompts[-1]]           # the NaN prompt fifth
+    model, proc = _poisoned(policy, _only_in(prompts, len(prompts) - 1))
+    with pytest.raises(NonfiniteLogits) as err:
+        GraphEngine(model, proc, prefill_tokens=10_000).generate(wave, SamplingParams(n=1, max_new_tokens=4,
+                                                                                      temperature=0.0))
+    msg = str(err.value)
+    assert "for 5 of the wave's 5 prompts" in msg and "and 1 more" in msg
+    assert "each is finite prefilled alone: the packed prefill spread" in msg
+
+
+def test_nan_decode_logits_raise_at_the_next_sync(policy, prompts):
+    """A token the policy generates (and no prompt holds) made NaN: the prefill is finite, the
+    step after it is sampled is not, and the check at the next sync names the step and record."""
+    clean = GraphEngine(*policy).generate(prompts[:1], SamplingParams(n=1, max_new_tokens=1, temperature=0.0))
+    token = int(clean.response_ids[0, 0])
+    assert all(token not in p.input_ids.tolist() for p in prompts[:1])
+    model, proc = _poisoned(policy, token)
+    with pytest.raises(NonfiniteLogits, match=r"decode step 1 for 1 of 1 running rows \(records 0\)"):
+        GraphEngine(model, proc, check_every=1).generate(prompts[:1], SamplingParams(n=1, max_new_tokens=6,
+                                                                                     temperature=0.0))

@@ -326,6 +326,41 @@ def test_paired_compare_of_two_arms_hand_checked(tmp_path):
     assert "A - B acc: +0.0" in render(res, "A", "B")
 
 
+def test_paired_compare_can_leave_out_empty_responses_at_the_limit(tmp_path):
+    """An empty response that ran to the token limit (NaN logits' sign) in any seed of either
+    arm takes its problem out of both arms with --drop-empty, and is counted; an empty response
+    that stopped (EOS) stays."""
+    from paired_compare import compare, render
+
+    def write(name, rows):
+        d = tmp_path / name
+        d.mkdir()
+        d.joinpath("samples.jsonl").write_text("".join(json.dumps(
+            {"id": f"p{i}", "acc": a, "perception": None, "tokens": 8, "format": 0.0, "response": text,
+             "finish": finish}) + "\n" for i, (a, text, finish) in enumerate(rows)))
+        return str(d)
+
+    ok = ("x", "stop")
+    a = [write("a0", [(1, *ok), (0, "", "length"), (1, *ok), (0, "", "stop")])]
+    b = [write("b0", [(0, *ok), (0, *ok), (1, *ok), (0, *ok)])]
+    kept = compare(a, b, skip_empty=True)
+    assert kept["dropped"] == 1 and kept["acc"]["problems"] == 3
+    assert kept["a"][0]["acc"] == pytest.approx(2 / 3)         # p0, p2 right of p0, p2, p3
+    assert kept["acc"]["mean"] == pytest.approx(100 / 3)        # p0 +1, p2 0, p3 0
+    assert render(kept, "A", "B").startswith("left out: 1 problems")
+    full = compare(a, b)
+    assert full["dropped"] == 0 and full["acc"]["problems"] == 4 and full["a"][0]["acc"] == 0.5
+
+
+def test_empty_audit_marks_whole_and_partial_nan_batches(tmp_path):
+    from empty_audit import audit
+
+    rows = [("", "length")] * 3 + [("", "length"), ("x", "length"), ("", "stop")] + [("y", "stop")] * 2
+    f = tmp_path / "samples.jsonl"
+    f.write_text("".join(json.dumps({"response": t, "finish": fin}) + "\n" for t, fin in rows))
+    assert audit(f, 3) == (4, 8, "Ep.")
+
+
 def _align_metrics(path, rows):
     path.parent.mkdir(parents=True, exist_ok=True)
     start = [{"step": 0, "event": "start", "disc/cap_gap": 99.0}]   # an event row: never plotted

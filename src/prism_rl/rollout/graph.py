@@ -32,6 +32,12 @@ model has to read the text weights and the KV cache once; everything else is ove
   step continues in the smaller bucket, so finished rows stop costing.
 - Sampled log-probs are ``log_softmax(logits / T)`` of the unprocessed logits, as the HF engine
   returns them, and what the training forward computes.
+- **Non-finite logits stop the call** (:class:`NonfiniteLogits`), checked after each wave's
+  prefill and at every ``check_every`` sync: a NaN row argmaxes to token 0 (the pad token of
+  Qwen's tokenizers), which decodes to an empty response, so without the check a NaN wave
+  reads as a policy that answers nothing (seen on an H200, docs/RESULTS.md, stage-2 study).
+  The error names the records and says whether each bad prompt is finite when prefilled
+  alone (then the packed prefill spread one prompt's NaN to its neighbours).
 
 The same code runs eagerly on the CPU (no graphs), which is how CI tests it.
 """
@@ -57,6 +63,12 @@ from .noise import prompt_keys_or_default, row_keys
 from .sampling import kernel_agrees, kernel_serves, sample
 
 ATTN_BUCKET = 256   # attention lengths are rounded up to a multiple of this (one graph each)
+NAMED_RECORDS = 4   # records a NonfiniteLogits message names (and prefills alone to diagnose)
+
+
+class NonfiniteLogits(FloatingPointError):
+    """The policy's logits were NaN or inf for some rows of a rollout wave: raised instead of
+    sampling from them (greedy or sampled, a NaN row yields token 0 every step)."""
 
 
 def _prompt_keys(params: SamplingParams, prompts: int) -> list[int] | None:
@@ -413,8 +425,38 @@ class GraphEngine:
         longest = max(int(p.input_ids.numel()) for p in prompts)
         self._state_for(B, _bucket(longest + params.max_new_tokens, ATTN_BUCKET))
         logits = self._prefill(prompts, n)
-        resp, lps = self._decode(logits, B, longest, params)
+        self._check_prefill(logits, prompts, n)
+        resp, lps = self._decode(logits, B, longest, params, prompts)
         return self._rollouts(prompts, params, resp, lps, group_offset)
+
+    def _check_prefill(self, first: torch.Tensor, prompts: list[Encoded], n: int) -> None:
+        """Raise :class:`NonfiniteLogits` when any prompt's first-token logits are not finite,
+        after prefilling the first few bad prompts alone to tell the two causes apart (this
+        overwrites their cache slots, which the raise makes moot)."""
+        bad = (~torch.isfinite(first).all(-1)).view(len(prompts), n)[:, 0].nonzero()[:, 0].tolist()
+        if not bad:
+            return
+        alone = torch.empty(n, first.shape[1], dtype=torch.float32, device=self.device)
+        named = bad[:NAMED_RECORDS]
+        finite_alone = []
+        for i in named:
+            self._prefill_one(prompts[i], 0, n, alone)
+            finite_alone.append(bool(torch.isfinite(alone).all()))
+        cause = ("each is finite prefilled alone: the packed prefill spread a non-finite value from a neighbour"
+                 if all(finite_alone) else
+                 f"{len(finite_alone) - sum(finite_alone)} of them stay non-finite prefilled alone: the policy's own "
+                 "forward overflows on them")
+        raise NonfiniteLogits(f"first-token logits are NaN/inf for {len(bad)} of the wave's {len(prompts)} prompts "
+                              f"(records {_record_names([prompts[i] for i in bad])}); {cause}. "
+                              f"{self._weights_note()}")
+
+    def _weights_note(self) -> str:
+        """Whether the policy's parameters are finite (a diverged update vs a forward overflow)."""
+        bad = [name for name, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())]
+        if bad:
+            return f"{len(bad)} parameter tensors hold NaN/inf (e.g. {', '.join(bad[:3])}): the update diverged"
+        return (f"Every parameter is finite; the forward ran in {str(self.decode_dtype).replace('torch.', '')} "
+                "(an overflow there, or an engine fault)")
 
     def row_bytes(self, prompts: list[Encoded], params: SamplingParams) -> int:
         """Device bytes one sample row holds during a call: its KV cache over the bucketed
@@ -446,8 +488,10 @@ class GraphEngine:
                                f"{budget / 2**30:.1f} GiB; lower rollout.n or rollout.max_new_tokens")
         return max(1, min(len(prompts), budget // need))
 
-    def _decode(self, logits: torch.Tensor, B: int, longest: int, params: SamplingParams):
-        """The decode loop: sample, record, stop finished rows, compact, step.
+    def _decode(self, logits: torch.Tensor, B: int, longest: int, params: SamplingParams,
+                prompts: list[Encoded] | None = None):
+        """The decode loop: sample, record, stop finished rows, compact, step. At each host sync
+        the running rows' logits must be finite (else :class:`NonfiniteLogits`).
 
         Per step the loop touches only slot-ordered buffers with plain slices (no indexed
         writes, which sync the host): ``slots.tokens[:rows, t]``, ``slots.done[:rows]``. Every
@@ -474,6 +518,7 @@ class GraphEngine:
                 break
             st.tokens[:rows] = tok
             if (t + 1) % self.check_every == 0:
+                self._check_decode(logits[:rows], slots, rows, t, params.n, prompts)
                 rows = self._maybe_compact(rows, slots, buckets)
                 if rows == 0:
                     break
@@ -483,6 +528,18 @@ class GraphEngine:
             st.rope_pos[:rows] += 1
             logits = st.logits
         return slots.result(rows)
+
+    def _check_decode(self, logits: torch.Tensor, slots: _Slots, rows: int, t: int, n: int,
+                      prompts: list[Encoded] | None) -> None:
+        """Raise :class:`NonfiniteLogits` when a running row's logits at step ``t`` are not finite
+        (rows that have ended may hold anything: their tokens are no longer kept)."""
+        bad = (~slots.done[:rows] & ~torch.isfinite(logits).all(-1)).nonzero()[:, 0]
+        if bad.numel() == 0:
+            return
+        orig = slots.row[bad].tolist()
+        named = "" if prompts is None else f" (records {_record_names([prompts[r // n] for r in orig])})"
+        raise NonfiniteLogits(f"logits turned NaN/inf at decode step {t} for {len(orig)} of {rows} running "
+                              f"rows{named}, whose prefill was finite. {self._weights_note()}")
 
     def _maybe_compact(self, rows: int, slots: _Slots, buckets: list[int]) -> int:
         """At a host sync: the number of slots to keep stepping (0 = all rows ended)."""
@@ -504,6 +561,16 @@ class GraphEngine:
                                 lps if params.return_logprobs else None, n=params.n, group_offset=group_offset,
                                 eos_id=self.eos_id, pad_id=self.pad_id, tokenizer=self.processor.tokenizer,
                                 extras={"capture_s": self.capture_s})
+
+
+def _record_names(prompts: list[Encoded]) -> str:
+    """The first few prompts' record ids (source file and index where a record has no id)."""
+    names = []
+    for p in prompts[:NAMED_RECORDS]:
+        rec = getattr(p, "record", None)
+        names.append(str(getattr(rec, "id", None) or f"{getattr(rec, 'source', '?')}#{getattr(rec, 'index', '?')}"))
+    more = len(prompts) - len(names)
+    return ", ".join(names) + (f" and {more} more" if more > 0 else "")
 
 
 class _Shadow:

@@ -1,0 +1,45 @@
+"""Which evaluation batches came back as NaN waves: per ``prism eval`` run, the responses that
+decode to nothing and ran to the token limit (the sign of NaN logits: every step's argmax is
+token 0, the pad token; ``rollout/graph.py`` now raises instead) and, batch by batch in file
+order, ``E`` (every response so), ``p`` (some) or ``.`` (none).
+
+    python bench/empty_audit.py runs/stage2/eval/*/heldout-test --batch 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def audit(samples: Path, batch: int) -> tuple[int, int, str]:
+    """(empty-at-limit responses, responses, batch pattern) of one samples.jsonl."""
+    flags = []
+    for line in samples.read_text().splitlines():
+        r = json.loads(line)
+        flags.append(r.get("response") == "" and r.get("finish") == "length")
+    pattern = "".join("E" if all(chunk) else "p" if any(chunk) else "."
+                      for chunk in (flags[i:i + batch] for i in range(0, len(flags), batch)))
+    return sum(flags), len(flags), pattern
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("runs", nargs="+", help="prism eval run folders (holding samples.jsonl) or the files")
+    ap.add_argument("--batch", type=int, default=512, help="the evaluation's generation.batch_size")
+    a = ap.parse_args(argv)
+    print("| run | empty at limit | batches |\n|---|---|---|")
+    for run in a.runs:
+        p = Path(run)
+        f = p if p.is_file() else p / "samples.jsonl"
+        if not f.is_file():
+            raise SystemExit(f"{run}: no samples.jsonl")
+        n, total, pattern = audit(f, a.batch)
+        print(f"| {p.parent.name if p.name == 'heldout-test' else p.name} | {n} / {total} | `{pattern}` |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
