@@ -246,13 +246,15 @@ def test_nan_prefill_logits_raise_naming_the_record(policy, prompts):
     otherwise argmax to token 0 every step: an empty response, read as a wrong answer). Alone it
     stays NaN, and the embedding row shows up as a non-finite parameter."""
     model, proc = _poisoned(policy, _only_in(prompts, len(prompts) - 1))    # the text-only prompt "t"
-    for budget in (1, 10_000):                                             # one forward per prompt, and packed
+    # one forward per prompt, packed, and packed under bf16 autocast (the GPU's decode dtype)
+    for budget, dtype in ((1, None), (10_000, None), (10_000, torch.bfloat16)):
         with pytest.raises(NonfiniteLogits) as err:
-            GraphEngine(model, proc, prefill_tokens=budget).generate(prompts, SamplingParams(n=2, max_new_tokens=4,
-                                                                                             temperature=0.0))
+            GraphEngine(model, proc, prefill_tokens=budget, decode_dtype=dtype).generate(
+                prompts, SamplingParams(n=2, max_new_tokens=4, temperature=0.0))
         msg = str(err.value)
         assert "records" in msg and "t" in msg.split("records ")[1].split(")")[0].split(", ")
         assert "stay non-finite prefilled alone" in msg and "embed_tokens.weight" in msg
+        assert ("(the first also in float32)" in msg) == (dtype is not None)   # NaN in fp32 too: not an overflow
 
 
 def test_a_pack_spreading_one_prompts_nan_is_diagnosed_as_such(policy, prompts):

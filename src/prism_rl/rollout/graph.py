@@ -37,7 +37,8 @@ model has to read the text weights and the KV cache once; everything else is ove
   Qwen's tokenizers), which decodes to an empty response, so without the check a NaN wave
   reads as a policy that answers nothing (seen on an H200, docs/RESULTS.md, stage-2 study).
   The error names the records and says whether each bad prompt is finite when prefilled
-  alone (then the packed prefill spread one prompt's NaN to its neighbours).
+  alone (then the packed prefill spread one prompt's NaN to its neighbours) and, if not,
+  whether it is finite without the decode dtype's autocast (a bf16 overflow).
 
 The same code runs eagerly on the CPU (no graphs), which is how CI tests it.
 """
@@ -323,13 +324,13 @@ class GraphEngine:
                 tokens = len(p)
         return groups
 
-    def _prefill_one(self, p: Encoded, p_i: int, n: int, first: torch.Tensor) -> None:
+    def _prefill_one(self, p: Encoded, p_i: int, n: int, first: torch.Tensor, autocast: bool = True) -> None:
         inputs = {"input_ids": p.input_ids[None], "attention_mask": torch.ones_like(p.input_ids)[None],
                   "mm_token_type_ids": p.mm_token_type_ids[None]}
         if p.pixel_values is not None:
             inputs |= {"pixel_values": p.pixel_values, "image_grid_thw": p.image_grid_thw}
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
-        with self._prefill_autocast():
+        with self._prefill_autocast() if autocast else nullcontext():
             out = self.model(**inputs, use_cache=True, logits_to_keep=1)
         self._store_prefill(_cache_of(out), [(p_i, 0, len(p))], [self._next_position(inputs)], n)
         first[p_i * n:(p_i + 1) * n] = out.logits[0, -1].float()
@@ -445,10 +446,22 @@ class GraphEngine:
         cause = ("each is finite prefilled alone: the packed prefill spread a non-finite value from a neighbour"
                  if all(finite_alone) else
                  f"{len(finite_alone) - sum(finite_alone)} of them stay non-finite prefilled alone: the policy's own "
-                 "forward overflows on them")
+                 f"forward overflows on them{self._own_dtype_note(prompts[named[finite_alone.index(False)]], n, alone)}")
         raise NonfiniteLogits(f"first-token logits are NaN/inf for {len(bad)} of the wave's {len(prompts)} prompts "
                               f"(records {_record_names([prompts[i] for i in bad])}); {cause}. "
                               f"{self._weights_note()}")
+
+    def _own_dtype_note(self, prompt: Encoded, n: int, buf: torch.Tensor) -> str:
+        """Where the prefill runs under autocast: whether ``prompt`` is finite in the weights' own
+        dtype (a low-precision overflow) or not."""
+        own = self.head.weight.dtype
+        if self.decode_dtype == own:
+            return ""
+        self._prefill_one(prompt, 0, n, buf, autocast=False)
+        where = str(own).replace("torch.", "")
+        if bool(torch.isfinite(buf).all()):
+            return f" in {str(self.decode_dtype).replace('torch.', '')} only (the first is finite in {where})"
+        return f" (the first also in {where})"
 
     def _weights_note(self) -> str:
         """Whether the policy's parameters are finite (a diverged update vs a forward overflow)."""
