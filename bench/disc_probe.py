@@ -109,9 +109,11 @@ def skip_counts(skipped: Counter) -> dict[str, int]:
 
 
 @torch.no_grad()
-def probe(disc_dir: str, data: str, limit: int | None, batch_size: int, seed: int = 0) -> dict[str, dict]:
-    """``evaluate_pairs`` metrics per slip kind (at most ``limit`` pairs each, drawn with ``seed``)."""
-    disc = Discriminator.load(disc_dir, "cpu", dtype=torch.float32).eval()
+def probe(disc_dir: str, data: str, limit: int | None, batch_size: int, seed: int = 0,
+          device: str = "cpu") -> dict[str, dict]:
+    """``evaluate_pairs`` metrics per slip kind (at most ``limit`` pairs each, drawn with ``seed``),
+    the discriminator in fp32 on ``device``."""
+    disc = Discriminator.load(disc_dir, device, dtype=torch.float32).eval()
     processor = load_processor(disc_dir)
     cfg = WarmupDataConfig(train=data)
     configure_images(cfg)
@@ -172,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--name", action="append", help="a label per --disc (default: the folder)")
     ap.add_argument("--limit", type=int, default=150, help="pairs per slip kind (0: all)")
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--device", default=None, help="where the discriminator runs (default: cuda when there is one)")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default, every core)")
     ap.add_argument("--out", help="write the metrics (with --write-pairs: what was written and skipped) as JSON here")
     ap.add_argument("--write-pairs", metavar="OUT.jsonl",
                     help="write --data's teacher vs slipped-public pairs (perception and reasoning) as warm-up pairs")
@@ -195,9 +199,12 @@ def main(argv: list[str] | None = None) -> int:
     if len(a.data) != len(a.disc) or (a.name and len(a.name) != len(a.disc)):
         ap.error("give one --data (and, if any, one --name) per --disc")
     torch.manual_seed(0)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     results = {}
     for i, (d, data) in enumerate(zip(a.disc, a.data)):
-        results[a.name[i] if a.name else d] = probe(d, data, a.limit or None, a.batch_size)
+        results[a.name[i] if a.name else d] = probe(d, data, a.limit or None, a.batch_size, device=device)
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(results, indent=1))

@@ -167,8 +167,9 @@ def eval_dir(out: Path, arm: str, seed: int) -> Path:
 class Planner:
     """Builds the job graph for ``arms`` x ``seeds`` (shared stages are planned once)."""
 
-    def __init__(self, out: Path, p: Preset, arms: list[str], seeds: list[int], overrides: dict[str, list[str]]):
-        self.out, self.p, self.seeds, self.ov = out, p, seeds, overrides
+    def __init__(self, out: Path, p: Preset, arms: list[str], seeds: list[int], overrides: dict[str, list[str]],
+                 gpus: int = 0):
+        self.out, self.p, self.seeds, self.ov, self.gpus = out, p, seeds, overrides, gpus
         self.arms = [ARMS[a] for a in arms]
         self.jobs: dict[str, Job] = {}
 
@@ -232,11 +233,15 @@ class Planner:
         """What the discriminator that alignment will play against rewards, measured on the
         study's own pool (``disc_probe.py``: teacher vs public demonstrations of one problem,
         grouped by the public one's slip: none, perception, reasoning). Analysis only: no stage
-        waits for it, and it runs on the CPU (its cost is not counted to the arm)."""
+        waits for it. With GPUs it takes a GPU slot like any stage (on the CPU, three probes of
+        the 22.5M model at every core's thread starved the GPU jobs of one H200 machine and did not
+        finish in 14 min); on a CPU study it runs beside the workers on ``threads`` threads."""
         folder = self.out / f"s{s}" / v / "disc" / variant
         argv = [sys.executable, BENCH / "disc_probe.py", "--disc", disc, "--data", self.out / "data" / v / "sft.json",
-                "--name", f"{v}/{variant}", "--limit", self.p.probe_limit, "--out", folder / "probe.json"]
-        self.add(Job(f"probe-{variant}-{v}-s{s}", list(map(str, argv)), folder / "probe.json", [dep], gpu=False), arm)
+                "--name", f"{v}/{variant}", "--limit", self.p.probe_limit, "--threads", self.p.threads,
+                "--out", folder / "probe.json"]
+        self.add(Job(f"probe-{variant}-{v}-s{s}", list(map(str, argv)), folder / "probe.json", [dep],
+                     gpu=self.gpus > 0), arm)
 
     def content_pairs(self, arm: str) -> tuple[str, Path]:
         """The content discriminator's warm-up pairs, one file for every seed: the content pool's

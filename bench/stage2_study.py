@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     per_gpu = a.procs_per_gpu or (preset.procs_per_gpu if a.gpus else 2)
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    jobs = Planner(out, preset, arms, seeds, overrides).plan()
+    jobs = Planner(out, preset, arms, seeds, overrides, gpus=a.gpus).plan()
     if a.probes_only:
         jobs = up_to_probes(jobs)
     print(f"stage-2 study: preset {a.preset}, arms {', '.join(arms)}, seeds {seeds}, {len(jobs)} jobs, "

@@ -154,9 +154,12 @@ def test_every_discriminator_is_probed_on_the_study_pool_and_nothing_waits_for_i
             assert job.deps == [dep] and not job.gpu and job.done == root / "disc" / variant / "probe.json"
             assert job.argv[1:] == [str(ROOT / "bench" / "disc_probe.py"), "--disc", str(root / disc), "--data",
                                     str(tmp_path / "data" / data / "sft.json"), "--name", f"{data}/{variant}",
-                                    "--limit", "150", "--out", str(job.done)]
+                                    "--limit", "150", "--threads", "1", "--out", str(job.done)]
     assert not any(d in probes for j in jobs.values() for d in j.deps)   # analysis only
     assert chain_lengths(jobs)["warmup-moe-matched-s0"] == 3   # alignment, RL, eval: the probe adds no link
+    on_gpu = Planner(tmp_path, PRESETS["gpu"], ["prism_grpo"], [0], {}, gpus=1).plan()["probe-moe-matched-s0"]
+    assert on_gpu.gpu and on_gpu.argv[on_gpu.argv.index("--threads") + 1] == "2"   # a GPU slot, the preset's threads
+    assert probe_parser().parse_args(on_gpu.argv[2:]).device is None   # disc_probe picks cuda where there is one
 
 
 def test_dense_content_discriminator_and_the_probes_only_plan(tmp_path):
