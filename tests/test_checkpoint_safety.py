@@ -20,10 +20,11 @@ from safetensors.torch import load_file, save_file
 from prism_rl.actor import NonfiniteGuard
 from prism_rl.cli import main
 from prism_rl.config import ConfigError, OptimConfig, SFTConfig, load_config
-from prism_rl.data.layouts import write_sharegpt_json
+from prism_rl.data.layouts import write_records, write_sharegpt_json
 from prism_rl.data.records import ImageRef, Record
 from prism_rl.format import SYSTEM_PROMPT, make_response
 from prism_rl.quickstart import MARKER, claim_output, clear_output, run_quickstart
+from prism_rl.rollout.base import NonfiniteLogits
 from prism_rl.trainers.checkpoint import CheckpointError, NonfiniteWeights, resume_checkpoint, save_checkpoint
 from prism_rl.trainers.manifest import MANIFEST, write_manifest
 from prism_rl.trainers.optim import build_optimizer, build_scheduler
@@ -32,6 +33,8 @@ from prism_rl.trainers.run import Run
 from prism_rl.trainers.state_io import STATE_JSON, STATE_TENSORS, load_state, save_state
 
 from conftest import png_bytes
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class Marker:
@@ -313,6 +316,76 @@ def test_guard_skips_nonfinite_steps_and_stops_a_streak():
     assert not guard.step_ok(5, float("inf"), 1.0) and not guard.step_ok(6, float("nan"), 1.0)
     with pytest.raises(FloatingPointError, match="steps 5..7 was not finite"):
         guard.step_ok(7, float("nan"), 1.0)
+
+
+def test_guard_skips_a_step_whose_rollouts_hold_nan_logits():
+    """``rollouts``: the engine's NonfiniteLogits skips the step (None) and counts it; a
+    finite update resets the streak; three failed rollouts in a row stop the run with the
+    engine's message."""
+    guard = NonfiniteGuard("run", limit=3)
+
+    def nan():
+        raise NonfiniteLogits("first-token logits are NaN/inf for 1 of the wave's 2 prompts (records {x})")
+
+    assert guard.rollouts(lambda: "ro", 1) == "ro" and guard.streak == 0
+    assert guard.rollouts(nan, 2) is None and guard.rollouts(nan, 3) is None and guard.streak == 2
+    guard.check({"nonfinite_grad_skips": 0, "updates": 1}, 4)   # a step that trained
+    assert guard.streak == 0
+    assert guard.rollouts(nan, 5) is None and guard.rollouts(nan, 6) is None
+    with pytest.raises(FloatingPointError, match=r"rollouts of steps 5\.\.7 had NaN/inf logits .*records \{x\}"):
+        guard.rollouts(nan, 7)
+
+
+def _overflowing(tiny_model_dir: Path, tmp_path: Path) -> Path:
+    """The tiny model with its final norm scaled by 3e38: finite weights (a run may start from
+    them) whose hidden state overflows to inf before the head, so every logit is NaN/inf."""
+    bad = tmp_path / "overflow"
+    shutil.copytree(tiny_model_dir, bad)
+    weights = load_file(bad / "model.safetensors")
+    weights["model.language_model.norm.weight"].fill_(3e38)
+    save_file(weights, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    return bad
+
+
+def test_alignment_skips_steps_with_nan_logits_and_stops_after_three(tiny_model_dir, tmp_path, capsys):
+    """The same policy in stage 2 (graph engine): two steps skipped and logged, the third ends
+    the run with exit status 1 and the engine's message."""
+    bad = _overflowing(tiny_model_dir, tmp_path)
+    data, disc, out = tmp_path / "data", tmp_path / "disc", tmp_path / "align"
+    assert main(["data", "synth", "--out", str(data), "--n", "24", "--seed", "0"]) == 0
+    assert main(["disc", "init", "--from", str(tiny_model_dir), "--out", str(disc)]) == 0
+    capsys.readouterr()
+    assert main(["align", "--config", str(ROOT / "configs" / "quickstart" / "align.yaml"), f"model.path={bad}",
+                 f"disc.path={disc}", f"data.train={data / 'align.parquet'}", f"output_dir={out}", "train.steps=5",
+                 "rollout.n=2", "rollout.prompts_per_step=2", "rollout.max_new_tokens=4", "rollout.engine=graph",
+                 "train.save_every=100"]) == 1
+    err = capsys.readouterr().err
+    assert "prism align: error: " in err and "the rollouts of steps 1..3 had NaN/inf logits" in err
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r.get("rollout/nonfinite") == 1 and r.get("train/skipped") == 1] == [1, 2]
+
+
+def test_rl_skips_steps_with_nan_logits_and_stops_after_three(tiny_model_dir, tmp_path, capsys):
+    """A policy whose final norm scales by 3e38 (finite weights, so the run may start; the
+    hidden state then overflows to inf before the head) under the graph engine: each step's
+    rollouts raise NonfiniteLogits, the steps are skipped and logged, and the third in a row
+    ends the run with exit status 1 and the engine's message."""
+    bad = _overflowing(tiny_model_dir, tmp_path)
+    data = tmp_path / "rl.parquet"
+    write_records([Record(id=f"g{i}", messages=[{"role": "system", "content": SYSTEM_PROMPT},
+                                                 {"role": "user", "content": "<image>How many circles?"}],
+                          images=[ImageRef(data=png_bytes("red"))], ground_truth="1") for i in range(2)], data)
+    out = tmp_path / "run"
+    assert main(["rl", "--config", str(ROOT / "configs" / "quickstart" / "rl.yaml"), f"model.path={bad}",
+                 f"data.train={data}", "data.eval=", f"output_dir={out}", "train.steps=5", "rollout.n=2",
+                 "rollout.prompts_per_step=2", "rollout.max_new_tokens=4", "rollout.engine=graph",
+                 "train.save_every=100"]) == 1
+    err = capsys.readouterr().err
+    assert "prism rl: error: " in err and "the rollouts of steps 1..3 had NaN/inf logits" in err
+    assert "first-token logits are NaN/inf for 2 of the wave's 2 prompts (records g0, g1)" in err
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    skipped = [r["step"] for r in rows if r.get("rollout/nonfinite") == 1 and r.get("train/skipped") == 1]
+    assert skipped == [1, 2] and not (out / "final").exists()
 
 
 # ---- resuming with other settings

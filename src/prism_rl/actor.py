@@ -34,7 +34,7 @@ from .config import PPOConfig
 from .models.loading import autocast_for
 from .models.logprobs import response_logprobs
 from .models.shared_vision import shared_vision
-from .rollout.base import Rollouts, micro_batch
+from .rollout.base import NonfiniteLogits, Rollouts, micro_batch
 
 log = logging.getLogger(__name__)
 
@@ -280,6 +280,25 @@ class NonfiniteGuard:
         self._count(bad, step, "the loss or gradient norm of steps {a}..{b} was not finite (optimizer steps "
                                "skipped); the model or its data hold inf/NaN, or the learning rate is too high")
         return not bad
+
+    def rollouts(self, sample, step: int):
+        """``sample()`` (a step's rollouts), or None when the engine found NaN/inf logits
+        (:class:`~prism_rl.rollout.base.NonfiniteLogits`) on this or any rank: the step is then
+        skipped (logged with the engine's message) and counted in the streak, so every rank skips
+        it together and the limit stops a policy that has gone bad for good."""
+        err = None
+        try:
+            ro = sample()
+        except NonfiniteLogits as e:
+            err, ro = e, None
+        (failed,) = D.all_reduce_sum(int(err is not None))
+        if not failed:
+            return ro
+        why = str(err) if err is not None else "on another rank"
+        log.warning("%s: step %d: the rollouts' logits were NaN/inf (%s): step skipped", self.where, step, why)
+        self._count(True, step, "the rollouts of steps {a}..{b} had NaN/inf logits (steps skipped), the last: "
+                    + why.replace("{", "{{").replace("}", "}}"))
+        return None
 
     def _count(self, bad: bool, step: int, message: str) -> None:
         self.streak = self.streak + 1 if bad else 0

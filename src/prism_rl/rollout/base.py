@@ -18,6 +18,11 @@ from ..data.processing import Encoded
 from ..data.records import Record
 
 
+class NonfiniteLogits(FloatingPointError):
+    """The policy's logits were NaN or inf for some rows of a rollout wave: raised instead of
+    sampling from them (greedy or sampled, a NaN row yields token 0 every step)."""
+
+
 @dataclass
 class SamplingParams:
     n: int = 1

@@ -58,7 +58,7 @@ from ..models.loading import special_ids, vision_token_ids
 from ..models.mrope import mrope_position_ids
 from ..models.packing import pack_batch
 from . import kernels
-from .base import Rollouts, SamplingParams, concat_rollouts, sampled_rollouts
+from .base import NonfiniteLogits, Rollouts, SamplingParams, concat_rollouts, sampled_rollouts
 from .fused import FusedDecoder, unfusable_reason
 from .noise import prompt_keys_or_default, row_keys
 from .sampling import kernel_agrees, kernel_serves, sample
@@ -66,10 +66,6 @@ from .sampling import kernel_agrees, kernel_serves, sample
 ATTN_BUCKET = 256   # attention lengths are rounded up to a multiple of this (one graph each)
 NAMED_RECORDS = 4   # records a NonfiniteLogits message names (and prefills alone to diagnose)
 
-
-class NonfiniteLogits(FloatingPointError):
-    """The policy's logits were NaN or inf for some rows of a rollout wave: raised instead of
-    sampling from them (greedy or sampled, a NaN row yields token 0 every step)."""
 
 
 def _prompt_keys(params: SamplingParams, prompts: int) -> list[int] | None:

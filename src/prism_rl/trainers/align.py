@@ -212,8 +212,8 @@ def train_align(cfg: AlignConfig, resume: bool = False, halt_at_step: int | None
                 metrics = align_step(run, step, model, disc, processor, engine, stream, teachers, cfg, opt, sched,
                                      d_opt, d_sched, guard)
             run.show(cap_gap=metrics.get("disc/cap_gap", 0.0), reason_gap=metrics.get("disc/reason_gap", 0.0),
-                     fmt=metrics["rollout/format"])
-            run.log(step, metrics | run.timings())
+                     fmt=metrics.get("rollout/format", 0.0))
+            run.log(step, metrics | run.timings(), force="train/skipped" in metrics)
         return run.finish(save_both, {"steps": run.step}) / "policy"
 
 
@@ -245,7 +245,9 @@ def align_step(run: Run, step: int, model, disc: Discriminator, processor, engin
     groups = D.my_share([len(p) for p in batch_prompts])
     mine = [batch_prompts[g] for g in groups]
     with run.timer("rollout"):
-        ro = sample(engine, mine, groups, params, cfg, step)
+        ro = guard.rollouts(lambda: sample(engine, mine, groups, params, cfg, step), step)
+    if ro is None:   # NaN/inf logits on some rank: the step is skipped and counted
+        return {"rollout/nonfinite": 1, "train/skipped": 1}
     with run.timer("score"):
         segs = rollout_segments(ro.response_ids, ro.response_mask, processor.tokenizer)
         sc = reward_scores(disc, processor, mine, segs, r.n, cfg.disc.batch_size, teachers)

@@ -10,6 +10,7 @@ The presets of METHOD.md section 7 live in ``config.ALGO_PRESETS``.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -68,11 +69,13 @@ def groups_with_variance(group_ids: torch.Tensor, values: torch.Tensor) -> list[
 
 
 def collect(engine: RolloutEngine, stream: PromptStream, cfg: RLConfig, reward_fn: RewardFn | None,
-            run: Run, step: int = 0) -> tuple[Rollouts | None, dict, dict]:
+            run: Run, step: int = 0, guard: NonfiniteGuard | None = None) -> tuple[Rollouts | None, dict, dict]:
     """Sample and score one training batch (with DAPO's dynamic sampling when enabled).
 
     Returns ``None`` rollouts when dynamic sampling kept no group in ``max_num_gen_batches``
-    rounds (every group all right or all wrong): the step is then skipped and logged.
+    rounds (every group all right or all wrong), or (with a ``guard``) when the engine found
+    NaN/inf logits (:meth:`NonfiniteGuard.rollouts`, ``rollout/nonfinite``): the step is then
+    skipped and logged.
     """
     r, algo = cfg.rollout, cfg.algo
     per_round = r.gen_batch_prompts or r.prompts_per_step
@@ -83,7 +86,11 @@ def collect(engine: RolloutEngine, stream: PromptStream, cfg: RLConfig, reward_f
         mine = D.my_share([len(p) for p in batch])   # this rank's prompts (whole groups), as rank_prompts
         params = sampling_params(cfg, step, rounds, mine)
         with run.timer("rollout"):
-            ro = global_group_ids(engine.generate([batch[i] for i in mine], params, group_offset=offset), mine, offset)
+            sample = partial(engine.generate, [batch[i] for i in mine], params, group_offset=offset)
+            ro = sample() if guard is None else guard.rollouts(sample, step)
+            if ro is None:
+                return None, {}, {"rollout/nonfinite": 1, "rollout/gen_rounds": rounds}
+            ro = global_group_ids(ro, mine, offset)
         with run.timer("score"):
             sc = score(ro, cfg, reward_fn)
         offset += per_round
@@ -225,7 +232,7 @@ def train_rl(cfg: RLConfig, resume: bool = False, halt_at_step: int | None = Non
             with run.timer("step"):
                 ro, metrics = rl_step(run, step, model, engine, stream, cfg, reward_fn, opt, sched, ref, guard)
             metrics |= run.timings()
-            if ro is None:  # dynamic sampling found no mixed-outcome group: nothing to learn from
+            if ro is None:  # no mixed-outcome group (dynamic sampling) or NaN logits: nothing to learn from
                 run.log(step, metrics | {"train/skipped": 1}, force=True)
                 continue
             (tokens,) = D.all_reduce_sum(ro.response_mask.sum() + ro.prompt_mask.sum())   # all ranks' tokens
@@ -244,7 +251,7 @@ def rl_step(run: Run, step: int, model, engine: RolloutEngine, stream: PromptStr
             reward_fn: RewardFn | None, opt, sched, ref, guard: NonfiniteGuard) -> tuple[Rollouts | None, dict]:
     """Sample, score, advantages, old log-probs, PPO update; returns the rollouts trained on
     (``None`` for a skipped step) and the step's metrics."""
-    ro, sc, stats = collect(engine, stream, cfg, reward_fn, run, step)
+    ro, sc, stats = collect(engine, stream, cfg, reward_fn, run, step, guard)
     if ro is None:
         return None, stats
     algo, temp, chunk = cfg.algo, cfg.rollout.temperature, cfg.train.logprob_chunk
