@@ -281,3 +281,16 @@ def test_nan_decode_logits_raise_at_the_next_sync(policy, prompts):
     with pytest.raises(NonfiniteLogits, match=r"decode step 1 for 1 of 1 running rows \(records 0\)"):
         GraphEngine(model, proc, check_every=1).generate(prompts[:1], SamplingParams(n=1, max_new_tokens=6,
                                                                                      temperature=0.0))
+
+
+def test_the_hf_engine_stops_on_nan_logits_too(policy, prompts):
+    """transformers' generate would argmax NaN to token 0 (greedy) or fail inside multinomial
+    (sampled); the reference engine raises NonfiniteLogits naming the record instead, in both."""
+    model, proc = _poisoned(policy, _only_in(prompts, len(prompts) - 1))
+    for params in (SamplingParams(n=2, max_new_tokens=4, temperature=0.0),
+                   SamplingParams(n=2, max_new_tokens=4, temperature=1.0)):
+        with pytest.raises(NonfiniteLogits, match=r"decode step 0 for 2 of 8 rows in transformers' generate "
+                                                  r"\(records t, t\)"):
+            HFEngine(model, proc).generate(prompts, params)
+    clean = HFEngine(*policy).generate(prompts, SamplingParams(n=1, max_new_tokens=4, temperature=0.0))
+    assert clean.response_ids.shape[0] == len(prompts)      # a finite policy passes through unchanged

@@ -2,7 +2,9 @@
 
 Prompts are left-padded into one batch and each is repeated ``n`` times (with its image
 patches) so that one ``generate`` call samples every response. EOS and pad ids come from the
-processor (a fresh checkpoint's generation config may lack them).
+processor (a fresh checkpoint's generation config may lack them). A logits processor checks
+every step's logits: NaN or +inf stops the call (:class:`~.base.NonfiniteLogits`, naming the
+records) instead of sampling from them (-inf is allowed: suppressed tokens carry it).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from transformers import LogitsProcessorList
 
 from ..data.processing import Encoded, collate
 from ..models.loading import special_ids, vision_token_ids
-from .base import Rollouts, SamplingParams, sampled_rollouts
+from .base import NonfiniteLogits, Rollouts, SamplingParams, sampled_rollouts
 from .noise import RowNoise, prompt_keys_or_default, row_keys
 
 
@@ -42,16 +44,21 @@ class HFEngine:
         seeded = params.seed is not None and not greedy
         was_training = self.model.training
         self.model.eval()
+        processors = LogitsProcessorList([FiniteLogits(inputs["input_ids"].shape[1])])
+        if seeded:
+            processors.append(self._row_noise(prompts, params, inputs))
         try:
             out = self.model.generate(
                 **inputs, max_new_tokens=params.max_new_tokens, do_sample=not (greedy or seeded),
                 temperature=None if greedy or seeded else params.temperature,
-                top_p=None if greedy or seeded else params.top_p, top_k=None,
-                **({"logits_processor": LogitsProcessorList([self._row_noise(prompts, params, inputs)])} if seeded else {}),
+                top_p=None if greedy or seeded else params.top_p, top_k=None, logits_processor=processors,
                 eos_token_id=self.eos_id, pad_token_id=self.pad_id, suppress_tokens=self.suppress_ids or None,
                 return_dict_in_generate=True, output_logits=params.return_logprobs,
                 **({"cache_implementation": self.cache_implementation} if self.cache_implementation else {}),
             )
+        except NonfiniteLogits as e:
+            names = ", ".join(str(rows[r].record.id) for r in e.args[1][:4])
+            raise NonfiniteLogits(f"{e.args[0]} (records {names}{' and more' if len(e.args[1]) > 4 else ''})") from None
         finally:
             self.model.train(was_training)
         P = inputs["input_ids"].shape[1]
@@ -71,3 +78,20 @@ class HFEngine:
         keys = prompt_keys_or_default(params.prompt_keys, len(prompts))
         rows = torch.tensor(row_keys(params.seed, keys, params.n), dtype=torch.int64)
         return RowNoise(rows, inputs["input_ids"].shape[1], params.temperature, params.top_p)
+
+
+class FiniteLogits:
+    """A ``generate`` logits processor that raises :class:`NonfiniteLogits` (message, rows) at the
+    first step where a row's logits hold NaN or +inf; the scores pass through unchanged. It
+    runs after transformers' own processors, so -inf (a suppressed token) is allowed."""
+
+    def __init__(self, prompt_len: int):
+        self.prompt_len = prompt_len
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        bad = (torch.isnan(scores) | torch.isposinf(scores)).any(-1)
+        if bool(bad.any()):   # a host sync per step; generate syncs per step anyway (stopping criteria)
+            rows = bad.nonzero()[:, 0].tolist()
+            raise NonfiniteLogits(f"logits turned NaN/inf at decode step {input_ids.shape[1] - self.prompt_len} "
+                                  f"for {len(rows)} of {len(bad)} rows in transformers' generate", rows)
+        return scores
