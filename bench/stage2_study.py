@@ -70,10 +70,11 @@ class Runner:
         for n, j in self.jobs.items():
             if self.state[n]["status"] != "pending":
                 continue
-            dep = [self.state[d]["status"] for d in j.deps]
-            if any(s in ("failed", "not run") for s in dep):
-                self.state[n] = {"status": "not run", "why": "a stage before it failed or was not run"}
-            elif all(s in ("done", "stopped") for s in dep):
+            gone = [d for d in j.deps if self.state[d]["status"] in ("failed", "not run")]
+            if gone:   # named, with its reason, so a report shows why an arm is missing
+                d = self.state[gone[0]]
+                self.state[n] = {"status": "not run", "why": f"{gone[0]} {d['status']}: {d.get('why', '?')}"[:600]}
+            elif all(s in ("done", "stopped") for s in (self.state[d]["status"] for d in j.deps)):
                 out.append(j)
         return sorted(out, key=lambda j: (-self.height[j.name], j.priority, j.name))
 
@@ -133,7 +134,8 @@ class Runner:
                 st["status"] = "stopped"
             else:
                 st["status"] = "not run" if st.get("signalled") else "failed"
-                st["why"] = "stopped by the budget" if st.get("signalled") else f"exit {rc}, see logs/{n}.log"
+                st["why"] = "stopped by the budget" if st.get("signalled") else \
+                    f"exit {rc}, see logs/{n}.log" + error_line(self.out / "logs" / f"{n}.log")
             print(f"[{self._t()}] {st['status']} {n} ({st['wall_s']:.0f}s)", flush=True)
 
     def _signal(self, now: float) -> None:
@@ -188,6 +190,17 @@ class Runner:
             if st["status"] == "pending":
                 st.update(status="not run", why="a stage before it was not run")
         return self.state
+
+
+def error_line(log: Path) -> str:
+    """``: <the last "prism ...: error: ..." line of log>`` (cut to 400 characters), or "" when
+    it has none: the reason a failed job gives in the report, e.g. a NonfiniteLogits message."""
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    found = [x.strip() for x in lines if ": error: " in x]
+    return f": {found[-1][:400]}" if found else ""
 
 
 def chain_lengths(jobs: dict[str, Job]) -> dict[str, int]:

@@ -18,7 +18,7 @@ from disc_probe import build_parser as probe_parser  # noqa: E402
 from stage2_dynamics import alignment_runs, dynamics, plot, step_series  # noqa: E402
 from stage2_plan import ARMS, PRESETS, Job, Planner, planned_steps, resolve_policy, up_to_probes  # noqa: E402
 from stage2_report import comparisons, discriminator_probes, mean_std, paired_bootstrap_ci, paired_diffs, render, verdict  # noqa: E402
-from stage2_study import START_FILE, _same_start, chain_lengths  # noqa: E402
+from stage2_study import START_FILE, Runner, _same_start, chain_lengths  # noqa: E402
 
 
 def test_paired_bootstrap_ci_hand_checked():
@@ -307,6 +307,19 @@ def test_a_job_is_redone_when_its_start_policy_changed(tmp_path):
     (tmp_path / "run" / START_FILE).write_text("/rl/checkpoint-4")
     assert _same_start(job, "/rl/checkpoint-4") and not _same_start(job, "/rl/final")
     assert _same_start(Job("sft", ["true"], tmp_path / "x"), None)   # a job without a source
+
+
+def test_a_failed_job_gives_its_error_line_and_its_dependents_name_it(tmp_path):
+    """A job that fails shows the ``prism ...: error:`` line of its log in its reason, and the
+    jobs after it say which job stopped them and why (the report's "Not run" list)."""
+    msg = "prism rl: error: run: the rollouts of steps 1..3 had NaN/inf logits"
+    jobs = {"rl": Job("rl", ["sh", "-c", f"echo noise; echo '{msg}' >&2; exit 1"], tmp_path / "rl.done", gpu=False),
+            "eval": Job("eval", ["true"], tmp_path / "eval.done", ["rl"], gpu=False),
+            "report": Job("report", ["true"], tmp_path / "report.done", ["eval"], gpu=False)}
+    state = Runner(jobs, tmp_path / "out", gpus=0, per_gpu=2, budget_s=60, reserve_s=5).run()
+    assert state["rl"]["status"] == "failed" and state["rl"]["why"] == f"exit 1, see logs/rl.log: {msg}"
+    assert state["eval"] == {"status": "not run", "why": f"rl failed: exit 1, see logs/rl.log: {msg}"}
+    assert state["report"]["why"].startswith("eval not run: rl failed: exit 1")
 
 
 def test_paired_compare_of_two_arms_hand_checked(tmp_path):
