@@ -29,6 +29,21 @@ def tiny_model_dir(tmp_path_factory):
     return build_tiny(tmp_path_factory.mktemp("tiny"), _corpus(), TinySpec(vocab_size=512))
 
 
+def overflowing_copy(tiny_model_dir, dest):
+    """A copy of the tiny model at ``dest`` with its final norm scaled by 3e38: finite weights (a
+    run may start from them) whose hidden state overflows to inf before the head, so every logit
+    is NaN/inf."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(tiny_model_dir, dest)
+    weights = load_file(dest / "model.safetensors")
+    weights["model.language_model.norm.weight"].fill_(3e38)
+    save_file(weights, str(dest / "model.safetensors"), metadata={"format": "pt"})
+    return dest
+
+
 def png_bytes(color: str = "red", size: int = 96, shape: str = "circle") -> bytes:
     img = Image.new("RGB", (size, size), "white")
     draw = ImageDraw.Draw(img)

@@ -32,7 +32,7 @@ from prism_rl.trainers.resume_config import check_resume_config, config_changes,
 from prism_rl.trainers.run import Run
 from prism_rl.trainers.state_io import STATE_JSON, STATE_TENSORS, load_state, save_state
 
-from conftest import png_bytes
+from conftest import overflowing_copy, png_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -336,21 +336,10 @@ def test_guard_skips_a_step_whose_rollouts_hold_nan_logits():
         guard.rollouts(nan, 7)
 
 
-def _overflowing(tiny_model_dir: Path, tmp_path: Path) -> Path:
-    """The tiny model with its final norm scaled by 3e38: finite weights (a run may start from
-    them) whose hidden state overflows to inf before the head, so every logit is NaN/inf."""
-    bad = tmp_path / "overflow"
-    shutil.copytree(tiny_model_dir, bad)
-    weights = load_file(bad / "model.safetensors")
-    weights["model.language_model.norm.weight"].fill_(3e38)
-    save_file(weights, str(bad / "model.safetensors"), metadata={"format": "pt"})
-    return bad
-
-
 def test_alignment_skips_steps_with_nan_logits_and_stops_after_three(tiny_model_dir, tmp_path, capsys):
     """The same policy in stage 2 (graph engine): two steps skipped and logged, the third ends
     the run with exit status 1 and the engine's message."""
-    bad = _overflowing(tiny_model_dir, tmp_path)
+    bad = overflowing_copy(tiny_model_dir, tmp_path / "overflow")
     data, disc, out = tmp_path / "data", tmp_path / "disc", tmp_path / "align"
     assert main(["data", "synth", "--out", str(data), "--n", "24", "--seed", "0"]) == 0
     assert main(["disc", "init", "--from", str(tiny_model_dir), "--out", str(disc)]) == 0
@@ -370,7 +359,7 @@ def test_rl_skips_steps_with_nan_logits_and_stops_after_three(tiny_model_dir, tm
     hidden state then overflows to inf before the head) under the graph engine: each step's
     rollouts raise NonfiniteLogits, the steps are skipped and logged, and the third in a row
     ends the run with exit status 1 and the engine's message."""
-    bad = _overflowing(tiny_model_dir, tmp_path)
+    bad = overflowing_copy(tiny_model_dir, tmp_path / "overflow")
     data = tmp_path / "rl.parquet"
     write_records([Record(id=f"g{i}", messages=[{"role": "system", "content": SYSTEM_PROMPT},
                                                  {"role": "user", "content": "<image>How many circles?"}],

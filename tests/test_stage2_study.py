@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, overflowing_copy, png_bytes
 
 sys.path.insert(0, str(ROOT / "bench"))
 
@@ -320,6 +320,23 @@ def test_a_failed_job_gives_its_error_line_and_its_dependents_name_it(tmp_path):
     assert state["rl"]["status"] == "failed" and state["rl"]["why"] == f"exit 1, see logs/rl.log: {msg}"
     assert state["eval"] == {"status": "not run", "why": f"rl failed: exit 1, see logs/rl.log: {msg}"}
     assert state["report"]["why"].startswith("eval not run: rl failed: exit 1")
+
+
+def test_nan_probe_counts_the_batches_a_policy_goes_nan_on(tiny_model_dir, tmp_path, capsys):
+    from nan_probe import main as nan_probe
+
+    from prism_rl.data.layouts import write_records
+    from prism_rl.data.records import ImageRef, Record
+
+    data = tmp_path / "test.parquet"
+    write_records([Record(id=f"q{i}", messages=[{"role": "user", "content": "<image>How many circles?"}],
+                          images=[ImageRef(data=png_bytes("red"))], ground_truth="1") for i in range(3)], data)
+    bad = overflowing_copy(tiny_model_dir, tmp_path / "overflow")
+    assert nan_probe([str(tiny_model_dir), str(bad), "--data", str(data), "--batch", "2", "--max-new-tokens", "3",
+                      "--dtype", "fp32"]) == 0
+    rows = [r.split(" | ") for r in capsys.readouterr().out.splitlines() if r.startswith(f"| {tmp_path}")
+            or r.startswith(f"| {tiny_model_dir}")]
+    assert [r[1:4] for r in rows] == [["2", "0", "0"], ["2", "2", "0"]]   # batches, NaN batches, empty responses
 
 
 def test_paired_compare_of_two_arms_hand_checked(tmp_path):
