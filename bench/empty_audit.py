@@ -1,7 +1,8 @@
-"""Which evaluation batches came back as NaN waves: per ``prism eval`` run, the responses that
-decode to nothing and ran to the token limit (the sign of NaN logits: every step's argmax is
-token 0, the pad token; ``rollout/graph.py`` now raises instead) and, batch by batch in file
-order, ``E`` (every response so), ``p`` (some) or ``.`` (none).
+"""Which evaluation batches came back empty: per ``prism eval`` run, the responses that decode
+to nothing and ran to the token limit, and, batch by batch in file order, ``E`` (every response
+so), ``p`` (some) or ``.`` (none). Whole ``E`` batches are the sign of the graph engine's lost
+waves (fixed: a wave whose rows all ended before the token limit came back as pad tokens); an
+engine with NaN logits would show the same, but now raises ``NonfiniteLogits``.
 
     python bench/empty_audit.py runs/stage2/eval/*/heldout-test --batch 512
 """

@@ -10,7 +10,7 @@ one per seed, in seed order:
         --b runs/s2cpu/eval/grpo_s{0,1,2}/heldout-test [--a-name X --b-name Y] [--drop-empty]
 
 ``--drop-empty`` leaves out every problem that some seed of either arm answered with an empty
-response at the token limit (the sign of NaN logits in an engine without the non-finite check)
+response at the token limit (a wave the graph engine lost before its fix, ``empty_audit.py``)
 and says how many that was; without it they count as wrong.
 """
 

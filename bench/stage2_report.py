@@ -62,8 +62,8 @@ def paired_diffs(a: dict[int, dict[str, dict]], b: dict[int, dict[str, dict]], m
 def read_rows(path: Path) -> dict[str, dict]:
     """``prism eval``'s samples.jsonl as id -> {acc, perception, tokens, format, empty_at_limit}.
     ``empty_at_limit``: the response decodes to nothing and ran to the token limit, the sign of
-    NaN logits (each step's argmax is token 0, the pad token) from an engine without the
-    non-finite check (``rollout/graph.py``)."""
+    a wave the graph engine lost before its fix (every row ended before the limit and none was
+    written out; ``bench/empty_audit.py``)."""
     rows = {}
     for line in path.read_text().splitlines():
         r = json.loads(line)

@@ -294,3 +294,17 @@ def test_the_hf_engine_stops_on_nan_logits_too(policy, prompts):
             HFEngine(model, proc).generate(prompts, params)
     clean = HFEngine(*policy).generate(prompts, SamplingParams(n=1, max_new_tokens=4, temperature=0.0))
     assert clean.response_ids.shape[0] == len(prompts)      # a finite policy passes through unchanged
+
+
+def test_a_wave_whose_rows_all_end_keeps_their_tokens(policy, prompts):
+    """Every row emits EOS before the limit, so a host sync finds no row running and the loop
+    stops early: the rows' tokens must still be written out (they were lost once, giving every
+    row max_new_tokens pad tokens: an empty response 'cut off at the limit')."""
+    params = SamplingParams(n=2, max_new_tokens=30, temperature=0.0, return_logprobs=True)
+    free, _ = _both(policy, prompts[:1], params)
+    eos = int(free.response_ids[0, 4])                # greedy: both rows emit it at step 4 (or before)
+    for check_every in (2, 16):                         # ended at a compaction sync, and at the first one
+        a, b = _both(policy, prompts[:1], params, eos=eos, check_every=check_every)
+        assert b.finish_reasons == ["stop", "stop"] and int(b.response_mask.sum(1).max()) <= 5
+        assert torch.equal(a.response_ids, b.response_ids) and a.texts == b.texts and b.texts[0] != ""
+        assert (a.logprobs - b.logprobs).abs().max() < 1e-4

@@ -29,13 +29,15 @@ model has to read the text weights and the KV cache once; everything else is ove
   logits (:mod:`.sampling`: Gumbel-max on each row's counter-hash noise). The host syncs
   only every ``check_every`` steps, to stop when every row has ended and to **compact**: once
   at most half a batch bucket is still running, the running rows move to the front and the
-  step continues in the smaller bucket, so finished rows stop costing.
+  step continues in the smaller bucket, so finished rows stop costing. When no row is running
+  at a sync the loop stops, after writing every row's tokens out (that write was once missing:
+  a wave whose rows all ended before the limit came back as pad tokens, docs/RESULTS.md).
 - Sampled log-probs are ``log_softmax(logits / T)`` of the unprocessed logits, as the HF engine
   returns them, and what the training forward computes.
 - **Non-finite logits stop the call** (:class:`NonfiniteLogits`), checked after each wave's
   prefill and at every ``check_every`` sync: a NaN row argmaxes to token 0 (the pad token of
   Qwen's tokenizers), which decodes to an empty response, so without the check a NaN wave
-  reads as a policy that answers nothing (seen on an H200, docs/RESULTS.md, stage-2 study).
+  would read as a policy that answers nothing.
   The error names the records and says whether each bad prompt is finite when prefilled
   alone (then the packed prefill spread one prompt's NaN to its neighbours) and, if not,
   whether it is finite without the decode dtype's autocast (a bf16 overflow).
@@ -551,10 +553,12 @@ class GraphEngine:
                               f"rows{named}, whose prefill was finite. {self._weights_note()}")
 
     def _maybe_compact(self, rows: int, slots: _Slots, buckets: list[int]) -> int:
-        """At a host sync: the number of slots to keep stepping (0 = all rows ended)."""
+        """At a host sync: the number of slots to keep stepping (0 = all rows ended, their
+        tokens written out first: the loop stops and ``result(0)`` writes nothing more)."""
         live = (~slots.done[:rows]).nonzero()[:, 0]
         k = int(live.numel())
         if k == 0:
+            slots.flush(rows)
             return 0
         target = next(b for b in buckets if b >= k)
         if target > rows // 2 or target == rows:
