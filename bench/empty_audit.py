@@ -14,13 +14,15 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from paired_compare import samples_file  # noqa: E402
+from stage2_report import empty_at_limit  # noqa: E402
+
 
 def audit(samples: Path, batch: int) -> tuple[int, int, str]:
     """(empty-at-limit responses, responses, batch pattern) of one samples.jsonl."""
-    flags = []
-    for line in samples.read_text().splitlines():
-        r = json.loads(line)
-        flags.append(r.get("response") == "" and r.get("finish") == "length")
+    flags = [empty_at_limit(json.loads(line)) for line in samples.read_text().splitlines()]
     pattern = "".join("E" if all(chunk) else "p" if any(chunk) else "."
                       for chunk in (flags[i:i + batch] for i in range(0, len(flags), batch)))
     return sum(flags), len(flags), pattern
@@ -34,10 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| run | empty at limit | batches |\n|---|---|---|")
     for run in a.runs:
         p = Path(run)
-        f = p if p.is_file() else p / "samples.jsonl"
-        if not f.is_file():
-            raise SystemExit(f"{run}: no samples.jsonl")
-        n, total, pattern = audit(f, a.batch)
+        n, total, pattern = audit(samples_file(run), a.batch)
         print(f"| {p.parent.name if p.name == 'heldout-test' else p.name} | {n} / {total} | `{pattern}` |")
     return 0
 

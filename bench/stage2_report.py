@@ -68,9 +68,13 @@ def read_rows(path: Path) -> dict[str, dict]:
     for line in path.read_text().splitlines():
         r = json.loads(line)
         rows[str(r["id"])] = {"acc": float(r["acc"]), "perception": r.get("perception"), "tokens": float(r["tokens"]),
-                              "format": float(r["format"]),
-                              "empty_at_limit": r.get("response") == "" and r.get("finish") == "length"}
+                              "format": float(r["format"]), "empty_at_limit": empty_at_limit(r)}
     return rows
+
+
+def empty_at_limit(sample: dict) -> bool:
+    """A ``prism eval`` sample that decodes to nothing and ran to the token limit."""
+    return sample.get("response") == "" and sample.get("finish") == "length"
 
 
 def _per_seed(rows: dict[str, dict]) -> dict[str, float | None]:

@@ -17,10 +17,23 @@ import torch
 from ..data.processing import Encoded
 from ..data.records import Record
 
+NAMED_RECORDS = 4   # records a NonfiniteLogits message names
+
 
 class NonfiniteLogits(FloatingPointError):
     """The policy's logits were NaN or inf for some rows of a rollout wave: raised instead of
     sampling from them (greedy or sampled, a NaN row yields token 0 every step)."""
+
+
+def record_names(prompts: list[Encoded]) -> str:
+    """The first ``NAMED_RECORDS`` prompts' record ids (source file and index where a record has
+    no id), and how many more there are: the records a :class:`NonfiniteLogits` names."""
+    names = []
+    for p in prompts[:NAMED_RECORDS]:
+        rec = getattr(p, "record", None)
+        names.append(str(getattr(rec, "id", None) or f"{getattr(rec, 'source', '?')}#{getattr(rec, 'index', '?')}"))
+    more = len(prompts) - len(names)
+    return ", ".join(names) + (f" and {more} more" if more > 0 else "")
 
 
 @dataclass

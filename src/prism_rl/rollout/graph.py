@@ -60,14 +60,12 @@ from ..models.loading import special_ids, vision_token_ids
 from ..models.mrope import mrope_position_ids
 from ..models.packing import pack_batch
 from . import kernels
-from .base import NonfiniteLogits, Rollouts, SamplingParams, concat_rollouts, sampled_rollouts
+from .base import NAMED_RECORDS, NonfiniteLogits, Rollouts, SamplingParams, concat_rollouts, record_names, sampled_rollouts
 from .fused import FusedDecoder, unfusable_reason
 from .noise import prompt_keys_or_default, row_keys
 from .sampling import kernel_agrees, kernel_serves, sample
 
 ATTN_BUCKET = 256   # attention lengths are rounded up to a multiple of this (one graph each)
-NAMED_RECORDS = 4   # records a NonfiniteLogits message names (and prefills alone to diagnose)
-
 
 
 def _prompt_keys(params: SamplingParams, prompts: int) -> list[int] | None:
@@ -446,7 +444,7 @@ class GraphEngine:
                  f"{len(finite_alone) - sum(finite_alone)} of them stay non-finite prefilled alone: the policy's own "
                  f"forward overflows on them{self._own_dtype_note(prompts[named[finite_alone.index(False)]], n, alone)}")
         raise NonfiniteLogits(f"first-token logits are NaN/inf for {len(bad)} of the wave's {len(prompts)} prompts "
-                              f"(records {_record_names([prompts[i] for i in bad])}); {cause}. "
+                              f"(records {record_names([prompts[i] for i in bad])}); {cause}. "
                               f"{self._weights_note()}")
 
     def _own_dtype_note(self, prompt: Encoded, n: int, buf: torch.Tensor) -> str:
@@ -456,17 +454,16 @@ class GraphEngine:
         if self.decode_dtype == own:
             return ""
         self._prefill_one(prompt, 0, n, buf, autocast=False)
-        where = str(own).replace("torch.", "")
         if bool(torch.isfinite(buf).all()):
-            return f" in {str(self.decode_dtype).replace('torch.', '')} only (the first is finite in {where})"
-        return f" (the first also in {where})"
+            return f" in {_dtype_name(self.decode_dtype)} only (the first is finite in {_dtype_name(own)})"
+        return f" (the first also in {_dtype_name(own)})"
 
     def _weights_note(self) -> str:
         """Whether the policy's parameters are finite (a diverged update vs a forward overflow)."""
         bad = [name for name, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())]
         if bad:
             return f"{len(bad)} parameter tensors hold NaN/inf (e.g. {', '.join(bad[:3])}): the update diverged"
-        return (f"Every parameter is finite; the forward ran in {str(self.decode_dtype).replace('torch.', '')} "
+        return (f"Every parameter is finite; the forward ran in {_dtype_name(self.decode_dtype)} "
                 "(an overflow there, or an engine fault)")
 
     def row_bytes(self, prompts: list[Encoded], params: SamplingParams) -> int:
@@ -548,7 +545,7 @@ class GraphEngine:
         if bad.numel() == 0:
             return
         orig = slots.row[bad].tolist()
-        named = "" if prompts is None else f" (records {_record_names([prompts[r // n] for r in orig])})"
+        named = "" if prompts is None else f" (records {record_names([prompts[r // n] for r in orig])})"
         raise NonfiniteLogits(f"logits turned NaN/inf at decode step {t} for {len(orig)} of {rows} running "
                               f"rows{named}, whose prefill was finite. {self._weights_note()}")
 
@@ -576,14 +573,8 @@ class GraphEngine:
                                 extras={"capture_s": self.capture_s})
 
 
-def _record_names(prompts: list[Encoded]) -> str:
-    """The first few prompts' record ids (source file and index where a record has no id)."""
-    names = []
-    for p in prompts[:NAMED_RECORDS]:
-        rec = getattr(p, "record", None)
-        names.append(str(getattr(rec, "id", None) or f"{getattr(rec, 'source', '?')}#{getattr(rec, 'index', '?')}"))
-    more = len(prompts) - len(names)
-    return ", ".join(names) + (f" and {more} more" if more > 0 else "")
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 class _Shadow:

@@ -14,7 +14,7 @@ from transformers import LogitsProcessorList
 
 from ..data.processing import Encoded, collate
 from ..models.loading import special_ids, vision_token_ids
-from .base import NonfiniteLogits, Rollouts, SamplingParams, sampled_rollouts
+from .base import NonfiniteLogits, Rollouts, SamplingParams, record_names, sampled_rollouts
 from .noise import RowNoise, prompt_keys_or_default, row_keys
 
 
@@ -57,8 +57,7 @@ class HFEngine:
                 **({"cache_implementation": self.cache_implementation} if self.cache_implementation else {}),
             )
         except NonfiniteLogits as e:
-            names = ", ".join(str(rows[r].record.id) for r in e.args[1][:4])
-            raise NonfiniteLogits(f"{e.args[0]} (records {names}{' and more' if len(e.args[1]) > 4 else ''})") from None
+            raise NonfiniteLogits(f"{e.args[0]} (records {record_names([rows[r] for r in e.args[1]])})") from None
         finally:
             self.model.train(was_training)
         P = inputs["input_ids"].shape[1]

@@ -69,13 +69,12 @@ def groups_with_variance(group_ids: torch.Tensor, values: torch.Tensor) -> list[
 
 
 def collect(engine: RolloutEngine, stream: PromptStream, cfg: RLConfig, reward_fn: RewardFn | None,
-            run: Run, step: int = 0, guard: NonfiniteGuard | None = None) -> tuple[Rollouts | None, dict, dict]:
+            run: Run, step: int, guard: NonfiniteGuard) -> tuple[Rollouts | None, dict, dict]:
     """Sample and score one training batch (with DAPO's dynamic sampling when enabled).
 
     Returns ``None`` rollouts when dynamic sampling kept no group in ``max_num_gen_batches``
-    rounds (every group all right or all wrong), or (with a ``guard``) when the engine found
-    NaN/inf logits (:meth:`NonfiniteGuard.rollouts`, ``rollout/nonfinite``): the step is then
-    skipped and logged.
+    rounds (every group all right or all wrong), or when the engine found NaN/inf logits
+    (:meth:`NonfiniteGuard.rollouts`, ``rollout/nonfinite``): the step is then skipped and logged.
     """
     r, algo = cfg.rollout, cfg.algo
     per_round = r.gen_batch_prompts or r.prompts_per_step
@@ -86,8 +85,7 @@ def collect(engine: RolloutEngine, stream: PromptStream, cfg: RLConfig, reward_f
         mine = D.my_share([len(p) for p in batch])   # this rank's prompts (whole groups), as rank_prompts
         params = sampling_params(cfg, step, rounds, mine)
         with run.timer("rollout"):
-            sample = partial(engine.generate, [batch[i] for i in mine], params, group_offset=offset)
-            ro = sample() if guard is None else guard.rollouts(sample, step)
+            ro = guard.rollouts(partial(engine.generate, [batch[i] for i in mine], params, group_offset=offset), step)
             if ro is None:
                 return None, {}, {"rollout/nonfinite": 1, "rollout/gen_rounds": rounds}
             ro = global_group_ids(ro, mine, offset)
