@@ -6,7 +6,8 @@
 # small of the study folder (reports, evaluation summaries, metrics, logs; no checkpoints) into
 # OUT, so a lost machine still leaves the evaluations finished so far.
 # Usage (repo root, GPU machine): bash bench/stage2_device.sh OUT [stage2_study.py args ...]
-#   the args are used by the call that starts the study; later calls need only OUT.
+#   the args start the study; later calls give OUT alone (args given to a started study are an
+#   error, not ignored).
 #   WORK=/tmp/s2dev (the study folder)  WAIT_S=560 (how long one call follows the study)
 set -uo pipefail
 OUT=${1:?usage: bench/stage2_device.sh OUT [stage2_study.py args ...]}; shift
@@ -15,6 +16,11 @@ WAIT_S=${WAIT_S:-560}
 mkdir -p "$OUT"
 t0=$(date +%s)
 
+if [ -f "$W.pid" ] && [ $# -gt 0 ]; then
+  echo "bench/stage2_device.sh: a study already runs in $W (started with $(head -1 "$W.log" 2>/dev/null));" \
+       "its arguments cannot change: call again with OUT alone, or use another WORK" >&2
+  exit 2
+fi
 if [ ! -f "$W.pid" ]; then
   mkdir -p "$W"
   echo "starting: python3 bench/stage2_study.py --out $W $*"
