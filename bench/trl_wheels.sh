@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Wheels bench/run.py needs on the GPU machine that its image lacks (.library/device/KINDS.md's
 # package list): TRL 1.16 and datasets with their missing dependencies (dill, multiprocess), and
-# pydantic (prism_rl.config) with its own. Everything else they need (accelerate, transformers,
-# huggingface-hub, pyarrow, pandas, fsspec, xxhash, ...) is in the image.
+# pydantic (prism_rl.config) with its own, and math-verify with its own but sympy (the accuracy
+# reward's symbolic fallback: without it a GPU run now stops with MathVerifyUnavailable; before,
+# it scored those answers 0). Everything else they need (accelerate, transformers,
+# huggingface-hub, pyarrow, pandas, fsspec, xxhash, sympy, ...) is in the image.
 #
 # Run here, in the repo root (needs the package index); once per clone: echo /.whl/ >> .git/info/exclude
 #   bash bench/trl_wheels.sh            # -> .whl/ (or WHL_DIR), about 3 MiB
@@ -15,7 +17,8 @@ DEST=${WHL_DIR:-.whl}
 PIP=${PIP:-python3 -m pip}
 # name==version, as pinned against what the image holds (Python 3.12, huggingface-hub 1.33)
 PINS=(trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
-      pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0)
+      pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0
+      math-verify==0.9.0 latex2sympy2-extended==1.11.0 antlr4-python3-runtime==4.13.2)
 mkdir -p "$DEST"
 for pin in "${PINS[@]}"; do   # one version of each: two wheels of one package stop the install
   name=$(echo "${pin%%==*}" | tr - _)

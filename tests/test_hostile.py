@@ -411,18 +411,60 @@ print(results, mvp._pool.failed_starts, mvp._pool.broken, max(times[4:]))
 """
 
 
-def test_workers_that_cannot_start_are_not_restarted_forever(tmp_path):
-    """A math_verify that fails to import (here: shadowed on PYTHONPATH) made every call start
-    a fresh worker; after three failed starts the pool stops and answers 'error' at once."""
+def _shadowed_math_verify(tmp_path, body: str) -> dict:
+    """An environment whose ``math_verify`` is a module that runs ``body`` on import."""
     fake = tmp_path / "fake"
     fake.mkdir()
-    (fake / "math_verify.py").write_text("raise ImportError('broken install')\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(fake), SRC]), "OMP_NUM_THREADS": "1"}
+    (fake / "math_verify.py").write_text(body + "\n")
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(fake), SRC]), "OMP_NUM_THREADS": "1"}
+
+
+def test_workers_that_cannot_start_are_not_restarted_forever(tmp_path):
+    """A worker that dies while starting (here: math_verify crashes on import) made every call
+    start a fresh worker; after three failed starts the pool stops and answers 'error' at once."""
+    env = _shadowed_math_verify(tmp_path, "raise RuntimeError('crashes on import')")
     proc = subprocess.run([sys.executable, "-c", BROKEN_MATH_VERIFY], env=env, capture_output=True, text=True,
                           timeout=300)
     results, failed, broken, late = proc.stdout.rsplit("]", 1)[0] + "]", *proc.stdout.rsplit("]", 1)[1].split()
     assert results == str(["error"] * 8), proc.stdout + proc.stderr
     assert int(failed) == 3 and broken == "True" and float(late) < 0.05
+
+
+MISSING_MATH_VERIFY = """
+from prism_rl.reward import math_verify_pool as mvp
+from prism_rl.reward.matching import check_answer
+print(check_answer("4", "4"))          # decided before the fallback: math_verify is never asked
+for k in range(3):
+    try:
+        check_answer("\\sqrt{16}", "4")
+    except mvp.MathVerifyUnavailable as e:
+        print("raised:", e)
+print("starts:", mvp._pool.failed_starts)
+"""
+
+
+def test_a_math_verify_that_cannot_be_imported_stops_the_caller_with_the_reason(tmp_path):
+    """A broken install (math_verify raises ImportError) is no reason to score answers 0: every
+    comparison that needs the fallback raises MathVerifyUnavailable naming the interpreter and
+    the import error, one worker is tried, and the rules before the fallback still work. The
+    CLI prints it as one line and exits 1. (On the GPU machine math_verify was missing and the
+    pool had scored every fallback comparison 0 with one warning.)"""
+    env = _shadowed_math_verify(tmp_path, "raise ImportError('No module named latex2sympy2_extended')")
+    proc = subprocess.run([sys.executable, "-c", MISSING_MATH_VERIFY], env=env, capture_output=True, text=True,
+                          timeout=300)
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "Verdict(correct=True, reason='match:exact')", proc.stdout + proc.stderr
+    raised = [x for x in lines if x.startswith("raised: ")]
+    assert len(raised) == 3 and all(sys.executable in x and "No module named latex2sympy2_extended" in x
+                                    and "pip install" in x for x in raised)
+    assert lines[-1] == "starts: 1"
+    data = tmp_path / "in.jsonl"
+    response = "<caption>\n- a grid\n</caption>\n<think>\n16 cells\n</think>\n<answer>\n\\sqrt{16}\n</answer>"
+    data.write_text(json.dumps({"response": response, "ground_truth": "4"}) + "\n")
+    cli = subprocess.run([sys.executable, "-m", "prism_rl.cli", "reward", "--input", str(data)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 1 and "Traceback" not in cli.stderr, cli.stderr
+    assert cli.stderr.startswith("prism reward: error: math-verify cannot be imported by ")
 
 
 # --------------------------------------------------------------------------- prism serve

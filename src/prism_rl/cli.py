@@ -22,6 +22,7 @@ from pathlib import Path
 from .config import ConfigError, SFTConfig, load_config, rl_response_limit
 from .data.records import DataError
 from .reward.batch import RewardInputError
+from .reward.math_verify_pool import MathVerifyUnavailable
 from .trainers.interrupt import Abort
 
 # What a user can get wrong (options, config, files, records, fields); anything else is a bug
@@ -528,7 +529,8 @@ def _run(args) -> int:
             traceback.print_exc()
         print(f"prism {_command(args)}: error: {_message(e)}", file=sys.stderr)
         return 2
-    except FloatingPointError as e:   # training diverged (NaN/inf weights or loss streak): say so, exit 1
+    # training diverged (NaN/inf weights or loss streak), or math-verify is missing: say so, exit 1
+    except (FloatingPointError, MathVerifyUnavailable) as e:
         if args.verbose:
             traceback.print_exc()
         print(f"prism {_command(args)}: error: {e}", file=sys.stderr)

@@ -10,7 +10,9 @@ answers are free. Safe from any thread.
 Bounded and contained: at most ``MAX_MATH_VERIFY_WORKERS`` workers per process; a worker never
 has the working directory on ``sys.path`` and exits when this process dies (see the worker's
 docstring); after ``MAX_FAILED_STARTS`` workers in a row fail to start, no more are started and
-every comparison answers ``error`` at once.
+every comparison answers ``error`` at once. A worker that cannot import ``math_verify`` at all
+(a broken install) raises :class:`MathVerifyUnavailable` instead, on that call and every later
+one: scoring those answers 0 would bias every reward without a word.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
-__all__ = ["MAX_MATH_VERIFY_WORKERS", "close_math_verify_workers", "run_math_verify"]
+__all__ = ["MAX_MATH_VERIFY_WORKERS", "MathVerifyUnavailable", "close_math_verify_workers", "run_math_verify"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +43,17 @@ _CACHE_SIZE = 8192
 # there can shadow the stdlib. Not -I: math_verify may be importable only via PYTHONPATH.
 _WORKER_SCRIPT = Path(__file__).with_name("math_verify_worker.py")
 _HEALTHY = frozenset({"true", "false", "unparsed", "timeout"})
+
+
+class MathVerifyUnavailable(RuntimeError):
+    """``math_verify`` cannot be imported by the worker's interpreter: the symbolic fallback of
+    the accuracy reward cannot run at all."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(
+            f"math-verify cannot be imported by {sys.executable} ({reason}): the accuracy reward's "
+            "symbolic fallback needs it, and scoring its answers 0 would bias every reward quietly. "
+            "Install prism-rl's dependencies (pip install 'math-verify[antlr4_13_2]>=0.8')")
 
 
 class _Worker:
@@ -59,6 +72,7 @@ class _Worker:
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.ready = False
         self.start_failed = False
+        self.missing: str | None = None   # why math_verify could not be imported, when it could not
         self.next_id = 0
         threading.Thread(target=self._pump, name="math-verify-reader", daemon=True).start()
 
@@ -86,7 +100,8 @@ class _Worker:
             return {}
 
     def ask(self, answer: str, gold: str, soft_s: float, hard_s: float) -> str:
-        """Run one comparison: ``true``/``false``/``unparsed``/``timeout``/``hard_timeout``/``error``.
+        """Run one comparison: ``true``/``false``/``unparsed``/``timeout``/``hard_timeout``/``error``
+        (or ``missing``: the child could not import ``math_verify``).
 
         The first call waits (up to ``WORKER_STARTUP_TIMEOUT_S``, not counted in the per-call
         deadline) for the child to finish importing ``math_verify``.
@@ -95,7 +110,8 @@ class _Worker:
             msg = self._next(WORKER_STARTUP_TIMEOUT_S)
             if not msg or not msg.get("ready"):
                 self.start_failed = True
-                return "error"
+                self.missing = (msg or {}).get("missing")
+                return "missing" if self.missing else "error"
             self.ready = True
         self.next_id += 1
         req = {"id": self.next_id, "a": answer, "g": gold, "t": soft_s}
@@ -142,10 +158,11 @@ class _WorkerPool:
         self.cond = threading.Condition()
         self.closed = False
         self.failed_starts = 0  # workers in a row that never became ready
+        self.missing: str | None = None   # a worker could not import math_verify: why
 
     @property
     def broken(self) -> bool:
-        return self.failed_starts >= MAX_FAILED_STARTS
+        return self.failed_starts >= MAX_FAILED_STARTS or self.missing is not None
 
     def _acquire(self) -> _Worker | None:
         """An idle worker, a new one while fewer than ``size`` exist, else wait for one;
@@ -171,6 +188,7 @@ class _WorkerPool:
         workers keep failing to start: then the pool stops starting them)."""
         with self.cond:
             self.failed_starts = self.failed_starts + 1 if worker.start_failed else 0
+            self.missing = self.missing or worker.missing
             broken = self.broken
         if broken:
             worker.kill()
@@ -198,7 +216,7 @@ class _WorkerPool:
         """Compare on a pooled worker; see :meth:`_Worker.ask` for the results."""
         worker = self._acquire()
         if worker is None:
-            return "error"
+            return "missing" if self.missing else "error"
         result = "error"
         try:
             result = worker.ask(answer, gold, soft_s, hard_s)
@@ -249,7 +267,8 @@ def run_math_verify(answer: str, gold: str, timeout_s: float) -> str:
     Returns ``true``/``false``/``unparsed``/``timeout``/``hard_timeout``/``error``. Results
     are cached (LRU, ``_CACHE_SIZE`` entries, timeouts included, errors not) by
     ``(answer, gold, timeout_s)``: the 16 rollouts of a prompt often repeat an answer. The
-    first ``error`` logs one warning.
+    first ``error`` logs one warning. Raises :class:`MathVerifyUnavailable` when the workers
+    cannot import ``math_verify``.
     """
     global _warned
     key = (answer, gold, float(timeout_s))
@@ -258,7 +277,10 @@ def run_math_verify(answer: str, gold: str, timeout_s: float) -> str:
         if result is not None:
             _cache.move_to_end(key)
     if result is None:
-        result = _get_pool().run(answer, gold, float(timeout_s), float(timeout_s) + HARD_TIMEOUT_GRACE_S)
+        pool = _get_pool()
+        result = pool.run(answer, gold, float(timeout_s), float(timeout_s) + HARD_TIMEOUT_GRACE_S)
+        if result == "missing":
+            raise MathVerifyUnavailable(pool.missing or "unknown reason")
         if result != "error":
             with _cache_lock:
                 _cache[key] = result

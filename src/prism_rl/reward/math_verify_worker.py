@@ -8,7 +8,8 @@ should another process still hold that pipe open (a fork of the parent), when it
 process is no longer ``PARENT_PID`` (checked twice a second by a watchdog thread).
 It imports only ``math_verify`` (never ``prism_rl``, whose package may
 import heavy code) and speaks JSON lines: it writes ``{"ready": true}`` once
-``math_verify`` is imported, then answers each request ``{"id", "a", "g", "t"}`` with
+``math_verify`` is imported (``{"ready": false, "missing": reason}`` and exit when it cannot
+be imported), then answers each request ``{"id", "a", "g", "t"}`` with
 ``{"id", "r"}``, ``r`` one of ``true``/``false``/``unparsed``/``timeout``/``error``. Each
 request runs under a soft deadline of ``t`` seconds (``setitimer``; the main thread owns
 the signal). The real stdout is kept for the protocol and file descriptor 1 is pointed at
@@ -104,7 +105,11 @@ def main():
         watch_parent(int(sys.argv[1]))
     out = protocol_stream()
     logging.disable(logging.CRITICAL)
-    from math_verify import parse, verify
+    try:
+        from math_verify import parse, verify
+    except ImportError as e:   # a broken install: say so, so the caller can stop with the reason
+        out.write(json.dumps({"ready": False, "missing": f"{type(e).__name__}: {e}"}) + "\n")
+        return
 
     judge = make_judge(parse, verify)
     if TIMER:
