@@ -123,7 +123,9 @@ PRESETS = {
         disc_batch=64, eval_batch=64, eval_limit=448, procs_per_gpu=1, threads=1, eval_reserve_min=5.0,
         budget_min=75.0),
     # 2 H200s, about 7 minutes: a ~22.5M-parameter Qwen3-VL, RL at the spec's 32 prompts x 16 samples
-    # (sizes estimated in docs/RESULTS.md, "Stage-2 study").
+    # (sizes estimated in docs/RESULTS.md, "Stage-2 study"). 160 new tokens: at 128 (the runs of
+    # 2026-12-01) about 10% of the arith demonstrations, teacher's included, did not fit (up to 147
+    # tokens), so their reward could not fire and RL gained by learning to be short.
     "gpu": Preset(
         problems=20000, test_frac=0.15, align_frac=0.2, teacher_frac=0.2, public_error_rate=0.3,
         spec={"vocab_size": 2048, "hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 6,
@@ -131,7 +133,7 @@ PRESETS = {
               "vision_hidden_size": 256, "vision_intermediate_size": 768, "vision_depth": 2, "vision_heads": 4},
         sft=["train.epochs=2", "train.batch_size=128", "optim.lr=1e-3", "train.log_every=20"], pairs_limit=2048,
         min_pairs=256, warmup=["train.epochs=2", "train.batch_size=64", "disc.batch_size=128"],
-        align_steps=6, rl_steps=12, prompts_per_step=32, samples=16, max_new_tokens=128, micro_batch=128,
+        align_steps=6, rl_steps=12, prompts_per_step=32, samples=16, max_new_tokens=160, micro_batch=128,
         disc_batch=128, eval_batch=512, eval_limit=None, procs_per_gpu=8, threads=2, eval_reserve_min=1.5,
         budget_min=7.0, pairs_n=4),   # 8,192 warm-up samples: 1,024 taught the first run's discriminators nothing
 }

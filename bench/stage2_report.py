@@ -13,7 +13,7 @@ from pathlib import Path
 from stage2_dynamics import alignment_runs
 from stage2_plan import ABLATIONS, ALGOS, ARMS, eval_dir, planned_steps
 
-METRICS = ("acc", "perception", "tokens", "format")
+METRICS = ("acc", "perception", "tokens", "format", "cut")
 
 
 # --------------------------------------------------------------------------- statistics
@@ -60,15 +60,18 @@ def paired_diffs(a: dict[int, dict[str, dict]], b: dict[int, dict[str, dict]], m
 
 
 def read_rows(path: Path) -> dict[str, dict]:
-    """``prism eval``'s samples.jsonl as id -> {acc, perception, tokens, format, empty_at_limit}.
-    ``empty_at_limit``: the response decodes to nothing and ran to the token limit, the sign of
-    a wave the graph engine lost before its fix (every row ended before the limit and none was
-    written out; ``bench/empty_audit.py``)."""
+    """``prism eval``'s samples.jsonl as id -> {acc, perception, tokens, format, cut, task,
+    empty_at_limit}. ``cut``: 1 when the response ran to the token limit (``finish`` is
+    ``length``), None when the file does not say. ``empty_at_limit``: the response decodes to
+    nothing and ran to the token limit, the sign of a wave the graph engine lost before its fix
+    (every row ended before the limit and none was written out; ``bench/empty_audit.py``)."""
     rows = {}
     for line in path.read_text().splitlines():
         r = json.loads(line)
+        finish = r.get("finish")
         rows[str(r["id"])] = {"acc": float(r["acc"]), "perception": r.get("perception"), "tokens": float(r["tokens"]),
-                              "format": float(r["format"]), "empty_at_limit": empty_at_limit(r)}
+                              "format": float(r["format"]), "cut": None if finish is None else float(finish == "length"),
+                              "task": r.get("task"), "empty_at_limit": empty_at_limit(r)}
     return rows
 
 
@@ -82,6 +85,19 @@ def _per_seed(rows: dict[str, dict]) -> dict[str, float | None]:
     for m in METRICS:
         vals = [r[m] for r in rows.values() if r[m] is not None]
         out[m] = sum(vals) / len(vals) if vals else None
+    return out
+
+
+def by_task(rows_by_seed: dict[int, dict[str, dict]]) -> dict[str, dict[str, tuple[float, float]]]:
+    """Per task family: (mean, std) over seeds of each seed's accuracy and cut-off share on that
+    family's problems. Where an arm's gain comes from: a family whose answers ran past the token
+    limit gains from RL learning to be short, not only from reasoning better."""
+    tasks = sorted({r["task"] for rows in rows_by_seed.values() for r in rows.values() if r["task"] is not None})
+    out = {}
+    for t in tasks:
+        per_seed = [_per_seed({k: r for k, r in rows.items() if r["task"] == t}) for rows in rows_by_seed.values()]
+        out[t] = {m: mean_std([p[m] for p in per_seed if p[m] is not None]) for m in ("acc", "cut")
+                  if any(p[m] is not None for p in per_seed)}
     return out
 
 
@@ -195,7 +211,7 @@ def collect(out: Path, preset, arms: list[str], seeds: list[int], state: dict, j
         summary = {m: (mean_std([v[m] for v in per_seed.values() if v[m] is not None])
                        if any(v[m] is not None for v in per_seed.values()) else None) for m in METRICS}
         res["arms"][arm] = {"seeds": per_seed, "summary": summary, "planned_steps": planned_steps(preset, ARMS[arm]),
-                            **cost}
+                            "by_task": by_task(rows_by_seed), **cost}
     res["comparisons"] = []
     for a, b, claim in comparisons([x for x in arms if res["rows"].get(x)]):
         entry = {"a": a, "b": b, "claim": claim}
@@ -242,15 +258,17 @@ def render(res: dict, header: dict) -> str:
              f"{header['wall_min']:.1f} min. Held-out test problems, greedy. ± is the standard deviation over seeds. "
              "GPU-min: each second a process runs counts 1/k when k processes share its GPU"
              + (" (a CPU run: the same over the CPU's processes)." if not header["gpus"] else "."),
-             "", "| arm | seeds | accuracy % | perception % | resp tokens | format % | steps planned (align + RL) | "
-             "GPU-min own | GPU-min incl. shared |", "|---|---|---|---|---|---|---|---|---|"]
+             "", "| arm | seeds | accuracy % | perception % | resp tokens | format % | cut off % | "
+             "steps planned (align + RL) | GPU-min own | GPU-min incl. shared |", "|---|---|---|---|---|---|---|---|---|---|"]
     for arm, r in res["arms"].items():
         sm, ps = r["summary"], r["planned_steps"]
         done = sorted({f"{v['align_done']} + {v['rl_done']}" for v in r["seeds"].values()})
         reached = "" if done in ([], [f"{ps['align']} + {ps['rl']}"]) else f" (done: {', '.join(done)})"
         lines.append(f"| {arm} | {len(r['seeds'])} | {_fmt(sm['acc'])} | {_fmt(sm['perception'])} | "
-                     f"{_fmt(sm['tokens'], 1.0, 0)} | {_fmt(sm['format'])} | {ps['align']} + {ps['rl']}{reached} | "
+                     f"{_fmt(sm['tokens'], 1.0, 0)} | {_fmt(sm['format'])} | {_fmt(sm['cut'])} | "
+                     f"{ps['align']} + {ps['rl']}{reached} | "
                      f"{r['gpu_min_own']:.1f} | {r['gpu_min_with_shared']:.1f} |")
+    lines += task_table(res["arms"])
     lines += ["", "Paired per problem (A minus B, averaged over the seeds both have; bootstrap 95% CI over problems, "
               "points):", "", "| A | B | accuracy | perception | resp tokens | problems | verdict |",
               "|---|---|---|---|---|---|---|"]
@@ -290,6 +308,24 @@ def render(res: dict, header: dict) -> str:
     if res["not_run"]:
         lines += ["", "Not run:", ""] + [f"- {k}: {v}" for k, v in sorted(res["not_run"].items())]
     return "\n".join(lines) + "\n"
+
+
+def task_table(arms: dict) -> list[str]:
+    """Accuracy % per task family (mean ± std over seeds), with the share cut off at the token
+    limit where any was."""
+    tasks = sorted({t for r in arms.values() for t in r.get("by_task", {})})
+    if not tasks:
+        return []
+    lines = ["", "Accuracy % by task family (mean ± std over seeds; in brackets: % cut off at the token limit, "
+             "where any was):", "", "| arm | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+    for arm, r in arms.items():
+        cells = []
+        for t in tasks:
+            d = r["by_task"].get(t, {})
+            cut = d.get("cut")
+            cells.append(_fmt(d.get("acc")) + (f" ({100 * cut[0]:.0f})" if cut and cut[0] > 0 else ""))
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _num(v, signed: bool = False) -> str:

@@ -32,6 +32,8 @@ from stage2_dynamics import dynamics, plot  # noqa: E402
 from stage2_plan import ARMS, DEFAULT_ARMS, PRESETS, Job, Planner, resolve_policy, up_to_probes, with_steps  # noqa: E402
 from stage2_report import write_report  # noqa: E402
 
+from prism_rl.reward.math_verify_pool import MathVerifyUnavailable, run_math_verify  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 START_FILE = "stage2_start.txt"   # beside a job's output: the policy folder it started from
 KILL_GRACE_S = 90   # a stopped training run gets this long to save its checkpoint
@@ -251,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--procs-per-gpu", type=int, default=None)
     ap.add_argument("--probes-only", action="store_true",
                     help="run only what the arms' discriminators need, up to their warm-ups and probes")
+    ap.add_argument("--report-only", action="store_true",
+                    help="run nothing: rewrite results.md/json from the folder's jobs.json (a study copied back "
+                         "from another machine; give the arms, seeds, preset and --set of the run)")
     ap.add_argument("--set", action="append", default=[], metavar="STAGE:KEY=VALUE",
                     help="extra override for a stage: sft, warmup, align, rl, grpo, dapo, gspo or eval")
     a = ap.parse_args(argv)
@@ -274,6 +279,17 @@ def main(argv: list[str] | None = None) -> int:
     jobs = Planner(out, preset, arms, seeds, overrides, gpus=a.gpus).plan()
     if a.probes_only:
         jobs = up_to_probes(jobs)
+    if a.report_only:
+        saved = out / "jobs.json"
+        if not saved.exists():
+            ap.error(f"--report-only: {saved} does not exist (no study has finished in {out})")
+        state = {n: st for n, st in json.loads(saved.read_text()).items() if n in jobs}
+        print(write_report(out, preset, arms, seeds, state, jobs, a.preset, a.gpus))
+        return 0
+    try:   # every RL, alignment and evaluation job scores with it: stop now, not minutes in
+        run_math_verify("\\sqrt{4}", "2", 30.0)
+    except MathVerifyUnavailable as e:
+        ap.error(str(e))
     print(f"stage-2 study: preset {a.preset}, arms {', '.join(arms)}, seeds {seeds}, {len(jobs)} jobs, "
           f"{a.gpus or 'no'} GPUs x {per_gpu} processes, budget {preset.budget_min} min -> {out}", flush=True)
     state = Runner(jobs, out, a.gpus, per_gpu, preset.budget_min * 60, preset.eval_reserve_min * 60).run()

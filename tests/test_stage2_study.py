@@ -425,3 +425,59 @@ def test_alignment_dynamics_per_step_over_seeds_hand_checked(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="no alignment metrics"):
         plot(dynamics([tmp_path / "empty"], [0]), tmp_path / "none.png")
+
+
+def _eval_rows(folder, rows):
+    """A ``prism eval`` samples.jsonl of (task, acc, finish) rows, ids p0, p1, ..."""
+    folder.mkdir(parents=True)
+    folder.joinpath("samples.jsonl").write_text("".join(json.dumps(
+        {"id": f"p{i}", "task": t, "acc": a, "perception": 0.5, "tokens": 9, "format": float(f == "stop"),
+         "response": "x", "finish": f}) + "\n" for i, (t, a, f) in enumerate(rows)))
+
+
+def test_report_only_rewrites_the_report_with_cut_off_shares_and_task_families(tmp_path):
+    """``--report-only`` runs nothing and reads jobs.json; the report shows the share of answers
+    cut off at the token limit and the accuracy per task family (hand-computed below)."""
+    from stage2_plan import eval_dir
+    from stage2_study import main
+
+    out = tmp_path / "study"
+    # seed 0: arith right/cut/cut, chart right; seed 1: arith right/right/cut, chart wrong
+    _eval_rows(eval_dir(out, "sft", 0), [("arith", 1, "stop"), ("arith", 0, "length"), ("arith", 0, "length"),
+                                         ("chart", 1, "stop")])
+    _eval_rows(eval_dir(out, "sft", 1), [("arith", 1, "stop"), ("arith", 1, "stop"), ("arith", 0, "length"),
+                                         ("chart", 0, "stop")])
+    args = ["--preset", "cpu-smoke", "--seeds", "0,1", "--arms", "sft", "--out", str(out)]
+    with pytest.raises(SystemExit):   # no jobs.json yet: nothing to report, and nothing is run
+        main([*args, "--report-only"])
+    (out / "jobs.json").write_text(json.dumps({f"eval-sft-s{s}": {"status": "done", "start": 0.0, "wall_s": 60.0,
+                                                                  "gpu_share_s": 0.0} for s in (0, 1)}))
+    assert main([*args, "--report-only"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    sft = res["arms"]["sft"]
+    assert sft["summary"]["cut"][0] == pytest.approx((2 / 4 + 1 / 4) / 2)
+    assert sft["by_task"]["arith"]["acc"][0] == pytest.approx((1 / 3 + 2 / 3) / 2)
+    assert sft["by_task"]["arith"]["cut"][0] == pytest.approx(0.5)
+    assert sft["by_task"]["chart"]["acc"] == pytest.approx([0.5, 0.7071], abs=1e-4)
+    md = (out / "results.md").read_text()
+    assert "| sft | 2 | 50.0 ± 0.0 | 50.0 ± 0.0 | 9 ± 0 | 62.5 ± 17.7 | 37.5 ± 17.7 |" in md
+    assert "| sft | 50.0 ± 23.6 (50) | 50.0 ± 70.7 |" in md   # chart had no cut-off answer: no bracket
+    assert not (out / "s0").exists()                            # nothing was trained
+
+
+def test_a_study_without_math_verify_stops_before_it_starts(tmp_path):
+    """Every RL, alignment and evaluation job scores with math-verify's fallback: a study on a
+    machine that cannot import it exits at once with the reason (the 2026-12-01 GPU runs scored
+    those answers 0 instead), and runs nothing."""
+    import os
+
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "math_verify.py").write_text("raise ImportError('No module named math_verify')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(fake), str(ROOT / "src")]), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "study"
+    proc = subprocess.run([sys.executable, "bench/stage2_study.py", "--preset", "cpu-smoke", "--seeds", "0",
+                           "--arms", "sft", "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and "math-verify cannot be imported" in proc.stderr, proc.stderr[-2000:]
+    assert not (out / "data").exists() and not (out / "jobs.json").exists()
