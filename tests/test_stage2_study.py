@@ -481,3 +481,34 @@ def test_a_study_without_math_verify_stops_before_it_starts(tmp_path):
                           timeout=300)
     assert proc.returncode == 2 and "math-verify cannot be imported" in proc.stderr, proc.stderr[-2000:]
     assert not (out / "data").exists() and not (out / "jobs.json").exists()
+
+
+def test_rescore_counts_stored_scores_the_reward_now_disagrees_with(tmp_path):
+    """bench/rescore.py: a row stored as wrong that the reward accepts (what a missing
+    math-verify did) is counted as gained, a right one it rejects as lost, agreeing rows not."""
+    from rescore import rescore
+
+    def resp(answer):
+        return f"<caption>\n- a grid\n</caption>\n<think>\nso\n</think>\n<answer>\n{answer}\n</answer>"
+
+    rows = [(resp("\\sqrt{16}"), "4", 0.0, "\\sqrt{16}"), (resp("5"), "4", 1.0, "5"), (resp("4"), "4", 1.0, "4")]
+    f = tmp_path / "samples.jsonl"
+    f.write_text("".join(json.dumps({"response": r, "ground_truth": g, "acc": a, "answer": ans}) + "\n"
+                         for r, g, a, ans in rows))
+    assert rescore(f) == {"rows": 3, "gained": 1, "lost": 1, "examples": [("\\sqrt{16}", "4"), ("5", "4")]}
+
+
+def test_demo_lengths_per_family_and_the_share_over_each_limit(tiny_model_dir):
+    from demo_lengths import lengths, table
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    text = "<answer>\n12\n</answer>"
+    recs = [{"task": "arith", "style": "teacher", "messages": [{"role": "user", "content": "q"},
+                                                                {"role": "assistant", "content": text}]},
+            {"task": "arith", "style": "teacher", "messages": [{"role": "assistant",
+                                                                 "content": [{"type": "text", "text": text}]}]}]
+    n = len(tok(text)["input_ids"]) + 1
+    assert lengths(recs, tok) == {("arith", "teacher"): [n, n]}
+    md = table({("arith", "public"): [100, 130, 170, 90]}, [128, 160])
+    assert md.splitlines()[2] == "| arith | public | 4 | 122 | 170 | 50.0 | 25.0 |"
