@@ -12,23 +12,23 @@ short (docs/RESULTS.md). Check a limit before a study:
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from collections import defaultdict
 
 from transformers import AutoTokenizer
 
+from prism_rl.data.layouts import read_records
+from prism_rl.data.records import Record
 
-def lengths(records: list[dict], tokenizer) -> dict[tuple[str, str], list[int]]:
-    """Per (task, style): each record's assistant response length in tokens, plus one for EOS
-    (what a rollout must generate to end it)."""
+
+def lengths(records: list[Record], tokenizer) -> dict[tuple[str, str], list[int]]:
+    """Per (task, style): each record's response length in tokens, plus one for EOS (what a
+    rollout must generate to end it); records without a response are left out."""
     out: dict[tuple[str, str], list[int]] = defaultdict(list)
     for r in records:
-        text = [m for m in r["messages"] if m["role"] == "assistant"][-1]["content"]
-        if isinstance(text, list):   # content parts: the text ones
-            text = "".join(p.get("text", "") for p in text)
-        out[(str(r.get("task")), str(r.get("style")))].append(len(tokenizer(text)["input_ids"]) + 1)
+        if isinstance(r.response, str):
+            out[(r.task, str(r.extra.get("style")))].append(len(tokenizer(r.response)["input_ids"]) + 1)
     return dict(out)
 
 
@@ -43,13 +43,11 @@ def table(by: dict[tuple[str, str], list[int]], limits: list[int]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", required=True, help="an SFT pool (JSON list of records with messages)")
+    ap.add_argument("--data", required=True, help="an SFT pool (.json, .jsonl or .parquet, as prism sft reads it)")
     ap.add_argument("--tokenizer", required=True, help="a model or tokenizer folder")
     ap.add_argument("--limit", type=int, action="append", default=[], help="a rollout limit to check (repeatable)")
     a = ap.parse_args(argv)
-    with open(a.data) as f:
-        records = json.load(f)
-    print(table(lengths(records, AutoTokenizer.from_pretrained(a.tokenizer)), a.limit or [128]))
+    print(table(lengths(read_records(a.data), AutoTokenizer.from_pretrained(a.tokenizer)), a.limit or [128]))
     return 0
 
 

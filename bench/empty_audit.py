@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from paired_compare import samples_file  # noqa: E402
+from paired_compare import run_name, samples_file  # noqa: E402
 from stage2_report import empty_at_limit  # noqa: E402
 
 
@@ -35,9 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     print("| run | empty at limit | batches |\n|---|---|---|")
     for run in a.runs:
-        p = Path(run)
         n, total, pattern = audit(samples_file(run), a.batch)
-        print(f"| {p.parent.name if p.name == 'heldout-test' else p.name} | {n} / {total} | `{pattern}` |")
+        print(f"| {run_name(run)} | {n} / {total} | `{pattern}` |")
     return 0
 
 

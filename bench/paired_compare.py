@@ -34,6 +34,15 @@ def samples_file(path: str) -> Path:
     raise SystemExit(f"{path}: no samples.jsonl there (a prism eval run folder or the file itself)")
 
 
+def run_name(path: str) -> str:
+    """The eval run a path names: its folder, the parent of ``heldout-test/``, or the folder a
+    samples.jsonl lies in (``<run>/heldout-test/samples.jsonl`` -> ``<run>``)."""
+    p = Path(path)
+    if p.name == "samples.jsonl":
+        p = p.parent
+    return p.parent.name if p.name == "heldout-test" else p.name
+
+
 def drop_empty(*arms: dict[int, dict[str, dict]]) -> int:
     """Remove, from every seed of every arm, the problems some seed of some arm answered empty
     at the token limit; returns how many problems that was."""

@@ -16,7 +16,11 @@ import json
 import sys
 from pathlib import Path
 
-from prism_rl.reward.scoring import compute_score
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from paired_compare import run_name, samples_file  # noqa: E402
+
+from prism_rl.reward.scoring import compute_score  # noqa: E402
 
 
 def rescore(samples: Path) -> dict:
@@ -42,16 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     print("| run | rows | stored 0, now 1 | stored 1, now 0 | examples (answer, truth) |\n|---|---|---|---|---|")
     total = {"rows": 0, "gained": 0, "lost": 0}
     for run in a.runs:
-        p = Path(run)
-        f = p / "samples.jsonl" if p.is_dir() else p
-        if not f.exists():
-            print(f"{f}: no samples.jsonl", file=sys.stderr)
-            return 2
-        c = rescore(f)
+        c = rescore(samples_file(run))
         for k in total:
             total[k] += c[k]
-        name = f.parent.parent.name if f.parent.name == "heldout-test" else f.parent.name
-        print(f"| {name} | {c['rows']} | {c['gained']} | {c['lost']} | {c['examples'] or ''} |")
+        print(f"| {run_name(run)} | {c['rows']} | {c['gained']} | {c['lost']} | {c['examples'] or ''} |")
     print(f"| all | {total['rows']} | {total['gained']} | {total['lost']} | |")
     return 0
 

@@ -205,6 +205,30 @@ def error_line(log: Path) -> str:
     return f": {found[-1][:400]}" if found else ""
 
 
+def with_earlier_runs(previous: dict[str, dict], state: dict[str, dict]) -> dict[str, dict]:
+    """This run's job states laid over an earlier run's in the same folder (its jobs.json): a
+    stage this run reused (``skipped``) keeps the earlier record of what it cost, a job only the
+    earlier run planned stays, and this run's clock starts where the earlier one ended, so the
+    report's wall time and GPU-minutes count both runs (a rerun used to replace jobs.json, and
+    a reused stage then counted 0 s)."""
+    offset = max((st.get("start", 0.0) + st.get("wall_s", 0.0) for st in previous.values()), default=0.0)
+    merged = dict(previous)
+    for n, st in state.items():
+        if not (st.get("skipped") and n in previous):
+            merged[n] = {**st, "start": st["start"] + offset} if "start" in st else st
+    return merged
+
+
+def read_jobs(path: Path) -> dict[str, dict]:
+    """A study folder's jobs.json ({} when there is none yet)."""
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"{path}: not a jobs.json this harness wrote ({e}); move it away to start afresh") from None
+
+
 def chain_lengths(jobs: dict[str, Job]) -> dict[str, int]:
     """For each job, the number of jobs on the longest chain that waits for it (0 for a last
     job): starting the longest chains first shortens the whole study when slots are scarce."""
@@ -280,11 +304,11 @@ def main(argv: list[str] | None = None) -> int:
     if a.probes_only:
         jobs = up_to_probes(jobs)
     if a.report_only:
-        saved = out / "jobs.json"
-        if not saved.exists():
-            ap.error(f"--report-only: {saved} does not exist (no study has finished in {out})")
-        state = {n: st for n, st in json.loads(saved.read_text()).items() if n in jobs}
-        print(write_report(out, preset, arms, seeds, state, jobs, a.preset, a.gpus))
+        saved = read_jobs(out / "jobs.json")
+        if not saved:
+            ap.error(f"--report-only: {out / 'jobs.json'} does not exist (no study has finished in {out})")
+        print(write_report(out, preset, arms, seeds, {n: st for n, st in saved.items() if n in jobs}, jobs,
+                           a.preset, a.gpus))
         return 0
     try:   # every RL, alignment and evaluation job scores with it: stop now, not minutes in
         run_math_verify("\\sqrt{4}", "2", 30.0)
@@ -292,10 +316,13 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(str(e))
     print(f"stage-2 study: preset {a.preset}, arms {', '.join(arms)}, seeds {seeds}, {len(jobs)} jobs, "
           f"{a.gpus or 'no'} GPUs x {per_gpu} processes, budget {preset.budget_min} min -> {out}", flush=True)
+    previous = read_jobs(out / "jobs.json")
     state = Runner(jobs, out, a.gpus, per_gpu, preset.budget_min * 60, preset.eval_reserve_min * 60).run()
-    (out / "jobs.json").write_text(json.dumps({n: {**st, "arms": sorted(jobs[n].arms)} for n, st in state.items()},
-                                              indent=1, default=str))
-    md = write_report(out, preset, arms, seeds, state, jobs, a.preset, a.gpus)
+    state = {n: {**st, "arms": sorted(jobs[n].arms)} for n, st in state.items()}
+    merged = with_earlier_runs(previous, state)
+    (out / "jobs.json").write_text(json.dumps(merged, indent=1, default=str))
+    md = write_report(out, preset, arms, seeds, {n: st for n, st in merged.items() if n in jobs}, jobs, a.preset,
+                      a.gpus)
     curves = dynamics([out], seeds)
     if any(series["disc/cap_gap"]["step"] for series in curves.values()):
         plot(curves, out / "dynamics.png", f"stage-2 study {out.name}: alignment runs, mean over seeds (band: min-max)")

@@ -498,17 +498,37 @@ def test_rescore_counts_stored_scores_the_reward_now_disagrees_with(tmp_path):
     assert rescore(f) == {"rows": 3, "gained": 1, "lost": 1, "examples": [("\\sqrt{16}", "4"), ("5", "4")]}
 
 
-def test_demo_lengths_per_family_and_the_share_over_each_limit(tiny_model_dir):
+def test_demo_lengths_per_family_and_the_share_over_each_limit(tiny_model_dir, tmp_path):
     from demo_lengths import lengths, table
     from transformers import AutoTokenizer
 
+    from prism_rl.data.layouts import read_records
+
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     text = "<answer>\n12\n</answer>"
-    recs = [{"task": "arith", "style": "teacher", "messages": [{"role": "user", "content": "q"},
-                                                                {"role": "assistant", "content": text}]},
-            {"task": "arith", "style": "teacher", "messages": [{"role": "assistant",
-                                                                 "content": [{"type": "text", "text": text}]}]}]
+    pool = tmp_path / "sft.json"
+    pool.write_text(json.dumps([
+        {"id": f"r{i}", "task": "arith", "style": "teacher",
+         "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": text}]} for i in range(2)]))
     n = len(tok(text)["input_ids"]) + 1
-    assert lengths(recs, tok) == {("arith", "teacher"): [n, n]}
+    assert lengths(read_records(pool), tok) == {("arith", "teacher"): [n, n]}
     md = table({("arith", "public"): [100, 130, 170, 90]}, [128, 160])
     assert md.splitlines()[2] == "| arith | public | 4 | 122 | 170 | 50.0 | 25.0 |"
+
+
+def test_a_rerun_keeps_the_earlier_runs_records_in_jobs_json():
+    """A second study in the same folder: a stage it reused keeps the first run's record (its
+    cost), a job only the first run planned stays, and the second run's clock starts where the
+    first ended (hand-computed: the first ended at 30 + 70 = 100 s)."""
+    from stage2_study import with_earlier_runs
+
+    first = {"sft-s0": {"status": "done", "start": 0.0, "wall_s": 30.0, "gpu_share_s": 12.0},
+             "rl-dapo-s0": {"status": "done", "start": 30.0, "wall_s": 70.0, "gpu_share_s": 20.0}}
+    second = {"sft-s0": {"status": "done", "start": 1.0, "wall_s": 0.0, "gpu_share_s": 0.0, "skipped": True},
+              "rl-grpo-s0": {"status": "done", "start": 2.0, "wall_s": 50.0, "gpu_share_s": 9.0},
+              "eval-grpo-s0": {"status": "not run", "why": "rl-grpo-s0 failed"}}
+    merged = with_earlier_runs(first, second)
+    assert merged["sft-s0"] == first["sft-s0"] and merged["rl-dapo-s0"] == first["rl-dapo-s0"]
+    assert merged["rl-grpo-s0"] == {"status": "done", "start": 102.0, "wall_s": 50.0, "gpu_share_s": 9.0}
+    assert merged["eval-grpo-s0"] == second["eval-grpo-s0"]
+    assert with_earlier_runs({}, second)["rl-grpo-s0"]["start"] == 2.0   # a first run: nothing shifts
