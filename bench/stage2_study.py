@@ -299,7 +299,6 @@ def main(argv: list[str] | None = None) -> int:
     preset = with_steps(PRESETS[a.preset], a.align_steps, a.rl_steps, a.budget_min)
     per_gpu = a.procs_per_gpu or (preset.procs_per_gpu if a.gpus else 2)
     out = Path(a.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
     jobs = Planner(out, preset, arms, seeds, overrides, gpus=a.gpus).plan()
     if a.probes_only:
         jobs = up_to_probes(jobs)
@@ -314,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         run_math_verify("\\sqrt{4}", "2", 30.0)
     except MathVerifyUnavailable as e:
         ap.error(str(e))
+    out.mkdir(parents=True, exist_ok=True)
     print(f"stage-2 study: preset {a.preset}, arms {', '.join(arms)}, seeds {seeds}, {len(jobs)} jobs, "
           f"{a.gpus or 'no'} GPUs x {per_gpu} processes, budget {preset.budget_min} min -> {out}", flush=True)
     previous = read_jobs(out / "jobs.json")
