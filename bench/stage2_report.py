@@ -212,6 +212,7 @@ def collect(out: Path, preset, arms: list[str], seeds: list[int], state: dict, j
                        if any(v[m] is not None for v in per_seed.values()) else None) for m in METRICS}
         res["arms"][arm] = {"seeds": per_seed, "summary": summary, "planned_steps": planned_steps(preset, ARMS[arm]),
                             "by_task": by_task(rows_by_seed), **cost}
+    res["oom_retried"] = {n: st["oom_retries"] for n, st in sorted(state.items()) if st.get("oom_retries")}
     res["comparisons"] = []
     for a, b, claim in comparisons([x for x in arms if res["rows"].get(x)]):
         entry = {"a": a, "b": b, "claim": claim}
@@ -305,6 +306,9 @@ def render(res: dict, header: dict) -> str:
         lines += ["", "Warm-up pairs topped up with public demonstrations (the SFT policy closed the format too "
                   "rarely): " + "; ".join(f"{k}: {v['policy_pairs']} policy + {v['public_pairs_added']} public"
                                           for k, v in topped.items())]
+    if res.get("oom_retried"):
+        lines += ["", "Started again after running out of GPU memory (times): "
+                  + ", ".join(f"{n} ({k})" for n, k in res["oom_retried"].items())]
     if res["not_run"]:
         lines += ["", "Not run:", ""] + [f"- {k}: {v}" for k, v in sorted(res["not_run"].items())]
     return "\n".join(lines) + "\n"

@@ -37,13 +37,21 @@ from prism_rl.reward.math_verify_pool import MathVerifyUnavailable, run_math_ver
 ROOT = Path(__file__).resolve().parent.parent
 START_FILE = "stage2_start.txt"   # beside a job's output: the policy folder it started from
 KILL_GRACE_S = 90   # a stopped training run gets this long to save its checkpoint
+OOM_RETRIES = 2     # a job that ran out of GPU memory is started again this many times at most
+OOM_MARKERS = ("torch.OutOfMemoryError", "CUDA out of memory")
 
 
 class Runner:
     """Runs jobs as their dependencies allow: at most ``procs_per_gpu`` per GPU (or ``workers``
     on the CPU), the longest remaining chains first, then the arms in ``--arms`` order. Records
     each job's status, wall time, GPU and GPU-share seconds (each second a job runs counts 1/k
-    when k jobs share its GPU)."""
+    when k jobs share its GPU).
+
+    A job that fails because its GPU ran out of memory (its log shows a CUDA OOM: several jobs
+    sharing a card outgrew it, as eight warm-ups and RL runs at once did on one H200) is put
+    back in the queue, up to ``OOM_RETRIES`` times, and that GPU then takes half as many jobs
+    at once (at least one). The failed attempt's log is kept as ``logs/<job>.oom<k>.log`` and
+    its GPU share still counts to the job's cost."""
 
     def __init__(self, jobs: dict[str, Job], out: Path, gpus: int, per_gpu: int, budget_s: float, reserve_s: float):
         self.jobs, self.out, self.gpus, self.per_gpu = jobs, out, gpus, per_gpu
@@ -55,17 +63,18 @@ class Runner:
         if gpus and visible and len(visible) < gpus:
             raise SystemExit(f"--gpus {gpus}: CUDA_VISIBLE_DEVICES lists only {len(visible)} ({','.join(visible)})")
         self.devices = visible[:gpus] if visible else [str(g) for g in range(gpus)]   # slot -> device id
+        self.cap = {g: per_gpu for g in (range(gpus) if gpus else [-1])}   # jobs at once per device
         self.procs: dict[str, subprocess.Popen] = {}
         self.lock = threading.Lock()
         (out / "logs").mkdir(parents=True, exist_ok=True)
 
     def _slots(self) -> list[int]:
         """Free device slots: GPU ids with room, least loaded first (``-1``: the CPU)."""
-        load = {g: 0 for g in (range(self.gpus) if self.gpus else [-1])}
+        load = {g: 0 for g in self.cap}
         for n in self.procs:
             if self.jobs[n].gpu:
                 load[self.state[n]["gpu"]] += 1
-        return sorted((g for g, k in load.items() if k < self.per_gpu), key=lambda g: load[g])
+        return sorted((g for g, k in load.items() if k < self.cap[g]), key=lambda g: load[g])
 
     def _ready(self) -> list[Job]:
         out = []
@@ -90,7 +99,10 @@ class Runner:
         return [a.replace("{policy}", str(policy)) for a in job.argv]
 
     def _start(self, job: Job, gpu: int) -> None:
-        st = self.state[job.name] = {"status": "running", "gpu": gpu, "start": time.time() - self.t0, "gpu_share_s": 0.0}
+        before = self.state[job.name]   # a retried job's GPU share so far counts too: the lost work was spent
+        st = self.state[job.name] = {"status": "running", "gpu": gpu, "start": time.time() - self.t0,
+                                     "gpu_share_s": before.get("gpu_share_s", 0.0),
+                                     **({"oom_retries": before["oom_retries"]} if "oom_retries" in before else {})}
         argv = self._argv(job)
         if argv is None:
             st.update(status="not run", why=f"no policy in {job.source[1]}")
@@ -134,11 +146,30 @@ class Runner:
                 st["status"] = "done"
             elif job.stoppable and st.get("signalled"):
                 st["status"] = "stopped"
+            elif not st.get("signalled") and self._retry_after_oom(n):
+                continue
             else:
                 st["status"] = "not run" if st.get("signalled") else "failed"
                 st["why"] = "stopped by the budget" if st.get("signalled") else \
                     f"exit {rc}, see logs/{n}.log" + error_line(self.out / "logs" / f"{n}.log")
+                if st.get("oom_retries") and not st.get("signalled"):
+                    st["why"] += f" (retried {st['oom_retries']} times after running out of GPU memory)"
             print(f"[{self._t()}] {st['status']} {n} ({st['wall_s']:.0f}s)", flush=True)
+
+    def _retry_after_oom(self, n: str) -> bool:
+        """Queue job ``n`` again if its log shows a CUDA OOM and it has retries left, halving its
+        GPU's job cap (at least 1)."""
+        st, log = self.state[n], self.out / "logs" / f"{n}.log"
+        k = st.get("oom_retries", 0)
+        if k >= OOM_RETRIES or not ran_out_of_gpu_memory(log):
+            return False
+        log.rename(log.with_name(f"{n}.oom{k + 1}.log"))
+        g = st["gpu"]
+        self.cap[g] = max(1, self.cap[g] // 2)
+        self.state[n] = {"status": "pending", "oom_retries": k + 1, "gpu_share_s": st["gpu_share_s"]}
+        print(f"[{self._t()}] out of GPU memory: {n} ({st['wall_s']:.0f}s); queued again (retry {k + 1} of "
+              f"{OOM_RETRIES}), gpu {g} now takes at most {self.cap[g]} jobs at once", flush=True)
+        return True
 
     def _signal(self, now: float) -> None:
         for n, proc in self.procs.items():
@@ -203,6 +234,15 @@ def error_line(log: Path) -> str:
         return ""
     found = [x.strip() for x in lines if ": error: " in x]
     return f": {found[-1][:400]}" if found else ""
+
+
+def ran_out_of_gpu_memory(log: Path) -> bool:
+    """Whether a job's log shows that CUDA ran out of memory (PyTorch's OutOfMemoryError)."""
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return False
+    return any(m in text for m in OOM_MARKERS)
 
 
 def with_earlier_runs(previous: dict[str, dict], state: dict[str, dict]) -> dict[str, dict]:

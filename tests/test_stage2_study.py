@@ -322,6 +322,31 @@ def test_a_failed_job_gives_its_error_line_and_its_dependents_name_it(tmp_path):
     assert state["report"]["why"].startswith("eval not run: rl failed: exit 1")
 
 
+def test_a_job_that_ran_out_of_gpu_memory_is_retried_with_fewer_jobs_per_gpu(tmp_path):
+    """A job whose log shows a CUDA OOM goes back in the queue and its GPU takes half as many
+    jobs at once; the attempt's log is kept. One that runs out every time fails after
+    OOM_RETRIES retries and says so; any other failure is not retried."""
+    oom = "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 76.00 MiB."
+    flag = tmp_path / "tried"
+    once = f"if [ -f {flag} ]; then touch {tmp_path}/once.done; else touch {flag}; echo '{oom}' >&2; exit 1; fi"
+    jobs = {"once": Job("once", ["sh", "-c", once], tmp_path / "once.done"),
+            "always": Job("always", ["sh", "-c", f"echo '{oom}' >&2; exit 1"], tmp_path / "always.done"),
+            "other": Job("other", ["sh", "-c", "echo 'ValueError: bad' >&2; exit 1"], tmp_path / "other.done"),
+            "after": Job("after", ["touch", str(tmp_path / "after.done")], tmp_path / "after.done", ["once"])}
+    runner = Runner(jobs, tmp_path / "out", gpus=1, per_gpu=8, budget_s=60, reserve_s=5)
+    state = runner.run()
+    assert state["once"]["status"] == "done" and state["once"]["oom_retries"] == 1
+    assert state["after"]["status"] == "done"
+    assert state["always"]["status"] == "failed" and state["always"]["oom_retries"] == 2
+    assert state["always"]["why"].endswith("(retried 2 times after running out of GPU memory)")
+    assert state["other"]["status"] == "failed" and "oom_retries" not in state["other"]
+    assert runner.cap[0] == 1   # three OOMs: 8 -> 4 -> 2 -> 1
+    logs = sorted(x.name for x in (tmp_path / "out" / "logs").iterdir())
+    assert logs == ["after.log", "always.log", "always.oom1.log", "always.oom2.log", "once.log", "once.oom1.log",
+                    "other.log"]
+    assert oom in (tmp_path / "out" / "logs" / "once.oom1.log").read_text()
+
+
 def test_nan_probe_counts_the_batches_a_policy_goes_nan_on(tiny_model_dir, tmp_path, capsys):
     from nan_probe import main as nan_probe
 
@@ -451,9 +476,11 @@ def test_report_only_rewrites_the_report_with_cut_off_shares_and_task_families(t
     with pytest.raises(SystemExit):   # no jobs.json yet: nothing to report, and nothing is run
         main([*args, "--report-only"])
     (out / "jobs.json").write_text(json.dumps({f"eval-sft-s{s}": {"status": "done", "start": 0.0, "wall_s": 60.0,
-                                                                  "gpu_share_s": 0.0} for s in (0, 1)}))
+                                                                  "gpu_share_s": 0.0, "oom_retries": s} for s in (0, 1)}))
     assert main([*args, "--report-only"]) == 0
     res = json.loads((out / "results.json").read_text())
+    assert res["oom_retried"] == {"eval-sft-s1": 1}
+    assert "Started again after running out of GPU memory (times): eval-sft-s1 (1)" in (out / "results.md").read_text()
     sft = res["arms"]["sft"]
     assert sft["summary"]["cut"][0] == pytest.approx((2 / 4 + 1 / 4) / 2)
     assert sft["by_task"]["arith"]["acc"][0] == pytest.approx((1 / 3 + 2 / 3) / 2)
