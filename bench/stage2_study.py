@@ -157,11 +157,11 @@ class Runner:
             print(f"[{self._t()}] {st['status']} {n} ({st['wall_s']:.0f}s)", flush=True)
 
     def _retry_after_oom(self, n: str) -> bool:
-        """Queue job ``n`` again if its log shows a CUDA OOM and it has retries left, halving its
-        GPU's job cap (at least 1)."""
+        """Queue GPU job ``n`` again if its log shows a CUDA OOM and it has retries left, halving
+        its GPU's job cap (at least 1)."""
         st, log = self.state[n], self.out / "logs" / f"{n}.log"
         k = st.get("oom_retries", 0)
-        if k >= OOM_RETRIES or not ran_out_of_gpu_memory(log):
+        if not self.jobs[n].gpu or k >= OOM_RETRIES or not ran_out_of_gpu_memory(log):
             return False
         log.rename(log.with_name(f"{n}.oom{k + 1}.log"))
         g = st["gpu"]

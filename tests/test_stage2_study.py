@@ -325,13 +325,14 @@ def test_a_failed_job_gives_its_error_line_and_its_dependents_name_it(tmp_path):
 def test_a_job_that_ran_out_of_gpu_memory_is_retried_with_fewer_jobs_per_gpu(tmp_path):
     """A job whose log shows a CUDA OOM goes back in the queue and its GPU takes half as many
     jobs at once; the attempt's log is kept. One that runs out every time fails after
-    OOM_RETRIES retries and says so; any other failure is not retried."""
+    OOM_RETRIES retries and says so; any other failure, or a job off the GPU, is not retried."""
     oom = "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 76.00 MiB."
     flag = tmp_path / "tried"
     once = f"if [ -f {flag} ]; then touch {tmp_path}/once.done; else touch {flag}; echo '{oom}' >&2; exit 1; fi"
     jobs = {"once": Job("once", ["sh", "-c", once], tmp_path / "once.done"),
             "always": Job("always", ["sh", "-c", f"echo '{oom}' >&2; exit 1"], tmp_path / "always.done"),
             "other": Job("other", ["sh", "-c", "echo 'ValueError: bad' >&2; exit 1"], tmp_path / "other.done"),
+            "cpu": Job("cpu", ["sh", "-c", f"echo '{oom}' >&2; exit 1"], tmp_path / "cpu.done", gpu=False),
             "after": Job("after", ["touch", str(tmp_path / "after.done")], tmp_path / "after.done", ["once"])}
     runner = Runner(jobs, tmp_path / "out", gpus=1, per_gpu=8, budget_s=60, reserve_s=5)
     state = runner.run()
@@ -340,10 +341,11 @@ def test_a_job_that_ran_out_of_gpu_memory_is_retried_with_fewer_jobs_per_gpu(tmp
     assert state["always"]["status"] == "failed" and state["always"]["oom_retries"] == 2
     assert state["always"]["why"].endswith("(retried 2 times after running out of GPU memory)")
     assert state["other"]["status"] == "failed" and "oom_retries" not in state["other"]
+    assert state["cpu"]["status"] == "failed" and "oom_retries" not in state["cpu"]   # not a GPU job
     assert runner.cap[0] == 1   # three OOMs: 8 -> 4 -> 2 -> 1
     logs = sorted(x.name for x in (tmp_path / "out" / "logs").iterdir())
-    assert logs == ["after.log", "always.log", "always.oom1.log", "always.oom2.log", "once.log", "once.oom1.log",
-                    "other.log"]
+    assert logs == ["after.log", "always.log", "always.oom1.log", "always.oom2.log", "cpu.log", "once.log",
+                    "once.oom1.log", "other.log"]
     assert oom in (tmp_path / "out" / "logs" / "once.oom1.log").read_text()
 
 
