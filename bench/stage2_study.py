@@ -22,7 +22,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -54,7 +53,7 @@ class Runner:
     its GPU share still counts to the job's cost."""
 
     def __init__(self, jobs: dict[str, Job], out: Path, gpus: int, per_gpu: int, budget_s: float, reserve_s: float):
-        self.jobs, self.out, self.gpus, self.per_gpu = jobs, out, gpus, per_gpu
+        self.jobs, self.out = jobs, out
         self.t0 = time.time()
         self.stop_training_at, self.end_at = self.t0 + budget_s - reserve_s, self.t0 + budget_s
         self.state: dict[str, dict] = {n: {"status": "pending"} for n in jobs}
@@ -65,7 +64,6 @@ class Runner:
         self.devices = visible[:gpus] if visible else [str(g) for g in range(gpus)]   # slot -> device id
         self.cap = {g: per_gpu for g in (range(gpus) if gpus else [-1])}   # jobs at once per device
         self.procs: dict[str, subprocess.Popen] = {}
-        self.lock = threading.Lock()
         (out / "logs").mkdir(parents=True, exist_ok=True)
 
     def _slots(self) -> list[int]:

@@ -44,6 +44,17 @@ def overflowing_copy(tiny_model_dir, dest):
     return dest
 
 
+def shadowed_math_verify_env(tmp_path: Path, body: str) -> dict:
+    """An environment (for a subprocess) whose ``math_verify`` is a module that runs ``body`` on
+    import, ahead of the real one: a broken or missing install, made on purpose."""
+    import os
+
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "math_verify.py").write_text(body + "\n")
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(fake), str(ROOT / "src")]), "OMP_NUM_THREADS": "1"}
+
+
 def png_bytes(color: str = "red", size: int = 96, shape: str = "circle") -> bytes:
     img = Image.new("RGB", (size, size), "white")
     draw = ImageDraw.Draw(img)

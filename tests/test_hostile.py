@@ -46,7 +46,7 @@ from prism_rl.format import SYSTEM_PROMPT
 from prism_rl.jobs import serve
 from prism_rl.models.loading import load_processor
 
-from conftest import CONFIGS, png_bytes
+from conftest import CONFIGS, png_bytes, shadowed_math_verify_env
 from server_process import start_server_process, stop_server_process, wait_until_ready
 
 SRC = str(Path(prism_rl.__file__).resolve().parents[1])
@@ -411,18 +411,10 @@ print(results, mvp._pool.failed_starts, mvp._pool.broken, max(times[4:]))
 """
 
 
-def _shadowed_math_verify(tmp_path, body: str) -> dict:
-    """An environment whose ``math_verify`` is a module that runs ``body`` on import."""
-    fake = tmp_path / "fake"
-    fake.mkdir()
-    (fake / "math_verify.py").write_text(body + "\n")
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(fake), SRC]), "OMP_NUM_THREADS": "1"}
-
-
 def test_workers_that_cannot_start_are_not_restarted_forever(tmp_path):
     """A worker that dies while starting (here: math_verify crashes on import) made every call
     start a fresh worker; after three failed starts the pool stops and answers 'error' at once."""
-    env = _shadowed_math_verify(tmp_path, "raise RuntimeError('crashes on import')")
+    env = shadowed_math_verify_env(tmp_path, "raise RuntimeError('crashes on import')")
     proc = subprocess.run([sys.executable, "-c", BROKEN_MATH_VERIFY], env=env, capture_output=True, text=True,
                           timeout=300)
     results, failed, broken, late = proc.stdout.rsplit("]", 1)[0] + "]", *proc.stdout.rsplit("]", 1)[1].split()
@@ -449,7 +441,7 @@ def test_a_math_verify_that_cannot_be_imported_stops_the_caller_with_the_reason(
     the import error, one worker is tried, and the rules before the fallback still work. The
     CLI prints it as one line and exits 1. (On the GPU machine math_verify was missing and the
     pool had scored every fallback comparison 0 with one warning.)"""
-    env = _shadowed_math_verify(tmp_path, "raise ImportError('No module named latex2sympy2_extended')")
+    env = shadowed_math_verify_env(tmp_path, "raise ImportError('No module named latex2sympy2_extended')")
     proc = subprocess.run([sys.executable, "-c", MISSING_MATH_VERIFY], env=env, capture_output=True, text=True,
                           timeout=300)
     lines = proc.stdout.splitlines()

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, overflowing_copy, png_bytes
+from conftest import ROOT, overflowing_copy, png_bytes, shadowed_math_verify_env
 
 sys.path.insert(0, str(ROOT / "bench"))
 
@@ -498,12 +498,7 @@ def test_a_study_without_math_verify_stops_before_it_starts(tmp_path):
     """Every RL, alignment and evaluation job scores with math-verify's fallback: a study on a
     machine that cannot import it exits at once with the reason (the 2026-12-01 GPU runs scored
     those answers 0 instead), and runs nothing."""
-    import os
-
-    fake = tmp_path / "fake"
-    fake.mkdir()
-    (fake / "math_verify.py").write_text("raise ImportError('No module named math_verify')\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(fake), str(ROOT / "src")]), "OMP_NUM_THREADS": "1"}
+    env = shadowed_math_verify_env(tmp_path, "raise ImportError('No module named math_verify')")
     out = tmp_path / "study"
     proc = subprocess.run([sys.executable, "bench/stage2_study.py", "--preset", "cpu-smoke", "--seeds", "0",
                            "--arms", "sft", "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
